@@ -1,0 +1,139 @@
+"""Typed study parameters (study.yaml). Defaults are the values of Lin et al. (2017).
+
+Every model forbids unknown keys, so a typo in study.yaml fails loudly, naming the key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mbcube.errors import StudyError
+
+#: Surface offset of a scene relative to February (m), by acquisition month (Lin et al. 2017).
+SEASONAL_OFFSET_M: dict[int, float] = {
+    10: -0.28,
+    11: -0.21,
+    12: -0.14,
+    1: -0.07,
+    2: 0.0,
+    3: 0.07,
+    4: 0.14,
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GridConfig(_Strict):
+    """The cube's common grid. Unset fields come from the reference DEM."""
+
+    crs: str | None = Field(None, description="Grid CRS (metric), e.g. 'EPSG:32643'. "
+                            "Default: the reference DEM's CRS, or its UTM zone if geographic.")
+    res_m: float | None = Field(None, gt=0, description="Pixel size (m). Default: the reference DEM's.")
+    bounds: tuple[float, float, float, float] | None = Field(
+        None, description="(left, bottom, right, top) in the grid CRS. Default: the reference DEM's."
+    )
+    tile_px: int = Field(1024, ge=64, le=8192, description="Tile (chunk) size in pixels.")
+
+
+class UnwrapConfig(_Strict):
+    """Phase unwrapping (minimum-cost flow)."""
+
+    engine: Literal["snaphu"] = "snaphu"
+    mode: Literal["auto", "whole", "tiled"] = Field(
+        "auto", description="'auto' tiles scenes larger than whole_scene_max_px."
+    )
+    whole_scene_max_px: int = Field(2048 * 2048, gt=0)
+    halo_px: int = Field(64, ge=8, description="Overlap between neighbouring tiles (px).")
+    coherence_min: float = Field(0.3, ge=0, le=1, description="Pixels below are not unwrapped.")
+    nlooks: float = Field(4.0, gt=0, description="Default number of looks (scenes.csv may override).")
+    min_stable_px_to_tie: int = Field(
+        200, ge=1, description="A component needs this many stable pixels to be tied."
+    )
+
+
+class CorrectionsConfig(_Strict):
+    """Corrections of dh (all in metres)."""
+
+    coherence_min: float = Field(0.3, ge=0, le=1, description="Valid pixels need coherence >= this.")
+    datum_estimator: Literal["median", "nmad_mean"] = "median"
+    ramp_order: Literal[0, 1, 2] = Field(
+        1, description="0: none, 1: bilinear a + bx + cy + dxy, 2: adds x^2, y^2."
+    )
+    ramp_sigma_clip: float = Field(3.0, gt=0, description="Clip at this many NMAD when fitting.")
+    ramp_iterations: int = Field(3, ge=1)
+    penetration: Literal["xband", "constant", "none"] = Field(
+        "xband", description="'xband': table from SRTM-C minus SRTM-X; 'constant': penetration_constant_m."
+    )
+    penetration_constant_m: float = Field(0.0, description="Used when penetration='constant'.")
+    penetration_min_px_per_bin: int = Field(100, ge=1)
+    seasonal_offset_m: dict[int, float] = Field(
+        default_factory=lambda: dict(SEASONAL_OFFSET_M),
+        description="Surface offset relative to February (m), by month 1-12.",
+    )
+    outlier_nmad: float = Field(3.0, gt=0, description="Reject dh beyond this many NMAD of the bin.")
+    coregister_dem_scenes: bool = Field(True, description="Nuth & Kaab shift for DEM-kind scenes.")
+
+    @field_validator("seasonal_offset_m")
+    @classmethod
+    def _months(cls, table: dict[int, float]) -> dict[int, float]:
+        bad = [m for m in table if not 1 <= m <= 12]
+        if bad:
+            raise ValueError(f"months must be 1-12, got {bad}")
+        return table
+
+
+class MassBalanceConfig(_Strict):
+    """Binning, hypsometric averaging and uncertainty."""
+
+    bin_width_m: float = Field(50.0, gt=0, description="Elevation bin width (m) of the reference DEM.")
+    min_px_per_bin: int = Field(10, ge=1, description="Bins with fewer measurements are filled.")
+    density_kg_m3: float = Field(850.0, gt=0)
+    density_sigma_kg_m3: float = Field(60.0, ge=0)
+    autocorrelation_m: float = Field(500.0, gt=0, description="For the random error.")
+    autocorrelation_penetration_m: float = Field(2000.0, gt=0)
+    seasonal_sigma_m_per_month: float = Field(0.15, ge=0)
+    scene_rule: Literal["count_weighted", "prefer_jan_mar"] = "count_weighted"
+    region_assignment: Literal["centroid", "area_share"] = "centroid"
+
+
+class StudyConfig(_Strict):
+    """Everything study.yaml may hold."""
+
+    name: str | None = None
+    reference_date: dt.date = Field(
+        dt.date(2000, 2, 16), description="Date of the reference DEM (SRTM: 11-22 Feb 2000)."
+    )
+    glacier_id_column: str = "RGIId"
+    surge_column: str | None = Field("surge", description="Optional 0/1 column in the outlines.")
+    region_name_column: str = "name"
+    ndsi_threshold: float = Field(0.4, description="Clean ice where NDSI > this.")
+    grid: GridConfig = GridConfig()
+    unwrap: UnwrapConfig = UnwrapConfig()
+    corrections: CorrectionsConfig = CorrectionsConfig()
+    massbalance: MassBalanceConfig = MassBalanceConfig()
+
+
+def load_study_config(path: Path) -> StudyConfig:
+    """Read study.yaml; a missing file gives the defaults, a bad one a StudyError naming the key."""
+    if not path.exists():
+        return StudyConfig()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise StudyError(f"{path}: not valid YAML ({err}).") from err
+    if not isinstance(raw, dict):
+        raise StudyError(f"{path}: expected a mapping of keys to values at the top level.")
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"key '{'.'.join(str(p) for p in e['loc'])}': {e['msg']}" for e in err.errors()
+        )
+        raise StudyError(f"{path}: {problems}. Fix or remove these keys.") from err
