@@ -1,0 +1,465 @@
+"""Ingest a study into the cube: reproject scenes and static layers onto the grid tile by tile.
+
+Every layer is a Dask array with one task per tile that reads (and warps, when the source is on
+another grid) only that tile's window. Writes go region by region; all-NaN / all-zero chunks are
+not written. Scenes are appended with `scene_state` = 0 and flagged 1 once all their tiles are
+written (see store.py), so an interrupted ingest is completed by running it again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import rasterio
+import rasterio.crs
+import rasterio.transform
+import xarray as xr
+from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.features import rasterize
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
+from rasterio.windows import Window
+
+import mbcube
+from mbcube.errors import StoreError, StudyError
+from mbcube.grid import Grid
+from mbcube.store import (
+    SCENE_INGESTED,
+    SCENE_PENDING,
+    SCHEMA_VERSION,
+    file_fingerprint,
+    read_state,
+    store_exists,
+    write_dataset,
+    write_state,
+)
+from mbcube.study import SceneSpec, Study, load_study
+
+log = logging.getLogger(__name__)
+
+SURFACE_OFF, SURFACE_CLEAN, SURFACE_DEBRIS = 0, 1, 2
+SCENE_VARS: dict[str, tuple[str, Any]] = {  # name: (dtype, fill value)
+    "phase_rad": ("float32", np.nan),
+    "coherence": ("float32", np.nan),
+    "h_amb_m": ("float32", np.nan),
+    "radar_mask": ("uint8", 0),
+    "dem_m": ("float32", np.nan),
+}
+VAR_ATTRS: dict[str, dict[str, str]] = {
+    "ref_dem_m": {"long_name": "reference DEM (C band)", "units": "m"},
+    "ref_dem_x_m": {"long_name": "reference DEM (X band)", "units": "m"},
+    "glacier_id": {"long_name": "glacier index (0 = off-glacier); see glacier_rgi_id"},
+    "surface": {"long_name": "surface type", "flag_values": "0 1 2", "flag_meanings": "off_glacier clean_ice debris"},
+    "region_id": {"long_name": "region index (0 = none); see region_name"},
+    "stable": {"long_name": "stable ground: off-glacier with a valid reference DEM", "flag_values": "0 1"},
+    "ref_void": {"long_name": "reference DEM void", "flag_values": "0 1"},
+    "phase_rad": {"long_name": "wrapped differential phase", "units": "rad"},
+    "coherence": {"long_name": "interferometric coherence", "units": "1"},
+    "h_amb_m": {"long_name": "height of ambiguity", "units": "m"},
+    "radar_mask": {"long_name": "layover / shadow / foreshortening", "flag_values": "0 1"},
+    "dem_m": {"long_name": "scene DEM (DEM-kind scenes)", "units": "m"},
+}
+
+
+@dataclass
+class IngestReport:
+    """What an ingest did."""
+
+    store: Path
+    created: bool = False
+    written: list[str] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- reading tiles
+
+
+def read_tile(path: Path, grid: Grid, rows: slice, cols: slice, resampling: Resampling) -> np.ndarray:
+    """One tile of a raster on the grid as float32, NaN where the raster has no data (nodata or
+    outside). Reads the window directly when the raster is on the grid, else warps just the tile."""
+    shape = (rows.stop - rows.start, cols.stop - cols.start)
+    tile_grid = Grid(grid.crs, grid.x0 + cols.start * grid.res, grid.y0 - rows.start * grid.res, grid.res, *shape)
+    with rasterio.open(path) as src:
+        left, bottom, right, top = transform_bounds(src.crs, grid.crs, *src.bounds)
+        t_left, t_bottom, t_right, t_top = tile_grid.bounds
+        if left >= t_right or right <= t_left or bottom >= t_top or top <= t_bottom:
+            return np.full(shape, np.nan, dtype=np.float32)
+        if _on_grid(src, grid):
+            col_off = round((grid.x0 - src.transform.c) / grid.res) + cols.start
+            row_off = round((src.transform.f - grid.y0) / grid.res) + rows.start
+            window = Window(col_off, row_off, shape[1], shape[0])
+            data = src.read(1, window=window, boundless=True, masked=True, fill_value=src.nodata or 0)
+            out = np.ma.filled(data.astype(np.float32), np.nan)
+            inside = _window_inside(src, window)
+            return np.where(inside, out, np.nan).astype(np.float32)
+        with WarpedVRT(
+            src,
+            crs=grid.crs,
+            transform=tile_grid.transform,
+            width=shape[1],
+            height=shape[0],
+            resampling=resampling,
+            dtype="float32",
+            nodata=np.nan,
+            src_nodata=src.nodata,
+        ) as vrt:
+            return vrt.read(1).astype(np.float32)
+
+
+def _on_grid(src: rasterio.DatasetReader, grid: Grid) -> bool:
+    t = src.transform
+    if src.crs is None or src.crs != rasterio.crs.CRS.from_user_input(grid.crs):
+        return False
+    if t.b != 0 or t.d != 0 or not np.isclose(t.a, grid.res) or not np.isclose(-t.e, grid.res):
+        return False
+    dx, dy = (t.c - grid.x0) / grid.res, (grid.y0 - t.f) / grid.res
+    return bool(np.isclose(dx, round(dx), atol=1e-6) and np.isclose(dy, round(dy), atol=1e-6))
+
+
+def _window_inside(src: rasterio.DatasetReader, window: Window) -> np.ndarray:
+    rows = np.arange(window.row_off, window.row_off + window.height)
+    cols = np.arange(window.col_off, window.col_off + window.width)
+    return ((rows >= 0) & (rows < src.height))[:, None] & ((cols >= 0) & (cols < src.width))[None, :]
+
+
+def _tile_array(grid: Grid, func: Callable[[slice, slice], np.ndarray], dtype: str, name: str) -> da.Array:
+    """A dask array on the grid whose every block is func(rows, cols): one task per tile."""
+    row_starts = np.cumsum((0, *grid.chunks[0]))
+    col_starts = np.cumsum((0, *grid.chunks[1]))
+
+    def block(block_id: tuple[int, int] | None = None) -> np.ndarray:
+        if block_id is None:  # dask's meta probe
+            return np.empty((0, 0), dtype=dtype)
+        i, j = block_id
+        rows = slice(int(row_starts[i]), int(row_starts[i + 1]))
+        cols = slice(int(col_starts[j]), int(col_starts[j + 1]))
+        return func(rows, cols).astype(dtype, copy=False)
+
+    return da.map_blocks(block, chunks=grid.chunks, dtype=dtype, meta=np.empty((0, 0), dtype=dtype), name=name)
+
+
+def raster_layer(path: Path, grid: Grid, resampling: Resampling, name: str) -> da.Array:
+    """A raster file as a lazy float32 layer on the grid."""
+    token = dask.base.tokenize(str(path), path.stat().st_mtime_ns, grid, resampling.name)
+    return _tile_array(grid, lambda r, c: read_tile(path, grid, r, c, resampling), "float32", f"{name}-{token}")
+
+
+def vector_layer(shapes: gpd.GeoSeries, values: np.ndarray, grid: Grid, dtype: str, name: str) -> da.Array:
+    """Polygons burnt onto the grid (pixel centre inside; later rows win where they overlap)."""
+    index = shapes.sindex
+    token = dask.base.tokenize(shapes.to_wkb().tolist(), values.tolist(), grid)
+
+    def burn(rows: slice, cols: slice) -> np.ndarray:
+        shape = (rows.stop - rows.start, cols.stop - cols.start)
+        left = grid.x0 + cols.start * grid.res
+        top = grid.y0 - rows.start * grid.res
+        hits = np.sort(index.query(_box(left, top - shape[0] * grid.res, left + shape[1] * grid.res, top)))
+        if len(hits) == 0:
+            return np.zeros(shape, dtype=dtype)
+        transform = rasterio.transform.from_origin(left, top, grid.res, grid.res)
+        pairs = zip(shapes.iloc[hits], values[hits].tolist(), strict=True)
+        # rasterio's own scratch dataset raises this (not our data; validation checks every CRS).
+        # catch_warnings is not thread-safe under dask's threads, so the filter is set globally.
+        warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+        return rasterize(pairs, out_shape=shape, transform=transform, fill=0, dtype=dtype)
+
+    return _tile_array(grid, burn, dtype, f"{name}-{token}")
+
+
+def _box(left: float, bottom: float, right: float, top: float) -> Any:
+    import shapely
+
+    return shapely.box(left, bottom, right, top)
+
+
+# ---------------------------------------------------------------- the static layers
+
+
+def read_outlines(study: Study) -> gpd.GeoDataFrame:
+    """Glacier outlines in the grid CRS, valid geometries, in file order."""
+    outlines = gpd.read_file(study.glaciers)
+    if outlines.crs is None:
+        raise StudyError(f"{study.glaciers}: no CRS.")
+    outlines = outlines[outlines.geometry.notna() & ~outlines.geometry.is_empty].to_crs(study.grid.crs)
+    outlines["geometry"] = outlines.geometry.make_valid()
+    return outlines.reset_index(drop=True)
+
+
+def read_regions(study: Study) -> gpd.GeoDataFrame | None:
+    if study.regions is None:
+        return None
+    regions = gpd.read_file(study.regions)
+    if regions.crs is None:
+        raise StudyError(f"{study.regions}: no CRS.")
+    regions = regions.to_crs(study.grid.crs)
+    regions["geometry"] = regions.geometry.make_valid()
+    return regions.reset_index(drop=True)
+
+
+def static_dataset(study: Study) -> xr.Dataset:
+    """The static layers (lazy) and the glacier and region tables."""
+    grid, cfg = study.grid, study.config
+    outlines = read_outlines(study)
+    regions = read_regions(study)
+    n = len(outlines)
+    ref = raster_layer(study.ref_dem, grid, Resampling.bilinear, "ref_dem_m")
+    glacier_id = vector_layer(outlines.geometry, np.arange(1, n + 1), grid, "int32", "glacier_id")
+    on_glacier = glacier_id > 0
+    if study.ndsi is not None:
+        ndsi = raster_layer(study.ndsi, grid, Resampling.bilinear, "ndsi")
+        clean = ~(ndsi <= cfg.ndsi_threshold)  # NaN NDSI on a glacier counts as clean ice
+    elif study.clean_ice is not None:
+        clean = raster_layer(study.clean_ice, grid, Resampling.nearest, "clean_ice") == 1
+    else:
+        clean = da.ones(grid.shape, chunks=grid.chunks, dtype=bool)
+    surface = da.where(on_glacier, da.where(clean, SURFACE_CLEAN, SURFACE_DEBRIS), SURFACE_OFF).astype("int8")
+    void = ~da.isfinite(ref)
+    layers: dict[str, da.Array] = {
+        "ref_dem_m": ref,
+        "glacier_id": glacier_id,
+        "surface": surface,
+        "stable": (~on_glacier & ~void).astype("uint8"),
+        "ref_void": void.astype("uint8"),
+    }
+    if study.ref_dem_x is not None:
+        layers["ref_dem_x_m"] = raster_layer(study.ref_dem_x, grid, Resampling.bilinear, "ref_dem_x_m")
+    if regions is not None:
+        layers["region_id"] = vector_layer(regions.geometry, np.arange(1, len(regions) + 1), grid, "int16", "region_id")
+    else:
+        layers["region_id"] = da.zeros(grid.shape, chunks=grid.chunks, dtype="int16")
+    ds = xr.Dataset({k: (("y", "x"), v, VAR_ATTRS[k]) for k, v in layers.items()})
+    ds = ds.assign_coords(
+        y=("y", grid.y_coords(), {"units": "m", "standard_name": "projection_y_coordinate"}),
+        x=("x", grid.x_coords(), {"units": "m", "standard_name": "projection_x_coordinate"}),
+    )
+    ds = ds.merge(_glacier_table(outlines, cfg.glacier_id_column, cfg.surge_column))
+    if regions is not None:
+        ds = ds.merge(_region_table(regions, cfg.region_name_column))
+    return ds
+
+
+def _glacier_table(outlines: gpd.GeoDataFrame, id_column: str, surge_column: str | None) -> xr.Dataset:
+    """Per-glacier variables along dim `glacier` (1..N, the value in glacier_id)."""
+    centroids = outlines.geometry.centroid
+    table: dict[str, Any] = {
+        "glacier_rgi_id": outlines[id_column].astype(str).to_numpy(dtype=object),
+        "glacier_outline_area_km2": (outlines.geometry.area / 1e6).to_numpy(),
+        "glacier_centroid_x_m": centroids.x.to_numpy(),
+        "glacier_centroid_y_m": centroids.y.to_numpy(),
+    }
+    if surge_column and surge_column in outlines.columns:
+        table["glacier_surge"] = pd.to_numeric(outlines[surge_column], errors="coerce").fillna(-1).astype("int8").to_numpy()
+    for column in outlines.columns:
+        if column in ("geometry", id_column, surge_column):
+            continue
+        values = outlines[column]
+        if pd.api.types.is_numeric_dtype(values):
+            table[f"glacier_attr_{column}"] = values.to_numpy(dtype="float64")
+        else:
+            table[f"glacier_attr_{column}"] = values.astype(str).to_numpy(dtype=object)
+    coords = {"glacier": np.arange(1, len(outlines) + 1, dtype="int32")}
+    return xr.Dataset({k: ("glacier", v) for k, v in table.items()}, coords=coords)
+
+
+def _region_table(regions: gpd.GeoDataFrame, name_column: str) -> xr.Dataset:
+    coords = {"region": np.arange(1, len(regions) + 1, dtype="int16")}
+    names = regions[name_column].astype(str).to_numpy(dtype=object)
+    return xr.Dataset({"region_name": ("region", names)}, coords=coords)
+
+
+# ---------------------------------------------------------------- the scenes
+
+
+def scene_layers(study: Study, scene: SceneSpec) -> dict[str, da.Array]:
+    """The per-scene layers of one scene, lazily, each checked per tile for impossible values."""
+    grid = study.grid
+    if scene.kind == "dem":
+        if scene.dem is None:
+            raise StudyError(f"scene {scene.scene_id}: no dem file")
+        return {"dem_m": raster_layer(scene.dem, grid, Resampling.bilinear, f"dem-{scene.scene_id}")}
+    if scene.phase is None or scene.coherence is None or scene.h_amb_m is None:
+        raise StudyError(f"scene {scene.scene_id}: phase, coherence and h_amb are required")
+    phase = raster_layer(scene.phase, grid, Resampling.nearest, f"phase-{scene.scene_id}")
+    phase = phase.map_blocks(_checked, str(scene.phase), scene.scene_id, "phase", -np.pi, np.pi, dtype="float32")
+    coherence = raster_layer(scene.coherence, grid, Resampling.bilinear, f"coh-{scene.scene_id}")
+    coherence = coherence.map_blocks(_checked, str(scene.coherence), scene.scene_id, "coherence", 0.0, 1.0, dtype="float32")
+    if isinstance(scene.h_amb_m, Path):
+        h_amb = raster_layer(scene.h_amb_m, grid, Resampling.bilinear, f"hamb-{scene.scene_id}")
+    else:
+        h_amb = da.full(grid.shape, scene.h_amb_m, chunks=grid.chunks, dtype="float32")
+    in_scene = da.isfinite(phase)
+    layers = {"phase_rad": phase, "coherence": coherence, "h_amb_m": da.where(in_scene, h_amb, np.nan)}
+    if scene.mask is not None:
+        mask = raster_layer(scene.mask, grid, Resampling.nearest, f"mask-{scene.scene_id}")
+        layers["radar_mask"] = (mask == 1).astype("uint8")
+    return layers
+
+
+def _checked(block: np.ndarray, path: str, scene_id: str, field: str, low: float, high: float) -> np.ndarray:
+    """Refuse values outside [low, high] (a tiny tolerance for float rounding)."""
+    finite = block[np.isfinite(block)]
+    tolerance = 1e-4 * max(abs(low), abs(high), 1.0)
+    if finite.size and (finite.min() < low - tolerance or finite.max() > high + tolerance):
+        raise StudyError(
+            f"{path}: scene {scene_id}, field {field}: values in [{finite.min():.4g}, {finite.max():.4g}] "
+            f"outside [{low:.4g}, {high:.4g}]. "
+            + ("Give wrapped phase in radians." if field == "phase" else "Coherence must lie in [0, 1].")
+        )
+    return block
+
+
+def scene_coords(study: Study, scenes: list[SceneSpec]) -> dict[str, Any]:
+    ref = study.config.reference_date
+    dates = [s.date for s in scenes]
+    h_amb = [s.h_amb_m if isinstance(s.h_amb_m, float) else np.nan for s in scenes]
+    return {
+        "scene": ("scene", np.array([s.scene_id for s in scenes], dtype=object)),
+        "scene_date": ("scene", pd.to_datetime(dates).values.astype("datetime64[ns]")),
+        "scene_month": ("scene", np.array([d.month for d in dates], dtype="int8")),
+        "scene_years": ("scene", np.array([years_since(ref, d) for d in dates]), {"units": "yr"}),
+        "scene_kind": ("scene", np.array([s.kind for s in scenes], dtype=object)),
+        "scene_nlooks": ("scene", np.array([s.nlooks or study.config.unwrap.nlooks for s in scenes], "float32")),
+        "scene_h_amb_m": ("scene", np.array(h_amb, dtype="float32"), {"units": "m"}),
+    }
+
+
+def years_since(start: dt.date, end: dt.date) -> float:
+    """Time span (yr, days / 365.25)."""
+    return (end - start).days / 365.25
+
+
+def scene_placeholders(study: Study, scenes: list[SceneSpec]) -> xr.Dataset:
+    """Metadata of new scenes: coordinates, scene_state = 0, and lazy empty layers (never computed)."""
+    grid = study.grid
+    shape, chunks = (len(scenes), *grid.shape), ((1,) * len(scenes), *grid.chunks)
+    data = {
+        name: (("scene", "y", "x"), da.full(shape, fill, chunks=chunks, dtype=dtype), VAR_ATTRS[name])
+        for name, (dtype, fill) in SCENE_VARS.items()
+    }
+    ds = xr.Dataset(data, coords=scene_coords(study, scenes))
+    ds["scene_state"] = ("scene", np.full(len(scenes), SCENE_PENDING, dtype="int8"), {"flag_meanings": "pending ingested"})
+    return ds
+
+
+def _with_grid_mapping(ds: xr.Dataset, grid: Grid) -> xr.Dataset:
+    ds = ds.rio.write_crs(grid.crs).rio.write_transform(grid.transform)
+    for name, var in ds.data_vars.items():
+        if {"y", "x"} <= set(var.dims):
+            ds[name].encoding["coordinates"] = "spatial_ref"
+    return ds
+
+
+def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
+    """NaN as the fill value of float layers, so unwritten (empty) chunks read as NaN. Integer
+    layers keep zarr's fill value 0 without a _FillValue attribute, so they decode as integers."""
+    return {
+        str(name): {"_FillValue": np.nan}
+        for name, var in ds.data_vars.items()
+        if {"y", "x"} <= set(var.dims) and var.dtype.kind == "f"
+    }
+
+
+# ---------------------------------------------------------------- the ingest
+
+
+def ingest(study_dir: Path | str, store: Path | str, progress: Callable[[str], None] | None = None) -> IngestReport:
+    """Ingest the study at `study_dir` into the cube at `store` (create, append or resume)."""
+    study = load_study(study_dir)  # every contract error is raised here, before anything is written
+    store = Path(store)
+    say = progress or (lambda msg: log.info(msg))
+    report = IngestReport(store)
+    fingerprints = {role: file_fingerprint(p) for role, p in study.static_inputs().items()}
+    state = read_state(store) if store_exists(store) else {}
+    if state.get("static", {}).get("complete") and state["static"]["inputs"] != fingerprints:
+        changed = sorted(k for k in fingerprints if state["static"]["inputs"].get(k) != fingerprints[k])
+        raise StoreError(
+            f"{store}: the static inputs {changed} changed since this cube was made. "
+            "Ingest into a new store (or delete this one)."
+        )
+    if state and state.get("grid") != study.grid.to_attrs():
+        raise StoreError(f"{store}: made on another grid {state.get('grid')}. Use a new store for this study.")
+
+    if not state.get("static", {}).get("complete"):
+        say(f"creating cube {store} on grid {study.grid.ny} x {study.grid.nx} px ({study.grid.n_tiles} tiles)")
+        _create(study, store, fingerprints)
+        report.created = True
+        state = read_state(store)
+
+    existing = _existing_scenes(store)
+    new = [s for s in study.scenes if s.scene_id not in existing]
+    new_ids = {s.scene_id for s in new} | (set(existing) if report.created else set())
+    if new:
+        placeholders = _with_grid_mapping(scene_placeholders(study, new), study.grid)
+        write_dataset(placeholders, store, mode="a", append_dim="scene", compute=False)
+        existing = _existing_scenes(store)
+    for scene in study.scenes:
+        index, ingested = existing[scene.scene_id]
+        inputs = {k: file_fingerprint(p) for k, p in scene.input_files().items()}
+        recorded = state.get("scenes", {}).get(scene.scene_id, {})
+        if ingested == SCENE_INGESTED and recorded.get("inputs") == inputs:
+            report.skipped.append(scene.scene_id)
+            continue
+        if ingested == SCENE_INGESTED:
+            _set_scene_state(store, index, SCENE_PENDING)  # its files changed: rewrite it
+        (report.written if scene.scene_id in new_ids else report.resumed).append(scene.scene_id)
+        say(f"ingesting scene {scene.scene_id} ({scene.kind}, {scene.date})")
+        _write_scene(study, scene, store, index)
+        state = read_state(store)
+        state.setdefault("scenes", {})[scene.scene_id] = {"inputs": inputs, "row": scene.row, "kind": scene.kind}
+        write_state(store, state)
+        _set_scene_state(store, index, SCENE_INGESTED)  # last: the scene now counts
+    return report
+
+
+def _create(study: Study, store: Path, fingerprints: dict[str, Any]) -> None:
+    static = static_dataset(study)
+    template = xr.merge([static, scene_placeholders(study, list(study.scenes))])
+    template = _with_grid_mapping(template, study.grid)
+    template.attrs = {"title": "mbcube datacube", "Conventions": "CF-1.10", "source": f"mbcube {mbcube.__version__}"}
+    write_dataset(template, store, mode="w", compute=False, encoding=_encoding(template))
+    state = {
+        "schema_version": SCHEMA_VERSION,
+        "mbcube_version": mbcube.__version__,
+        "grid": study.grid.to_attrs(),
+        "study": {"root": str(study.root), "config": study.config.model_dump(mode="json")},
+        "static": {"complete": False, "inputs": fingerprints},
+        "scenes": {},
+    }
+    write_state(store, state)
+    layers = static[[k for k, v in static.data_vars.items() if v.dims == ("y", "x")]]
+    write_dataset(layers.drop_vars(["x", "y"]), store, region={"y": slice(None), "x": slice(None)})
+    state["static"]["complete"] = True
+    write_state(store, state)
+
+
+def _existing_scenes(store: Path) -> dict[str, tuple[int, int]]:
+    """scene id -> (index along scene, scene_state) of the scenes in the store."""
+    ds = xr.open_zarr(str(store), chunks=None)
+    ids = [str(s) for s in ds["scene"].values]
+    states = ds["scene_state"].values
+    return {sid: (i, int(states[i])) for i, sid in enumerate(ids)}
+
+
+def _write_scene(study: Study, scene: SceneSpec, store: Path, index: int) -> None:
+    layers = scene_layers(study, scene)
+    ds = xr.Dataset({name: (("scene", "y", "x"), arr[None]) for name, arr in layers.items()})
+    write_dataset(ds, store, region={"scene": slice(index, index + 1), "y": slice(None), "x": slice(None)})
+
+
+def _set_scene_state(store: Path, index: int, value: int) -> None:
+    flag = xr.Dataset({"scene_state": ("scene", np.array([value], dtype="int8"))})
+    write_dataset(flag, store, region={"scene": slice(index, index + 1)})
