@@ -103,7 +103,7 @@ class Grid:
         return (left, bottom, right, top)
 
     def tile_transform(self, tile: Tile) -> Affine:
-        return self.transform * Affine.translation(tile.cols.start, tile.rows.start)
+        return self.transform @ Affine.translation(tile.cols.start, tile.rows.start)
 
     def to_attrs(self) -> dict[str, object]:
         """A JSON-able description, stored in the cube."""

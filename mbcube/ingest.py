@@ -116,6 +116,7 @@ def read_tile(path: Path, grid: Grid, rows: slice, cols: slice, resampling: Resa
             dtype="float32",
             nodata=np.nan,
             src_nodata=src.nodata,
+            tolerance=1e-3,  # near-exact transformation (px): tiles match a whole-raster warp
         ) as vrt:
             return vrt.read(1).astype(np.float32)
 
@@ -417,9 +418,14 @@ def ingest(study_dir: Path | str, store: Path | str, progress: Callable[[str], N
             _set_scene_state(store, index, SCENE_PENDING)  # its files changed: rewrite it
         (report.written if scene.scene_id in new_ids else report.resumed).append(scene.scene_id)
         say(f"ingesting scene {scene.scene_id} ({scene.kind}, {scene.date})")
-        _write_scene(study, scene, store, index)
+        coverage = _write_scene(study, scene, store, index)
         state = read_state(store)
-        state.setdefault("scenes", {})[scene.scene_id] = {"inputs": inputs, "row": scene.row, "kind": scene.kind}
+        state.setdefault("scenes", {})[scene.scene_id] = {
+            "inputs": inputs,
+            "row": scene.row,
+            "kind": scene.kind,
+            "ingested_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        } | coverage
         write_state(store, state)
         _set_scene_state(store, index, SCENE_INGESTED)  # last: the scene now counts
     return report
@@ -454,10 +460,21 @@ def _existing_scenes(store: Path) -> dict[str, tuple[int, int]]:
     return {sid: (i, int(states[i])) for i, sid in enumerate(ids)}
 
 
-def _write_scene(study: Study, scene: SceneSpec, store: Path, index: int) -> None:
+def _write_scene(study: Study, scene: SceneSpec, store: Path, index: int) -> dict[str, float]:
+    """Write one scene's tiles; return its coverage, computed in the same pass (tiles read once)."""
     layers = scene_layers(study, scene)
     ds = xr.Dataset({name: (("scene", "y", "x"), arr[None]) for name, arr in layers.items()})
-    write_dataset(ds, store, region={"scene": slice(index, index + 1), "y": slice(None), "x": slice(None)})
+    region = {"scene": slice(index, index + 1), "y": slice(None), "x": slice(None)}
+    writing = write_dataset(ds, store, region=region, compute=False)
+    covered = da.isfinite(layers["dem_m" if scene.kind == "dem" else "phase_rad"])
+    on_glacier = xr.open_zarr(str(store))["glacier_id"].data > 0
+    _, covered_px, glacier_px, total_glacier_px = dask.compute(
+        writing, covered.sum(), (covered & on_glacier).sum(), on_glacier.sum()
+    )
+    return {
+        "coverage_frac": float(covered_px) / covered.size,
+        "glacier_coverage_frac": float(glacier_px) / max(int(total_glacier_px), 1),
+    }
 
 
 def _set_scene_state(store: Path, index: int, value: int) -> None:

@@ -81,7 +81,8 @@ def open_cube(path: Path | str, *, complete_only: bool = True) -> xr.Dataset:
         )
     ds = xr.open_zarr(str(path), chunks={})
     if complete_only and "scene" in ds.dims:
-        ds = ds.isel(scene=np.flatnonzero(ds["scene_state"].values == SCENE_INGESTED))
+        states = zarr.open_array(str(path / "scene_state"), mode="r")[:]  # tiny: read, not computed
+        ds = ds.isel(scene=np.flatnonzero(states == SCENE_INGESTED))
     return ds
 
 
