@@ -24,8 +24,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check mbcube tests benchmarks
 	$(BIN)/mypy mbcube
 
+# pytest's exit code 5 (no tests collected) is a failure, not a green run.
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 clean-stores:
 	rm -rf stores/demo stores/*.zarr

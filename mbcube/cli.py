@@ -11,13 +11,19 @@ import typer
 
 from mbcube.errors import StoreError, StudyError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Glacier mass balance from InSAR and DEM scenes.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Glacier mass balance from InSAR and DEM scenes.",
+)
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
 
 
 def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
 
 
 def _fail(err: Exception) -> None:
@@ -40,7 +46,13 @@ def synth(
 
     if preset not in PRESETS:
         _fail(ValueError(f"unknown preset '{preset}'; choose one of {sorted(PRESETS)}"))
-    options = {"seed": seed, "kind": kind, "n_scenes": scenes, "size_px": size, "n_glaciers": glaciers}
+    options = {
+        "seed": seed,
+        "kind": kind,
+        "n_scenes": scenes,
+        "size_px": size,
+        "n_glaciers": glaciers,
+    }
     path = generate_study(out, preset, **{k: v for k, v in options.items() if v is not None})
     typer.echo(f"synthetic study written to {path} (truth in {path / 'truth'})")
 
@@ -78,7 +90,9 @@ def info(store: Annotated[Path, typer.Argument(help="Cube store.")]) -> None:
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the demo study and its cube.")] = Path("stores/demo"),
+    out: Annotated[Path, typer.Option(help="Folder for the demo study and its cube.")] = Path(
+        "stores/demo"
+    ),
     quiet: Quiet = False,
 ) -> None:
     """Generate the built-in synthetic demo study (if missing) and run the pipeline on it."""

@@ -33,11 +33,17 @@ class _Strict(BaseModel):
 class GridConfig(_Strict):
     """The cube's common grid. Unset fields come from the reference DEM."""
 
-    crs: str | None = Field(None, description="Grid CRS (metric), e.g. 'EPSG:32643'. "
-                            "Default: the reference DEM's CRS, or its UTM zone if geographic.")
-    res_m: float | None = Field(None, gt=0, description="Pixel size (m). Default: the reference DEM's.")
+    crs: str | None = Field(
+        None,
+        description="Grid CRS (metric), e.g. 'EPSG:32643'. "
+        "Default: the reference DEM's CRS, or its UTM zone if geographic.",
+    )
+    res_m: float | None = Field(
+        None, gt=0, description="Pixel size (m). Default: the reference DEM's."
+    )
     bounds: tuple[float, float, float, float] | None = Field(
-        None, description="(left, bottom, right, top) in the grid CRS. Default: the reference DEM's."
+        None,
+        description="(left, bottom, right, top) in the grid CRS. Default: the reference DEM's.",
     )
     tile_px: int = Field(1024, ge=64, le=8192, description="Tile (chunk) size in pixels.")
 
@@ -52,7 +58,9 @@ class UnwrapConfig(_Strict):
     whole_scene_max_px: int = Field(2048 * 2048, gt=0)
     halo_px: int = Field(64, ge=8, description="Overlap between neighbouring tiles (px).")
     coherence_min: float = Field(0.3, ge=0, le=1, description="Pixels below are not unwrapped.")
-    nlooks: float = Field(4.0, gt=0, description="Default number of looks (scenes.csv may override).")
+    nlooks: float = Field(
+        4.0, gt=0, description="Default number of looks (scenes.csv may override)."
+    )
     min_stable_px_to_tie: int = Field(
         200, ge=1, description="A component needs this many stable pixels to be tied."
     )
@@ -61,7 +69,9 @@ class UnwrapConfig(_Strict):
 class CorrectionsConfig(_Strict):
     """Corrections of dh (all in metres)."""
 
-    coherence_min: float = Field(0.3, ge=0, le=1, description="Valid pixels need coherence >= this.")
+    coherence_min: float = Field(
+        0.3, ge=0, le=1, description="Valid pixels need coherence >= this."
+    )
     datum_estimator: Literal["median", "nmad_mean"] = "median"
     ramp_order: Literal[0, 1, 2] = Field(
         1, description="0: none, 1: bilinear a + bx + cy + dxy, 2: adds x^2, y^2."
@@ -69,7 +79,8 @@ class CorrectionsConfig(_Strict):
     ramp_sigma_clip: float = Field(3.0, gt=0, description="Clip at this many NMAD when fitting.")
     ramp_iterations: int = Field(3, ge=1)
     penetration: Literal["xband", "constant", "none"] = Field(
-        "xband", description="'xband': table from SRTM-C minus SRTM-X; 'constant': penetration_constant_m."
+        "xband",
+        description="'xband': table from SRTM-C minus SRTM-X; 'constant': penetration_constant_m.",
     )
     penetration_constant_m: float = Field(0.0, description="Used when penetration='constant'.")
     penetration_min_px_per_bin: int = Field(100, ge=1)
@@ -77,7 +88,9 @@ class CorrectionsConfig(_Strict):
         default_factory=lambda: dict(SEASONAL_OFFSET_M),
         description="Surface offset relative to February (m), by month 1-12.",
     )
-    outlier_nmad: float = Field(3.0, gt=0, description="Reject dh beyond this many NMAD of the bin.")
+    outlier_nmad: float = Field(
+        3.0, gt=0, description="Reject dh beyond this many NMAD of the bin."
+    )
     coregister_dem_scenes: bool = Field(True, description="Nuth & Kaab shift for DEM-kind scenes.")
 
     @field_validator("seasonal_offset_m")
@@ -92,7 +105,9 @@ class CorrectionsConfig(_Strict):
 class MassBalanceConfig(_Strict):
     """Binning, hypsometric averaging and uncertainty."""
 
-    bin_width_m: float = Field(50.0, gt=0, description="Elevation bin width (m) of the reference DEM.")
+    bin_width_m: float = Field(
+        50.0, gt=0, description="Elevation bin width (m) of the reference DEM."
+    )
     min_px_per_bin: int = Field(10, ge=1, description="Bins with fewer measurements are filled.")
     density_kg_m3: float = Field(850.0, gt=0)
     density_sigma_kg_m3: float = Field(60.0, ge=0)

@@ -21,10 +21,10 @@ import dask.array as da
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-import rioxarray  # noqa: F401  (registers the .rio accessor)
 import rasterio
 import rasterio.crs
 import rasterio.transform
+import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
@@ -62,9 +62,16 @@ VAR_ATTRS: dict[str, dict[str, str]] = {
     "ref_dem_m": {"long_name": "reference DEM (C band)", "units": "m"},
     "ref_dem_x_m": {"long_name": "reference DEM (X band)", "units": "m"},
     "glacier_id": {"long_name": "glacier index (0 = off-glacier); see glacier_rgi_id"},
-    "surface": {"long_name": "surface type", "flag_values": "0 1 2", "flag_meanings": "off_glacier clean_ice debris"},
+    "surface": {
+        "long_name": "surface type",
+        "flag_values": "0 1 2",
+        "flag_meanings": "off_glacier clean_ice debris",
+    },
     "region_id": {"long_name": "region index (0 = none); see region_name"},
-    "stable": {"long_name": "stable ground: off-glacier with a valid reference DEM", "flag_values": "0 1"},
+    "stable": {
+        "long_name": "stable ground: off-glacier with a valid reference DEM",
+        "flag_values": "0 1",
+    },
     "ref_void": {"long_name": "reference DEM void", "flag_values": "0 1"},
     "phase_rad": {"long_name": "wrapped differential phase", "units": "rad"},
     "coherence": {"long_name": "interferometric coherence", "units": "1"},
@@ -88,11 +95,15 @@ class IngestReport:
 # ---------------------------------------------------------------- reading tiles
 
 
-def read_tile(path: Path, grid: Grid, rows: slice, cols: slice, resampling: Resampling) -> np.ndarray:
+def read_tile(
+    path: Path, grid: Grid, rows: slice, cols: slice, resampling: Resampling
+) -> np.ndarray:
     """One tile of a raster on the grid as float32, NaN where the raster has no data (nodata or
     outside). Reads the window directly when the raster is on the grid, else warps just the tile."""
     shape = (rows.stop - rows.start, cols.stop - cols.start)
-    tile_grid = Grid(grid.crs, grid.x0 + cols.start * grid.res, grid.y0 - rows.start * grid.res, grid.res, *shape)
+    tile_grid = Grid(
+        grid.crs, grid.x0 + cols.start * grid.res, grid.y0 - rows.start * grid.res, grid.res, *shape
+    )
     with rasterio.open(path) as src:
         left, bottom, right, top = transform_bounds(src.crs, grid.crs, *src.bounds)
         t_left, t_bottom, t_right, t_top = tile_grid.bounds
@@ -102,7 +113,9 @@ def read_tile(path: Path, grid: Grid, rows: slice, cols: slice, resampling: Resa
             col_off = round((grid.x0 - src.transform.c) / grid.res) + cols.start
             row_off = round((src.transform.f - grid.y0) / grid.res) + rows.start
             window = Window(col_off, row_off, shape[1], shape[0])
-            data = src.read(1, window=window, boundless=True, masked=True, fill_value=src.nodata or 0)
+            data = src.read(
+                1, window=window, boundless=True, masked=True, fill_value=src.nodata or 0
+            )
             out = np.ma.filled(data.astype(np.float32), np.nan)
             inside = _window_inside(src, window)
             return np.where(inside, out, np.nan).astype(np.float32)
@@ -134,10 +147,14 @@ def _on_grid(src: rasterio.DatasetReader, grid: Grid) -> bool:
 def _window_inside(src: rasterio.DatasetReader, window: Window) -> np.ndarray:
     rows = np.arange(window.row_off, window.row_off + window.height)
     cols = np.arange(window.col_off, window.col_off + window.width)
-    return ((rows >= 0) & (rows < src.height))[:, None] & ((cols >= 0) & (cols < src.width))[None, :]
+    return ((rows >= 0) & (rows < src.height))[:, None] & ((cols >= 0) & (cols < src.width))[
+        None, :
+    ]
 
 
-def _tile_array(grid: Grid, func: Callable[[slice, slice], np.ndarray], dtype: str, name: str) -> da.Array:
+def _tile_array(
+    grid: Grid, func: Callable[[slice, slice], np.ndarray], dtype: str, name: str
+) -> da.Array:
     """A dask array on the grid whose every block is func(rows, cols): one task per tile."""
     row_starts = np.cumsum((0, *grid.chunks[0]))
     col_starts = np.cumsum((0, *grid.chunks[1]))
@@ -150,16 +167,22 @@ def _tile_array(grid: Grid, func: Callable[[slice, slice], np.ndarray], dtype: s
         cols = slice(int(col_starts[j]), int(col_starts[j + 1]))
         return func(rows, cols).astype(dtype, copy=False)
 
-    return da.map_blocks(block, chunks=grid.chunks, dtype=dtype, meta=np.empty((0, 0), dtype=dtype), name=name)
+    return da.map_blocks(
+        block, chunks=grid.chunks, dtype=dtype, meta=np.empty((0, 0), dtype=dtype), name=name
+    )
 
 
 def raster_layer(path: Path, grid: Grid, resampling: Resampling, name: str) -> da.Array:
     """A raster file as a lazy float32 layer on the grid."""
     token = dask.base.tokenize(str(path), path.stat().st_mtime_ns, grid, resampling.name)
-    return _tile_array(grid, lambda r, c: read_tile(path, grid, r, c, resampling), "float32", f"{name}-{token}")
+    return _tile_array(
+        grid, lambda r, c: read_tile(path, grid, r, c, resampling), "float32", f"{name}-{token}"
+    )
 
 
-def vector_layer(shapes: gpd.GeoSeries, values: np.ndarray, grid: Grid, dtype: str, name: str) -> da.Array:
+def vector_layer(
+    shapes: gpd.GeoSeries, values: np.ndarray, grid: Grid, dtype: str, name: str
+) -> da.Array:
     """Polygons burnt onto the grid (pixel centre inside; later rows win where they overlap)."""
     index = shapes.sindex
     token = dask.base.tokenize(shapes.to_wkb().tolist(), values.tolist(), grid)
@@ -168,7 +191,9 @@ def vector_layer(shapes: gpd.GeoSeries, values: np.ndarray, grid: Grid, dtype: s
         shape = (rows.stop - rows.start, cols.stop - cols.start)
         left = grid.x0 + cols.start * grid.res
         top = grid.y0 - rows.start * grid.res
-        hits = np.sort(index.query(_box(left, top - shape[0] * grid.res, left + shape[1] * grid.res, top)))
+        hits = np.sort(
+            index.query(_box(left, top - shape[0] * grid.res, left + shape[1] * grid.res, top))
+        )
         if len(hits) == 0:
             return np.zeros(shape, dtype=dtype)
         transform = rasterio.transform.from_origin(left, top, grid.res, grid.res)
@@ -195,7 +220,9 @@ def read_outlines(study: Study) -> gpd.GeoDataFrame:
     outlines = gpd.read_file(study.glaciers)
     if outlines.crs is None:
         raise StudyError(f"{study.glaciers}: no CRS.")
-    outlines = outlines[outlines.geometry.notna() & ~outlines.geometry.is_empty].to_crs(study.grid.crs)
+    outlines = outlines[outlines.geometry.notna() & ~outlines.geometry.is_empty].to_crs(
+        study.grid.crs
+    )
     outlines["geometry"] = outlines.geometry.make_valid()
     return outlines.reset_index(drop=True)
 
@@ -227,7 +254,9 @@ def static_dataset(study: Study) -> xr.Dataset:
         clean = raster_layer(study.clean_ice, grid, Resampling.nearest, "clean_ice") == 1
     else:
         clean = da.ones(grid.shape, chunks=grid.chunks, dtype=bool)
-    surface = da.where(on_glacier, da.where(clean, SURFACE_CLEAN, SURFACE_DEBRIS), SURFACE_OFF).astype("int8")
+    surface = da.where(
+        on_glacier, da.where(clean, SURFACE_CLEAN, SURFACE_DEBRIS), SURFACE_OFF
+    ).astype("int8")
     void = ~da.isfinite(ref)
     layers: dict[str, da.Array] = {
         "ref_dem_m": ref,
@@ -237,9 +266,13 @@ def static_dataset(study: Study) -> xr.Dataset:
         "ref_void": void.astype("uint8"),
     }
     if study.ref_dem_x is not None:
-        layers["ref_dem_x_m"] = raster_layer(study.ref_dem_x, grid, Resampling.bilinear, "ref_dem_x_m")
+        layers["ref_dem_x_m"] = raster_layer(
+            study.ref_dem_x, grid, Resampling.bilinear, "ref_dem_x_m"
+        )
     if regions is not None:
-        layers["region_id"] = vector_layer(regions.geometry, np.arange(1, len(regions) + 1), grid, "int16", "region_id")
+        layers["region_id"] = vector_layer(
+            regions.geometry, np.arange(1, len(regions) + 1), grid, "int16", "region_id"
+        )
     else:
         layers["region_id"] = da.zeros(grid.shape, chunks=grid.chunks, dtype="int16")
     ds = xr.Dataset({k: (("y", "x"), v, VAR_ATTRS[k]) for k, v in layers.items()})
@@ -253,7 +286,9 @@ def static_dataset(study: Study) -> xr.Dataset:
     return ds
 
 
-def _glacier_table(outlines: gpd.GeoDataFrame, id_column: str, surge_column: str | None) -> xr.Dataset:
+def _glacier_table(
+    outlines: gpd.GeoDataFrame, id_column: str, surge_column: str | None
+) -> xr.Dataset:
     """Per-glacier variables along dim `glacier` (1..N, the value in glacier_id)."""
     centroids = outlines.geometry.centroid
     table: dict[str, Any] = {
@@ -263,7 +298,12 @@ def _glacier_table(outlines: gpd.GeoDataFrame, id_column: str, surge_column: str
         "glacier_centroid_y_m": centroids.y.to_numpy(),
     }
     if surge_column and surge_column in outlines.columns:
-        table["glacier_surge"] = pd.to_numeric(outlines[surge_column], errors="coerce").fillna(-1).astype("int8").to_numpy()
+        table["glacier_surge"] = (
+            pd.to_numeric(outlines[surge_column], errors="coerce")
+            .fillna(-1)
+            .astype("int8")
+            .to_numpy()
+        )
     for column in outlines.columns:
         if column in ("geometry", id_column, surge_column):
             continue
@@ -291,26 +331,45 @@ def scene_layers(study: Study, scene: SceneSpec) -> dict[str, da.Array]:
     if scene.kind == "dem":
         if scene.dem is None:
             raise StudyError(f"scene {scene.scene_id}: no dem file")
-        return {"dem_m": raster_layer(scene.dem, grid, Resampling.bilinear, f"dem-{scene.scene_id}")}
+        return {
+            "dem_m": raster_layer(scene.dem, grid, Resampling.bilinear, f"dem-{scene.scene_id}")
+        }
     if scene.phase is None or scene.coherence is None or scene.h_amb_m is None:
         raise StudyError(f"scene {scene.scene_id}: phase, coherence and h_amb are required")
     phase = raster_layer(scene.phase, grid, Resampling.nearest, f"phase-{scene.scene_id}")
-    phase = phase.map_blocks(_checked, str(scene.phase), scene.scene_id, "phase", -np.pi, np.pi, dtype="float32")
+    phase = da.map_blocks(
+        _checked, phase, str(scene.phase), scene.scene_id, "phase", -np.pi, np.pi, dtype="float32"
+    )
     coherence = raster_layer(scene.coherence, grid, Resampling.bilinear, f"coh-{scene.scene_id}")
-    coherence = coherence.map_blocks(_checked, str(scene.coherence), scene.scene_id, "coherence", 0.0, 1.0, dtype="float32")
+    coherence = da.map_blocks(
+        _checked,
+        coherence,
+        str(scene.coherence),
+        scene.scene_id,
+        "coherence",
+        0.0,
+        1.0,
+        dtype="float32",
+    )
     if isinstance(scene.h_amb_m, Path):
         h_amb = raster_layer(scene.h_amb_m, grid, Resampling.bilinear, f"hamb-{scene.scene_id}")
     else:
         h_amb = da.full(grid.shape, scene.h_amb_m, chunks=grid.chunks, dtype="float32")
     in_scene = da.isfinite(phase)
-    layers = {"phase_rad": phase, "coherence": coherence, "h_amb_m": da.where(in_scene, h_amb, np.nan)}
+    layers = {
+        "phase_rad": phase,
+        "coherence": coherence,
+        "h_amb_m": da.where(in_scene, h_amb, np.nan),
+    }
     if scene.mask is not None:
         mask = raster_layer(scene.mask, grid, Resampling.nearest, f"mask-{scene.scene_id}")
         layers["radar_mask"] = (mask == 1).astype("uint8")
     return layers
 
 
-def _checked(block: np.ndarray, path: str, scene_id: str, field: str, low: float, high: float) -> np.ndarray:
+def _checked(
+    block: np.ndarray, path: str, scene_id: str, field: str, low: float, high: float
+) -> np.ndarray:
     """Refuse values outside [low, high] (a tiny tolerance for float rounding)."""
     finite = block[np.isfinite(block)]
     tolerance = 1e-4 * max(abs(low), abs(high), 1.0)
@@ -318,7 +377,11 @@ def _checked(block: np.ndarray, path: str, scene_id: str, field: str, low: float
         raise StudyError(
             f"{path}: scene {scene_id}, field {field}: values in [{finite.min():.4g}, {finite.max():.4g}] "
             f"outside [{low:.4g}, {high:.4g}]. "
-            + ("Give wrapped phase in radians." if field == "phase" else "Coherence must lie in [0, 1].")
+            + (
+                "Give wrapped phase in radians."
+                if field == "phase"
+                else "Coherence must lie in [0, 1]."
+            )
         )
     return block
 
@@ -333,7 +396,10 @@ def scene_coords(study: Study, scenes: list[SceneSpec]) -> dict[str, Any]:
         "scene_month": ("scene", np.array([d.month for d in dates], dtype="int8")),
         "scene_years": ("scene", np.array([years_since(ref, d) for d in dates]), {"units": "yr"}),
         "scene_kind": ("scene", np.array([s.kind for s in scenes], dtype=object)),
-        "scene_nlooks": ("scene", np.array([s.nlooks or study.config.unwrap.nlooks for s in scenes], "float32")),
+        "scene_nlooks": (
+            "scene",
+            np.array([s.nlooks or study.config.unwrap.nlooks for s in scenes], "float32"),
+        ),
         "scene_h_amb_m": ("scene", np.array(h_amb, dtype="float32"), {"units": "m"}),
     }
 
@@ -348,11 +414,19 @@ def scene_placeholders(study: Study, scenes: list[SceneSpec]) -> xr.Dataset:
     grid = study.grid
     shape, chunks = (len(scenes), *grid.shape), ((1,) * len(scenes), *grid.chunks)
     data = {
-        name: (("scene", "y", "x"), da.full(shape, fill, chunks=chunks, dtype=dtype), VAR_ATTRS[name])
+        name: (
+            ("scene", "y", "x"),
+            da.full(shape, fill, chunks=chunks, dtype=dtype),
+            VAR_ATTRS[name],
+        )
         for name, (dtype, fill) in SCENE_VARS.items()
     }
     ds = xr.Dataset(data, coords=scene_coords(study, scenes))
-    ds["scene_state"] = ("scene", np.full(len(scenes), SCENE_PENDING, dtype="int8"), {"flag_meanings": "pending ingested"})
+    ds["scene_state"] = (
+        "scene",
+        np.full(len(scenes), SCENE_PENDING, dtype="int8"),
+        {"flag_meanings": "pending ingested"},
+    )
     return ds
 
 
@@ -377,7 +451,9 @@ def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
 # ---------------------------------------------------------------- the ingest
 
 
-def ingest(study_dir: Path | str, store: Path | str, progress: Callable[[str], None] | None = None) -> IngestReport:
+def ingest(
+    study_dir: Path | str, store: Path | str, progress: Callable[[str], None] | None = None
+) -> IngestReport:
     """Ingest the study at `study_dir` into the cube at `store` (create, append or resume)."""
     study = load_study(study_dir)  # every contract error is raised here, before anything is written
     store = Path(store)
@@ -386,16 +462,22 @@ def ingest(study_dir: Path | str, store: Path | str, progress: Callable[[str], N
     fingerprints = {role: file_fingerprint(p) for role, p in study.static_inputs().items()}
     state = read_state(store) if store_exists(store) else {}
     if state.get("static", {}).get("complete") and state["static"]["inputs"] != fingerprints:
-        changed = sorted(k for k in fingerprints if state["static"]["inputs"].get(k) != fingerprints[k])
+        changed = sorted(
+            k for k in fingerprints if state["static"]["inputs"].get(k) != fingerprints[k]
+        )
         raise StoreError(
             f"{store}: the static inputs {changed} changed since this cube was made. "
             "Ingest into a new store (or delete this one)."
         )
     if state and state.get("grid") != study.grid.to_attrs():
-        raise StoreError(f"{store}: made on another grid {state.get('grid')}. Use a new store for this study.")
+        raise StoreError(
+            f"{store}: made on another grid {state.get('grid')}. Use a new store for this study."
+        )
 
     if not state.get("static", {}).get("complete"):
-        say(f"creating cube {store} on grid {study.grid.ny} x {study.grid.nx} px ({study.grid.n_tiles} tiles)")
+        say(
+            f"creating cube {store} on grid {study.grid.ny} x {study.grid.nx} px ({study.grid.n_tiles} tiles)"
+        )
         _create(study, store, fingerprints)
         report.created = True
         state = read_state(store)
@@ -435,9 +517,13 @@ def _create(study: Study, store: Path, fingerprints: dict[str, Any]) -> None:
     static = static_dataset(study)
     template = xr.merge([static, scene_placeholders(study, list(study.scenes))])
     template = _with_grid_mapping(template, study.grid)
-    template.attrs = {"title": "mbcube datacube", "Conventions": "CF-1.10", "source": f"mbcube {mbcube.__version__}"}
+    template.attrs = {
+        "title": "mbcube datacube",
+        "Conventions": "CF-1.10",
+        "source": f"mbcube {mbcube.__version__}",
+    }
     write_dataset(template, store, mode="w", compute=False, encoding=_encoding(template))
-    state = {
+    state: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "mbcube_version": mbcube.__version__,
         "grid": study.grid.to_attrs(),

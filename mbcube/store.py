@@ -71,7 +71,9 @@ def open_cube(path: Path | str, *, complete_only: bool = True) -> xr.Dataset:
     """Open a cube lazily. complete_only: hide scenes whose ingest has not finished."""
     path = Path(path)
     if not store_exists(path):
-        raise StoreError(f"{path}: no cube here. Create one with `mbcube ingest STUDY --store {path}`.")
+        raise StoreError(
+            f"{path}: no cube here. Create one with `mbcube ingest STUDY --store {path}`."
+        )
     state = read_state(path)
     version = state.get("schema_version")
     if version != SCHEMA_VERSION:

@@ -24,7 +24,10 @@ from mbcube.grid import Grid, utm_crs_for
 
 SceneKind = Literal["insar", "dem"]
 SCENE_COLUMNS_REQUIRED = ("scene_id", "date", "kind")
-SCENE_FILES: dict[str, tuple[str, ...]] = {"insar": ("phase", "coherence", "h_amb"), "dem": ("dem",)}
+SCENE_FILES: dict[str, tuple[str, ...]] = {
+    "insar": ("phase", "coherence", "h_amb"),
+    "dem": ("dem",),
+}
 SCENE_COLUMNS_OPTIONAL = ("phase", "coherence", "h_amb", "mask", "dem", "nlooks", "notes")
 OUTLINE_NAMES = ("glaciers.gpkg", "glaciers.shp", "glaciers.geojson", "glaciers.json")
 REGION_NAMES = ("regions.gpkg", "regions.shp", "regions.geojson", "regions.json")
@@ -113,7 +116,9 @@ def load_study(root: Path | str) -> Study:
     ref_dem_x = _optional(root / "reference" / "srtm_x.tif")
     glaciers = _first_existing(root, OUTLINE_NAMES)
     if glaciers is None:
-        problems.add(f"{root}/glaciers.gpkg: missing. Add the glacier outlines ({', '.join(OUTLINE_NAMES)}).")
+        problems.add(
+            f"{root}/glaciers.gpkg: missing. Add the glacier outlines ({', '.join(OUTLINE_NAMES)})."
+        )
     ndsi = _optional(root / "ndsi.tif")
     clean_ice = _optional(root / "clean_ice.tif")
     if ndsi is not None and clean_ice is not None:
@@ -122,13 +127,19 @@ def load_study(root: Path | str) -> Study:
     problems.raise_if_any(root)
 
     grid = _grid_for(ref_dem, config, ref_crs)
-    for path, role in [(ref_dem_x, "X-band reference DEM"), (ndsi, "NDSI"), (clean_ice, "clean-ice mask")]:
+    for path, role in [
+        (ref_dem_x, "X-band reference DEM"),
+        (ndsi, "NDSI"),
+        (clean_ice, "clean-ice mask"),
+    ]:
         if path is not None:
             _check_raster(path, role, problems, grid)
     if glaciers is not None:  # None was reported above
         _check_vector(glaciers, config.glacier_id_column, "id column", problems, unique=True)
     if regions is not None:
-        _check_vector(regions, config.region_name_column, "region name column", problems, unique=True)
+        _check_vector(
+            regions, config.region_name_column, "region name column", problems, unique=True
+        )
     scenes = _read_scenes(root, grid, problems)
     problems.raise_if_any(root)
     if glaciers is None:  # unreachable: reported and raised above
@@ -144,11 +155,15 @@ def _first_existing(root: Path, names: tuple[str, ...]) -> Path | None:
     return next((root / n for n in names if (root / n).exists()), None)
 
 
-def _check_raster(path: Path, role: str, problems: _Problems, grid: Grid | None = None, where: str = "") -> CRS | None:
+def _check_raster(
+    path: Path, role: str, problems: _Problems, grid: Grid | None = None, where: str = ""
+) -> CRS | None:
     """Check that `path` is a readable raster with a CRS that overlaps `grid`; return its CRS."""
     label = f"{path}{where}"
     if not path.exists():
-        problems.add(f"{label}: {role} file not found. Check the path (relative to the study folder).")
+        problems.add(
+            f"{label}: {role} file not found. Check the path (relative to the study folder)."
+        )
         return None
     try:
         with rasterio.open(path) as src:
@@ -157,7 +172,9 @@ def _check_raster(path: Path, role: str, problems: _Problems, grid: Grid | None 
         problems.add(f"{label}: {role} is not a raster rasterio can read ({err}).")
         return None
     if crs is None:
-        problems.add(f"{label}: {role} has no CRS. Write one into the file (e.g. gdal_edit.py -a_srs).")
+        problems.add(
+            f"{label}: {role} has no CRS. Write one into the file (e.g. gdal_edit.py -a_srs)."
+        )
         return None
     if grid is not None:
         left, bottom, right, top = transform_bounds(crs, grid.crs, *bounds)
@@ -190,7 +207,9 @@ def _check_vector(path: Path, column: str, role: str, problems: _Problems, uniqu
         values = pyogrio.read_dataframe(path, columns=[column], read_geometry=False)[column]
         dupes = values[values.duplicated()].astype(str).unique()[:5]
         if len(dupes):
-            problems.add(f"{path}: column '{column}' has duplicate values {list(dupes)}; ids must be unique.")
+            problems.add(
+                f"{path}: column '{column}' has duplicate values {list(dupes)}; ids must be unique."
+            )
 
 
 def _read_scenes(root: Path, grid: Grid, problems: _Problems) -> tuple[SceneSpec, ...]:
@@ -219,7 +238,9 @@ def _read_scenes(root: Path, grid: Grid, problems: _Problems) -> tuple[SceneSpec
     seen: set[str] = set()
     for index, values in table.iterrows():
         row = int(str(index)) + 2  # 1-based line number, after the header
-        spec = _read_scene_row(root, csv, row, {k: str(v).strip() for k, v in values.items()}, grid, problems)
+        spec = _read_scene_row(
+            root, csv, row, {str(k): str(v).strip() for k, v in values.items()}, grid, problems
+        )
         if spec is None:
             continue
         if spec.scene_id in seen:
@@ -242,7 +263,9 @@ def _read_scene_row(
     try:
         date = dt.date.fromisoformat(values["date"][:10])
     except ValueError:
-        problems.add(f"{where}, field date: '{values['date']}' is not an ISO 8601 date (YYYY-MM-DD).")
+        problems.add(
+            f"{where}, field date: '{values['date']}' is not an ISO 8601 date (YYYY-MM-DD)."
+        )
         date = dt.date.min
     kind = values["kind"]
     if kind not in SCENE_FILES:
@@ -255,7 +278,9 @@ def _read_scene_row(
             problems.add(f"{where}, field {name}: required for kind '{kind}'.")
     for name in SCENE_FILES[other_kind]:
         if values.get(name) and name not in needed:
-            problems.add(f"{where}, field {name}: belongs to kind '{other_kind}', not '{kind}'. Remove it.")
+            problems.add(
+                f"{where}, field {name}: belongs to kind '{other_kind}', not '{kind}'. Remove it."
+            )
     paths: dict[str, Path] = {}
     for name in ("phase", "coherence", "mask", "dem"):
         if values.get(name) and (name in needed or name == "mask"):
@@ -277,7 +302,9 @@ def _read_scene_row(
     return SceneSpec(scene_id, date, kind, row, h_amb_m=h_amb, nlooks=nlooks, **paths)  # type: ignore[arg-type]
 
 
-def _parse_h_amb(root: Path, text: str, where: str, grid: Grid, problems: _Problems) -> float | Path | None:
+def _parse_h_amb(
+    root: Path, text: str, where: str, grid: Grid, problems: _Problems
+) -> float | Path | None:
     try:
         value = float(text)
     except ValueError:
@@ -285,7 +312,9 @@ def _parse_h_amb(root: Path, text: str, where: str, grid: Grid, problems: _Probl
         _check_raster(path, "field h_amb", problems, grid, where=f" ({where})")
         return path
     if not math.isfinite(value) or value == 0:
-        problems.add(f"{where}, field h_amb: {text} must be a finite non-zero height of ambiguity (m).")
+        problems.add(
+            f"{where}, field h_amb: {text} must be a finite non-zero height of ambiguity (m)."
+        )
         return None
     return value
 

@@ -21,7 +21,11 @@ def cube_summary(store: Path | str) -> str:
         f"grid      {grid.ny} x {grid.nx} px of {grid.res:g} m, {grid.crs}, {grid.n_tiles} tiles of {grid.tile} px",
         f"bounds    {tuple(round(b, 1) for b in grid.bounds)}",
         f"glaciers  {ds.sizes.get('glacier', 0)} outlines"
-        + (f", regions: {', '.join(map(str, ds['region_name'].values))}" if "region_name" in ds else ""),
+        + (
+            f", regions: {', '.join(map(str, ds['region_name'].values))}"
+            if "region_name" in ds
+            else ""
+        ),
         f"layers    {', '.join(sorted(str(v) for v in ds.data_vars if ds[v].dims == ('y', 'x')))}",
         f"size      {size_on_disk_bytes(store) / 1e6:.1f} MB on disk",
         "",

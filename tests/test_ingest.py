@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import rasterio
 import xarray as xr
-from rasterio.warp import Resampling, reproject
 from pyproj import Transformer
+from rasterio.warp import Resampling, reproject
 from rasterio.windows import Window
 
 from mbcube.errors import StoreError, StudyError
@@ -34,7 +34,9 @@ def _chunk_files(store: Path, var: str) -> dict[str, tuple[int, int]]:
     if not root.exists():
         return {}
     return {
-        str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()
+        str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file()
     }
 
 
@@ -63,7 +65,9 @@ def test_static_layers_match_truth(tiny_study: Path, tiny_cube: Path) -> None:
 def test_scene_on_grid_is_copied_exactly(tiny_study: Path, tiny_cube: Path) -> None:
     ds = open_cube(tiny_cube)
     for field, var in [("phase", "phase_rad"), ("coherence", "coherence")]:
-        with rasterio.open(tiny_study / "scenes" / f"S01_20111019_{field[:5] if field == 'phase' else 'coh'}.tif") as src:
+        with rasterio.open(
+            tiny_study / "scenes" / f"S01_20111019_{field[:5] if field == 'phase' else 'coh'}.tif"
+        ) as src:
             expected = src.read(1)
         np.testing.assert_array_equal(ds[var].sel(scene="S01_20111019").values, expected)
     with rasterio.open(tiny_study / "scenes" / "S02_20121116_hamb.tif") as src:
@@ -73,7 +77,9 @@ def test_scene_on_grid_is_copied_exactly(tiny_study: Path, tiny_cube: Path) -> N
     np.testing.assert_array_equal(cube_h_amb[inside], h_amb[inside])
     assert np.isnan(cube_h_amb[~inside]).all()
     scalar = ds["h_amb_m"].sel(scene="S01_20111019").values
-    assert np.nanmin(scalar) == np.nanmax(scalar) and np.nanmean(scalar) == pytest.approx(float(ds["scene_h_amb_m"].values[0]))
+    assert np.nanmin(scalar) == np.nanmax(scalar) and np.nanmean(scalar) == pytest.approx(
+        float(ds["scene_h_amb_m"].values[0])
+    )
 
 
 def test_scene_in_other_crs_lands_where_rasterio_puts_it(tiny_study: Path, tiny_cube: Path) -> None:
@@ -117,7 +123,13 @@ def test_scene_in_other_crs_lands_where_rasterio_puts_it(tiny_study: Path, tiny_
 def _exact_nearest(path: Path, grid: Grid) -> np.ndarray:
     """The source pixel holding each grid pixel centre, by exact pyproj transformation."""
     with rasterio.open(path) as src:
-        data, transform, crs, height, width = src.read(1), src.transform, src.crs, src.height, src.width
+        data, transform, crs, height, width = (
+            src.read(1),
+            src.transform,
+            src.crs,
+            src.height,
+            src.width,
+        )
     x, y = np.meshgrid(grid.x_coords(), grid.y_coords())
     sx, sy = Transformer.from_crs(grid.crs, crs, always_xy=True).transform(x, y)
     col = np.floor((sx - transform.c) / transform.a).astype(int)
@@ -136,11 +148,15 @@ def test_cube_opens_with_plain_xarray_without_mbcube(tiny_cube: Path) -> None:
         "print(ds.phase_rad.rio.crs.to_epsg(), ds.rio.transform().a, ds.phase_rad.shape, "
         "str(ds.scene.values[0]), int(ds.scene_state.sum()))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == ["32643", "30.0", "(3,", "320,", "320)", "S01_20111019", "3"]
 
 
-def test_empty_chunks_are_not_written(tiny_study: Path, study_copy: Callable[[Path], Path], tmp_path: Path) -> None:
+def test_empty_chunks_are_not_written(
+    tiny_study: Path, study_copy: Callable[[Path], Path], tmp_path: Path
+) -> None:
     study = study_copy(tiny_study)
     path = study / "scenes" / "S01_20111019_phase.tif"
     window = Window(140, 140, 100, 100)  # inside the centre tile (128-256 px)
@@ -163,14 +179,19 @@ def test_empty_chunks_are_not_written(tiny_study: Path, study_copy: Callable[[Pa
     assert np.isfinite(phase[140:240, 140:240]).all() and np.isfinite(phase).sum() == 100 * 100
 
 
-def test_append_touches_only_new_scenes(tiny_study: Path, study_copy: Callable[[Path], Path], tmp_path: Path) -> None:
+def test_append_touches_only_new_scenes(
+    tiny_study: Path, study_copy: Callable[[Path], Path], tmp_path: Path
+) -> None:
     study = study_copy(tiny_study)
     full = pd.read_csv(study / "scenes.csv", dtype=str, keep_default_na=False)
     full.iloc[:2].to_csv(study / "scenes.csv", index=False)
     store = tmp_path / "cube.zarr"
     first = ingest(study, store)
     assert first.written == list(full["scene_id"][:2])
-    before = {var: _chunk_files(store, var) for var in ("phase_rad", "coherence", "ref_dem_m", "glacier_id")}
+    before = {
+        var: _chunk_files(store, var)
+        for var in ("phase_rad", "coherence", "ref_dem_m", "glacier_id")
+    }
     full.to_csv(study / "scenes.csv", index=False)
     second = ingest(study, store)
     assert second.written == [full["scene_id"][2]] and second.skipped == list(full["scene_id"][:2])
@@ -184,7 +205,9 @@ def test_append_touches_only_new_scenes(tiny_study: Path, study_copy: Callable[[
     assert third.skipped == list(full["scene_id"]) and not third.written
 
 
-def test_changed_scene_file_is_rewritten(tiny_study: Path, study_copy: Callable[[Path], Path], tmp_path: Path) -> None:
+def test_changed_scene_file_is_rewritten(
+    tiny_study: Path, study_copy: Callable[[Path], Path], tmp_path: Path
+) -> None:
     study = study_copy(tiny_study)
     store = tmp_path / "cube.zarr"
     ingest(study, store)
@@ -198,7 +221,9 @@ def test_changed_scene_file_is_rewritten(tiny_study: Path, study_copy: Callable[
     assert np.nanmin(values) == np.nanmax(values) == 0.5
 
 
-def test_changed_reference_refuses_the_store(tiny_study: Path, study_copy: Callable[[Path], Path], tmp_path: Path) -> None:
+def test_changed_reference_refuses_the_store(
+    tiny_study: Path, study_copy: Callable[[Path], Path], tmp_path: Path
+) -> None:
     study = study_copy(tiny_study)
     store = tmp_path / "cube.zarr"
     ingest(study, store)
@@ -215,7 +240,9 @@ def test_bad_phase_values_name_the_scene_and_leave_it_pending(
     with rasterio.open(path, "r+") as dst:
         dst.write(np.degrees(dst.read(1)).astype("float32"), 1)  # degrees, not radians
     store = tmp_path / "cube.zarr"
-    with pytest.raises(StudyError, match=r"S02_20121116_phase.tif: scene S02_20121116, field phase: values in"):
+    with pytest.raises(
+        StudyError, match=r"S02_20121116_phase.tif: scene S02_20121116, field phase: values in"
+    ):
         ingest(study, store)
     full = open_cube(store, complete_only=False)
     assert list(full["scene_state"].values) == [1, SCENE_PENDING, SCENE_PENDING]
@@ -230,12 +257,16 @@ def test_graph_building_computes_nothing(tiny_study: Path, tiny_cube: Path) -> N
         cube = open_cube(tiny_cube)
         combined = (cube["phase_rad"] * cube["h_amb_m"]).where(cube["glacier_id"] > 0).mean("scene")
     assert static["ref_dem_m"].chunks == ((128, 128, 64), (128, 128, 64))
-    assert all(v.chunks == static["ref_dem_m"].data.chunks for layer in layers for v in layer.values())
+    assert all(
+        v.chunks == static["ref_dem_m"].data.chunks for layer in layers for v in layer.values()
+    )
     assert combined.shape == (320, 320)
 
 
 def test_sigkill_during_ingest_then_rerun_equals_uninterrupted(tmp_path: Path) -> None:
-    study = generate_study(tmp_path / "study", "tiny", size_px=640, n_scenes=6, n_glaciers=20, other_crs=None, seed=5)
+    study = generate_study(
+        tmp_path / "study", "tiny", size_px=640, n_scenes=6, n_glaciers=20, other_crs=None, seed=5
+    )
     reference = tmp_path / "reference.zarr"
     ingest(study, reference)
     store = tmp_path / "killed.zarr"

@@ -54,7 +54,9 @@ class SynthSpec:
 
     @property
     def grid(self) -> Grid:
-        return Grid(self.crs, self.x0, self.y0, self.res_m, self.size_px, self.size_px, self.tile_px)
+        return Grid(
+            self.crs, self.x0, self.y0, self.res_m, self.size_px, self.size_px, self.tile_px
+        )
 
 
 PRESETS: dict[str, SynthSpec] = {
@@ -80,7 +82,9 @@ def generate_study(out: Path | str, spec: SynthSpec | str = "tiny", **overrides:
     scene_defs = sc.make_scenes(rng, spec.n_scenes, spec.kind, span, spec.seed, spec.other_crs)
     centre = ((grid.bounds[0] + grid.bounds[2]) / 2, (grid.bounds[1] + grid.bounds[3]) / 2)
 
-    sums = _write_grid_rasters(out, spec, grid, world, [s for s in scene_defs if s.crs is None], centre)
+    sums = _write_grid_rasters(
+        out, spec, grid, world, [s for s in scene_defs if s.crs is None], centre
+    )
     for scene in scene_defs:
         if scene.crs is not None:
             _write_scene_other_crs(out, spec, grid, world, scene, centre)
@@ -109,7 +113,9 @@ def _profile(grid: Grid, dtype: str, nodata: float | None, tile: int) -> dict[st
     }
 
 
-def _open(stack: ExitStack, path: Path, grid: Grid, dtype: str, nodata: float | None, tile: int) -> DatasetWriter:
+def _open(
+    stack: ExitStack, path: Path, grid: Grid, dtype: str, nodata: float | None, tile: int
+) -> DatasetWriter:
     return stack.enter_context(rasterio.open(path, "w", **_profile(grid, dtype, nodata, tile)))
 
 
@@ -117,14 +123,23 @@ def _scene_paths(scene: sc.SceneDef) -> dict[str, str]:
     base = f"scenes/{scene.scene_id}"
     if scene.kind == "dem":
         return {"dem": f"{base}_dem.tif"}
-    paths = {"phase": f"{base}_phase.tif", "coherence": f"{base}_coh.tif", "mask": f"{base}_mask.tif"}
+    paths = {
+        "phase": f"{base}_phase.tif",
+        "coherence": f"{base}_coh.tif",
+        "mask": f"{base}_mask.tif",
+    }
     if scene.h_amb_varies:
         paths["h_amb"] = f"{base}_hamb.tif"
     return paths
 
 
 def _write_grid_rasters(
-    out: Path, spec: SynthSpec, grid: Grid, world: World, scenes: list[sc.SceneDef], centre: tuple[float, float]
+    out: Path,
+    spec: SynthSpec,
+    grid: Grid,
+    world: World,
+    scenes: list[sc.SceneDef],
+    centre: tuple[float, float],
 ) -> dict[str, np.ndarray]:
     """Write all rasters on the study grid, tile by tile; return per-glacier sums for the truth."""
     n = len(world.glaciers) + 1
@@ -132,34 +147,64 @@ def _write_grid_rasters(
     x_cut = grid.bounds[0] + spec.xband_coverage * (grid.bounds[2] - grid.bounds[0])
     with ExitStack() as stack:
         f32 = {
-            "srtm_c": _open(stack, out / "reference/srtm_c.tif", grid, "float32", np.nan, spec.tile_px),
-            "srtm_x": _open(stack, out / "reference/srtm_x.tif", grid, "float32", np.nan, spec.tile_px),
+            "srtm_c": _open(
+                stack, out / "reference/srtm_c.tif", grid, "float32", np.nan, spec.tile_px
+            ),
+            "srtm_x": _open(
+                stack, out / "reference/srtm_x.tif", grid, "float32", np.nan, spec.tile_px
+            ),
             "ndsi": _open(stack, out / "ndsi.tif", grid, "float32", np.nan, spec.tile_px),
             "rate": _open(stack, out / "truth/dhdt_m_yr.tif", grid, "float32", None, spec.tile_px),
-            "pen": _open(stack, out / "truth/penetration_m.tif", grid, "float32", None, spec.tile_px),
+            "pen": _open(
+                stack, out / "truth/penetration_m.tif", grid, "float32", None, spec.tile_px
+            ),
         }
         files: dict[tuple[str, str], DatasetWriter] = {}
         for scene in scenes:
             for field, rel in _scene_paths(scene).items():
                 dtype, nodata = ("uint8", 255) if field == "mask" else ("float32", np.nan)
-                files[(scene.scene_id, field)] = _open(stack, out / rel, grid, dtype, nodata, spec.tile_px)
+                files[(scene.scene_id, field)] = _open(
+                    stack, out / rel, grid, dtype, nodata, spec.tile_px
+                )
         for tile in grid.tiles():
-            window = rasterio.windows.Window(tile.cols.start, tile.rows.start, tile.shape[1], tile.shape[0])
+            window = rasterio.windows.Window(
+                tile.cols.start, tile.rows.start, tile.shape[1], tile.shape[0]
+            )
             x, y = np.meshgrid(grid.x_coords()[tile.cols], grid.y_coords()[tile.rows])
             f = world.fields(x, y)
-            srtm_c_filled = f.surface_2000_m - f.penetration_c_m + reference_noise_m(x, y, spec.seed + 101, spec.reference_sigma_m)
-            srtm_x = f.surface_2000_m - f.penetration_x_m + reference_noise_m(x, y, spec.seed + 102, 0.5 * spec.reference_sigma_m)
-            f32["srtm_c"].write(np.where(f.void, np.nan, srtm_c_filled).astype(np.float32), 1, window=window)
-            f32["srtm_x"].write(np.where(x <= x_cut, srtm_x, np.nan).astype(np.float32), 1, window=window)
+            srtm_c_filled = (
+                f.surface_2000_m
+                - f.penetration_c_m
+                + reference_noise_m(x, y, spec.seed + 101, spec.reference_sigma_m)
+            )
+            srtm_x = (
+                f.surface_2000_m
+                - f.penetration_x_m
+                + reference_noise_m(x, y, spec.seed + 102, 0.5 * spec.reference_sigma_m)
+            )
+            f32["srtm_c"].write(
+                np.where(f.void, np.nan, srtm_c_filled).astype(np.float32), 1, window=window
+            )
+            f32["srtm_x"].write(
+                np.where(x <= x_cut, srtm_x, np.nan).astype(np.float32), 1, window=window
+            )
             f32["ndsi"].write(f.ndsi, 1, window=window)
             f32["rate"].write(f.rate_m_yr.astype(np.float32), 1, window=window)
-            f32["pen"].write((f.penetration_c_m - f.penetration_x_m).astype(np.float32), 1, window=window)
+            f32["pen"].write(
+                (f.penetration_c_m - f.penetration_x_m).astype(np.float32), 1, window=window
+            )
             sums["count"] += np.bincount(f.glacier.ravel(), minlength=n)
             sums["rate"] += np.bincount(f.glacier.ravel(), weights=f.rate_m_yr.ravel(), minlength=n)
             dz_dx = world.slope_x(x, y) if scenes else np.zeros_like(x)
-            iy, ix = np.meshgrid(np.arange(tile.rows.start, tile.rows.stop), np.arange(tile.cols.start, tile.cols.stop), indexing="ij")
+            iy, ix = np.meshgrid(
+                np.arange(tile.rows.start, tile.rows.stop),
+                np.arange(tile.cols.start, tile.cols.stop),
+                indexing="ij",
+            )
             for scene in scenes:
-                layers = _scene_layers(spec, world, scene, f, srtm_c_filled, dz_dx, x, y, ix, iy, centre, grid)
+                layers = _scene_layers(
+                    spec, world, scene, f, srtm_c_filled, dz_dx, x, y, ix, iy, centre, grid
+                )
                 for field, data in layers.items():
                     files[(scene.scene_id, field)].write(data, 1, window=window)
     return sums
@@ -182,16 +227,20 @@ def _scene_layers(
     """One scene's rasters at points x, y (grid CRS); ix, iy are the pixel indices of its own raster."""
     years = sc.years_between(REFERENCE_DATE, scene.date)
     inside = sc.in_footprint(scene, x, y, centre)
-    dh = sc.measured_dh_m(scene, f, srtm_c_filled, years, x, y) + sc.orbit_error_m(scene, x, y, centre)
+    dh = sc.measured_dh_m(scene, f, srtm_c_filled, years, x, y) + sc.orbit_error_m(
+        scene, x, y, centre
+    )
     if scene.kind == "dem":
-        noise = scene.noise_m * (0.6 * world_noise(x, y, scene.seed) + 0.8 * normal(ix, iy, scene.seed + 41))
+        noise = scene.noise_m * (
+            0.6 * world_noise(x, y, scene.seed) + 0.8 * normal(ix, iy, scene.seed + 41)
+        )
         dem = srtm_c_filled + dh + noise
         return {"dem": np.where(inside, dem, np.nan).astype(np.float32)}
     mask = sc.radar_mask(scene, dz_dx)
     gamma = sc.coherence(scene, f, x, y, mask)
     h_amb = sc.h_amb_field(scene, x, centre, 0.5 * grid.nx * grid.res)
     phase = sc.wrapped_phase(scene, dh, gamma, h_amb, ix, iy)
-    layers = {
+    layers: dict[str, np.ndarray] = {
         "phase": np.where(inside, phase, np.nan).astype(np.float32),
         "coherence": np.where(inside, gamma, np.nan).astype(np.float32),
         "mask": np.where(inside, mask, 255).astype(np.uint8),
@@ -207,7 +256,12 @@ def world_noise(x: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _write_scene_other_crs(
-    out: Path, spec: SynthSpec, grid: Grid, world: World, scene: sc.SceneDef, centre: tuple[float, float]
+    out: Path,
+    spec: SynthSpec,
+    grid: Grid,
+    world: World,
+    scene: sc.SceneDef,
+    centre: tuple[float, float],
 ) -> None:
     """A scene delivered on its own grid in another CRS (the world evaluated at its pixel centres)."""
     if scene.crs is None:
@@ -222,13 +276,36 @@ def _write_scene_other_crs(
             dtype, nodata = ("uint8", 255) if field == "mask" else ("float32", np.nan)
             files[field] = _open(stack, out / rel, own, dtype, nodata, spec.tile_px)
         for tile in own.tiles():
-            window = rasterio.windows.Window(tile.cols.start, tile.rows.start, tile.shape[1], tile.shape[0])
+            window = rasterio.windows.Window(
+                tile.cols.start, tile.rows.start, tile.shape[1], tile.shape[0]
+            )
             xo, yo = np.meshgrid(own.x_coords()[tile.cols], own.y_coords()[tile.rows])
             x, y = to_grid.transform(xo, yo)
             f = world.fields(x, y)
-            srtm_c_filled = f.surface_2000_m - f.penetration_c_m + reference_noise_m(x, y, spec.seed + 101, spec.reference_sigma_m)
-            iy, ix = np.meshgrid(np.arange(tile.rows.start, tile.rows.stop), np.arange(tile.cols.start, tile.cols.stop), indexing="ij")
-            layers = _scene_layers(spec, world, scene, f, srtm_c_filled, world.slope_x(x, y), x, y, ix, iy, centre, grid)
+            srtm_c_filled = (
+                f.surface_2000_m
+                - f.penetration_c_m
+                + reference_noise_m(x, y, spec.seed + 101, spec.reference_sigma_m)
+            )
+            iy, ix = np.meshgrid(
+                np.arange(tile.rows.start, tile.rows.stop),
+                np.arange(tile.cols.start, tile.cols.stop),
+                indexing="ij",
+            )
+            layers = _scene_layers(
+                spec,
+                world,
+                scene,
+                f,
+                srtm_c_filled,
+                world.slope_x(x, y),
+                x,
+                y,
+                ix,
+                iy,
+                centre,
+                grid,
+            )
             for field, data in layers.items():
                 files[field].write(data, 1, window=window)
 
@@ -289,7 +366,9 @@ def _write_tables(
     columns = ["scene_id", "date", "kind", "phase", "coherence", "h_amb", "mask", "dem", "nlooks"]
     pd.DataFrame(rows).reindex(columns=columns).to_csv(out / "scenes.csv", index=False)
     (out / "study.yaml").write_text(
-        yaml.safe_dump({"name": f"synthetic-{spec.seed}", "grid": {"tile_px": spec.tile_px}}, sort_keys=False)
+        yaml.safe_dump(
+            {"name": f"synthetic-{spec.seed}", "grid": {"tile_px": spec.tile_px}}, sort_keys=False
+        )
     )
 
     count, rate_sum = sums["count"][1:], sums["rate"][1:]
@@ -331,7 +410,10 @@ def _write_tables(
         "spec": asdict(spec),
         "reference_date": REFERENCE_DATE.isoformat(),
         "density_kg_m3": DENSITY_KG_M3,
-        "ramp_origin_m": [(grid.bounds[0] + grid.bounds[2]) / 2, (grid.bounds[1] + grid.bounds[3]) / 2],
+        "ramp_origin_m": [
+            (grid.bounds[0] + grid.bounds[2]) / 2,
+            (grid.bounds[1] + grid.bounds[3]) / 2,
+        ],
         "notes": "ramp terms use x, y in km from ramp_origin_m; penetration_m.tif is C minus X penetration.",
     }
     (out / "truth/meta.json").write_text(json.dumps(meta, indent=2))
@@ -343,7 +425,9 @@ def _region_truth(glaciers: pd.DataFrame) -> pd.DataFrame:
     for name, group in glaciers[glaciers["area_km2"] > 0].groupby("region"):
         for label, part in (("all", group), ("no_surge", group[group["surge"] == 0])):
             weight = part["area_km2"]
-            dhdt = float((part["dhdt_m_yr"] * weight).sum() / weight.sum()) if weight.sum() else np.nan
+            dhdt = (
+                float((part["dhdt_m_yr"] * weight).sum() / weight.sum()) if weight.sum() else np.nan
+            )
             rows.append(
                 {
                     "name": name,

@@ -60,8 +60,13 @@ def _fade(t: np.ndarray) -> np.ndarray:
     return t * t * t * (t * (t * 6 - 15) + 10)
 
 
-def fractal_noise(x: np.ndarray, y: np.ndarray, scales_m: tuple[float, ...], seed: int) -> np.ndarray:
+def fractal_noise(
+    x: np.ndarray, y: np.ndarray, scales_m: tuple[float, ...], seed: int
+) -> np.ndarray:
     """Sum of value noise at several scales, amplitude proportional to scale, unit std overall."""
     weights = np.asarray(scales_m) / max(scales_m)
-    total = sum(w * value_noise(x, y, s, seed + 7919 * i) for i, (s, w) in enumerate(zip(scales_m, weights, strict=True)))
+    total = sum(
+        w * value_noise(x, y, s, seed + 7919 * i)
+        for i, (s, w) in enumerate(zip(scales_m, weights, strict=True))
+    )
     return np.asarray(total) / np.sqrt(np.sum(weights**2))

@@ -30,7 +30,9 @@ class SceneDef:
     swath_offset_m: float  # of the swath centre line from the grid centre
     swath_half_width_m: float
     datum_m: float
-    ramp_m_per_km: tuple[float, float, float]  # b, c, d of b x + c y + d x y (x, y in km from the centre)
+    ramp_m_per_km: tuple[
+        float, float, float
+    ]  # b, c, d of b x + c y + d x y (x, y in km from the centre)
     seasonal_deviation_m: float  # the true seasonal offset minus the table's value
     noise_m: float  # measurement noise (m, 1 sigma) of DEM-kind scenes
     crs: str | None = None  # None: written on the study grid
@@ -48,7 +50,9 @@ def years_between(start: dt.date, end: dt.date) -> float:
     return (end - start).days / 365.25
 
 
-def in_footprint(scene: SceneDef, x: np.ndarray, y: np.ndarray, centre: tuple[float, float]) -> np.ndarray:
+def in_footprint(
+    scene: SceneDef, x: np.ndarray, y: np.ndarray, centre: tuple[float, float]
+) -> np.ndarray:
     dx, dy = x - centre[0], y - centre[1]
     across = -dx * np.sin(scene.swath_angle_rad) + dy * np.cos(scene.swath_angle_rad)
     return np.abs(across - scene.swath_offset_m) <= scene.swath_half_width_m
@@ -63,12 +67,16 @@ def radar_mask(scene: SceneDef, dz_dx: np.ndarray) -> np.ndarray:
     return (layover | shadow).astype(np.uint8)
 
 
-def coherence(scene: SceneDef, f: WorldFields, x: np.ndarray, y: np.ndarray, masked: np.ndarray) -> np.ndarray:
+def coherence(
+    scene: SceneDef, f: WorldFields, x: np.ndarray, y: np.ndarray, masked: np.ndarray
+) -> np.ndarray:
     """Interferometric coherence: high on rock, lower on clean ice and higher up, low where masked."""
     base = np.where(
         f.surface_type == SURFACE_OFF,
         0.88,
-        np.where(f.surface_type == SURFACE_CLEAN, 0.78 - 0.00012 * (f.surface_2000_m - 4500.0), 0.8),
+        np.where(
+            f.surface_type == SURFACE_CLEAN, 0.78 - 0.00012 * (f.surface_2000_m - 4500.0), 0.8
+        ),
     )
     gamma = base + 0.07 * value_noise(x, y, 400.0, scene.seed + 21)
     gamma = np.where(masked == 1, 0.15, gamma)
@@ -76,7 +84,12 @@ def coherence(scene: SceneDef, f: WorldFields, x: np.ndarray, y: np.ndarray, mas
 
 
 def measured_dh_m(
-    scene: SceneDef, f: WorldFields, srtm_c_m: np.ndarray, years: float, x: np.ndarray, y: np.ndarray
+    scene: SceneDef,
+    f: WorldFields,
+    srtm_c_m: np.ndarray,
+    years: float,
+    x: np.ndarray,
+    y: np.ndarray,
 ) -> np.ndarray:
     """What the scene's X-band surface minus the reference DEM is, before datum and ramp (m)."""
     on_glacier = f.glacier > 0
@@ -85,7 +98,9 @@ def measured_dh_m(
     return surface - srtm_c_m
 
 
-def orbit_error_m(scene: SceneDef, x: np.ndarray, y: np.ndarray, centre: tuple[float, float]) -> np.ndarray:
+def orbit_error_m(
+    scene: SceneDef, x: np.ndarray, y: np.ndarray, centre: tuple[float, float]
+) -> np.ndarray:
     """Datum offset plus bilinear ramp (m)."""
     xk, yk = (x - centre[0]) / 1000.0, (y - centre[1]) / 1000.0
     b, c, d = scene.ramp_m_per_km
@@ -93,7 +108,12 @@ def orbit_error_m(scene: SceneDef, x: np.ndarray, y: np.ndarray, centre: tuple[f
 
 
 def wrapped_phase(
-    scene: SceneDef, dh_total_m: np.ndarray, gamma: np.ndarray, h_amb_m: np.ndarray | float, ix: np.ndarray, iy: np.ndarray
+    scene: SceneDef,
+    dh_total_m: np.ndarray,
+    gamma: np.ndarray,
+    h_amb_m: np.ndarray | float,
+    ix: np.ndarray,
+    iy: np.ndarray,
 ) -> np.ndarray:
     """Wrapped phase (rad) with coherence-dependent noise (Cramer-Rao sigma for nlooks looks)."""
     sigma = np.sqrt(1.0 - gamma**2) / (gamma * np.sqrt(2.0 * scene.nlooks))
@@ -102,7 +122,9 @@ def wrapped_phase(
     return np.angle(np.exp(1j * phase)).astype(np.float32)
 
 
-def h_amb_field(scene: SceneDef, x: np.ndarray, centre: tuple[float, float], half_span_m: float) -> np.ndarray | float:
+def h_amb_field(
+    scene: SceneDef, x: np.ndarray, centre: tuple[float, float], half_span_m: float
+) -> np.ndarray | float:
     """Height of ambiguity (m): constant, or varying +-5 % across range."""
     if not scene.h_amb_varies:
         return scene.h_amb_m
@@ -124,7 +146,9 @@ def make_scenes(
         month = months[i % len(months)] if i < len(months) else int(rng.choice(months))
         year = int(rng.integers(2011, 2014)) + (1 if month <= 4 else 0)
         date = dt.date(year, month, int(rng.integers(1, 28)))
-        scene_kind: Literal["insar", "dem"] = "dem" if kind == "dem" or (kind == "mixed" and i % 2) else "insar"
+        scene_kind: Literal["insar", "dem"] = (
+            "dem" if kind == "dem" or (kind == "mixed" and i % 2) else "insar"
+        )
         scenes.append(
             SceneDef(
                 scene_id=f"S{i + 1:02d}_{date:%Y%m%d}",
@@ -145,7 +169,9 @@ def make_scenes(
                     float(rng.normal(0, 1.5 / (span_m / 1000))),
                     float(rng.normal(0, 1.0 / (span_m / 1000) ** 2)),
                 ),
-                seasonal_deviation_m=float(rng.normal(0.0, 0.03 * abs(_months_from_february(month)))),
+                seasonal_deviation_m=float(
+                    rng.normal(0.0, 0.03 * abs(_months_from_february(month)))
+                ),
                 noise_m=1.0,
                 crs=other_crs if (other_crs is not None and i == n - 1) else None,
             )

@@ -32,7 +32,9 @@ class Glacier:
     bend_m: float
     z_head_m: float
     z_term_m: float
-    debris_from: float  # fraction of the length below which (towards the terminus) ice is debris-covered
+    debris_from: (
+        float  # fraction of the length below which (towards the terminus) ice is debris-covered
+    )
     rate_mean_m_yr: float  # rate at the glacier's mid elevation
     rate_gradient_per_m: float  # d(rate)/dz (1/yr)
     surge: bool
@@ -53,7 +55,12 @@ class Glacier:
 
     def half_width_m(self, along: np.ndarray) -> np.ndarray:
         frac = np.clip(along / self.length_m, 0.0, 1.0)
-        return 0.5 * self.width_m * (0.45 + 0.55 * np.sqrt(1.0 - frac)) * (0.3 + 0.7 * np.sqrt(np.clip(frac * 12, 0, 1)))
+        return (
+            0.5
+            * self.width_m
+            * (0.45 + 0.55 * np.sqrt(1.0 - frac))
+            * (0.3 + 0.7 * np.sqrt(np.clip(frac * 12, 0, 1)))
+        )
 
     def outline(self, n: int = 48) -> Polygon:
         along = np.linspace(0.0, self.length_m, n)
@@ -71,7 +78,11 @@ class Glacier:
         z = self.z_head_m + (self.z_term_m - self.z_head_m) * frac**0.85
         z = z + HEADWALL_SLOPE * np.clip(-along, 0.0, None)
         below = np.clip(along - self.length_m, 0.0, None)  # the valley goes on 3 km, then closes
-        return z - 0.08 * np.minimum(below, 3000.0) + VALLEY_WALL_SLOPE * np.clip(below - 3000.0, 0.0, None)
+        return (
+            z
+            - 0.08 * np.minimum(below, 3000.0)
+            + VALLEY_WALL_SLOPE * np.clip(below - 3000.0, 0.0, None)
+        )
 
     def rate_m_yr(self, z: np.ndarray) -> np.ndarray:
         """True elevation-change rate (m/yr) at true elevation z (m)."""
@@ -103,7 +114,10 @@ class World:
         self.seed = seed
         self.base_elevation_m = base_elevation_m
         self.outlines = [g.outline() for g in glaciers]
-        reach = [shapely.box(*p.bounds).buffer(g.width_m + 2500.0) for g, p in zip(glaciers, self.outlines, strict=True)]
+        reach = [
+            shapely.box(*p.bounds).buffer(g.width_m + 2500.0)
+            for g, p in zip(glaciers, self.outlines, strict=True)
+        ]
         self._tree = shapely.STRtree(reach)
         self._outline_tree = shapely.STRtree(self.outlines)
 
@@ -140,7 +154,10 @@ class World:
             )
             z = np.minimum(z, valley)
             floors.append((on_floor & (along >= 0) & (along <= g.length_m), valley))
-        for on_floor, valley in floors:  # a glacier's surface is its own profile, whatever surrounds it
+        for (
+            on_floor,
+            valley,
+        ) in floors:  # a glacier's surface is its own profile, whatever surrounds it
             z = np.where(on_floor, valley, z)
         return z
 
@@ -173,10 +190,16 @@ class World:
         ndsi = np.where(
             surface_type == SURFACE_CLEAN,
             0.62 + ndsi_noise,
-            np.where(surface_type == SURFACE_DEBRIS, 0.12 + ndsi_noise, 0.05 + 0.6 * snow_off_glacier + ndsi_noise),
+            np.where(
+                surface_type == SURFACE_DEBRIS,
+                0.12 + ndsi_noise,
+                0.05 + 0.6 * snow_off_glacier + ndsi_noise,
+            ),
         )
         void = (value_noise(x, y, 700.0, seed + 4) > 1.9) & (z > 4800.0)
-        return WorldFields(z, glacier, surface_type, rate, pen_c, pen_x, ndsi.astype(np.float32), void)
+        return WorldFields(
+            z, glacier, surface_type, rate, pen_c, pen_x, ndsi.astype(np.float32), void
+        )
 
 
 def penetration_c_law(z: np.ndarray, debris: np.ndarray) -> np.ndarray:
@@ -188,7 +211,9 @@ def penetration_c_law(z: np.ndarray, debris: np.ndarray) -> np.ndarray:
 def reference_noise_m(x: np.ndarray, y: np.ndarray, seed: int, sigma_m: float) -> np.ndarray:
     """SRTM-like elevation error (m): spatially correlated (~500 m) plus a little white noise."""
     correlated = value_noise(x, y, 500.0, seed)
-    white = normal(np.round(x * 7.0).astype(np.int64), np.round(y * 7.0).astype(np.int64), seed + 11)
+    white = normal(
+        np.round(x * 7.0).astype(np.int64), np.round(y * 7.0).astype(np.int64), seed + 11
+    )
     return sigma_m * (0.9 * correlated + 0.436 * white)
 
 
@@ -210,7 +235,13 @@ def make_glaciers(
     for _ in range(n_target * 60):
         if len(placed) >= n_target:
             break
-        area_km2 = float(np.exp(rng.uniform(np.log(area_km2_range[0]), np.log(max(max_area, area_km2_range[0] * 1.5)))))
+        area_km2 = float(
+            np.exp(
+                rng.uniform(
+                    np.log(area_km2_range[0]), np.log(max(max_area, area_km2_range[0] * 1.5))
+                )
+            )
+        )
         aspect = rng.uniform(0.18, 0.35)
         length = float(np.sqrt(area_km2 * 1e6 / (aspect * 0.68)))
         width = aspect * length
@@ -229,7 +260,9 @@ def make_glaciers(
             z_term_m=max(z_head - drop, 3300.0),
             debris_from=rng.uniform(0.55, 0.85) if area_km2 > 1.5 else 2.0,
             rate_mean_m_yr=rng.normal(-0.25, 0.25) if not surge else rng.normal(0.2, 0.2),
-            rate_gradient_per_m=rng.uniform(0.002, 0.005) if not surge else rng.uniform(0.004, 0.007),
+            rate_gradient_per_m=rng.uniform(0.002, 0.005)
+            if not surge
+            else rng.uniform(0.004, 0.007),
             surge=surge,
             penetration_factor=float(np.clip(rng.normal(1.0, 0.15), 0.5, 1.5)),
         )
