@@ -15,8 +15,10 @@ through `write_dataset`, which carries them along.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from mbcube.config import StudyConfig
 from mbcube.errors import StoreError
 from mbcube.grid import Grid
 
@@ -106,3 +109,96 @@ class _quiet_zarr(warnings.catch_warnings):
     def __enter__(self) -> None:
         super().__enter__()
         warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+
+
+# ------------------------------------------------------------------ layers written by later steps
+
+
+def ensure_variables(path: Path, template: xr.Dataset) -> None:
+    """Create the variables of `template` that the store lacks (metadata only, nothing computed).
+
+    `template` holds lazy (dask) arrays with the final dims, dtypes and chunks; its coordinates
+    are dropped (the store has them). Float layers on the (y, x) grid get NaN as fill value, so
+    chunks never written read as NaN; they also carry the CF grid mapping.
+    """
+    existing = set(zarr.open_group(str(path), mode="r").keys())
+    missing = [str(n) for n in template.data_vars if str(n) not in existing]
+    if not missing:
+        return
+    ds = template[missing].drop_vars(list(template.coords), errors="ignore")
+    encoding: dict[str, dict[str, Any]] = {}
+    for name, var in ds.data_vars.items():
+        if var.dtype.kind == "f":
+            encoding[str(name)] = {"_FillValue": np.nan}
+        if {"y", "x"} <= set(var.dims):
+            ds[name].encoding["coordinates"] = "spatial_ref"
+    write_dataset(ds, path, mode="a", compute=False, encoding=encoding)
+
+
+def scene_index(path: Path) -> dict[str, int]:
+    """Scene id -> its index along the store's `scene` dimension (all scenes, complete or not)."""
+    ids = zarr.open_array(str(Path(path) / "scene"), mode="r")[:]
+    return {str(s): i for i, s in enumerate(np.asarray(ids).ravel())}
+
+
+def write_scene_region(path: Path, ds: xr.Dataset, index: int, compute: bool = True) -> Any:
+    """Write the variables of `ds` (dims starting with `scene` of length 1) at scene `index`.
+
+    Variables are created first when missing. Returns the delayed write when compute=False.
+    """
+    ds = ds.drop_vars(list(ds.coords), errors="ignore")
+    ensure_variables(path, _full_length_template(path, ds))
+    region: dict[str, slice] = {str(d): slice(None) for d in ds.dims}
+    region["scene"] = slice(index, index + 1)
+    return write_dataset(ds, path, region=region, compute=compute)
+
+
+def _full_length_template(path: Path, ds: xr.Dataset) -> xr.Dataset:
+    """`ds` with its scene dimension stretched to the store's, lazily (for `ensure_variables`)."""
+    import dask.array as da
+
+    n_scenes = len(scene_index(path))
+    out = {}
+    for name, var in ds.data_vars.items():
+        shape = (n_scenes, *var.shape[1:])
+        chunks = ((1,) * n_scenes, *(var.chunks[1:] if var.chunks else var.shape[1:]))
+        fill = np.nan if var.dtype.kind == "f" else 0
+        out[name] = (var.dims, da.full(shape, fill, dtype=var.dtype, chunks=chunks), var.attrs)
+    return xr.Dataset(out)
+
+
+def step_record(path: Path, step: str, scene_id: str) -> dict[str, Any]:
+    """What step `step` recorded when it last finished scene `scene_id` ({} if never).
+
+    Every record holds a `token` that changes each time the step rewrites the scene; the
+    pseudo-step "ingest" is the ingest's own record of the scene.
+    """
+    state = read_state(path)
+    if step == "ingest":
+        record = dict(state.get("scenes", {}).get(scene_id, {}))
+        if record:
+            record["token"] = hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()
+        return record
+    return dict(state.get("steps", {}).get(step, {}).get(scene_id, {}))
+
+
+def record_step(path: Path, step: str, scene_id: str, record: dict[str, Any]) -> str:
+    """Record that `step` finished `scene_id` with `record` (JSON-able: its parameters and the
+    tokens of its inputs). Returns the new token. Call it only after all its writes finished."""
+    token = uuid.uuid4().hex
+    state = read_state(path)
+    state.setdefault("steps", {}).setdefault(step, {})[scene_id] = record | {"token": token}
+    write_state(path, state)
+    return token
+
+
+def is_current(path: Path, step: str, scene_id: str, record: dict[str, Any]) -> bool:
+    """True when `step` already finished `scene_id` with exactly this record (skip it)."""
+    done = step_record(path, step, scene_id)
+    done.pop("token", None)
+    return bool(done) and done == json.loads(json.dumps(record, sort_keys=True))
+
+
+def recorded_config(path: Path) -> StudyConfig:
+    """The study parameters recorded in the store at ingest (or since updated)."""
+    return StudyConfig.model_validate(read_state(path)["study"]["config"])
