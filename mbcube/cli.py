@@ -88,26 +88,164 @@ def info(store: Annotated[Path, typer.Argument(help="Cube store.")]) -> None:
         _fail(err)
 
 
+Cluster = Annotated[
+    str | None,
+    typer.Option(
+        "--cluster",
+        envvar="MBCUBE_CLUSTER",
+        help="Cluster profile: 'threads' (no cluster), 'local', 'slurm' or a profile YAML "
+        "(see cluster/README.md). Default: env MBCUBE_CLUSTER, else 'local'.",
+    ),
+]
+Store = Annotated[Path, typer.Argument(help="Cube store (Zarr directory).")]
+Force = Annotated[bool, typer.Option("--force", help="Recompute even what is up to date.")]
+SceneIds = Annotated[
+    list[str] | None, typer.Option("--scene", help="Only this scene (repeatable).")
+]
+
+
+def _run_step(step: str, store: Path, cluster: str | None, scenes: list[str] | None, force: bool):
+    from mbcube.pipeline import cluster_context
+
+    if step == "unwrap":
+        from mbcube.unwrap.step import unwrap_cube as func
+    elif step == "correct":
+        from mbcube.corrections.step import correct_cube as func
+    else:
+        from mbcube.binning import bin_cube as func
+    try:
+        with cluster_context(cluster or "local"):
+            done = func(store, scenes=scenes, force=force, progress=typer.echo)
+    except (StudyError, StoreError) as err:
+        _fail(err)
+    typer.echo(f"{store}: {step}: {len(done)} scene(s) recomputed, the rest up to date")
+
+
+@app.command()
+def unwrap(
+    store: Store, cluster: Cluster = None, scene: SceneIds = None, force: Force = False
+) -> None:
+    """Unwrap the insar scenes (minimum-cost flow, tiled) and write phase_unw_rad and dh_raw_m."""
+    _run_step("unwrap", store, cluster, scene, force)
+
+
+@app.command()
+def correct(
+    store: Store, cluster: Cluster = None, scene: SceneIds = None, force: Force = False
+) -> None:
+    """Apply datum, ramp, penetration, seasonal and outlier corrections: write dh_m."""
+    _run_step("correct", store, cluster, scene, force)
+
+
+@app.command(name="bin")
+def bin_(
+    store: Store, cluster: Cluster = None, scene: SceneIds = None, force: Force = False
+) -> None:
+    """Binned statistics per scene x glacier x elevation bin x surface (the `stats` group)."""
+    _run_step("bin", store, cluster, scene, force)
+
+
+@app.command()
+def aggregate(
+    store: Store,
+    out: Annotated[Path, typer.Option(help="Folder for glaciers.csv and regions.csv.")] = Path(
+        "results"
+    ),
+    regions: Annotated[
+        Path | None, typer.Option(help="Region polygons (column `name`) to aggregate into.")
+    ] = None,
+) -> None:
+    """Glacier and region tables from the stored statistics (reads no pixel)."""
+    from mbcube.aggregate import aggregate as run_aggregate
+
+    try:
+        glaciers, region_table = run_aggregate(store, out, regions=regions)
+    except (StudyError, StoreError) as err:
+        _fail(err)
+    typer.echo(region_table.to_string(index=False))
+    typer.echo(f"{len(glaciers)} glaciers: {out / 'glaciers.csv'}; regions: {out / 'regions.csv'}")
+
+
+@app.command()
+def run(
+    source: Annotated[
+        Path, typer.Argument(help="Study folder, or a pipeline YAML file (see pipelines/).")
+    ],
+    store: Annotated[
+        Path | None, typer.Option(help="Cube store (default: beside the study).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (tables, figures, report).")
+    ] = None,
+    cluster: Cluster = None,
+    force: Force = False,
+    quiet: Quiet = False,
+) -> None:
+    """Every step from study to tables, figures and report; each skipped when up to date."""
+    from mbcube.pipeline import load_pipeline
+    from mbcube.pipeline import run as run_pipeline
+
+    _setup_logging(quiet)
+    try:
+        pipeline = load_pipeline(source, store=store, out=out, cluster=cluster)
+        say = (lambda _: None) if quiet else typer.echo
+        report = run_pipeline(pipeline, force=force, progress=say)
+    except (StudyError, StoreError) as err:
+        _fail(err)
+    _print_results(pipeline.out, quiet)
+    if report.nothing_recomputed and not quiet:
+        typer.echo("everything was up to date: nothing recomputed")
+
+
+def _print_results(out: Path, quiet: bool) -> None:
+    import pandas as pd
+
+    if quiet:
+        return
+    table = pd.read_csv(out / "regions.csv")
+    columns = [
+        c
+        for c in (
+            "name",
+            "glaciers",
+            "n_glaciers",
+            "area_km2",
+            "mb_mwe_yr",
+            "mb_sigma_mwe_yr",
+            "coverage_frac",
+        )
+        if c in table
+    ]
+    typer.echo(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    typer.echo(f"tables: {out / 'glaciers.csv'}, {out / 'regions.csv'}")
+    typer.echo(f"figures: {out / 'figures'}; report: {out / 'report.html'}")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo study and its cube.")] = Path(
         "stores/demo"
     ),
+    cluster: Cluster = None,
     quiet: Quiet = False,
 ) -> None:
-    """Generate the built-in synthetic demo study (if missing) and run the pipeline on it."""
-    from mbcube.ingest import ingest as run_ingest
-    from mbcube.summary import cube_summary
+    """Generate the built-in synthetic demo study (if missing) and run the whole pipeline on it."""
     from mbcube.synth import generate_study
 
-    _setup_logging(quiet)
     study = out / "study"
     if not (study / "scenes.csv").exists():
         typer.echo(f"generating the demo study in {study} ...")
         generate_study(study, "demo")
-    store = out / "cube.zarr"
-    run_ingest(study, store)
-    typer.echo(cube_summary(store))
+    run(
+        study,
+        store=out / "cube.zarr",
+        out=out / "results",
+        cluster=cluster,
+        force=False,
+        quiet=quiet,
+    )
+    if not quiet:
+        typer.echo(f"known truth for comparison: {study / 'truth'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -118,6 +118,19 @@ class MassBalanceConfig(_Strict):
     region_assignment: Literal["centroid", "area_share"] = "centroid"
 
 
+class FilesConfig(_Strict):
+    """Where the study's files are, relative to the study folder. Unset: the contract's layout
+    (reference/srtm_c.tif, reference/srtm_x.tif if present, glaciers.gpkg|shp|geojson, ndsi.tif or
+    clean_ice.tif, regions.gpkg|shp|geojson if present). Lets a study use files kept elsewhere."""
+
+    reference_dem: Path | None = None
+    reference_dem_x: Path | None = None
+    glaciers: Path | None = None
+    ndsi: Path | None = None
+    clean_ice: Path | None = None
+    regions: Path | None = None
+
+
 class StudyConfig(_Strict):
     """Everything study.yaml may hold."""
 
@@ -130,23 +143,49 @@ class StudyConfig(_Strict):
     region_name_column: str = "name"
     ndsi_threshold: float = Field(0.4, description="Clean ice where NDSI > this.")
     grid: GridConfig = GridConfig()
+    files: FilesConfig = FilesConfig()
     unwrap: UnwrapConfig = UnwrapConfig()
     corrections: CorrectionsConfig = CorrectionsConfig()
     massbalance: MassBalanceConfig = MassBalanceConfig()
 
 
-def load_study_config(path: Path) -> StudyConfig:
-    """Read study.yaml; a missing file gives the defaults, a bad one a StudyError naming the key."""
-    if not path.exists():
-        return StudyConfig()
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise StudyError(f"{path}: not valid YAML ({err}).") from err
+#: Parameters the static layers or scene coordinates are made from: changing them needs a new cube.
+STATIC_KEYS = (
+    "reference_date",
+    "glacier_id_column",
+    "surge_column",
+    "region_name_column",
+    "ndsi_threshold",
+    "grid",
+    "files",
+)
+
+
+def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` merged in, nested mappings key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_study_config(path: Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Read study.yaml (a missing file gives the defaults) with `overrides` merged over it.
+
+    A bad file or key gives a StudyError naming the key."""
+    raw: Any = {}
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise StudyError(f"{path}: not valid YAML ({err}).") from err
     if not isinstance(raw, dict):
         raise StudyError(f"{path}: expected a mapping of keys to values at the top level.")
     try:
-        return StudyConfig.model_validate(raw)
+        return StudyConfig.model_validate(merged(raw, overrides or {}))
     except ValidationError as err:
         problems = "; ".join(
             f"key '{'.'.join(str(p) for p in e['loc'])}': {e['msg']}" for e in err.errors()

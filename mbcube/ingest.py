@@ -34,6 +34,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 import mbcube
+from mbcube.config import STATIC_KEYS, StudyConfig
 from mbcube.errors import StoreError, StudyError
 from mbcube.grid import Grid
 from mbcube.store import (
@@ -452,10 +453,20 @@ def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
 
 
 def ingest(
-    study_dir: Path | str, store: Path | str, progress: Callable[[str], None] | None = None
+    study_dir: Path | str,
+    store: Path | str,
+    progress: Callable[[str], None] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> IngestReport:
-    """Ingest the study at `study_dir` into the cube at `store` (create, append or resume)."""
-    study = load_study(study_dir)  # every contract error is raised here, before anything is written
+    """Ingest the study at `study_dir` into the cube at `store` (create, append or resume).
+
+    `overrides`: parameters merged over the study's study.yaml. Parameters of later steps
+    (unwrap, corrections, massbalance) may change between runs: the recorded ones are updated
+    and those steps recompute what depends on them. Parameters the static layers are made from
+    (STATIC_KEYS) may not: that needs a new store."""
+    study = load_study(
+        study_dir, overrides
+    )  # contract errors are raised before anything is written
     store = Path(store)
     say = progress or (lambda msg: log.info(msg))
     report = IngestReport(store)
@@ -473,6 +484,10 @@ def ingest(
         raise StoreError(
             f"{store}: made on another grid {state.get('grid')}. Use a new store for this study."
         )
+
+    if state:
+        _update_recorded_config(store, state, study.config)
+        state = read_state(store)
 
     if not state.get("static", {}).get("complete"):
         say(
@@ -535,6 +550,23 @@ def _create(study: Study, store: Path, fingerprints: dict[str, Any]) -> None:
     layers = static[[k for k, v in static.data_vars.items() if v.dims == ("y", "x")]]
     write_dataset(layers.drop_vars(["x", "y"]), store, region={"y": slice(None), "x": slice(None)})
     state["static"]["complete"] = True
+    write_state(store, state)
+
+
+def _update_recorded_config(store: Path, state: dict[str, Any], config: StudyConfig) -> None:
+    """Record changed step parameters; refuse changed parameters of the static layers."""
+    new = config.model_dump(mode="json")
+    old = state["study"]["config"]
+    if new == old:
+        return
+    static_changed = [k for k in STATIC_KEYS if new.get(k) != old.get(k)]
+    if static_changed:
+        raise StoreError(
+            f"{store}: study parameters {static_changed} changed since this cube was made "
+            f"(was {[old.get(k) for k in static_changed]}). They shape the static layers: "
+            "ingest into a new store, or restore the old values in study.yaml."
+        )
+    state["study"]["config"] = new
     write_state(store, state)
 
 

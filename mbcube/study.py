@@ -10,7 +10,7 @@ import datetime as dt
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 import rasterio
@@ -103,27 +103,42 @@ class _Problems:
             raise StudyError("\n  - ".join([head, *self.lines]))
 
 
-def load_study(root: Path | str) -> Study:
-    """Read and validate the study folder `root` (raises StudyError listing every problem)."""
+def load_study(root: Path | str, overrides: dict[str, Any] | None = None) -> Study:
+    """Read and validate the study folder `root` (raises StudyError listing every problem).
+
+    `overrides`: parameters merged over the folder's study.yaml (e.g. from a pipeline file)."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise StudyError(f"{root}: study folder not found. Pass the folder holding scenes.csv.")
     problems = _Problems()
-    config = load_study_config(root / "study.yaml")
+    config = load_study_config(root / "study.yaml", overrides)
 
-    ref_dem = root / "reference" / "srtm_c.tif"
+    files = config.files
+
+    def given(path: Path | None) -> Path | None:
+        """A path set in study.yaml's `files`, which must exist."""
+        if path is None:
+            return None
+        full = (root / path).resolve()
+        if not full.exists():
+            problems.add(f"{root}/study.yaml, key files: {path} not found (looked at {full}).")
+        return full
+
+    ref_dem = given(files.reference_dem) or root / "reference" / "srtm_c.tif"
     ref_crs = _check_raster(ref_dem, "reference DEM", problems)
-    ref_dem_x = _optional(root / "reference" / "srtm_x.tif")
-    glaciers = _first_existing(root, OUTLINE_NAMES)
+    ref_dem_x = given(files.reference_dem_x) or _optional(root / "reference" / "srtm_x.tif")
+    glaciers = given(files.glaciers) or _first_existing(root, OUTLINE_NAMES)
     if glaciers is None:
         problems.add(
             f"{root}/glaciers.gpkg: missing. Add the glacier outlines ({', '.join(OUTLINE_NAMES)})."
         )
-    ndsi = _optional(root / "ndsi.tif")
-    clean_ice = _optional(root / "clean_ice.tif")
+    ndsi = given(files.ndsi) or (None if files.clean_ice else _optional(root / "ndsi.tif"))
+    clean_ice = given(files.clean_ice) or (
+        None if files.ndsi else _optional(root / "clean_ice.tif")
+    )
     if ndsi is not None and clean_ice is not None:
-        problems.add(f"{root}: both ndsi.tif and clean_ice.tif exist. Keep one of them.")
-    regions = _first_existing(root, REGION_NAMES)
+        problems.add(f"{root}: both an NDSI raster and a clean-ice mask are given. Keep one.")
+    regions = given(files.regions) or _first_existing(root, REGION_NAMES)
     problems.raise_if_any(root)
 
     grid = _grid_for(ref_dem, config, ref_crs)

@@ -22,7 +22,7 @@ from rasterio.windows import Window
 from mbcube.errors import StoreError, StudyError
 from mbcube.grid import Grid
 from mbcube.ingest import ingest, scene_layers, static_dataset
-from mbcube.store import SCENE_PENDING, open_cube, read_state
+from mbcube.store import SCENE_PENDING, open_cube, read_state, recorded_config
 from mbcube.study import load_study
 from mbcube.synth import generate_study
 from tests.conftest import raise_if_dask_computes
@@ -292,3 +292,17 @@ def test_sigkill_during_ingest_then_rerun_equals_uninterrupted(tmp_path: Path) -
     for sid in scenes_b:
         assert scenes_a[sid]["inputs"] == scenes_b[sid]["inputs"]
         assert scenes_a[sid]["coverage_frac"] == scenes_b[sid]["coverage_frac"]
+
+
+def test_step_parameters_may_change_static_ones_may_not(
+    tiny_study: Path, study_copy: Callable[[Path], Path], tmp_path: Path
+) -> None:
+    study = study_copy(tiny_study)
+    store = tmp_path / "cube.zarr"
+    ingest(study, store)
+    ingest(study, store, overrides={"massbalance": {"density_kg_m3": 900.0}})
+    assert recorded_config(store).massbalance.density_kg_m3 == 900.0
+    assert recorded_config(store).massbalance.bin_width_m == 50.0  # the rest kept
+    with pytest.raises(StoreError, match=r"parameters \['ndsi_threshold'\] changed"):
+        ingest(study, store, overrides={"ndsi_threshold": 0.5})
+    assert recorded_config(store).ndsi_threshold == 0.4  # nothing recorded by the refused run

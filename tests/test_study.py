@@ -180,3 +180,24 @@ def test_outline_id_column_missing(
     study = study_copy(tiny_study)
     (study / "study.yaml").write_text("glacier_id_column: GLIMSId\n")
     _expect_error(study, tmp_path, "glaciers.gpkg", "id column 'GLIMSId' not found", "RGIId")
+
+
+def test_files_section_points_at_files_elsewhere(
+    tiny_study: Path, study_copy: Callable[[Path], Path], tmp_path: Path
+) -> None:
+    study = study_copy(tiny_study)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (study / "reference" / "srtm_c.tif").rename(elsewhere / "dem.tif")
+    (study / "glaciers.gpkg").rename(elsewhere / "outlines.gpkg")
+    (study / "study.yaml").write_text(
+        (study / "study.yaml").read_text()
+        + "files:\n  reference_dem: ../elsewhere/dem.tif\n  glaciers: ../elsewhere/outlines.gpkg\n"
+    )
+    loaded = load_study(study)
+    assert loaded.ref_dem == (elsewhere / "dem.tif").resolve()
+    assert loaded.glaciers == (elsewhere / "outlines.gpkg").resolve()
+    assert loaded.ref_dem_x is not None  # the default location still applies to the rest
+
+    (study / "study.yaml").write_text("files:\n  reference_dem: ../nowhere/dem.tif\n")
+    _expect_error(study, tmp_path, "study.yaml, key files: ../nowhere/dem.tif not found")

@@ -1,0 +1,213 @@
+"""`mbcube run`: every step from study to tables, figures and report, each skipped when up to date.
+
+A run is described by a study folder, or by a pipeline file (YAML) naming the study, the store,
+the output folder, the cluster profile and parameter overrides:
+
+    study: ../stores/demo/study      # paths relative to this file
+    store: ../stores/demo/cube.zarr
+    out: ../stores/demo/results
+    cluster: local                   # a profile of cluster/, or 'threads' (no cluster)
+    config:                          # merged over the study's study.yaml
+      massbalance: {density_kg_m3: 900}
+
+Steps (each records its parameters and its inputs' tokens in the store, see `mbcube.store`):
+ingest -> unwrap (insar scenes) -> correct -> bin -> aggregate (tables) -> report (figures).
+The pixel steps work per scene; aggregate and report work on the small stored statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from mbcube.errors import StudyError
+from mbcube.ingest import ingest
+from mbcube.store import file_fingerprint, is_current, record_step, step_record
+
+log = logging.getLogger(__name__)
+
+#: The record key of whole-store steps (not per scene).
+ALL = "_all"
+
+
+class PipelineFile(BaseModel):
+    """What a pipeline YAML file may hold (unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    study: Path
+    store: Path | None = None
+    out: Path | None = None
+    cluster: str | None = None
+    regions: Path | None = None
+    config: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A resolved run: study folder, cube store, output folder, cluster profile, overrides."""
+
+    study: Path
+    store: Path
+    out: Path
+    cluster: str = "local"
+    regions: Path | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def load_pipeline(
+    source: Path | str,
+    *,
+    store: Path | None = None,
+    out: Path | None = None,
+    cluster: str | None = None,
+) -> Pipeline:
+    """A run from a study folder or a pipeline YAML file; arguments given here win.
+
+    Defaults for a study folder STUDY: store STUDY/../cube.zarr, out STUDY/../results.
+    """
+    source = Path(source)
+    if source.is_dir():
+        spec = PipelineFile(study=source)
+        base = source.parent
+    elif source.suffix in (".yaml", ".yml") and source.exists():
+        try:
+            raw = yaml.safe_load(source.read_text()) or {}
+            spec = PipelineFile.model_validate(raw)
+        except (yaml.YAMLError, ValidationError) as err:
+            raise StudyError(f"{source}: not a valid pipeline file: {err}") from err
+        base = source.parent
+    else:
+        raise StudyError(
+            f"{source}: neither a study folder nor a pipeline .yaml file. "
+            "Pass the folder holding scenes.csv, or a file of pipelines/."
+        )
+
+    def resolve(path: Path | None, default: Path | None) -> Path | None:
+        if path is None:
+            return default
+        return path if path.is_absolute() else (base / path).resolve()
+
+    study = resolve(spec.study, None)
+    if study is None:  # the model requires it; this keeps the types exact
+        raise StudyError(f"{source}: key 'study' missing.")
+    return Pipeline(
+        study=study,
+        store=store or resolve(spec.store, study.parent / "cube.zarr") or study,
+        out=out or resolve(spec.out, study.parent / "results") or study,
+        cluster=cluster or spec.cluster or "local",
+        regions=resolve(spec.regions, None),
+        overrides=spec.config,
+    )
+
+
+@dataclass
+class RunReport:
+    """What a run did: per step, the scenes (or ALL) it recomputed, and its wall time (s)."""
+
+    recomputed: dict[str, list[str]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    out: Path | None = None
+
+    @property
+    def nothing_recomputed(self) -> bool:
+        return not any(self.recomputed.values())
+
+
+def run(
+    pipeline: Pipeline,
+    *,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> RunReport:
+    """Run every step of `pipeline`; each step skips what is up to date (unless force)."""
+    from mbcube.aggregate import aggregate
+    from mbcube.binning import bin_cube
+    from mbcube.corrections.step import correct_cube
+    from mbcube.unwrap.step import unwrap_cube
+
+    say = progress or log.info
+    report = RunReport(out=pipeline.out)
+    store = pipeline.store
+    with cluster_context(pipeline.cluster):
+        with _step(report, "ingest", say):
+            done = ingest(pipeline.study, store, progress=say, overrides=pipeline.overrides)
+            report.recomputed["ingest"] = done.written + done.resumed
+        for name, step in (("unwrap", unwrap_cube), ("correct", correct_cube), ("bin", bin_cube)):
+            with _step(report, name, say):
+                report.recomputed[name] = step(store, force=force, progress=say)
+
+    upstream = {s: step_record(store, "bin", s).get("token") for s in _scene_ids(store)}
+    regions = {"regions": file_fingerprint(pipeline.regions)} if pipeline.regions else {}
+    from mbcube.store import recorded_config
+
+    config = recorded_config(store)
+    tables = {
+        "params": config.model_dump(mode="json", include={"massbalance", "glacier_id_column"}),
+        "upstream": upstream,
+        "out": str(pipeline.out),
+    } | regions
+    with _step(report, "aggregate", say):
+        tables_ok = (pipeline.out / "glaciers.csv").exists() and (
+            pipeline.out / "regions.csv"
+        ).exists()
+        if force or not tables_ok or not is_current(store, "aggregate", ALL, tables):
+            aggregate(store, pipeline.out, regions=pipeline.regions)
+            token = record_step(store, "aggregate", ALL, tables)
+            report.recomputed["aggregate"] = [ALL]
+        else:
+            token = step_record(store, "aggregate", ALL)["token"]
+            report.recomputed["aggregate"] = []
+
+    with _step(report, "report", say):
+        figures = {"upstream": token, "out": str(pipeline.out)}
+        if (
+            force
+            or not (pipeline.out / "report.html").exists()
+            or not is_current(store, "report", ALL, figures)
+        ):
+            from mbcube.figures import make_figures
+            from mbcube.report import write_report
+
+            make_figures(store, pipeline.out, pipeline.out / "figures")
+            write_report(store, pipeline.out, pipeline.out)
+            record_step(store, "report", ALL, figures)
+            report.recomputed["report"] = [ALL]
+        else:
+            report.recomputed["report"] = []
+    return report
+
+
+def cluster_context(profile: str) -> Any:
+    """The dask scheduler for the pixel steps: a cluster profile, or 'threads' (dask's default
+    threaded scheduler in this process, no cluster)."""
+    if profile == "threads":
+        return nullcontext()
+    from mbcube.cluster import cluster_client
+
+    return cluster_client(profile)
+
+
+def _scene_ids(store: Path) -> list[str]:
+    from mbcube.store import open_cube
+
+    return [str(s) for s in open_cube(store)["scene"].values]
+
+
+@contextmanager
+def _step(report: RunReport, name: str, say: Callable[[str], None]) -> Iterator[None]:
+    start = time.perf_counter()
+    say(f"[{name}] ...")
+    yield
+    report.seconds[name] = time.perf_counter() - start
+    work = report.recomputed.get(name, [])
+    said = f"{len(work)} recomputed" if work else "up to date"
+    say(f"[{name}] {said} ({report.seconds[name]:.1f} s)")
