@@ -1,0 +1,489 @@
+"""Glacier and region tables from the stored statistics (`mbcube aggregate`); reads no pixel.
+
+Reads the `stats` and `hypsometry` groups (and `penetration` when present), the scene coordinates
+and the glacier table of the cube, never a (y, x) layer. Region polygons are read from the file
+given, or from the region file recorded at ingest; a glacier attribute `basin` (when the outlines
+have one) gives a second region set. The tables:
+
+- glaciers.csv: one row per glacier (id column as in the outlines, `glacier_id_column`).
+- regions.csv: a row `all` for the whole study and one per region / basin, each for all glaciers
+  and without surge-type glaciers (column `glaciers`: all | no_surge). `mb_mwe_yr` is the
+  hypsometric mean of the region's summed statistics (as the paper); `mb_mwe_yr_area_weighted`
+  the area-weighted mean of its measured glaciers' values.
+
+Both are also written as Parquet beside the CSV files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from mbcube.config import MassBalanceConfig, StudyConfig
+from mbcube.errors import MbcubeWarning, StoreError
+from mbcube.massbalance import GlacierStats, balance, combine_scenes, select_scenes, sum_units
+from mbcube.regions import (
+    RegionSet,
+    from_attribute,
+    from_polygons,
+    read_polygons,
+    surge_free,
+)
+from mbcube.store import grid_of, open_cube, read_state, recorded_config
+from mbcube.uncertainty import datum_sigma_m, stable_moments, unit_uncertainty
+
+__all__ = [
+    "GLACIER_COLUMNS",
+    "REGION_COLUMNS",
+    "StoredStats",
+    "aggregate",
+    "glacier_table",
+    "load_stats",
+    "mass_balance_dataset",
+    "region_sets",
+    "region_table",
+]
+
+SIGMA_COLUMNS = [
+    "sigma_random_mwe_yr",
+    "sigma_penetration_mwe_yr",
+    "sigma_datum_mwe_yr",
+    "sigma_seasonal_mwe_yr",
+    "sigma_density_mwe_yr",
+]
+GLACIER_COLUMNS = [
+    "region",
+    "surge",
+    "area_km2",
+    "coverage_frac",
+    "dh_m",
+    "dhdt_m_yr",
+    "mb_mwe_yr",
+    "mb_sigma_mwe_yr",
+    *SIGMA_COLUMNS,
+    "volume_km3_yr",
+    "mass_gt_yr",
+    "n_scenes",
+    "period",
+    "filled_frac",
+]  # preceded by the id column
+REGION_COLUMNS = [
+    "name",
+    "glaciers",
+    "n_glaciers",
+    "area_km2",
+    "coverage_frac",
+    "dhdt_m_yr",
+    "mb_mwe_yr",
+    "mb_sigma_mwe_yr",
+    *SIGMA_COLUMNS,
+    "mb_mwe_yr_area_weighted",
+    "volume_km3_yr",
+    "mass_gt_yr",
+]
+#: Glacier attributes (outline columns) that define a region set of their own.
+ATTRIBUTE_REGION_SETS = ("basin",)
+#: Glaciers read per block (bounds memory: S x block x B x F float64 per variable).
+GLACIER_BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class StoredStats:
+    """Everything the tables need, read from the store (glacier-level, small)."""
+
+    glacier: np.ndarray  #: (G,) glacier index (1..N, as in the cube's glacier_id)
+    ids: np.ndarray  #: (G,) glacier ids (the outlines' id column)
+    surge: np.ndarray  #: (G,) int: 1 surge-type, 0 not, -1 unknown
+    centroids_xy: np.ndarray  #: (G, 2) glacier centroids in the grid CRS (m)
+    attributes: dict[str, np.ndarray]  #: other outline columns, by name
+    stats: GlacierStats  #: scenes combined by the configured rule
+    penetration_sigma_m: np.ndarray  #: (G,) penetration-table spread, area-weighted (m)
+    bin_lower_m: np.ndarray  #: (B,) bin lower edges (m)
+    scene_ids: np.ndarray  #: (S,)
+    scene_dates: np.ndarray  #: (S,) datetime64
+    scene_years: np.ndarray  #: (S,) years since the reference date
+    scene_month: np.ndarray  #: (S,)
+    stable_sigma_m: np.ndarray  #: (S,) standard deviation of dh on stable ground (m)
+    datum_sigma_m: np.ndarray  #: (S,) datum error (m)
+    pixel_size_m: float
+    reference_date: dt.date
+    crs: str
+    ingest_regions: Path | None  #: the region file recorded at ingest, if it still exists
+    outlines: Path | None  #: the outline file recorded at ingest, if it still exists
+    id_column: str
+    config: MassBalanceConfig
+
+
+def _has_group(store: Path, group: str) -> bool:
+    return (Path(store) / group / "zarr.json").exists()
+
+
+def _recorded_file(state: dict[str, object], role: str) -> Path | None:
+    inputs = state.get("static", {})
+    record = inputs.get("inputs", {}).get(role) if isinstance(inputs, dict) else None
+    if isinstance(record, dict) and Path(str(record.get("path", ""))).exists():
+        return Path(str(record["path"]))
+    return None
+
+
+def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> StoredStats:
+    """Read the statistics of the cube at `store` and combine each glacier's scenes."""
+    store = Path(store)
+    study: StudyConfig = recorded_config(store)
+    config = config or study.massbalance
+    state = read_state(store)
+    if not _has_group(store, "stats") or not _has_group(store, "hypsometry"):
+        raise StoreError(
+            f"{store}: no binned statistics (groups 'stats' and 'hypsometry'). "
+            f"Run `mbcube bin {store}` first."
+        )
+    cube = open_cube(store)
+    stats = xr.open_zarr(str(store), group="stats").transpose("scene", "glacier", "bin", "surface")
+    hyps = xr.open_zarr(str(store), group="hypsometry").transpose("glacier", "bin", "surface")
+    # the cube's complete scenes that have statistics
+    scene_ids = [str(s) for s in cube["scene"].values]
+    have = {str(s) for s in stats["scene"].values}
+    scenes = [s for s in scene_ids if s in have]
+    cube_scenes = cube[["scene_years", "scene_month", "scene_date"]].sel(scene=scenes)
+    stats = stats.sel(scene=scenes)
+    glacier = cube["glacier"].values
+    stats = stats.reindex(glacier=glacier, fill_value=0)
+    hyps = hyps.reindex(glacier=glacier, bin=stats["bin"], surface=stats["surface"], fill_value=0)
+    years = cube_scenes["scene_years"].values.astype(float)
+    months = cube_scenes["scene_month"].values.astype(int)
+
+    blocks = []
+    for start in range(0, len(glacier), GLACIER_BLOCK):
+        part = slice(start, start + GLACIER_BLOCK)
+        count = np.nan_to_num(stats["count"].isel(glacier=part).values).astype(float)
+        sums = np.nan_to_num(stats["sum_dh_m"].isel(glacier=part).values)
+        area = np.nan_to_num(hyps["area_m2"].isel(glacier=part).values.astype(float))
+        n_px = np.nan_to_num(hyps["n_px"].isel(glacier=part).values.astype(float))
+        use = select_scenes(count, months, area, config.scene_rule, config.min_px_per_bin)
+        blocks.append(combine_scenes(count, sums, years, area, n_px, use, config.min_px_per_bin))
+    combined = _concat(blocks, len(scenes), stats.sizes["bin"], stats.sizes["surface"])
+
+    stable_n = np.nan_to_num(stats["stable_count"].values.astype(float))
+    stable_mean, stable_sigma = stable_moments(
+        stable_n,
+        np.nan_to_num(stats["stable_sum_dh_m"].values),
+        np.nan_to_num(stats["stable_sumsq_dh_m2"].values),
+    )
+    pixel_size = float(grid_of(state).res)
+    datum = datum_sigma_m(
+        stable_n,
+        np.nan_to_num(stable_mean),
+        np.nan_to_num(stable_sigma),
+        pixel_size,
+        config.autocorrelation_m,
+    )
+
+    table = cube[[v for v in cube.data_vars if cube[v].dims == ("glacier",)]]
+    surge = (
+        table["glacier_surge"].values.astype(int)
+        if "glacier_surge" in table
+        else np.full(len(glacier), -1)
+    )
+    attributes = {
+        str(name)[len("glacier_attr_") :]: table[name].values
+        for name in table.data_vars
+        if str(name).startswith("glacier_attr_")
+    }
+    centroids = np.column_stack(
+        [table["glacier_centroid_x_m"].values, table["glacier_centroid_y_m"].values]
+    )
+    grid = grid_of(state)
+    ingest_regions = _recorded_file(state, "regions")
+    pen_sigma = np.zeros(len(glacier))
+    if _has_group(store, "penetration"):
+        region_index = np.zeros(len(glacier), dtype=int)
+        if ingest_regions is not None:
+            polygons = read_polygons(ingest_regions, grid.crs, study.region_name_column)
+            found = from_polygons(
+                polygons, study.region_name_column, centroids_xy=centroids, how="centroid"
+            ).membership
+            region_index = np.where(found.any(axis=0), found.argmax(axis=0) + 1, 0)
+        pen_sigma = _penetration_sigma(
+            xr.open_zarr(str(store), group="penetration"), combined, region_index, stats["bin"]
+        )
+    return StoredStats(
+        glacier=glacier,
+        ids=table["glacier_rgi_id"].values.astype(str),
+        surge=surge,
+        centroids_xy=centroids,
+        attributes=attributes,
+        stats=combined,
+        penetration_sigma_m=pen_sigma,
+        bin_lower_m=stats["bin"].values.astype(float),
+        scene_ids=np.asarray(scenes, dtype=object),
+        scene_dates=cube_scenes["scene_date"].values,
+        scene_years=years,
+        scene_month=months,
+        stable_sigma_m=stable_sigma,
+        datum_sigma_m=datum,
+        pixel_size_m=pixel_size,
+        reference_date=study.reference_date,
+        crs=grid.crs,
+        ingest_regions=ingest_regions,
+        outlines=_recorded_file(state, "glaciers"),
+        id_column=study.glacier_id_column,
+        config=config,
+    )
+
+
+def _concat(blocks: list[GlacierStats], n_scenes: int, n_bins: int, n_surf: int) -> GlacierStats:
+    if not blocks:
+        empty = np.zeros((0, n_bins, n_surf))
+        return GlacierStats(
+            empty,
+            empty,
+            empty,
+            empty,
+            empty,
+            np.zeros(0),
+            np.zeros((n_scenes, 0)),
+            np.zeros((n_scenes, 0)),
+        )
+    fields = GlacierStats.__dataclass_fields__
+    values = {
+        name: np.concatenate(
+            [getattr(b, name) for b in blocks], axis=1 if name.startswith("scene_") else 0
+        )
+        for name in fields
+    }
+    return GlacierStats(**values)
+
+
+def _penetration_sigma(
+    table: xr.Dataset, stats: GlacierStats, region_index: np.ndarray, bins: xr.DataArray
+) -> np.ndarray:
+    """Area-weighted penetration-table spread (m) over each glacier's bins and surfaces, taken
+    from the glacier's region (pooled over regions where it has none in the table)."""
+    sigma = table["penetration_sigma_m"].transpose("region", "bin", "surface")
+    weight = (
+        table["penetration_n_px"].transpose("region", "bin", "surface")
+        if "penetration_n_px" in table
+        else xr.ones_like(sigma)
+    ).fillna(0)
+    sigma = sigma.reindex(bin=bins.values, method="nearest")
+    weight = weight.reindex(bin=bins.values, method="nearest").where(sigma.notnull(), 0)
+    pooled = (sigma.fillna(0) * weight).sum("region") / weight.sum("region")
+    fallback = float(np.nanmean(sigma.values)) if np.isfinite(sigma.values).any() else 0.0
+    pooled = pooled.fillna(fallback)
+    regions = [int(r) for r in sigma["region"].values]
+    per_cell = np.broadcast_to(pooled.values, stats.area_m2.shape).copy()
+    for r in np.unique(region_index):
+        if int(r) in regions:
+            own = sigma.sel(region=int(r)).fillna(pooled).values
+            per_cell[region_index == r] = own
+    area = stats.area_m2
+    total = area.sum(axis=(1, 2))
+    return np.divide(
+        (per_cell * area).sum(axis=(1, 2)), total, out=np.zeros_like(total), where=total > 0
+    )
+
+
+def _results(
+    data: StoredStats, units: GlacierStats, pen_sigma: np.ndarray
+) -> dict[str, np.ndarray]:
+    c = data.config
+    out = balance(units, data.bin_lower_m, c.bin_width_m, c.min_px_per_bin, c.density_kg_m3)
+    errors = unit_uncertainty(
+        out["dhdt_m_yr"],
+        units.scene_weight,
+        units.scene_px,
+        units.measured_px,
+        pen_sigma,
+        data.scene_years,
+        data.scene_month,
+        data.stable_sigma_m,
+        data.datum_sigma_m,
+        data.pixel_size_m,
+        density_kg_m3=c.density_kg_m3,
+        density_sigma_kg_m3=c.density_sigma_kg_m3,
+        autocorrelation_m=c.autocorrelation_m,
+        autocorrelation_penetration_m=c.autocorrelation_penetration_m,
+        seasonal_sigma_m_per_month=c.seasonal_sigma_m_per_month,
+    )
+    return out | errors
+
+
+def _periods(data: StoredStats) -> np.ndarray:
+    """Per glacier 'reference/last scene' (ISO dates; 'first..last' when several dates)."""
+    used = data.stats.scene_px > 0  # (S, G)
+    dates = pd.to_datetime(data.scene_dates).strftime("%Y-%m-%d").to_numpy()
+    ref = data.reference_date.isoformat()
+    out = np.full(used.shape[1], "", dtype=object)
+    for g in np.flatnonzero(used.any(axis=0)):
+        own = sorted(set(dates[used[:, g]]))
+        out[g] = f"{ref}/{own[0]}" if len(own) == 1 else f"{ref}/{own[0]}..{own[-1]}"
+    return out
+
+
+def region_sets(data: StoredStats, regions: Path | None = None) -> list[RegionSet]:
+    """The polygon regions (the file given, or the one recorded at ingest; first when present),
+    then one set per glacier attribute of ATTRIBUTE_REGION_SETS."""
+    how = data.config.region_assignment
+    sets: list[RegionSet] = []
+    source = regions or data.ingest_regions
+    if source is not None:
+        probe = read_polygons(source, data.crs, name_column=_name_column(source))
+        outlines = None
+        if how == "area_share":
+            outlines = _outlines(data)
+        sets.append(
+            from_polygons(
+                probe,
+                _name_column(source),
+                centroids_xy=data.centroids_xy,
+                outlines=outlines,
+                how=how,
+            )
+        )
+    elif regions is None:
+        warnings.warn(
+            "no region polygons (none given, and the region file recorded at ingest is gone): "
+            "regions.csv holds the whole study and attribute regions only",
+            MbcubeWarning,
+            stacklevel=3,
+        )
+    for attribute in ATTRIBUTE_REGION_SETS:
+        if attribute in data.attributes:
+            sets.append(from_attribute(data.attributes[attribute]))
+    return sets
+
+
+def _joined(data: StoredStats, sets: list[RegionSet]) -> RegionSet:
+    out = RegionSet([], np.zeros((0, len(data.glacier)), dtype=bool))
+    for s in sets:
+        out = out + s
+    return out
+
+
+def _name_column(path: Path) -> str:
+    import pyogrio
+
+    columns = list(pyogrio.read_info(path)["fields"])
+    return "name" if "name" in columns else (columns[0] if columns else "name")
+
+
+def _outlines(data: StoredStats) -> object:
+    import geopandas as gpd
+
+    if data.outlines is None:
+        raise StoreError(
+            "region_assignment 'area_share' needs the glacier outlines recorded at ingest, "
+            "which are gone; use 'centroid' or restore the outline file."
+        )
+    outlines = gpd.read_file(data.outlines).to_crs(data.crs)
+    outlines = outlines[outlines.geometry.notna() & ~outlines.geometry.is_empty]
+    return outlines.geometry.make_valid().reset_index(drop=True)
+
+
+def glacier_table(data: StoredStats, regions: RegionSet | None = None) -> pd.DataFrame:
+    """One row per glacier: the columns GLACIER_COLUMNS after the id column; `regions` names
+    each glacier's region (column `region`, '' for none)."""
+    values = _results(data, data.stats, data.penetration_sigma_m)
+    region = (
+        regions.region_of() if regions is not None and regions.names else np.full(len(data.ids), "")
+    )
+    table = pd.DataFrame({data.id_column: data.ids, "region": region, "surge": data.surge})
+    for name in GLACIER_COLUMNS:
+        if name in values:
+            table[name] = values[name]
+    table["n_scenes"] = (data.stats.scene_px > 0).sum(axis=0)
+    table["period"] = _periods(data)
+    return table[[data.id_column, *GLACIER_COLUMNS]]
+
+
+def region_table(
+    data: StoredStats, regions: RegionSet, glaciers: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Rows 'all' and one per region, each for all glaciers and without surge-type ones."""
+    glaciers = glaciers if glaciers is not None else glacier_table(data, regions)
+    regions = regions.with_all()
+    keep = surge_free(data.surge)
+    membership = np.vstack([regions.membership, regions.membership & keep[None, :]])
+    labels = ["all"] * len(regions.names) + ["no_surge"] * len(regions.names)
+    names = regions.names * 2
+    units = sum_units(data.stats, membership)
+    area_g = data.stats.area_m2.sum(axis=(1, 2))
+    pen = np.divide(
+        membership @ (data.penetration_sigma_m * area_g),
+        membership @ area_g,
+        out=np.zeros(len(names)),
+        where=membership @ area_g > 0,
+    )
+    values = _results(data, units, pen)
+    mb_g = glaciers["mb_mwe_yr"].to_numpy()
+    measured = np.isfinite(mb_g)
+    weights = membership * (area_g * measured)[None, :]
+    total_w = weights.sum(axis=1)
+    area_weighted = np.divide(
+        weights @ np.nan_to_num(mb_g), total_w, out=np.full(len(names), np.nan), where=total_w > 0
+    )
+    table = pd.DataFrame({"name": names, "glaciers": labels, "n_glaciers": membership.sum(axis=1)})
+    for name in REGION_COLUMNS[3:]:
+        table[name] = area_weighted if name == "mb_mwe_yr_area_weighted" else values[name]
+    order = np.argsort(np.arange(len(names)) % len(regions.names), kind="stable")
+    return table.iloc[order].reset_index(drop=True)[REGION_COLUMNS]
+
+
+def aggregate(
+    store: Path,
+    out: Path,
+    *,
+    regions: Path | None = None,
+    config: MassBalanceConfig | None = None,
+) -> tuple[Path, Path]:
+    """Write out/glaciers.csv and out/regions.csv (and .parquet) from the stored statistics.
+
+    `regions`: polygons (column `name`) to aggregate into instead of the study's regions.
+    `config`: mass-balance parameters (default: those recorded in the store). Reads no pixel.
+    """
+    data = load_stats(store, config)
+    sets = region_sets(data, Path(regions) if regions is not None else None)
+    polygons = sets[0] if sets and (regions is not None or data.ingest_regions) else None
+    glaciers = glacier_table(data, polygons)
+    table = region_table(data, _joined(data, sets), glaciers)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    glaciers.to_csv(out / "glaciers.csv", index=False)
+    table.to_csv(out / "regions.csv", index=False)
+    glaciers.to_parquet(out / "glaciers.parquet", index=False)
+    table.to_parquet(out / "regions.parquet", index=False)
+    return out / "glaciers.csv", out / "regions.csv"
+
+
+def mass_balance_dataset(store: Path | str, config: MassBalanceConfig | None = None) -> xr.Dataset:
+    """The glacier table as a Dataset along `glacier` (the cube's glacier index), for `ds.mb`."""
+    data = load_stats(Path(store), config)
+    polygons = region_sets(data)[0] if data.ingest_regions is not None else None
+    table = glacier_table(data, polygons)
+    ds = xr.Dataset(
+        {
+            "glacier_rgi_id": ("glacier", data.ids.astype(object)),
+            **{name: ("glacier", table[name].to_numpy()) for name in GLACIER_COLUMNS},
+        },
+        coords={"glacier": data.glacier},
+    )
+    ds["region"] = ds["region"].astype(object)
+    ds["period"] = ds["period"].astype(object)
+    units = {"area_km2": "km2", "dh_m": "m", "dhdt_m_yr": "m/yr", "volume_km3_yr": "km3/yr"}
+    for name in ds.data_vars:
+        key = str(name)
+        if key.endswith("mwe_yr"):
+            ds[key].attrs["units"] = "m w.e./yr"
+        elif key in units:
+            ds[key].attrs["units"] = units[key]
+        elif key == "mass_gt_yr":
+            ds[key].attrs["units"] = "Gt/yr"
+    ds.attrs["scene_rule"] = data.config.scene_rule
+    ds.attrs["density_kg_m3"] = data.config.density_kg_m3
+    return ds

@@ -1,0 +1,283 @@
+"""Glacier mass balance from the binned statistics (pure numpy on small tables; reads no pixel).
+
+The statistics are sums per scene x glacier x elevation bin x surface (count, sum of dh), so every
+step here is a sum or a ratio of sums, and region results are glacier results summed first:
+
+1. **Scene selection** (`select_scenes`, the rule `scene_rule`), per glacier:
+
+   - ``count_weighted``: every scene covering the glacier is used; each measurement counts once,
+     so a scene weighs by how many pixels it measured. Uses all the data; mixes seasons.
+   - ``prefer_jan_mar``: when the January-March scenes alone measure bins holding at least
+     `PREFERRED_MIN_COVERAGE` of the glacier's area (bins with >= min_px_per_bin measurements),
+     only they are used (their surface is closest to the February reference: smallest seasonal
+     error); otherwise every scene is used, count-weighted. Trades data for smaller seasonal bias.
+
+2. **Scene combination** (`combine_scenes`): each scene's own time span (years since the reference
+   date) turns its dh into a rate, then rates are averaged over the measurements of the used scenes:
+   ``rate_sum = sum_s sum_dh_s / years_s``, ``count = sum_s count_s`` per (glacier, bin, surface).
+   The result (`GlacierStats`) is small and additive over glaciers.
+
+3. **Hypsometric mean** (`balance`): per bin and surface the mean rate, where at least
+   min_px_per_bin measurements; other bins are filled by linear interpolation along the bin
+   elevation (nearest measured bin beyond the ends) within the same surface type, or, where a
+   surface has no measured bin, from the profile of both surfaces together; the filled area is
+   recorded (`filled_frac`). The bin values are weighted by the full hypsometry (area of ALL the
+   glacier's pixels per bin and surface). Rate (m/yr) x density / 1000 = mass balance (m w.e./yr);
+   volume change (km3/yr) = rate x area; mass change (Gt/yr) = mass balance x area x 1000 kg/m3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import numpy as np
+
+__all__ = [
+    "PREFERRED_MIN_COVERAGE",
+    "GlacierStats",
+    "balance",
+    "combine_scenes",
+    "fill_along_elevation",
+    "filled_profile",
+    "select_scenes",
+    "sum_units",
+]
+
+#: prefer_jan_mar uses only the Jan-Mar scenes of a glacier when they measure at least this
+#: fraction of its area (bins with enough measurements); otherwise all its scenes.
+PREFERRED_MIN_COVERAGE = 0.5
+PREFERRED_MONTHS = (1, 2, 3)
+
+SceneRule = Literal["count_weighted", "prefer_jan_mar"]
+
+
+@dataclass(frozen=True)
+class GlacierStats:
+    """Statistics of units (glaciers, or regions = sums of glaciers) after scene combination.
+
+    Shapes: U units, B bins, F surface types, S scenes.
+    """
+
+    count: np.ndarray  #: (U, B, F) measurements used
+    rate_sum: np.ndarray  #: (U, B, F) sum of dh / years over them (m/yr)
+    dh_sum: np.ndarray  #: (U, B, F) sum of dh over them (m)
+    area_m2: np.ndarray  #: (U, B, F) hypsometry: area of all pixels (m2)
+    n_px: np.ndarray  #: (U, B, F) hypsometry: number of pixels
+    measured_px: np.ndarray  #: (U,) pixels measured (per bin the best-covering scene, <= n_px)
+    scene_px: np.ndarray  #: (S, U) measurements of each used scene
+    scene_weight: np.ndarray  #: (S, U) weight of each scene in the unit's mean (sums to 1)
+
+    def __getitem__(self, index: slice | np.ndarray) -> GlacierStats:
+        """The units at `index` (a slice or integer/boolean array)."""
+        values = {}
+        for f in fields(self):
+            arr = getattr(self, f.name)
+            values[f.name] = arr[:, index] if f.name.startswith("scene_") else arr[index]
+        return GlacierStats(**values)
+
+
+def _cell_coverage(count: np.ndarray, area_m2: np.ndarray, min_px: int) -> np.ndarray:
+    """Fraction of the area (over bins and surfaces, last two axes) in cells with >= min_px."""
+    total = area_m2.sum(axis=(-2, -1))
+    covered = np.where(count >= min_px, area_m2, 0.0).sum(axis=(-2, -1))
+    return np.divide(covered, total, out=np.zeros_like(total, dtype=float), where=total > 0)
+
+
+def select_scenes(
+    count: np.ndarray,
+    scene_month: np.ndarray,
+    area_m2: np.ndarray,
+    rule: SceneRule = "count_weighted",
+    min_px_per_bin: int = 10,
+) -> np.ndarray:
+    """Which scenes each glacier uses: (S, G) bool.
+
+    count (S, G, B, F) measurements; scene_month (S,) 1-12; area_m2 (G, B, F) hypsometry.
+    """
+    if rule not in ("count_weighted", "prefer_jan_mar"):
+        raise ValueError(f"scene_rule must be 'count_weighted' or 'prefer_jan_mar', got {rule!r}")
+    covers = count.sum(axis=(2, 3)) > 0  # (S, G)
+    if rule == "count_weighted":
+        return covers
+    preferred = np.isin(np.asarray(scene_month), PREFERRED_MONTHS)  # (S,)
+    preferred_count = np.where(preferred[:, None, None, None], count, 0).sum(axis=0)
+    enough = _cell_coverage(preferred_count, area_m2, min_px_per_bin) >= PREFERRED_MIN_COVERAGE
+    only_preferred = covers & preferred[:, None]
+    return np.where(enough[None, :], only_preferred, covers)
+
+
+def combine_scenes(
+    count: np.ndarray,
+    sum_dh_m: np.ndarray,
+    scene_years: np.ndarray,
+    area_m2: np.ndarray,
+    n_px: np.ndarray,
+    use: np.ndarray,
+    min_px_per_bin: int = 10,
+) -> GlacierStats:
+    """Combine the used scenes of each glacier into one set of statistics.
+
+    count, sum_dh_m: (S, G, B, F); scene_years (S,) years since the reference date; area_m2,
+    n_px: (G, B, F) hypsometry; use: (S, G) bool from `select_scenes`.
+    """
+    years = np.asarray(scene_years, dtype=float)
+    if np.any(~(years > 0)):
+        raise ValueError(f"scene_years must be > 0 (scene after the reference date), got {years}")
+    used = use[:, :, None, None]
+    count_s = np.where(used, count, 0).astype(float)
+    sum_s = np.where(used & (count > 0), sum_dh_m, 0.0)
+    total = count_s.sum(axis=0)
+    rate_sum = (sum_s / years[:, None, None, None]).sum(axis=0)
+    dh_sum = sum_s.sum(axis=0)
+    best = count_s.max(axis=0) if len(years) else np.zeros_like(total)
+    measured_px = np.minimum(best, n_px).sum(axis=(1, 2))
+    scene_px = count_s.sum(axis=(2, 3))
+    # each scene's share of the unit's hypsometric mean: over measured cells, area x its share
+    valid = total >= min_px_per_bin
+    share = np.divide(count_s, total, out=np.zeros_like(count_s), where=total > 0)
+    weight_area = np.where(valid, area_m2, 0.0)
+    scene_weight = (share * weight_area).sum(axis=(2, 3))
+    norm = scene_weight.sum(axis=0)
+    # units whose measured cells hold no area: fall back to the measurement counts
+    fallback = np.divide(
+        scene_px, scene_px.sum(axis=0), out=np.zeros_like(scene_px), where=scene_px.sum(axis=0) > 0
+    )
+    scene_weight = np.where(
+        norm > 0,
+        np.divide(scene_weight, norm, out=np.zeros_like(scene_weight), where=norm > 0),
+        fallback,
+    )
+    return GlacierStats(
+        count=total,
+        rate_sum=rate_sum,
+        dh_sum=dh_sum,
+        area_m2=np.asarray(area_m2, dtype=float),
+        n_px=np.asarray(n_px, dtype=float),
+        measured_px=measured_px,
+        scene_px=scene_px,
+        scene_weight=scene_weight,
+    )
+
+
+def sum_units(stats: GlacierStats, membership: np.ndarray) -> GlacierStats:
+    """Statistics of units made of glaciers: membership (U, G) 0/1 (glacier g belongs to unit u).
+
+    Sums are summed; scene weights are averaged with the glaciers' areas as weights."""
+    m = np.asarray(membership, dtype=float)
+    n_units = m.shape[0]
+    shape = stats.count.shape[1:]
+
+    def summed(arr: np.ndarray) -> np.ndarray:
+        return (m @ arr.reshape(arr.shape[0], -1)).reshape(n_units, *shape)
+
+    area_g = stats.area_m2.sum(axis=(1, 2))
+    area_u = m @ area_g
+    weighted = (stats.scene_weight * area_g[None, :]) @ m.T
+    scene_weight = np.divide(
+        weighted, area_u[None, :], out=np.zeros_like(weighted), where=area_u[None, :] > 0
+    )
+    return GlacierStats(
+        count=summed(stats.count),
+        rate_sum=summed(stats.rate_sum),
+        dh_sum=summed(stats.dh_sum),
+        area_m2=summed(stats.area_m2),
+        n_px=summed(stats.n_px),
+        measured_px=m @ stats.measured_px,
+        scene_px=stats.scene_px @ m.T,
+        scene_weight=scene_weight,
+    )
+
+
+def fill_along_elevation(values: np.ndarray, valid: np.ndarray, z_m: np.ndarray) -> np.ndarray:
+    """Fill invalid entries along the last axis (bins at elevations z_m, increasing) by linear
+    interpolation between the nearest valid bins, and with the nearest valid value beyond the
+    ends. Rows without a valid bin stay NaN. Valid entries are returned unchanged."""
+    n = values.shape[-1]
+    idx = np.arange(n)
+    prev = np.maximum.accumulate(np.where(valid, idx, -1), axis=-1)
+    nxt = np.flip(np.minimum.accumulate(np.flip(np.where(valid, idx, n), -1), axis=-1), -1)
+    has_prev, has_next = prev >= 0, nxt < n
+    p, q = np.clip(prev, 0, n - 1), np.clip(nxt, 0, n - 1)
+    vp, vq = np.take_along_axis(values, p, -1), np.take_along_axis(values, q, -1)
+    zp, zq = z_m[p], z_m[q]
+    gap = zq - zp
+    t = np.divide(z_m - zp, gap, out=np.zeros(np.broadcast(zp, gap).shape), where=gap > 0)
+    between = vp + t * (vq - vp)
+    filled = np.where(
+        has_prev & has_next, between, np.where(has_prev, vp, np.where(has_next, vq, np.nan))
+    )
+    return np.where(valid, values, filled)
+
+
+def filled_profile(
+    sums: np.ndarray, count: np.ndarray, z_m: np.ndarray, min_px: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell mean (U, B, F) of `sums` / `count` where count >= min_px, the other cells filled
+    along elevation z_m (bin centres, m) within their surface type, or from both surfaces pooled
+    where a surface has no measured bin; and the measured cells (U, B, F) bool."""
+    valid = count >= min_px  # (U, B, F)
+    mean = np.divide(sums, count, out=np.full(sums.shape, np.nan), where=valid)
+    by_surface = fill_along_elevation(
+        np.moveaxis(mean, 1, -1), np.moveaxis(valid, 1, -1), z_m
+    )  # (U, F, B)
+    pooled_count = count.sum(axis=2)
+    pooled_valid = pooled_count >= min_px
+    pooled = fill_along_elevation(
+        np.divide(
+            sums.sum(axis=2),
+            pooled_count,
+            out=np.full(pooled_count.shape, np.nan),
+            where=pooled_valid,
+        ),
+        pooled_valid,
+        z_m,
+    )  # (U, B)
+    surface_has_data = np.moveaxis(valid, 1, -1).any(axis=-1, keepdims=True)  # (U, F, 1)
+    out = np.where(surface_has_data, by_surface, pooled[:, None, :])
+    return np.moveaxis(out, -1, 1), valid
+
+
+def balance(
+    stats: GlacierStats,
+    bin_lower_m: np.ndarray,
+    bin_width_m: float = 50.0,
+    min_px_per_bin: int = 10,
+    density_kg_m3: float = 850.0,
+) -> dict[str, np.ndarray]:
+    """Hypsometric mass balance of each unit. Returns arrays (U,) keyed by table column:
+
+    area_km2, coverage_frac (measured pixels / all pixels), filled_frac (area share of bins
+    filled by interpolation), dh_m (mean elevation change over the scenes' spans, m),
+    dhdt_m_yr, mb_mwe_yr, volume_km3_yr, mass_gt_yr. Units without any bin of
+    >= min_px_per_bin measurements get NaN.
+    """
+    z_m = np.asarray(bin_lower_m, dtype=float) + 0.5 * bin_width_m
+    if z_m.size > 1 and np.any(np.diff(z_m) <= 0):
+        raise ValueError("bins must be increasing elevations")
+    rate, valid = filled_profile(stats.rate_sum, stats.count, z_m, min_px_per_bin)
+    dh, _ = filled_profile(stats.dh_sum, stats.count, z_m, min_px_per_bin)
+    area = stats.area_m2
+    total = area.sum(axis=(1, 2))
+    measured = valid.any(axis=(1, 2)) & (total > 0)
+
+    def mean(values: np.ndarray) -> np.ndarray:
+        weighted = np.where(area > 0, values * area, 0.0).sum(axis=(1, 2))
+        return np.where(measured, weighted / np.where(total > 0, total, 1.0), np.nan)
+
+    dhdt = mean(rate)
+    filled_area = np.where(valid, 0.0, area).sum(axis=(1, 2))
+    n_px = stats.n_px.sum(axis=(1, 2))
+    mb = dhdt * density_kg_m3 / 1000.0
+    return {
+        "area_km2": total / 1e6,
+        "coverage_frac": np.divide(
+            stats.measured_px, n_px, out=np.zeros_like(total), where=n_px > 0
+        ),
+        "filled_frac": np.where(measured, filled_area / np.where(total > 0, total, 1.0), np.nan),
+        "dh_m": mean(dh),
+        "dhdt_m_yr": dhdt,
+        "mb_mwe_yr": mb,
+        "volume_km3_yr": dhdt * total / 1e9,
+        "mass_gt_yr": mb * total / 1e9,
+    }

@@ -1,0 +1,173 @@
+"""Regions of glaciers: sub-regions and basins from polygons, from an attribute, or from id lists.
+
+A region set is a membership matrix (region x glacier); region statistics are the members'
+statistics summed (`mbcube.massbalance.sum_units`), so a new region set costs a matrix product.
+
+Assignment of a glacier to polygons (`region_assignment`):
+
+- ``centroid``: the polygon holding the glacier's centroid (the paper's choice; cheap, needs only
+  the centroids; a glacier whose centroid falls outside every polygon belongs to none).
+- ``area_share``: the polygon holding the largest part of the glacier's outline (needs the
+  outlines; robust for large glaciers straddling a boundary, whose centroid may lie off the ice).
+
+Each glacier goes to at most one polygon of a set (the first, in file order, when polygons overlap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import geopandas as gpd
+import numpy as np
+import shapely
+
+from mbcube.errors import StudyError
+
+__all__ = [
+    "RegionSet",
+    "from_attribute",
+    "from_ids",
+    "from_polygons",
+    "read_polygons",
+    "surge_free",
+]
+
+Assignment = Literal["centroid", "area_share"]
+
+
+@dataclass(frozen=True)
+class RegionSet:
+    """Named groups of glaciers: membership[r, g] is True when glacier g belongs to region r."""
+
+    names: list[str]
+    membership: np.ndarray  # (R, G) bool
+
+    def __post_init__(self) -> None:
+        if self.membership.ndim != 2 or self.membership.shape[0] != len(self.names):
+            raise ValueError(
+                f"membership must be (regions, glaciers) with {len(self.names)} rows, "
+                f"got shape {self.membership.shape}"
+            )
+
+    def region_of(self) -> np.ndarray:
+        """The name of each glacier's (first) region, '' for none: (G,) object array."""
+        names = np.array([*self.names, ""], dtype=object)
+        member = self.membership
+        first = np.where(member.any(axis=0), member.argmax(axis=0), len(self.names))
+        return names[first]
+
+    def with_all(self, name: str = "all") -> RegionSet:
+        """This set preceded by one region holding every glacier."""
+        everyone = np.ones((1, self.membership.shape[1]), dtype=bool)
+        return RegionSet([name, *self.names], np.vstack([everyone, self.membership]))
+
+    def __add__(self, other: RegionSet) -> RegionSet:
+        """Both sets' regions (names kept unique: a repeated name gets a ' (2)' suffix)."""
+        names = list(self.names)
+        for n in other.names:
+            new, k = n, 2
+            while new in names:
+                new, k = f"{n} ({k})", k + 1
+            names.append(new)
+        return RegionSet(names, np.vstack([self.membership, other.membership]))
+
+
+def _one_hot(index: np.ndarray, n_regions: int) -> np.ndarray:
+    """(R, G) from each glacier's region position (-1 = none)."""
+    return (index[None, :] == np.arange(n_regions)[:, None]) & (index[None, :] >= 0)
+
+
+def from_polygons(
+    polygons: gpd.GeoDataFrame,
+    name_column: str = "name",
+    *,
+    centroids_xy: np.ndarray | None = None,
+    outlines: gpd.GeoSeries | None = None,
+    how: Assignment = "centroid",
+) -> RegionSet:
+    """Assign glaciers to polygons (all in one CRS): by centroid (centroids_xy (G, 2), m) or by
+    the largest area share of the outlines."""
+    if name_column not in polygons.columns:
+        raise StudyError(
+            f"region polygons have no column '{name_column}' (columns: {list(polygons.columns)})"
+        )
+    names = [str(n) for n in polygons[name_column]]
+    geoms = np.asarray(polygons.geometry.values)
+    if how == "centroid":
+        if centroids_xy is None:
+            raise ValueError("centroid assignment needs centroids_xy")
+        xy = np.asarray(centroids_xy, dtype=float)
+        index = np.full(len(xy), -1)
+        for r in range(len(geoms) - 1, -1, -1):  # the first polygon wins where they overlap
+            inside = shapely.intersects_xy(geoms[r], xy[:, 0], xy[:, 1])
+            index[inside] = r
+        return RegionSet(names, _one_hot(index, len(names)))
+    if how == "area_share":
+        if outlines is None:
+            raise ValueError("area_share assignment needs the glacier outlines")
+        shapes = np.asarray(outlines.values)
+        share = np.zeros((len(geoms), len(shapes)))
+        tree = shapely.STRtree(shapes)
+        for r, poly in enumerate(geoms):
+            hits = tree.query(poly)
+            if len(hits):
+                share[r, hits] = shapely.area(shapely.intersection(shapes[hits], poly))
+        index = np.where(share.max(axis=0) > 0, share.argmax(axis=0), -1)
+        return RegionSet(names, _one_hot(index, len(names)))
+    raise ValueError(f"region_assignment must be 'centroid' or 'area_share', got {how!r}")
+
+
+def from_attribute(values: Sequence[object] | np.ndarray) -> RegionSet:
+    """One region per distinct value of a glacier attribute (e.g. a basin column), sorted by name;
+    empty / missing values belong to none."""
+    text = np.array(["" if _missing(v) else str(v) for v in values], dtype=object)
+    names = sorted({t for t in text if t})
+    return RegionSet(
+        names, np.array([text == n for n in names], dtype=bool).reshape(len(names), -1)
+    )
+
+
+def from_ids(groups: Mapping[str, Sequence[str]], glacier_ids: Sequence[str]) -> RegionSet:
+    """Regions given as lists of glacier ids; unknown ids are an error (StudyError naming them)."""
+    ids = np.asarray([str(i) for i in glacier_ids], dtype=object)
+    known = set(ids.tolist())
+    rows = []
+    for name, members in groups.items():
+        unknown = sorted(set(map(str, members)) - known)
+        if unknown:
+            raise StudyError(f"region '{name}': unknown glacier ids {unknown[:5]}")
+        rows.append(np.isin(ids, list(map(str, members))))
+    return RegionSet(list(groups), np.array(rows, dtype=bool).reshape(len(rows), len(ids)))
+
+
+def surge_free(surge: np.ndarray) -> np.ndarray:
+    """Glaciers kept when excluding surge-type ones: surge flag != 1 (unknown -1 counts as not)."""
+    return np.asarray(surge) != 1
+
+
+def read_polygons(path: Path, crs: str, name_column: str = "name") -> gpd.GeoDataFrame:
+    """Region polygons from a vector file, in `crs`, valid geometries (StudyError if unusable)."""
+    if not Path(path).exists():
+        raise StudyError(f"{path}: region file not found.")
+    polygons = gpd.read_file(path)
+    if polygons.crs is None:
+        raise StudyError(f"{path}: no CRS.")
+    if name_column not in polygons.columns:
+        raise StudyError(
+            f"{path}: no column '{name_column}' naming the regions "
+            f"(columns: {[c for c in polygons.columns if c != 'geometry']})."
+        )
+    polygons = polygons[polygons.geometry.notna() & ~polygons.geometry.is_empty].to_crs(crs)
+    polygons["geometry"] = polygons.geometry.make_valid()
+    return polygons.reset_index(drop=True)
+
+
+def _missing(value: object) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and np.isnan(value):
+        return True
+    return str(value) in ("", "nan", "None")
