@@ -1,0 +1,491 @@
+"""The study report: one self-contained HTML page (report.html) beside the tables and figures.
+
+It summarises what the store records: the grid and study parameters, the scenes (date, kind,
+coverage), the corrections applied to each scene (datum offset, ramp, co-registration shift,
+seasonal offset), the unwrapping quality of InSAR scenes, the penetration table, and the glacier
+and region tables with their uncertainties; the figures are linked by relative path
+(figures/*.png). A part whose input is absent (a step not run yet, a missing table) is replaced
+by a note; the report never fails for that.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+import mbcube
+from mbcube.errors import StoreError
+from mbcube.store import open_cube, read_state
+
+__all__ = ["format_value", "write_report"]
+
+log = logging.getLogger(__name__)
+
+#: Decimals by column-name ending (first match wins); others get 4 significant digits.
+DECIMALS: tuple[tuple[str, int], ...] = (
+    ("_mwe_yr", 3),
+    ("_m_yr", 3),
+    ("_km2", 3),
+    ("_m2", 0),
+    ("_m", 3),
+    ("years", 2),
+)
+PERCENT_SUFFIX = "_frac"
+
+CSS = """
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2em auto;
+       max-width: 1200px; padding: 0 1em; color: #222; line-height: 1.4; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; margin-top: 2em; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.6em 0; }
+th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: right; white-space: nowrap; }
+th { background: #f0f3f6; } td.text, th.text { text-align: left; }
+tr:nth-child(even) td { background: #fafbfc; }
+.note { color: #8a5a00; background: #fff7e6; border-left: 3px solid #f0a000; padding: 4px 8px; }
+.meta { color: #555; font-size: 0.9em; }
+figure { display: inline-block; margin: 0.5em; vertical-align: top; }
+figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { font-size: 0.85em; color: #444; max-width: 900px; }
+.scroll { overflow-x: auto; }
+"""
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def format_value(column: str, value: Any) -> str:
+    """A table cell as text: '–' for missing, integers as integers, fractions as percent,
+    floats with the decimals of their unit (see DECIMALS), the rest as str."""
+    if value is None:
+        return "–"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if not math.isfinite(v):
+            return "–"
+        if column.endswith(PERCENT_SUFFIX):
+            return f"{100 * v:.1f} %"
+        for suffix, decimals in DECIMALS:
+            if column.endswith(suffix):
+                text = f"{v:.{decimals}f}"
+                return text.lstrip("-") if float(text) == 0 else text
+        if v == round(v) and abs(v) < 1e12 and column.startswith("n_"):
+            return str(int(v))
+        return f"{v:.4g}"
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return ", ".join(format_value(column, v) for v in np.asarray(value).ravel())
+    return str(value)
+
+
+def _esc(text: Any) -> str:
+    return html.escape(str(text))
+
+
+def html_table(
+    frame: pd.DataFrame,
+    *,
+    formatters: dict[str, Callable[[Any], str]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> str:
+    """A DataFrame as an HTML table, cells formatted by `format_value` (or `formatters`)."""
+    formatters = formatters or {}
+    headers = headers or {}
+    text_cols = {str(c) for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])}
+    head = "".join(
+        f'<th class="{"text" if str(c) in text_cols else "num"}">{_esc(headers.get(str(c), c))}</th>'
+        for c in frame.columns
+    )
+    rows = []
+    for record in frame.itertuples(index=False, name=None):
+        cells = []
+        for column, value in zip(frame.columns, record, strict=True):
+            name = str(column)
+            shown = formatters[name](value) if name in formatters else format_value(name, value)
+            cls = "text" if name in text_cols else "num"
+            cells.append(f'<td class="{cls}">{_esc(shown)}</td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return (
+        f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{_esc(text)}</p>'
+
+
+def _section(title: str, body: str, anchor: str) -> str:
+    return f'<h2 id="{anchor}">{_esc(title)}</h2>\n{body}\n'
+
+
+# ---------------------------------------------------------------- parts
+
+
+def _read_csv(path: Path) -> pd.DataFrame | None:
+    if not path.exists():
+        return None
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        log.warning("report: cannot read %s: %s", path, err)
+        return None
+
+
+def _group(store: Path, name: str) -> xr.Dataset | None:
+    if not (store / name / "zarr.json").exists():
+        return None
+    return xr.open_zarr(str(store), group=name, chunks={})
+
+
+def _header(ds: xr.Dataset | None, state: dict[str, Any], store: Path) -> str:
+    config = state.get("study", {}).get("config", {})
+    name = config.get("name") or store.parent.name
+    grid = state.get("grid", {})
+    lines = [
+        f"<h1>mbcube report: {_esc(name)}</h1>",
+        '<p class="meta">',
+        f"Store <code>{_esc(store)}</code> (schema {_esc(state.get('schema_version', '?'))}, "
+        f"made by mbcube {_esc(state.get('mbcube_version', '?'))}); report by mbcube "
+        f"{_esc(mbcube.__version__)} on "
+        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC.<br>",
+    ]
+    if grid:
+        ny, nx, res = grid.get("ny"), grid.get("nx"), grid.get("res")
+        lines.append(
+            f"Grid {ny} x {nx} px of {res:g} m ({_esc(grid.get('crs'))}), "
+            f"{(ny or 0) * (nx or 0) * (res or 0) ** 2 / 1e6:,.0f} km², tiles of "
+            f"{grid.get('tile')} px.<br>"
+        )
+    if ds is not None:
+        n_regions = int(ds.sizes.get("region", 0))
+        lines.append(
+            f"{int(ds.sizes.get('glacier', 0))} glacier outlines, {n_regions} region(s), "
+            f"{int(ds.sizes.get('scene', 0))} complete scene(s); reference date "
+            f"{_esc(config.get('reference_date', '?'))}."
+        )
+    lines.append("</p>")
+    return "\n".join(lines)
+
+
+def _regions_part(regions: pd.DataFrame | None) -> str:
+    if regions is None:
+        return _note("No regions.csv in the tables folder: run `mbcube aggregate` first.")
+    frame = regions.copy()
+    if {"mb_mwe_yr", "mb_sigma_mwe_yr"} <= set(frame.columns):
+        frame.insert(
+            list(frame.columns).index("mb_mwe_yr"),
+            "mass balance (m w.e./yr)",
+            [
+                f"{format_value('mb_mwe_yr', m)} ± {format_value('mb_sigma_mwe_yr', s)}"
+                for m, s in zip(frame["mb_mwe_yr"], frame["mb_sigma_mwe_yr"], strict=True)
+            ],
+        )
+    return (
+        "<p>Mass balance rates in m w.e./yr, elevation change rates (dh/dt) in m/yr, areas in "
+        "km², volume change in km³/yr, mass change in Gt/yr; σ columns are the uncertainty "
+        "terms (1σ) and <i>mb_sigma</i> their combination. <i>glaciers</i>: all glaciers, or "
+        "without surge-type glaciers.</p>" + html_table(frame)
+    )
+
+
+def _glaciers_part(glaciers: pd.DataFrame | None) -> str:
+    if glaciers is None:
+        return _note("No glaciers.csv in the tables folder: run `mbcube aggregate` first.")
+    measured = glaciers["mb_mwe_yr"].notna().sum() if "mb_mwe_yr" in glaciers.columns else 0
+    summary = f"<p>{len(glaciers)} glaciers, {measured} with a mass balance.</p>"
+    return (
+        summary
+        + f"<details><summary>Glacier table ({len(glaciers)} rows)</summary>"
+        + html_table(glaciers)
+        + "</details>"
+    )
+
+
+def _scenes_part(ds: xr.Dataset | None, state: dict[str, Any]) -> str:
+    if ds is None or ds.sizes.get("scene", 0) == 0:
+        return _note("No complete scenes in the store.")
+    recorded = state.get("scenes", {})
+    ids = [str(s) for s in ds["scene"].values]
+    frame = pd.DataFrame({"scene": ids})
+    if "scene_date" in ds.coords:
+        frame["date"] = [np.datetime_as_string(d, unit="D") for d in ds["scene_date"].values]
+    for coord, column in (
+        ("scene_kind", "kind"),
+        ("scene_month", "month"),
+        ("scene_years", "years"),
+    ):
+        if coord in ds.coords:
+            values = ds[coord].values
+            frame[column] = [str(v) for v in values] if coord == "scene_kind" else values
+    for key in ("coverage_frac", "glacier_coverage_frac"):
+        frame[key] = [recorded.get(s, {}).get(key, np.nan) for s in ids]
+    if "scene_h_amb_m" in ds.coords and "kind" in frame:
+        frame["h_amb_m"] = np.where(
+            frame["kind"] == "insar", ds["scene_h_amb_m"].values.astype(float), np.nan
+        )
+    if "scene_nlooks" in ds.coords and "kind" in frame:
+        frame["n_looks"] = np.where(
+            frame["kind"] == "insar", ds["scene_nlooks"].values.astype(float), np.nan
+        )
+    steps = state.get("steps", {})
+    for step in ("unwrap", "correct", "bin"):
+        if step in steps:
+            frame[f"{step} done"] = ["yes" if s in steps[step] else "no" for s in ids]
+    return (
+        "<p><i>years</i>: time since the reference DEM; <i>coverage</i>: fraction of the grid "
+        "the scene covers; <i>glacier_coverage</i>: fraction of the glacier pixels; "
+        "h_amb: height of ambiguity (m, InSAR scenes).</p>" + html_table(frame)
+    )
+
+
+def _per_scene_variables(ds: xr.Dataset, keep: Callable[[str], bool]) -> dict[str, xr.DataArray]:
+    out = {}
+    for name, var in ds.data_vars.items():
+        key = str(name)
+        if var.dims[:1] == ("scene",) and len(var.dims) <= 2 and keep(key):
+            if key in ("scene_state",) or not np.issubdtype(var.dtype, np.number):
+                continue
+            out[key] = var
+    return out
+
+
+CORRECTIONS = ("datum_offset_m", "ramp_coef", "coreg_shift_m", "seasonal_offset_applied_m")
+
+
+def _corrections_part(ds: xr.Dataset | None) -> str:
+    if ds is None or ds.sizes.get("scene", 0) == 0:
+        return _note("No complete scenes in the store.")
+    variables = _per_scene_variables(ds, lambda n: not n.startswith("unwrap_"))
+    if not variables:
+        return _note("No per-scene correction parameters stored yet: run `mbcube correct`.")
+    ordered = [n for n in CORRECTIONS if n in variables] + sorted(
+        n for n in variables if n not in CORRECTIONS
+    )
+    frame = pd.DataFrame({"scene": [str(s) for s in ds["scene"].values]})
+    if "scene_kind" in ds.coords:
+        frame["kind"] = [str(k) for k in ds["scene_kind"].values]
+    values = {n: variables[n].values for n in ordered}
+    for name in ordered:
+        arr = np.asarray(values[name])
+        if arr.ndim == 1:
+            frame[name] = arr
+        else:
+            dim = variables[name].dims[1]
+            labels = (
+                [str(v) for v in variables[name][dim].values]
+                if dim in variables[name].coords
+                else [str(i) for i in range(arr.shape[1])]
+            )
+            if name == "coreg_shift_m" and arr.shape[1] == 2 and dim not in variables[name].coords:
+                labels = ["x", "y"]
+            for j, label in enumerate(labels):
+                frame[f"{name}[{label}]"] = arr[:, j]
+    missing = [n for n in CORRECTIONS if n not in variables]
+    text = (
+        "<p>Corrections applied to each scene's dh (m): datum offset, the ramp's coefficients "
+        "(constant, x, y, xy, ... of the fitted plane; x, y in the ramp's own units), the DEM "
+        "co-registration shift (m) and the seasonal offset relative to February (m). "
+        "Blank: not applied to that scene.</p>"
+    )
+    if missing:
+        text += _note(f"Not stored: {', '.join(missing)}.")
+    return text + html_table(frame)
+
+
+def _unwrap_part(ds: xr.Dataset | None) -> str:
+    if ds is None or ds.sizes.get("scene", 0) == 0:
+        return _note("No complete scenes in the store.")
+    variables = _per_scene_variables(ds, lambda n: n.startswith("unwrap_"))
+    kinds = [str(k) for k in ds["scene_kind"].values] if "scene_kind" in ds.coords else []
+    insar = [i for i, k in enumerate(kinds) if k == "insar"] if kinds else []
+    if not variables:
+        if kinds and not insar:
+            return "<p>No InSAR scenes: nothing was unwrapped.</p>"
+        return _note("No unwrapping quality recorded (run `mbcube unwrap`).")
+    rows = insar if insar else list(range(ds.sizes["scene"]))
+    frame = pd.DataFrame({"scene": [str(ds["scene"].values[i]) for i in rows]})
+    for name, var in sorted(variables.items()):
+        arr = np.asarray(var.values)
+        if arr.ndim == 1:
+            frame[name.removeprefix("unwrap_")] = arr[rows]
+        else:
+            for j in range(arr.shape[1]):
+                frame[f"{name.removeprefix('unwrap_')}[{j}]"] = arr[rows, j]
+    return html_table(frame)
+
+
+def _penetration_part(store: Path, ds: xr.Dataset | None) -> str:
+    pen = _group(store, "penetration")
+    if pen is None or "penetration_m" not in pen:
+        return _note("No penetration table stored (run `mbcube correct` with penetration='xband').")
+    pen = pen.compute()
+    names: dict[int, str] = {}
+    if ds is not None and "region_name" in ds:
+        names = dict(
+            zip(
+                ds["region"].values.astype(int).tolist(),
+                map(str, ds["region_name"].values),
+                strict=True,
+            )
+        )
+    surfaces = {1: "clean ice", 2: "debris"}
+    value = pen["penetration_m"]
+    n_px = pen["penetration_n_px"] if "penetration_n_px" in pen else xr.ones_like(value)
+    sigma = pen.get("penetration_sigma_m")
+    rows = []
+    lead = [d for d in value.dims if d != "bin"]
+    stacked = value.stack(_row=lead) if lead else value.expand_dims(_row=[0])
+    n_stacked = n_px.stack(_row=lead) if lead else n_px.expand_dims(_row=[0])
+    s_stacked = None
+    if sigma is not None:
+        s_stacked = sigma.stack(_row=lead) if lead else sigma.expand_dims(_row=[0])
+    for k in range(stacked.sizes["_row"]):
+        v = np.asarray(stacked.isel(_row=k).values, dtype=float)
+        n = np.nan_to_num(np.asarray(n_stacked.isel(_row=k).values, dtype=float))
+        ok = np.isfinite(v) & (n > 0)
+        label: dict[str, Any] = {}
+        for dim in lead:
+            code = stacked["_row"].values[k]
+            code_value = code[lead.index(dim)] if isinstance(code, tuple) else code
+            if dim == "region":
+                label["region"] = names.get(int(code_value), str(code_value))
+            elif dim == "surface":
+                label["surface"] = surfaces.get(int(code_value), str(code_value))
+            else:
+                label[str(dim)] = code_value
+        row = label | {
+            "n_bins": int(ok.sum()),
+            "n_px": int(n[ok].sum()),
+            "mean_penetration_m": float((v[ok] * n[ok]).sum() / n[ok].sum())
+            if ok.any()
+            else np.nan,
+            "min_penetration_m": float(v[ok].min()) if ok.any() else np.nan,
+            "max_penetration_m": float(v[ok].max()) if ok.any() else np.nan,
+        }
+        if s_stacked is not None:
+            s = np.asarray(s_stacked.isel(_row=k).values, dtype=float)
+            row["mean_sigma_m"] = float(np.nanmean(s[ok])) if ok.any() else np.nan
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return (
+        "<p>Radar penetration (C band minus X band reference, m; subtracted from dh) per "
+        "region and surface type: pixel-weighted mean over the elevation bins, and its range. "
+        "The full table is the store's <code>penetration</code> group.</p>" + html_table(frame)
+    )
+
+
+def _flatten(prefix: str, value: Any) -> Iterable[tuple[str, Any]]:
+    if isinstance(value, dict):
+        for key in sorted(value, key=str):
+            yield from _flatten(f"{prefix}.{key}" if prefix else str(key), value[key])
+    else:
+        yield prefix, value
+
+
+def _parameters_part(state: dict[str, Any]) -> str:
+    config = state.get("study", {}).get("config")
+    if not config:
+        return _note("No study parameters recorded in the store.")
+    frame = pd.DataFrame(
+        [
+            {"parameter": key, "value": "" if value is None else str(value)}
+            for key, value in _flatten("", config)
+        ]
+    )
+    return "<p>As recorded in the store (study.yaml with defaults filled in).</p>" + html_table(
+        frame
+    )
+
+
+def _figures_part(paths: Sequence[Path], out: Path) -> str:
+    if not paths:
+        return _note("No figures were made (their inputs are missing).")
+    captions = {
+        "dhdt_map": "Mean elevation change rate (m/yr) over the scenes, glacier outlines in "
+        "black, hillshade of the reference DEM (Lin et al. 2017, Figs 2-6 style).",
+        "mass_balance_map": "Glacier mass balance (m w.e./yr) at the glacier centroids, "
+        "circle area proportional to glacier area; region means with 1σ (Fig 1 style).",
+        "profile": "dh/dt per elevation bin, mean ± 1 std of the pixel rates, clean vs "
+        "debris-covered ice, hypsometry as bars (Fig 7 style).",
+        "transect": "dh/dt of accumulation area, ablation area and whole glaciers along "
+        "longitude (Fig 8 style).",
+    }
+    order = ["dhdt_map", "mass_balance_map", "profile", "transect"]
+
+    def rank(path: Path) -> tuple[int, str]:
+        hits = [i for i, key in enumerate(order) if path.stem.startswith(key)]
+        return (hits[0] if hits else len(order), path.stem)
+
+    items = []
+    for path in sorted(paths, key=rank):
+        rel = Path(os.path.relpath(path, out)).as_posix()
+        key = next((k for k in order if path.stem.startswith(k)), "")
+        items.append(
+            f'<figure><a href="{_esc(rel)}"><img src="{_esc(rel)}" alt="{_esc(path.stem)}" '
+            f'loading="lazy" width="900"></a><figcaption><b>{_esc(path.stem)}</b>: '
+            f"{_esc(captions.get(key, ''))}</figcaption></figure>"
+        )
+    return "\n".join(items)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def write_report(
+    store: Path, tables: Path, out: Path, *, figures: Sequence[Path] | None = None
+) -> Path:
+    """Write out/report.html and return its path.
+
+    figures: the PNG files to show (default: out/figures/*.png, made with
+    `mbcube.figures.make_figures` when there are none). Parts whose inputs are absent are noted.
+    """
+    store, tables, out = Path(store), Path(tables), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = read_state(store)
+    try:
+        ds: xr.Dataset | None = open_cube(store)
+    except StoreError as err:
+        log.warning("report: %s", err)
+        ds = None
+    if figures is None:
+        figures = sorted((out / "figures").glob("*.png"))
+        if not figures and ds is not None:
+            from mbcube.figures import make_figures
+
+            figures = make_figures(store, tables, out / "figures")
+    regions = _read_csv(tables / "regions.csv")
+    glaciers = _read_csv(tables / "glaciers.csv")
+    parts = [
+        ("Regions", "regions", _regions_part(regions)),
+        ("Figures", "figures", _figures_part(list(figures), out)),
+        ("Scenes", "scenes", _scenes_part(ds, state)),
+        ("Corrections applied per scene", "corrections", _corrections_part(ds)),
+        ("Penetration", "penetration", _penetration_part(store, ds)),
+        ("Unwrapping quality", "unwrap", _unwrap_part(ds)),
+        ("Glaciers", "glaciers", _glaciers_part(glaciers)),
+        ("Study parameters", "parameters", _parameters_part(state)),
+    ]
+    contents = " · ".join(f'<a href="#{a}">{_esc(t)}</a>' for t, a, _ in parts)
+    body = "\n".join(_section(t, b, a) for t, a, b in parts)
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>mbcube report</title><style>{CSS}</style></head><body>\n"
+        f"{_header(ds, state, store)}\n<p>{contents}</p>\n{body}</body></html>\n"
+    )
+    path = out / "report.html"
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    return path
