@@ -237,6 +237,35 @@ def test_real_terrain_study_traps(karakoram_study: Path, tmp_path: Path) -> None
     assert truth.loc[0, "region"] == "Western Karakoram"
 
 
+def test_baltoro_area_on_the_metric_grid_is_the_geodesic_area(tmp_path: Path) -> None:
+    """Baltoro (552 km2, EPSG:4326 outline) cut by the grid's east edge: its pixel area on the
+    UTM grid equals the geodesic area of the outline's part inside the grid."""
+    from mbcube.synth.real_terrain import generate_real_terrain_study
+
+    need(DATA / "oggm-sample")
+    study = generate_real_terrain_study(
+        tmp_path / "study", DATA, "baltoro", res_m=150.0, crop_east_frac=0.2, n_scenes=1
+    )
+    truth = pd.read_csv(study / "truth" / "glaciers.csv").iloc[0]
+    grid = json.loads((study / "truth" / "meta.json").read_text())["grid"]
+    left = grid["x0"]
+    right = grid["x0"] + grid["nx"] * grid["res"]
+    top = grid["y0"]
+    bottom = grid["y0"] - grid["ny"] * grid["res"]
+    outline = gpd.read_file(DATA / "oggm-sample" / "test-files" / "baltoro_wgs84.shp")
+    box = gpd.GeoSeries([shapely.box(left, bottom, right, top)], crs=grid["crs"])
+    inside = outline.geometry.iloc[0].intersection(box.to_crs("EPSG:4326").iloc[0])
+    geod = Geod(ellps="WGS84")
+    inside_km2 = abs(geod.geometry_area_perimeter(inside)[0]) / 1e6
+    full_km2 = abs(geod.geometry_area_perimeter(outline.geometry.iloc[0])[0]) / 1e6
+    assert full_km2 == pytest.approx(552, rel=0.01)
+    assert 0.5 < inside_km2 / full_km2 < 0.97  # the edge really cuts the glacier
+    assert truth["area_km2"] == pytest.approx(inside_km2, rel=0.015)
+    assert truth["in_grid_frac"] == pytest.approx(inside_km2 / full_km2, rel=0.015)
+    with rasterio.open(study / "truth" / "dhdt_m_yr.tif") as src:
+        assert src.crs.to_string() == "EPSG:32643" and src.res == (150.0, 150.0)
+
+
 def test_real_terrain_end_to_end(karakoram_study: Path, tmp_path: Path) -> None:
     """Unwrap, correct, bin, aggregate on real Karakoram terrain against the known rate."""
     need_steps()
