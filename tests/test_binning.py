@@ -1,0 +1,430 @@
+"""Binned statistics and hypsometry: kernels and map-reduce against a slow pure-Python oracle,
+laziness, graph size, the `bin` step on a DEM-kind cube, and the synthetic truth."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mbcube.binning import (
+    STABLE_HIST_WIDTH_M,
+    BinAxis,
+    BinningError,
+    bin_axis,
+    bin_cube,
+    binned_statistics,
+    hypsometry,
+    hypsometry_tile,
+    merge_partials,
+    nmad_from_histogram,
+    stats_tile,
+)
+from mbcube.cluster import quiet
+from mbcube.config import MassBalanceConfig
+from mbcube.errors import StoreError
+from mbcube.ingest import ingest
+from mbcube.store import (
+    open_cube,
+    read_state,
+    record_step,
+    scene_index,
+    write_scene_region,
+    write_state,
+)
+from tests.conftest import raise_if_dask_computes
+
+# ------------------------------------------------------------------ the oracle (slow, obvious)
+
+
+def oracle_stats(gid, surf, ref, dh, stable, axis: BinAxis, n_glaciers: int):
+    """Pixel by pixel in plain Python: dict (g, bin index, surface) -> [n, sum, sumsq], stable."""
+    cells: dict[tuple[int, int, int], list[float]] = defaultdict(lambda: [0, 0.0, 0.0])
+    stable_vals = []
+    for g, s, z, v, sb in zip(
+        gid.ravel().tolist(),
+        surf.ravel().tolist(),
+        ref.ravel().tolist(),
+        dh.ravel().tolist(),
+        stable.ravel().tolist(),
+        strict=True,
+    ):
+        if not math.isfinite(v):
+            continue
+        if sb == 1:
+            stable_vals.append(v)
+        if not (1 <= g <= n_glaciers) or s not in (1, 2) or not math.isfinite(z):
+            continue
+        b = math.floor(z / axis.bin_width_m) - axis.first_bin
+        if not 0 <= b < axis.n_bins:
+            continue
+        cell = cells[(g, b, s)]
+        cell[0] += 1
+        cell[1] += v
+        cell[2] += v * v
+    return cells, stable_vals
+
+
+def dense_oracle(cells, axis: BinAxis, n_glaciers: int):
+    out = np.zeros((3, n_glaciers, axis.n_bins, 2))
+    for (g, b, s), (n, s1, s2) in cells.items():
+        out[:, g - 1, b, s - 1] = (n, s1, s2)
+    return out
+
+
+def nmad(values) -> float:
+    values = np.asarray(values)
+    return 1.4826 * float(np.median(np.abs(values - np.median(values))))
+
+
+# ------------------------------------------------------------------ random pixels
+
+
+@st.composite
+def pixels(draw):
+    ny = draw(st.integers(1, 14))
+    nx = draw(st.integers(1, 14))
+    n_glaciers = draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2**31))
+    rng = np.random.default_rng(seed)
+    size = (ny, nx)
+    gid = rng.integers(-2, n_glaciers + 3, size=size).astype(np.int32)  # incl. 0 and out of range
+    surf = rng.integers(-1, 4, size=size).astype(np.int8)  # incl. 0 and values not 1|2
+    ref = rng.uniform(-120.0, 480.0, size=size).astype(np.float32)
+    ref[rng.random(size) < 0.15] = np.nan
+    dh = rng.normal(0.0, 30.0, size=size).astype(np.float32)
+    dh[rng.random(size) < 0.2] = np.nan
+    stable = rng.integers(0, 2, size=size).astype(np.uint8)
+    width = draw(st.sampled_from([25.0, 50.0, 100.0]))
+    lo = draw(st.floats(-150.0, 100.0))  # axis may cut off some pixels: they must be ignored
+    hi = draw(st.floats(200.0, 520.0))
+    axis = bin_axis(lo, hi, width)
+    return gid, surf, ref, dh, stable, axis, n_glaciers
+
+
+def dense_from_partial(part, n_glaciers):
+    out = np.zeros((len(part.per_glacier), n_glaciers, *part.per_glacier[0].shape[1:]))
+    for k, arr in enumerate(part.per_glacier):
+        out[k, part.glacier - 1] = arr
+    return out
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pixels())
+def test_stats_kernel_matches_oracle_bin_by_bin(case):
+    gid, surf, ref, dh, stable, axis, n_glaciers = case
+    part = stats_tile(gid, surf, ref, dh, stable, axis, n_glaciers)
+    cells, stable_vals = oracle_stats(gid, surf, ref, dh, stable, axis, n_glaciers)
+    np.testing.assert_allclose(
+        dense_from_partial(part, n_glaciers),
+        dense_oracle(cells, axis, n_glaciers),
+        rtol=1e-12,
+        atol=1e-9,
+    )
+    assert part.per_glacier[0].dtype == np.int64
+    assert sorted(part.glacier.tolist()) == sorted({g for g, _, _ in cells})
+    st_n, st_sums, hist = part.totals
+    assert st_n[0] == len(stable_vals) == hist.sum()
+    assert st_sums[0] == pytest.approx(sum(stable_vals), abs=1e-9)
+    assert st_sums[1] == pytest.approx(sum(v * v for v in stable_vals), abs=1e-7)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pixels(), st.integers(1, 6), st.integers(1, 6), st.integers(2, 4))
+def test_map_reduce_over_tiles_matches_oracle(case, ty, tx, split_every):
+    """Any tiling and tree fan-in gives the oracle's numbers (a merge bug would shift rows)."""
+    gid, surf, ref, dh, stable, axis, n_glaciers = case
+    chunks = (ty, tx)
+    static = xr.Dataset(
+        {
+            "glacier_id": (("y", "x"), da.from_array(gid, chunks=chunks)),
+            "surface": (("y", "x"), da.from_array(surf, chunks=chunks)),
+            "ref_dem_m": (("y", "x"), da.from_array(ref, chunks=chunks)),
+            "stable": (("y", "x"), da.from_array(stable, chunks=chunks)),
+        }
+    )
+    dh_da = xr.DataArray(da.from_array(dh, chunks=chunks), dims=("y", "x"))
+    out = binned_statistics(
+        dh_da, static, axis=axis, n_glaciers=n_glaciers, split_every=split_every
+    ).compute(scheduler="sync")
+    cells, stable_vals = oracle_stats(gid, surf, ref, dh, stable, axis, n_glaciers)
+    expect = dense_oracle(cells, axis, n_glaciers)
+    np.testing.assert_array_equal(out["count"].values, expect[0])
+    np.testing.assert_allclose(out["sum_dh_m"].values, expect[1], rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(out["sumsq_dh_m2"].values, expect[2], rtol=1e-12, atol=1e-7)
+    np.testing.assert_array_equal(out["bin"].values, axis.lower_edges_m)
+    assert int(out["stable_count"]) == len(stable_vals)
+    assert float(out["stable_sum_dh_m"]) == pytest.approx(sum(stable_vals), abs=1e-9)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pixels())
+def test_hypsometry_kernel_matches_oracle(case):
+    gid, surf, ref, _, _, axis, n_glaciers = case
+    part = merge_partials(
+        hypsometry_tile(
+            gid[: gid.shape[0] // 2],
+            surf[: gid.shape[0] // 2],
+            ref[: gid.shape[0] // 2],
+            axis,
+            n_glaciers,
+        ),
+        hypsometry_tile(
+            gid[gid.shape[0] // 2 :],
+            surf[gid.shape[0] // 2 :],
+            ref[gid.shape[0] // 2 :],
+            axis,
+            n_glaciers,
+        ),
+    )
+    n_px = np.zeros((n_glaciers, axis.n_bins, 2), np.int64)
+    void = np.zeros(n_glaciers, np.int64)
+    outside = np.zeros(n_glaciers, np.int64)
+    for g, s, z in zip(
+        gid.ravel().tolist(), surf.ravel().tolist(), ref.ravel().tolist(), strict=True
+    ):
+        if not (1 <= g <= n_glaciers) or s not in (1, 2):
+            continue
+        if not math.isfinite(z):
+            void[g - 1] += 1
+            continue
+        b = math.floor(z / axis.bin_width_m) - axis.first_bin
+        if 0 <= b < axis.n_bins:
+            n_px[g - 1, b, s - 1] += 1
+        else:
+            outside[g - 1] += 1
+    got = [np.zeros_like(n_px), np.zeros_like(void), np.zeros_like(outside)]
+    for out, arr in zip(got, part.per_glacier, strict=True):
+        out[part.glacier - 1] = arr
+    np.testing.assert_array_equal(got[0], n_px)
+    np.testing.assert_array_equal(got[1], void)
+    np.testing.assert_array_equal(got[2], outside)
+
+
+def test_bin_axis_edges():
+    axis = bin_axis(4012.3, 4100.0, 50.0)
+    assert (axis.first_bin, axis.n_bins) == (80, 3)  # 4000, 4050, 4100 (max on an edge)
+    np.testing.assert_array_equal(axis.lower_edges_m, [4000.0, 4050.0, 4100.0])
+    assert bin_axis(-60.0, -0.5, 50.0).lower_edges_m.tolist() == [-100.0, -50.0]
+    with pytest.raises(ValueError, match="not finite"):
+        bin_axis(np.inf, -np.inf)
+
+
+@pytest.mark.parametrize("sigma", [0.3, 1.5, 6.0])
+def test_nmad_from_histogram_matches_numpy(sigma):
+    rng = np.random.default_rng(7)
+    values = np.concatenate([rng.normal(0.4, sigma, 20000), rng.normal(0, 200, 50)])  # tails
+    dh = values.astype(np.float32).reshape(50, -1)
+    part = stats_tile(
+        np.zeros(dh.shape, np.int32),
+        np.zeros(dh.shape, np.int8),
+        np.zeros(dh.shape, np.float32),
+        dh,
+        np.ones(dh.shape, np.uint8),
+        bin_axis(0, 1),
+        1,
+    )
+    median, spread = nmad_from_histogram(part.totals[2])
+    assert median == pytest.approx(float(np.median(dh)), abs=STABLE_HIST_WIDTH_M)
+    assert spread == pytest.approx(nmad(dh), abs=1.5 * STABLE_HIST_WIDTH_M)
+    assert nmad_from_histogram(np.zeros(10)) != nmad_from_histogram(np.zeros(10))  # nan
+
+
+def _static(n: int, tile: int, n_glaciers: int = 40) -> tuple[xr.Dataset, xr.DataArray]:
+    rng = np.random.default_rng(0)
+    gid = da.from_array(rng.integers(0, n_glaciers + 1, (n, n)).astype(np.int32), chunks=tile)
+    static = xr.Dataset(
+        {
+            "glacier_id": (("y", "x"), gid),
+            "surface": (("y", "x"), da.where(gid > 0, 1, 0).astype(np.int8)),
+            "ref_dem_m": (("y", "x"), da.random.uniform(3000, 5000, (n, n), chunks=tile)),
+            "stable": (("y", "x"), (gid == 0).astype(np.uint8)),
+        },
+        coords={"x": np.arange(n) * 30.0, "y": -np.arange(n) * 30.0},
+    )
+    dh = xr.DataArray(
+        da.random.normal(0, 1, (2, n, n), chunks=(1, tile, tile)), dims=("scene", "y", "x")
+    )
+    return static, dh
+
+
+def test_graph_building_computes_nothing_and_grows_with_tiles_only():
+    axis = bin_axis(3000, 5000, 50.0)
+    sizes = {}
+    for n_tiles_side in (4, 8):
+        static, dh = _static(64 * n_tiles_side, 64)
+        with raise_if_dask_computes():
+            stats = binned_statistics(dh, static, axis=axis, n_glaciers=40)
+            hyps = hypsometry(static, axis=axis, n_glaciers=40)
+        graph = dict(stats["count"].isel(scene=0).data.__dask_graph__())
+        own = [k for k in graph if "stats_tile" in str(k) or "-merge" in str(k)]
+        sizes[n_tiles_side**2] = len(own)
+        assert hyps["n_px"].shape == (40, axis.n_bins, 2)
+        assert stats["count"].dims == ("scene", "glacier", "bin", "surface")
+    # 2 scenes x (tiles + tree merges, split_every 8): 16 -> 16 + 2 + 1, 64 -> 64 + 8 + 1
+    assert sizes == {16: 2 * 19, 64: 2 * 73}
+
+
+def test_flox_engine_agrees_with_numba():
+    static, dh = _static(64, 32, n_glaciers=7)
+    axis = bin_axis(3000, 5000, 100.0)
+    a = binned_statistics(dh, static, axis=axis, n_glaciers=7).compute()
+    b = binned_statistics(dh, static, axis=axis, n_glaciers=7, engine="flox").compute()
+    np.testing.assert_array_equal(a["count"].values, b["count"].values)
+    np.testing.assert_allclose(a["sum_dh_m"].values, b["sum_dh_m"].values, atol=1e-9)
+    np.testing.assert_allclose(a["stable_sumsq_dh_m2"].values, b["stable_sumsq_dh_m2"].values)
+    assert a["count"].values.sum() == 2 * (static["glacier_id"].values > 0).sum()  # 2 scenes
+
+
+def test_kernel_failure_names_scene_and_tile():
+    static, dh = _static(64, 32, n_glaciers=3)
+    static["ref_dem_m"] = static["ref_dem_m"].astype(np.complex64)  # numba cannot type this
+    stats = binned_statistics(
+        dh.assign_coords(scene=["A", "B"]), static, axis=bin_axis(0, 1), n_glaciers=3
+    )
+    with pytest.raises(BinningError, match=r"scene A, tile \(\d, \d\)"):
+        stats["count"].isel(scene=0).compute(scheduler="sync")
+
+
+# ------------------------------------------------------------------ the step on a DEM-kind cube
+
+
+@pytest.fixture(scope="module")
+def dem_cube(tiny_dem_study: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny DEM study ingested, with dh_m = dem_m - ref_dem_m and a 'correct' record (as the
+    corrections step would leave it). Read-only: copy before writing."""
+    store = tmp_path_factory.mktemp("bin_cube") / "cube.zarr"
+    ingest(tiny_dem_study, store)
+    cube = open_cube(store)
+    for scene_id, i in scene_index(store).items():
+        dh = (cube["dem_m"].sel(scene=[scene_id]) - cube["ref_dem_m"]).astype(np.float32)
+        ds = xr.Dataset({"dh_m": dh.transpose("scene", "y", "x")})
+        dask.compute(write_scene_region(store, ds, i, compute=False))
+        record_step(store, "correct", scene_id, {"test": "dh = dem - ref"})
+    return store
+
+
+def _copy(store: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(store, tmp_path / "cube.zarr"))
+
+
+def _pandas_stats(cube: xr.Dataset, scene_id: str, width: float) -> pd.DataFrame:
+    frame = pd.DataFrame(
+        {
+            "glacier": cube["glacier_id"].values.ravel(),
+            "surface": cube["surface"].values.ravel(),
+            "z": cube["ref_dem_m"].values.ravel().astype(np.float64),
+            "dh": cube["dh_m"].sel(scene=scene_id).values.ravel().astype(np.float64),
+        }
+    )
+    frame = frame[(frame.glacier > 0) & np.isfinite(frame.z) & np.isfinite(frame.dh)]
+    frame["bin"] = np.floor(frame.z / width) * width
+    frame["dh2"] = frame.dh**2
+    return frame.groupby(["glacier", "bin", "surface"]).agg(
+        count=("dh", "size"), sum_dh_m=("dh", "sum"), sumsq_dh_m2=("dh2", "sum")
+    )
+
+
+def test_bin_cube_matches_pandas_and_truth(dem_cube, tiny_dem_study, tmp_path):
+    store = _copy(dem_cube, tmp_path)
+    with quiet():
+        done = bin_cube(store)
+        assert bin_cube(store) == []  # up to date
+    cube = open_cube(store)
+    assert done == [str(s) for s in cube["scene"].values]
+    stats = xr.open_zarr(store, group="stats").load()
+    hyps = xr.open_zarr(store, group="hypsometry").load()
+    assert stats["binned"].values.tolist() == [1, 1, 1]
+    assert stats["count"].dtype == np.int64 and stats["sum_dh_m"].dtype == np.float64
+    # every cell, against pandas
+    for scene_id in done:
+        expect = _pandas_stats(cube, scene_id, 50.0)
+        got = stats.sel(scene=scene_id)[["count", "sum_dh_m", "sumsq_dh_m2"]].to_dataframe()
+        got = got[got["count"] > 0].drop(columns="scene", errors="ignore")
+        got.index = got.index.set_levels(got.index.levels[2].astype(np.int64), level=2)
+        expect = expect.reindex(got.index.union(expect.index))
+        got = got.reindex(expect.index)
+        np.testing.assert_array_equal(got["count"].values, expect["count"].values)
+        np.testing.assert_allclose(got["sum_dh_m"].values, expect["sum_dh_m"].values, rtol=1e-9)
+        np.testing.assert_allclose(
+            got["sumsq_dh_m2"].values, expect["sumsq_dh_m2"].values, rtol=1e-9
+        )
+    # hypsometry: every glacier pixel counted exactly once (binned or void)
+    gid = cube["glacier_id"].values
+    per_glacier = np.bincount(gid.ravel(), minlength=gid.max() + 1)[1:]
+    total = hyps["n_px"].sum(["bin", "surface"]).values + hyps["void_px"].values
+    np.testing.assert_array_equal(total, per_glacier)
+    np.testing.assert_allclose(hyps["area_m2"].values, hyps["n_px"].values * 900.0)
+    assert (
+        hyps["bin"].values[0]
+        == np.floor(np.nanmin(np.where(gid > 0, cube["ref_dem_m"].values, np.nan)) / 50) * 50
+    )
+    np.testing.assert_array_equal(stats["bin"].values, hyps["bin"].values)
+    # synthetic truth: glacier areas (outline rasterization vs the generator's own mask)
+    truth = pd.read_csv(tiny_dem_study / "truth" / "glaciers.csv")
+    area_km2 = (hyps["area_m2"].sum(["bin", "surface"]) + hyps["void_area_m2"]).values / 1e6
+    big = truth["area_km2"].to_numpy() > 0.5
+    np.testing.assert_allclose(area_km2[big], truth["area_km2"].to_numpy()[big], rtol=0.05)
+    # stable ground: exact sums and a robust spread matching numpy's
+    for scene_id in done:
+        dh = cube["dh_m"].sel(scene=scene_id).values.astype(np.float64)
+        on = (cube["stable"].values == 1) & np.isfinite(dh)
+        s = stats.sel(scene=scene_id)
+        assert int(s["stable_count"]) == on.sum() > 10000
+        assert float(s["stable_sum_dh_m"]) == pytest.approx(dh[on].sum(), rel=1e-9)
+        assert float(s["stable_sumsq_dh_m2"]) == pytest.approx((dh[on] ** 2).sum(), rel=1e-9)
+        assert float(s["stable_median_dh_m"]) == pytest.approx(np.median(dh[on]), abs=0.02)
+        assert float(s["stable_nmad_dh_m"]) == pytest.approx(nmad(dh[on]), abs=0.03)
+
+
+def test_bin_cube_recomputes_only_what_changed(dem_cube, tmp_path):
+    store = _copy(dem_cube, tmp_path)
+    ids = list(scene_index(store))
+    with quiet():
+        assert bin_cube(store, scenes=ids[:2]) == ids[:2]
+        first = xr.open_zarr(store, group="stats").load()
+        assert first["binned"].values.tolist() == [1, 1, 0]
+        chunk = store / "stats" / "count" / "c" / "0" / "0" / "0" / "0"
+        stamp = chunk.stat().st_mtime_ns
+        assert bin_cube(store) == ids[2:]  # the new scene only
+        assert chunk.stat().st_mtime_ns == stamp  # scene 0's region not rewritten
+        after = xr.open_zarr(store, group="stats").load()
+        xr.testing.assert_equal(
+            after.isel(scene=[0, 1])["count"], first.isel(scene=[0, 1])["count"]
+        )
+        # new corrected dh for one scene: only it is redone
+        record_step(store, "correct", ids[1], {"test": "again"})
+        assert bin_cube(store) == [ids[1]]
+        # another bin width: new hypsometry and bin axis, every scene redone
+        assert bin_cube(store, MassBalanceConfig(bin_width_m=100.0)) == ids
+    stats = xr.open_zarr(store, group="stats")
+    hyps = xr.open_zarr(store, group="hypsometry")
+    assert np.all(np.diff(stats["bin"].values) == 100.0)
+    np.testing.assert_array_equal(stats["bin"].values, hyps["bin"].values)
+    assert int(stats["count"].sum()) == int(first["count"].sum()) + int(
+        after["count"].isel(scene=2).sum()
+    )
+    assert zarr.open_group(str(store), path="stats").attrs["bin_width_m"] == 100.0
+
+
+def test_bin_cube_refuses_unknown_scenes_and_missing_dh(dem_cube, tmp_path):
+    store = _copy(dem_cube, tmp_path)
+    with pytest.raises(StoreError, match=r"not \(completely\) ingested"):
+        bin_cube(store, scenes=["nope"])
+    state = read_state(store)
+    first = next(iter(scene_index(store)))
+    del state["steps"]["correct"][first]
+    write_state(store, state)
+    with pytest.raises(StoreError, match=rf"\['{first}'\] have no corrected dh"):
+        bin_cube(store)
