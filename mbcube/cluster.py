@@ -6,11 +6,19 @@
 from __future__ import annotations
 
 import contextvars
+import os
+import re
+import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Literal
 
 import dask
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mbcube.errors import StudyError
 
 #: When True, `compute` shows no progress bar (scripts, `--quiet`).
 _QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("mbcube_quiet", default=False)
@@ -57,3 +65,208 @@ def compute(*collections: Any, label: str) -> tuple[Any, ...]:
     futures = client.compute(list(collections))
     progress(futures)
     return tuple(client.gather(futures))
+
+
+# ---------------------------------------------------------------- cluster profiles
+
+#: A scheduler address (`tcp://host:8786`, `tls://...`): connect to it instead of starting a cluster.
+_ADDRESS = re.compile(r"^[a-z][a-z0-9+]*://\S+$")
+
+
+class ClusterProfileError(StudyError):
+    """A cluster profile that does not exist or does not validate (the message names the key)."""
+
+
+class Adaptive(BaseModel):
+    """Adaptive scaling bounds (worker processes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    minimum: int = Field(0, ge=0)
+    maximum: int = Field(ge=1)
+
+
+class ClusterSpec(BaseModel):
+    """The `mbcube.cluster` section of a profile (hyphens and underscores both accepted).
+
+    kind: 'local' (dask LocalCluster on this machine: quick, no queue), 'slurm' (dask-jobqueue
+    SLURMCluster: workers are SLURM jobs, scheduler in this process), 'address' (connect to a
+    running scheduler at `address`; nothing is started or stopped)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["local", "slurm", "address"] = "local"
+    workers: int | None = Field(None, ge=0, description="worker processes; None: one per core")
+    adaptive: Adaptive | None = None
+    threads_per_worker: int = Field(1, ge=1, description="local: threads per worker process")
+    memory_limit: str | float | None = Field("auto", description="local: per worker")
+    host: str = Field("127.0.0.1", description="local: scheduler and workers bind here")
+    dashboard_address: str | None = "127.0.0.1:8787"
+    address: str | None = Field(None, description="address: the scheduler to connect to")
+    wait_for_workers: int = Field(1, ge=0, description="block until this many workers joined")
+    timeout_s: float = Field(300.0, gt=0, description="... or fail after this long (s)")
+    security: Literal["none", "config", "temporary"] = "none"
+
+
+def cluster_dir() -> Path:
+    """The folder of named profiles: env MBCUBE_CLUSTER_DIR, else the repository's `cluster/`
+    (found from this package's location), else `./cluster`."""
+    env = os.environ.get("MBCUBE_CLUSTER_DIR")
+    if env:
+        return Path(env).expanduser()
+    repo = Path(__file__).resolve().parents[1] / "cluster"
+    return repo if repo.is_dir() else Path.cwd() / "cluster"
+
+
+def available_profiles() -> list[str]:
+    """Names of the profiles in `cluster_dir()` (plus 'threads', which runs without a cluster)."""
+    folder = cluster_dir()
+    names = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    return [*names, "threads"]
+
+
+def _expand(value: Any) -> Any:
+    """`~` and `$VARS` expanded in every string of a profile."""
+    if isinstance(value, str):
+        return os.path.expanduser(os.path.expandvars(value))
+    if isinstance(value, dict):
+        return {k: _expand(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v) for v in value]
+    return value
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested profile -> dotted dask.config keys (so that setting one leaf keeps its siblings);
+    `scheduler-options` stays a dict (it is one value: keyword arguments of the Scheduler)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key.replace("_", "-") != "scheduler-options":
+            flat |= _flatten(value, f"{name}.")
+        else:
+            flat[name] = value
+    return flat
+
+
+def load_profile(profile: str) -> tuple[ClusterSpec, dict[str, Any]]:
+    """A profile's `mbcube.cluster` section, validated, and the dask.config keys (dotted) of the
+    rest. `profile`: a scheduler address ('tcp://host:8786'), a YAML file path, or the name of a
+    file in `cluster_dir()` ('local', 'slurm')."""
+    if _ADDRESS.match(profile):
+        return ClusterSpec(kind="address", address=profile), {}
+    path = Path(profile).expanduser()
+    if not (path.suffix in (".yaml", ".yml") or os.sep in profile):
+        path = cluster_dir() / f"{profile}.yaml"
+    if not path.is_file():
+        raise ClusterProfileError(
+            f"cluster profile '{profile}': no file {path}. Known profiles: "
+            f"{', '.join(available_profiles())}; or pass a YAML file, or a scheduler address "
+            "like tcp://host:8786 (the profile folder is env MBCUBE_CLUSTER_DIR, else cluster/)."
+        )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ClusterProfileError(f"cluster profile {path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ClusterProfileError(f"cluster profile {path}: expected a mapping at the top level")
+    raw = _expand(raw)
+    section = (raw.pop("mbcube", None) or {}).get("cluster") or {}
+    try:
+        spec = ClusterSpec.model_validate({k.replace("-", "_"): v for k, v in section.items()})
+    except ValidationError as err:
+        raise ClusterProfileError(f"cluster profile {path}, mbcube.cluster: {err}") from err
+    if spec.kind == "address" and not spec.address:
+        raise ClusterProfileError(f"cluster profile {path}: kind 'address' needs `address`")
+    return spec, _flatten(raw)
+
+
+def _security(spec: ClusterSpec) -> Any:
+    from distributed.security import Security
+
+    if spec.security == "temporary":
+        try:
+            return Security.temporary()
+        except ImportError as err:
+            raise ClusterProfileError(
+                "security: temporary needs the `cryptography` package; install it, or give "
+                "certificate files (security: config, distributed.comm.tls.*)"
+            ) from err
+    if spec.security == "config" or (spec.address or "").startswith("tls://"):
+        return Security()  # the distributed.comm.tls.* files of the (merged) config
+    return None
+
+
+@contextmanager
+def cluster_client(profile: str) -> Iterator[Any]:
+    """A `distributed.Client` on the cluster of `profile`, closed (with its cluster) on exit.
+
+    `profile`: a name of cluster/*.yaml ('local', 'slurm'), a path to such a YAML file, or the
+    address of a running scheduler ('tcp://host:8786', 'tls://...'). The profile's keys are merged
+    into dask.config for the duration; `mbcube.cluster` (see `ClusterSpec`) says what to start.
+    Inside the block the client is the default one, so `compute` and `dask.compute` run on it."""
+    spec, settings = load_profile(profile)
+    if spec.kind == "slurm":
+        # Its defaults enter dask.config on import: before the profile's keys, which win.
+        import dask_jobqueue  # noqa: F401
+    with dask.config.set(settings), ExitStack() as stack:
+        from distributed import Client
+
+        security = _security(spec)
+        if spec.kind == "address":
+            client = stack.enter_context(Client(spec.address, security=security))
+        else:
+            cluster = stack.enter_context(_start_cluster(spec, security))
+            client = stack.enter_context(Client(cluster, security=security))
+            if spec.adaptive is not None:
+                cluster.adapt(minimum=spec.adaptive.minimum, maximum=spec.adaptive.maximum)
+            elif spec.kind == "slurm":
+                cluster.scale(spec.workers if spec.workers is not None else 1)
+            wanted = spec.wait_for_workers
+            if spec.kind == "slurm" and wanted:
+                _wait_for_workers(client, cluster, wanted, spec.timeout_s)
+        yield client
+
+
+def _start_cluster(spec: ClusterSpec, security: Any) -> Any:
+    """A LocalCluster or SLURMCluster (a context manager) as the spec says."""
+    if spec.kind == "local":
+        from distributed import LocalCluster
+
+        n_workers = spec.workers
+        if n_workers is None:
+            n_workers = max(1, (os.cpu_count() or 1) // spec.threads_per_worker)
+        if spec.adaptive is not None:
+            n_workers = spec.adaptive.minimum
+        return LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=spec.threads_per_worker,
+            processes=True,
+            memory_limit=spec.memory_limit,
+            host=spec.host,
+            dashboard_address=spec.dashboard_address,
+            protocol="tls://" if security is not None else None,
+            security=security,
+        )
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError as err:  # pragma: no cover - dask-jobqueue is a dependency
+        raise ClusterProfileError("the slurm profile needs the dask-jobqueue package") from err
+    if shutil.which("sbatch") is None:
+        raise ClusterProfileError(
+            "the slurm profile needs SLURM's sbatch/squeue/scancel on PATH (and SLURM_CONF "
+            'pointing at the cluster\'s slurm.conf; for a test cluster: eval "$(cluster/slurm-up)")'
+        )
+    return SLURMCluster(security=security)
+
+
+def _wait_for_workers(client: Any, cluster: Any, n: int, timeout_s: float) -> None:
+    try:
+        client.wait_for_workers(n, timeout=timeout_s)
+    except TimeoutError as err:
+        raise ClusterProfileError(
+            f"only {len(client.scheduler_info(n_workers=-1)['workers'])} of {n} SLURM worker(s) "
+            f"joined within {timeout_s:.0f} s (jobs still queued or failing: see squeue and the "
+            f"job logs in {dask.config.get('jobqueue.slurm.log-directory')}). Job script:\n"
+            f"{cluster.job_script()}"
+        ) from err
