@@ -1,0 +1,952 @@
+"""The corrections step on the cube: dh_raw (insar) or co-registered DEM minus reference (dem)
+-> datum, ramp, penetration, seasonal offset and outliers removed -> `dh_m` and `valid`, with
+every per-scene parameter written beside them.
+
+Per scene, one Dask graph over the tiles: the input blocks are read once and kept by the scheduler
+while the small global reductions (robust quantiles and histograms, normal equations, per-group
+moments) chain through delayed solves; then each corrected tile is written. The penetration table
+is a static reduction, computed once per parameter set and stored in the group `penetration`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+from dask.delayed import Delayed
+
+from mbcube import store as st
+from mbcube.cluster import compute
+from mbcube.config import CorrectionsConfig
+from mbcube.corrections import coregister, outliers, penetration, ramp, robust
+from mbcube.corrections.bins import ELEV_MIN_M, bin_index, group_index, n_bins
+from mbcube.corrections.datum import datum_from_histogram
+from mbcube.corrections.errors import CorrectionsError
+from mbcube.corrections.masks import validity
+from mbcube.corrections.seasonal import seasonal_offset_m
+
+STEP = "correct"
+TABLE_ID = "_penetration_table"
+
+
+@dataclass(frozen=True)
+class Options:
+    """Parameters not (yet) in CorrectionsConfig, with their defaults."""
+
+    bin_width_m: float = 50.0  # elevation bins of the penetration table and outlier groups
+    coreg_iterations: int = 4
+    coreg_halo_px: int = 8  # largest shift applied: halo - 1 px
+    min_stable_px: int = 100  # fewer stable valid pixels: the scene is refused
+    outlier_min_px: int = 20  # groups with fewer pixels are not filtered
+    penetration_corr_m: float = 500.0  # error correlation length for the table's sigma
+
+
+def _run(where: str, func: Callable[..., Any], *args: Any) -> Any:
+    """func(*args), re-raising any error with the scene and tile it happened in."""
+    try:
+        return func(*args)
+    except CorrectionsError:
+        raise
+    except Exception as err:
+        raise CorrectionsError(f"corrections, {where}: {type(err).__name__}: {err}") from err
+
+
+def _task(where: str, func: Callable[..., Any], *args: Any) -> Delayed:
+    return dask.delayed(_run, pure=True)(where, func, *args)
+
+
+def _sum(*parts: np.ndarray) -> np.ndarray:
+    return np.sum(np.stack(parts), axis=0)
+
+
+def _tree_sum(parts: list[Delayed], fan_in: int = 8) -> Delayed:
+    """Sum of the delayed arrays, as a tree of `fan_in`-way sums (bounded task memory)."""
+    while len(parts) > 1:
+        parts = [
+            dask.delayed(_sum, pure=True)(*parts[i : i + fan_in])
+            for i in range(0, len(parts), fan_in)
+        ]
+    return parts[0]
+
+
+# ------------------------------------------------------------------------------ tile kernels
+
+
+def _dh_block(
+    kind: str,
+    src: np.ndarray,
+    ref: np.ndarray,
+    void: np.ndarray,
+    radar: np.ndarray | None,
+    coh: np.ndarray | None,
+    shift_m: np.ndarray | None,
+    halo: int,
+    res_m: float,
+    coherence_min: float,
+) -> np.ndarray:
+    """dh (m) of a tile, NaN where invalid (masks.validity); dem scenes resampled at p + shift."""
+    if kind == "dem":
+        src = coregister.shifted(src, halo, np.zeros(2) if shift_m is None else shift_m, res_m)
+        dh = src.astype(np.float64) - ref
+    else:
+        dh = src.astype(np.float64)
+    ok = validity(dh, ref, void, radar, coh, coherence_min)
+    return np.where(ok, dh, np.nan)
+
+
+def _stable_only(dh: np.ndarray, stable: np.ndarray) -> np.ndarray:
+    return np.where(stable == 1, dh, np.nan)
+
+
+def _quantiles(dh: np.ndarray, stable: np.ndarray) -> np.ndarray:
+    return robust.block_quantiles(_stable_only(dh, stable))
+
+
+def _coreg_ne(
+    dem_h: np.ndarray,
+    ref_h: np.ndarray,
+    void: np.ndarray,
+    stable: np.ndarray,
+    shift_m: np.ndarray,
+    stats: tuple[float, float, float],
+    halo: int,
+    res_m: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    h = halo
+    ref = ref_h[h:-h, h:-h]
+    dh = _dh_block("dem", dem_h, ref, void, None, None, shift_m, halo, res_m, 0.0)
+    gx, gy = coregister.gradient(ref_h, res_m)
+    centre, clip = stats[0], stats[1]
+    return coregister.normal_equations(
+        dh, gx[h:-h, h:-h], gy[h:-h, h:-h], stable == 1, centre, clip
+    )
+
+
+def _dh_q(
+    dem_h: np.ndarray,
+    ref: np.ndarray,
+    void: np.ndarray,
+    stable: np.ndarray,
+    shift_m: np.ndarray,
+    halo: int,
+    res_m: float,
+) -> np.ndarray:
+    dh = _dh_block("dem", dem_h, ref, void, None, None, shift_m, halo, res_m, 0.0)
+    return _quantiles(dh, stable)
+
+
+def _ramp_ne(
+    dh: np.ndarray,
+    stable: np.ndarray,
+    xk: np.ndarray,
+    yk: np.ndarray,
+    model: np.ndarray,
+    stats: tuple[float, float, float],
+) -> tuple[np.ndarray, np.ndarray]:
+    return ramp.normal_equations(dh, stable == 1, xk, yk, model, stats[0], stats[1])
+
+
+def _resid_hist(
+    dh: np.ndarray,
+    stable: np.ndarray,
+    xk: np.ndarray,
+    yk: np.ndarray,
+    model: np.ndarray,
+    hrange: tuple[float, float],
+) -> np.ndarray:
+    resid = _stable_only(dh, stable) - ramp.evaluate(model, xk, yk)
+    return robust.histogram(resid, hrange[0], hrange[1])
+
+
+def _resid_clipped(
+    dh: np.ndarray,
+    stable: np.ndarray,
+    xk: np.ndarray,
+    yk: np.ndarray,
+    model: np.ndarray,
+    centre: float,
+    half: float,
+) -> np.ndarray:
+    resid = _stable_only(dh, stable) - ramp.evaluate(model, xk, yk)
+    return robust.clipped_sum(resid, centre, half)
+
+
+def _corrected(
+    dh: np.ndarray,
+    xk: np.ndarray,
+    yk: np.ndarray,
+    params: dict[str, Any],
+    pen: penetration.Table,
+    region: np.ndarray,
+    surface: np.ndarray,
+    ref: np.ndarray,
+) -> np.ndarray:
+    """dh - datum - ramp, then on glacier pixels - penetration - seasonal (m)."""
+    tilt = params["ramp_coef"].copy()
+    tilt[0] = 0.0
+    out = dh - params["datum_offset_m"] - ramp.evaluate(tilt, xk, yk)
+    pen_field = penetration.lookup(
+        pen.penetration_m, pen.bin_lo_m, pen.width_m, region, surface, ref
+    )
+    return out - np.where(surface > 0, pen_field + params["seasonal_offset_applied_m"], 0.0)
+
+
+def _groups(
+    region: np.ndarray, surface: np.ndarray, ref: np.ndarray, n_region: int, width: float
+) -> np.ndarray:
+    return group_index(region, surface, bin_index(ref, width), n_region + 1, 3, n_bins(width))
+
+
+def _moments(corr_args: tuple[Any, ...], n_region: int, width: float, n_groups: int) -> np.ndarray:
+    corr = _corrected(*corr_args)
+    region, surface, ref = corr_args[5], corr_args[6], corr_args[7]
+    return outliers.moments_block(corr, _groups(region, surface, ref, n_region, width), n_groups)
+
+
+def _zhist(
+    corr_args: tuple[Any, ...], n_region: int, width: float, ms: tuple[np.ndarray, np.ndarray]
+) -> np.ndarray:
+    corr = _corrected(*corr_args)
+    region, surface, ref = corr_args[5], corr_args[6], corr_args[7]
+    return outliers.zhist_block(corr, _groups(region, surface, ref, n_region, width), *ms)
+
+
+def _final(
+    corr_args: tuple[Any, ...],
+    n_region: int,
+    width: float,
+    th: tuple[np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    corr = _corrected(*corr_args)
+    region, surface, ref = corr_args[5], corr_args[6], corr_args[7]
+    ok = outliers.keep(corr, _groups(region, surface, ref, n_region, width), *th)
+    return np.where(ok, corr, np.nan).astype(np.float32)[None], ok.astype(np.uint8)[None]
+
+
+# ------------------------------------------------------------------------- small global steps
+
+
+def _stats_from_quantiles(
+    where: str, clip_nmad: float, min_px: int, *rows: np.ndarray
+) -> tuple[float, float, float]:
+    centre, scale, n = robust.combine_quantiles(list(rows))
+    if n < min_px:
+        raise CorrectionsError(
+            f"{where}: only {n} valid pixels on stable ground (at least {min_px} needed to tie "
+            "the scene's datum and ramp). Check the scene's footprint and masks, or leave it out."
+        )
+    scale = max(scale, 1e-3)
+    return centre, clip_nmad * scale, scale
+
+
+def _stats_from_hist(
+    counts: np.ndarray, hrange: tuple[float, float], clip_nmad: float
+) -> tuple[float, float, float]:
+    med, nmad = robust.median_nmad(counts, *hrange)
+    nmad = max(nmad, 1e-3)
+    return med, clip_nmad * nmad, nmad
+
+
+def _hist_range(
+    stats: tuple[float, float, float], centre: float | None = None
+) -> tuple[float, float]:
+    return robust.hist_range(stats[0] if centre is None else centre, stats[2])
+
+
+def _centred_range(model: np.ndarray, stats: tuple[float, float, float]) -> tuple[float, float]:
+    return robust.hist_range(float(model[0]), stats[2])
+
+
+def _solve_ramp(ne: tuple[np.ndarray, np.ndarray], order: int) -> np.ndarray:
+    return ramp.solve(ne[0], ne[1], order)
+
+
+def _add_shift(
+    shift: np.ndarray, ne: tuple[np.ndarray, np.ndarray], halo: int, res: float, where: str
+) -> np.ndarray:
+    new = shift + coregister.shift_update_m(*ne)
+    if np.max(np.abs(new)) / res + 1 > halo:
+        raise CorrectionsError(
+            f"{where}: co-registration shift {np.round(new, 2).tolist()} m exceeds the "
+            f"{halo - 1} px the blocks can hold; the scene is probably not of this area."
+        )
+    return new
+
+
+def _sum_ne(*parts: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)  # type: ignore[return-value]
+
+
+def _params(
+    model: np.ndarray,
+    counts: np.ndarray,
+    hrange: tuple[float, float],
+    clipped: np.ndarray | None,
+    estimator: str,
+    seasonal_m: float,
+    shift_m: np.ndarray,
+    n_stable: float,
+) -> dict[str, Any]:
+    datum = datum_from_histogram(counts, hrange[0], hrange[1], estimator, clipped)  # type: ignore[arg-type]
+    _, nmad = robust.median_nmad(counts, *hrange)
+    coef = model.copy()
+    coef[0] = 0.0  # the constant is the datum, estimated robustly
+    return {
+        "datum_offset_m": datum,
+        "ramp_coef": coef,
+        "seasonal_offset_applied_m": seasonal_m,
+        "coreg_shift_m": shift_m,
+        "stable_nmad_m": nmad,
+        "n_stable_px": n_stable,
+    }
+
+
+def _moments_sum(*parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return outliers.mean_std(np.sum(np.stack(parts), axis=0))
+
+
+def _thresholds(
+    hist: np.ndarray, ms: tuple[np.ndarray, np.ndarray], k: float, min_px: int
+) -> tuple[np.ndarray, np.ndarray]:
+    return outliers.thresholds(hist, ms[0], ms[1], k, min_px)
+
+
+# ----------------------------------------------------------------------------- scene graph
+
+
+@dataclass(frozen=True)
+class SceneInputs:
+    scene_id: str
+    index: int
+    kind: str
+    month: int
+
+
+def scene_graph(
+    ds: xr.Dataset,
+    scene: SceneInputs,
+    config: CorrectionsConfig,
+    table: penetration.Table,
+    opts: Options = Options(),
+) -> xr.Dataset:
+    """The corrected scene as a lazy Dataset (dims starting with a length-1 `scene`), ready for
+    `write_scene_region`. Nothing is computed. `ds` is the cube (open_cube)."""
+    sid = scene.scene_id
+    seasonal_m = seasonal_offset_m(scene.month, config.seasonal_offset_m, sid)
+    res = float(abs(ds.x.values[1] - ds.x.values[0]))
+    xs, ys = np.asarray(ds.x.values), np.asarray(ds.y.values)
+    x0, y0 = 0.5 * (xs[0] + xs[-1]), 0.5 * (ys[0] + ys[-1])
+    xk_all, yk_all = (xs - x0) / 1000.0, (ys - y0) / 1000.0
+    n_region = int(np.max(ds.region.values)) if "region" in ds.dims and ds.sizes["region"] else 0
+    k_clip = config.ramp_sigma_clip
+    halo = opts.coreg_halo_px
+    one = ds.sel(scene=[sid])
+
+    def blocks(var: str, scene_var: bool = True) -> np.ndarray:
+        arr = one[var].data[0] if scene_var else ds[var].data
+        return np.asarray(arr.to_delayed())
+
+    ref_arr = ds.ref_dem_m.data
+    chunks = ref_arr.chunks
+    rows = np.concatenate([[0], np.cumsum(chunks[0])])
+    cols = np.concatenate([[0], np.cumsum(chunks[1])])
+    ref_b, void_b = blocks("ref_dem_m", False), blocks("ref_void", False)
+    stable_b, surf_b = blocks("stable", False), blocks("surface", False)
+    reg_b = blocks("region_id", False)
+    tiles = [(i, j) for i in range(len(chunks[0])) for j in range(len(chunks[1]))]
+
+    def where(i: int, j: int) -> str:
+        return f"scene {sid} tile ({i}, {j})"
+
+    def xk(j: int) -> np.ndarray:
+        return xk_all[cols[j] : cols[j + 1]]
+
+    def yk(i: int) -> np.ndarray:
+        return yk_all[rows[i] : rows[i + 1]]
+
+    shift: Any = np.zeros(2)
+    if scene.kind == "dem":
+        if "dem_m" not in one:
+            raise CorrectionsError(f"scene {sid} is of kind 'dem' but the cube has no dem_m")
+        depth = {0: halo, 1: halo}
+        dem_h = np.asarray(
+            da.overlap.overlap(one.dem_m.data[0].astype(np.float64), depth, np.nan).to_delayed()
+        )
+        ref_h = np.asarray(
+            da.overlap.overlap(ref_arr.astype(np.float64), depth, np.nan).to_delayed()
+        )
+        n_iter = opts.coreg_iterations if config.coregister_dem_scenes else 0
+        for it in range(n_iter):
+            q = [
+                _task(
+                    where(i, j),
+                    _dh_q,
+                    dem_h[i, j],
+                    ref_b[i, j],
+                    void_b[i, j],
+                    stable_b[i, j],
+                    shift,
+                    halo,
+                    res,
+                )
+                for i, j in tiles
+            ]
+            stats = dask.delayed(_stats_from_quantiles, pure=True)(
+                f"scene {sid}", k_clip, opts.min_stable_px, *q
+            )
+            ne = [
+                _task(
+                    where(i, j),
+                    _coreg_ne,
+                    dem_h[i, j],
+                    ref_h[i, j],
+                    void_b[i, j],
+                    stable_b[i, j],
+                    shift,
+                    stats,
+                    halo,
+                    res,
+                )
+                for i, j in tiles
+            ]
+            shift = dask.delayed(_add_shift, pure=True)(
+                shift,
+                dask.delayed(_sum_ne, pure=True)(*ne),
+                halo,
+                res,
+                f"scene {sid} (co-registration iteration {it + 1})",
+            )
+        dh = {
+            (i, j): _task(
+                where(i, j),
+                _dh_block,
+                "dem",
+                dem_h[i, j],
+                ref_b[i, j],
+                void_b[i, j],
+                None,
+                None,
+                shift,
+                halo,
+                res,
+                0.0,
+            )
+            for i, j in tiles
+        }
+    else:
+        if "dh_raw_m" not in one:
+            raise CorrectionsError(
+                f"scene {sid}: the cube has no dh_raw_m; run the unwrap step first (`mbcube unwrap`)."
+            )
+        raw_b, radar_b, coh_b = blocks("dh_raw_m"), blocks("radar_mask"), blocks("coherence")
+        dh = {
+            (i, j): _task(
+                where(i, j),
+                _dh_block,
+                "insar",
+                raw_b[i, j],
+                ref_b[i, j],
+                void_b[i, j],
+                radar_b[i, j],
+                coh_b[i, j],
+                None,
+                0,
+                res,
+                config.coherence_min,
+            )
+            for i, j in tiles
+        }
+
+    # ramp (with its constant) by iterated sigma-clipped least squares, then the robust datum
+    q = [_task(where(i, j), _quantiles, dh[i, j], stable_b[i, j]) for i, j in tiles]
+    stats = dask.delayed(_stats_from_quantiles, pure=True)(
+        f"scene {sid}", k_clip, opts.min_stable_px, *q
+    )
+    model: Any = np.zeros(ramp.N_COEF)
+    for _ in range(config.ramp_iterations):
+        ne = [
+            _task(where(i, j), _ramp_ne, dh[i, j], stable_b[i, j], xk(j), yk(i), model, stats)
+            for i, j in tiles
+        ]
+        model = dask.delayed(_solve_ramp, pure=True)(
+            dask.delayed(_sum_ne, pure=True)(*ne), config.ramp_order
+        )
+        hrange = dask.delayed(_hist_range, pure=True)(stats, 0.0)
+        hist = _tree_sum(
+            [
+                _task(
+                    where(i, j), _resid_hist, dh[i, j], stable_b[i, j], xk(j), yk(i), model, hrange
+                )
+                for i, j in tiles
+            ]
+        )
+        stats = dask.delayed(_stats_from_hist, pure=True)(hist, hrange, k_clip)
+    tilt = dask.delayed(_zero_constant, pure=True)(model)
+    hrange = dask.delayed(_centred_range, pure=True)(model, stats)
+    counts = _tree_sum(
+        [
+            _task(where(i, j), _resid_hist, dh[i, j], stable_b[i, j], xk(j), yk(i), tilt, hrange)
+            for i, j in tiles
+        ]
+    )
+    clipped = None
+    if config.datum_estimator == "nmad_mean":
+        centre_half = dask.delayed(_centre_half, pure=True)(counts, hrange)
+        clipped = _tree_sum(
+            [
+                _task(
+                    where(i, j),
+                    _resid_clipped,
+                    dh[i, j],
+                    stable_b[i, j],
+                    xk(j),
+                    yk(i),
+                    tilt,
+                    centre_half[0],
+                    centre_half[1],
+                )
+                for i, j in tiles
+            ]
+        )
+    n_stable = dask.delayed(_count, pure=True)(counts)
+    params = dask.delayed(_params, pure=True)(
+        model, counts, hrange, clipped, config.datum_estimator, seasonal_m, shift, n_stable
+    )
+
+    # penetration + seasonal, outliers per (region, surface, bin), final tiles
+    n_groups = (n_region + 1) * 3 * n_bins(opts.bin_width_m)
+
+    def corr_args(i: int, j: int) -> tuple[Any, ...]:
+        return (dh[i, j], xk(j), yk(i), params, table, reg_b[i, j], surf_b[i, j], ref_b[i, j])
+
+    mom = [
+        _task(where(i, j), _moments, corr_args(i, j), n_region, opts.bin_width_m, n_groups)
+        for i, j in tiles
+    ]
+    ms = dask.delayed(_moments_sum, pure=True)(*mom)
+    zh = _tree_sum(
+        [
+            _task(where(i, j), _zhist, corr_args(i, j), n_region, opts.bin_width_m, ms)
+            for i, j in tiles
+        ]
+    )
+    th = dask.delayed(_thresholds, pure=True)(zh, ms, config.outlier_nmad, opts.outlier_min_px)
+    finals = {
+        (i, j): _task(where(i, j), _final, corr_args(i, j), n_region, opts.bin_width_m, th)
+        for i, j in tiles
+    }
+
+    def assemble(k: int, dtype: Any) -> da.Array:
+        return da.block(
+            [
+                [
+                    da.from_delayed(
+                        dask.delayed(operator.getitem, pure=True)(finals[i, j], k),
+                        (1, chunks[0][i], chunks[1][j]),
+                        dtype=dtype,
+                    )
+                    for j in range(len(chunks[1]))
+                ]
+                for i in range(len(chunks[0]))
+            ]
+        )
+
+    def param(name: str, shape: tuple[int, ...], dtype: Any = np.float64) -> da.Array:
+        value = dask.delayed(_param_array, pure=True)(params, name, shape)
+        return da.from_delayed(value, (1, *shape), dtype=dtype)
+
+    nb = n_bins(opts.bin_width_m)
+    th_shape = (n_region + 1, 3, nb)
+    bin_attrs = {
+        "outlier_region": "0 = pixels outside any region, 1..R region_id",
+        "outlier_surface": "0 off-glacier, 1 clean ice, 2 debris",
+        "outlier_bin_lower_edge_m": f"{ELEV_MIN_M} + i * {opts.bin_width_m}",
+    }
+    out = xr.Dataset(
+        {
+            "dh_m": (
+                ("scene", "y", "x"),
+                assemble(0, np.float32),
+                {"long_name": "corrected elevation change (scene minus reference)", "units": "m"},
+            ),
+            "valid": (
+                ("scene", "y", "x"),
+                assemble(1, np.uint8),
+                {"long_name": "valid dh_m: scene masks, reference, coherence and outliers"},
+            ),
+            "datum_offset_m": (
+                ("scene",),
+                param("datum_offset_m", ()),
+                {"long_name": "stable-ground offset removed at the grid centre", "units": "m"},
+            ),
+            "ramp_coef": (
+                ("scene", "coef"),
+                param("ramp_coef", (ramp.N_COEF,)),
+                {
+                    "long_name": "ramp a + b x + c y + d x y + e x2 + f y2 removed (a = 0: in datum)",
+                    "coef": " ".join(ramp.COEF_NAMES),
+                    "units": " ".join(ramp.COEF_UNITS),
+                    "x_y": f"km from the grid centre ({x0:.3f}, {y0:.3f}) m, x east, y north",
+                },
+            ),
+            "coreg_shift_m": (
+                ("scene", "shift_axis"),
+                param("coreg_shift_m", (2,)),
+                {"long_name": "horizontal shift of the scene (east, north) removed", "units": "m"},
+            ),
+            "seasonal_offset_applied_m": (
+                ("scene",),
+                param("seasonal_offset_applied_m", ()),
+                {"long_name": "seasonal offset removed on glacier pixels", "units": "m"},
+            ),
+            "stable_nmad_m": (
+                ("scene",),
+                param("stable_nmad_m", ()),
+                {"long_name": "NMAD of stable-ground dh after datum and ramp", "units": "m"},
+            ),
+            "n_stable_px": (
+                ("scene",),
+                param("n_stable_px", ()),
+                {"long_name": "stable valid pixels used for the datum"},
+            ),
+            "outlier_lower_m": (
+                ("scene", "outlier_region", "outlier_surface", "outlier_bin"),
+                da.from_delayed(
+                    dask.delayed(_threshold_array, pure=True)(th, 0, th_shape),
+                    (1, *th_shape),
+                    dtype=np.float64,
+                ),
+                {"long_name": "dh below this was rejected (NaN: group not filtered)", "units": "m"}
+                | bin_attrs,
+            ),
+            "outlier_upper_m": (
+                ("scene", "outlier_region", "outlier_surface", "outlier_bin"),
+                da.from_delayed(
+                    dask.delayed(_threshold_array, pure=True)(th, 1, th_shape),
+                    (1, *th_shape),
+                    dtype=np.float64,
+                ),
+                {"long_name": "dh above this was rejected (NaN: group not filtered)", "units": "m"}
+                | bin_attrs,
+            ),
+        }
+    )
+    out.attrs["outlier_nmad"] = config.outlier_nmad
+    return out
+
+
+def _zero_constant(model: np.ndarray) -> np.ndarray:
+    out = model.copy()
+    out[0] = 0.0
+    return out
+
+
+def _centre_half(counts: np.ndarray, hrange: tuple[float, float]) -> tuple[float, float]:
+    med, nmad = robust.median_nmad(counts, *hrange)
+    return med, 3.0 * nmad
+
+
+def _count(counts: np.ndarray) -> float:
+    return float(counts.sum())
+
+
+def _param_array(params: dict[str, Any], name: str, shape: tuple[int, ...]) -> np.ndarray:
+    return np.asarray(params[name], dtype=np.float64).reshape((1, *shape))
+
+
+def _threshold_array(
+    th: tuple[np.ndarray, np.ndarray], k: int, shape: tuple[int, ...]
+) -> np.ndarray:
+    return th[k].reshape((1, *shape))
+
+
+# ----------------------------------------------------------------------- penetration (static)
+
+
+def _diff_block(c: np.ndarray, x: np.ndarray, void: np.ndarray) -> np.ndarray:
+    d = x.astype(np.float64) - c
+    return np.where(void == 0, d, np.nan)
+
+
+def _pen_hist(diff: np.ndarray, stable: np.ndarray, hrange: tuple[float, float]) -> np.ndarray:
+    return robust.histogram(_stable_only(diff, stable), *hrange)
+
+
+def _pen_sums(
+    diff: np.ndarray,
+    region: np.ndarray,
+    surface: np.ndarray,
+    ref: np.ndarray,
+    n_region: int,
+    width: float,
+) -> np.ndarray:
+    return penetration.sums_block(diff, region, surface, ref, n_region, width)
+
+
+def _offset(
+    stats: tuple[float, float, float], counts: np.ndarray, hrange: tuple[float, float]
+) -> float:
+    return robust.median_nmad(counts, *hrange)[0]
+
+
+def _quantile_stats(*rows: np.ndarray) -> tuple[float, float, float]:
+    centre, scale, _ = robust.combine_quantiles(list(rows))
+    return centre, 3.0 * scale, scale  # (centre, clip, scale) like the scene statistics
+
+
+def _xband_graph(ds: xr.Dataset, n_region: int, width: float) -> tuple[Delayed, Delayed]:
+    """Delayed (stable-ground offset of X minus C (m), summed per-group moments)."""
+    c = np.asarray(ds.ref_dem_m.data.to_delayed())
+    x = np.asarray(ds.ref_dem_x_m.data.to_delayed())
+    void = np.asarray(ds.ref_void.data.to_delayed())
+    stable = np.asarray(ds.stable.data.to_delayed())
+    surf = np.asarray(ds.surface.data.to_delayed())
+    reg = np.asarray(ds.region_id.data.to_delayed())
+    tiles = list(np.ndindex(c.shape))
+
+    def where(t: tuple[int, ...]) -> str:
+        return f"penetration table, tile {t}"
+
+    diff = {t: _task(where(t), _diff_block, c[t], x[t], void[t]) for t in tiles}
+    q = [_task(where(t), _quantiles, diff[t], stable[t]) for t in tiles]
+    stats = dask.delayed(_quantile_stats, pure=True)(*q)
+    hrange = dask.delayed(_hist_range, pure=True)(stats)
+    counts = _tree_sum([_task(where(t), _pen_hist, diff[t], stable[t], hrange) for t in tiles])
+    offset = dask.delayed(_offset, pure=True)(stats, counts, hrange)
+    sums = _tree_sum(
+        [_task(where(t), _pen_sums, diff[t], reg[t], surf[t], c[t], n_region, width) for t in tiles]
+    )
+    return offset, sums
+
+
+def _glacier_bins_graph(ds: xr.Dataset, width: float) -> Delayed:
+    """Delayed count of glacier pixels per elevation bin (for a constant table's bin range)."""
+    c = np.asarray(ds.ref_dem_m.data.to_delayed())
+    surf = np.asarray(ds.surface.data.to_delayed())
+    parts = [
+        _task(f"penetration table, tile {t}", _bin_counts, c[t], surf[t], width)
+        for t in np.ndindex(c.shape)
+    ]
+    return _tree_sum(parts)
+
+
+def _bin_counts(ref: np.ndarray, surface: np.ndarray, width: float) -> np.ndarray:
+    b = bin_index(ref, width)
+    return np.bincount(b[(b >= 0) & (surface > 0)], minlength=n_bins(width)).astype(np.float64)
+
+
+def table_dataset(table: penetration.Table, region_ids: np.ndarray, source: str) -> xr.Dataset:
+    """The penetration table as the `penetration` group's Dataset."""
+    dims = ("region", "surface", "bin")
+    return xr.Dataset(
+        {
+            "penetration_m": (
+                dims,
+                table.penetration_m.astype(np.float32),
+                {"long_name": "C minus X penetration (ref_dem_x_m - ref_dem_m)", "units": "m"},
+            ),
+            "penetration_sigma_m": (
+                dims,
+                table.sigma_m.astype(np.float32),
+                {"long_name": "1-sigma uncertainty of penetration_m", "units": "m"},
+            ),
+            "penetration_n_px": (dims, table.n_px.astype(np.int64)),
+            "penetration_filled": (
+                dims,
+                table.filled.astype(np.uint8),
+                {"long_name": "1: too few pixels, value interpolated or copied"},
+            ),
+        },
+        coords={
+            "region": (
+                "region",
+                np.concatenate([[0], region_ids]).astype(np.int16),
+                {"long_name": "region_id; 0 = all regions pooled (used where region_id is 0)"},
+            ),
+            "surface": (
+                "surface",
+                np.array([1, 2], dtype=np.int8),
+                {"long_name": "1 clean ice, 2 debris"},
+            ),
+            "bin": ("bin", table.bin_lo_m, {"long_name": "elevation bin lower edge", "units": "m"}),
+        },
+        attrs={"source": source, "bin_width_m": table.width_m},
+    )
+
+
+def read_table(store: Path) -> penetration.Table:
+    """The stored penetration table (read without dask)."""
+    tab = xr.open_zarr(str(store), group="penetration", chunks=None)
+    return penetration.Table(
+        np.asarray(tab.bin.values, dtype=np.float64),
+        np.asarray(tab.penetration_m.values, dtype=np.float64),
+        np.asarray(tab.penetration_sigma_m.values, dtype=np.float64),
+        np.asarray(tab.penetration_n_px.values),
+        np.asarray(tab.penetration_filled.values).astype(bool),
+        float(tab.attrs["bin_width_m"]),
+    )
+
+
+def _static_token(store: Path) -> str:
+    static = st.read_state(store).get("static", {})
+    return hashlib.sha1(json.dumps(static, sort_keys=True).encode()).hexdigest()
+
+
+def penetration_table(
+    store: Path,
+    config: CorrectionsConfig,
+    opts: Options = Options(),
+    *,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> str:
+    """Compute (once per parameter set) and store the penetration table; return its token."""
+    record = {
+        "params": {
+            "penetration": config.penetration,
+            "penetration_constant_m": config.penetration_constant_m,
+            "penetration_min_px_per_bin": config.penetration_min_px_per_bin,
+            "bin_width_m": opts.bin_width_m,
+            "corr_m": opts.penetration_corr_m,
+        },
+        "upstream": _static_token(store),
+    }
+    if not force and st.is_current(store, STEP, TABLE_ID, record):
+        return str(st.step_record(store, STEP, TABLE_ID)["token"])
+    import warnings
+
+    from mbcube.errors import MbcubeWarning
+
+    ds = st.open_cube(store)
+    region_ids = (
+        np.asarray(ds.region.values, dtype=np.int64) if "region" in ds.dims else np.zeros(0, int)
+    )
+    n_region = int(region_ids.max()) if region_ids.size else 0
+    region_ids = np.arange(1, n_region + 1)
+    res = float(abs(ds.x.values[1] - ds.x.values[0]))
+    width = opts.bin_width_m
+    if progress:
+        progress("correct: penetration table")
+    table: penetration.Table | None = None
+    source: str = config.penetration
+    if config.penetration == "xband":
+        if "ref_dem_x_m" not in ds:
+            warnings.warn(
+                f"{store}: penetration='xband' but the study has no X-band reference DEM; "
+                f"using the constant {config.penetration_constant_m} m "
+                "(corrections.penetration_constant_m).",
+                MbcubeWarning,
+                stacklevel=2,
+            )
+            source = "constant (no X-band reference)"
+        else:
+            offset, sums = compute(
+                *_xband_graph(ds, n_region, width), label="correct: penetration table"
+            )
+            if not np.isfinite(offset) or sums[0].sum() < config.penetration_min_px_per_bin:
+                warnings.warn(
+                    f"{store}: the X-band reference DEM does not overlap enough stable ground "
+                    "and glacier pixels of the reference; using the constant "
+                    f"{config.penetration_constant_m} m (corrections.penetration_constant_m).",
+                    MbcubeWarning,
+                    stacklevel=2,
+                )
+                source = "constant (X-band reference does not overlap)"
+            else:
+                table = penetration.finish_table(
+                    sums,
+                    float(offset),
+                    width,
+                    config.penetration_min_px_per_bin,
+                    res,
+                    opts.penetration_corr_m,
+                )
+                source = f"xband (stable-ground offset X minus C {float(offset):.3f} m)"
+    if table is None:
+        (counts,) = compute(_glacier_bins_graph(ds, width), label="correct: glacier bins")
+        keep = np.flatnonzero(counts > 0)
+        if keep.size == 0:
+            keep = np.array([0])
+        bin_lo = ELEV_MIN_M + width * np.arange(keep[0], keep[-1] + 1)
+        value = config.penetration_constant_m if config.penetration != "none" else 0.0
+        table = penetration.constant_table(bin_lo, n_region, value, width)
+        if config.penetration != "xband":
+            source = config.penetration
+    st.write_dataset(table_dataset(table, region_ids, source), store, group="penetration", mode="w")
+    return st.record_step(store, STEP, TABLE_ID, record)
+
+
+# ------------------------------------------------------------------------------- the step
+
+
+def _options_record(opts: Options) -> dict[str, Any]:
+    return dict(opts.__dict__)
+
+
+def correct_cube(
+    store: Path,
+    config: CorrectionsConfig | None = None,
+    *,
+    scenes: Sequence[str] | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+    options: Options | None = None,
+) -> list[str]:
+    """Correct the scenes of the cube at `store` (all complete scenes by default), writing dh_m,
+    valid and the per-scene parameters; skip scenes already corrected with the same parameters
+    and inputs (unless force). Returns the ids of the scenes (re)computed.
+
+    Every requested scene is checked first (seasonal month, upstream layers), so a refused scene
+    stops the step before anything is written."""
+    store = Path(store)
+    config = config or st.recorded_config(store).corrections
+    opts = options or Options()
+    ds = st.open_cube(store)
+    meta = xr.open_zarr(str(store), chunks=None)
+    ids = [str(s) for s in ds.scene.values]
+    wanted = ids if scenes is None else list(scenes)
+    unknown = [s for s in wanted if s not in ids]
+    if unknown:
+        raise CorrectionsError(f"{store}: no complete scene(s) {unknown} in the cube.")
+    index = st.scene_index(store)
+    inputs = []
+    for sid in wanted:
+        i = index[sid]
+        kind = str(meta.scene_kind.values[i])
+        month = int(meta.scene_month.values[i])
+        seasonal_offset_m(month, config.seasonal_offset_m, sid)  # refuse before any write
+        upstream_step = "unwrap" if kind == "insar" else "ingest"
+        upstream = st.step_record(store, upstream_step, sid).get("token")
+        if upstream is None:
+            raise CorrectionsError(
+                f"scene {sid}: step '{upstream_step}' has not finished it; run it first."
+            )
+        inputs.append((SceneInputs(sid, i, kind, month), upstream))
+    table_token = penetration_table(store, config, opts, force=force, progress=progress)
+    table = read_table(store)
+    done = []
+    for scene, upstream in inputs:
+        record = {
+            "params": config.model_dump(mode="json") | {"options": _options_record(opts)},
+            "upstream": upstream,
+            "penetration": table_token,
+        }
+        if not force and st.is_current(store, STEP, scene.scene_id, record):
+            continue
+        if progress:
+            progress(f"correct scene {scene.scene_id}")
+        out = scene_graph(ds, scene, config, table, opts)
+        write = st.write_scene_region(store, out, scene.index, compute=False)
+        compute(write, label=f"correct scene {scene.scene_id}")
+        st.record_step(store, STEP, scene.scene_id, record)
+        done.append(scene.scene_id)
+    return done
