@@ -34,6 +34,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import LightSource, ListedColormap, Normalize
 from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from mbcube.config import MassBalanceConfig, StudyConfig
 from mbcube.errors import StoreError
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 DPI = 150
 #: Diverging colour map: red = thinning / mass loss, blue = thickening / mass gain.
 CMAP = "RdBu"
+VOID_COLOUR = "#e9dcc0"  # map background where the reference DEM has no data
 SURFACE_STYLE = {1: ("clean ice", "tab:blue"), 2: ("debris-covered", "tab:brown")}
 ALL_GLACIERS = "all glaciers"
 
@@ -73,6 +75,7 @@ class FigureInputs:
     tables: Path | None = None
 
     def __post_init__(self) -> None:
+        self._groups: dict[str, xr.Dataset | None] = {}
         self.store = Path(self.store)
         self.tables = Path(self.tables) if self.tables is not None else None
 
@@ -103,10 +106,14 @@ class FigureInputs:
         return self.state.get("grid", {}).get("crs")
 
     def group(self, name: str) -> xr.Dataset | None:
-        """A stored group ('stats', 'hypsometry', 'penetration') or None when absent."""
-        if not (self.store / name / "zarr.json").exists():
-            return None
-        return xr.open_zarr(str(self.store), group=name, chunks={})
+        """A stored group ('stats', 'hypsometry', 'penetration') or None when absent (lazy,
+        opened once)."""
+        if name not in self._groups:
+            path = self.store / name / "zarr.json"
+            self._groups[name] = (
+                xr.open_zarr(str(self.store), group=name, chunks={}) if path.exists() else None
+            )
+        return self._groups[name]
 
     def table(self, name: str) -> pd.DataFrame | None:
         """tables/<name>.csv or None when absent."""
@@ -412,6 +419,26 @@ def dhdt_map(
         interpolation="nearest",
     )
     lines.set_gid("outlines")
+    lines.set_zorder(3)  # above the no-data hatching
+    handles = []
+    no_data = (gid > 0) & ~np.isfinite(rate_px)
+    if no_data.any():  # glacier without a measurement: hatched, never mistaken for 0 m/yr
+        ax.contourf(
+            x / 1e3,
+            y / 1e3,
+            no_data.astype(float),
+            levels=[0.5, 1.5],
+            colors=["0.8"],
+            hatches=["////"],
+        )
+        handles.append(
+            Patch(facecolor="0.8", hatch="////", edgecolor="0.3", label="glacier, no data")
+        )
+    ax.set_facecolor(VOID_COLOUR)
+    if not np.isfinite(dem).all():
+        handles.append(Patch(facecolor=VOID_COLOUR, edgecolor="0.3", label="no reference DEM"))
+    if handles:
+        ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.85)
     if region_code is not None:
         inside = (np.asarray(computed["rid"].values) == region_code).astype(float)
         if 0 < inside.sum() < inside.size:
@@ -936,6 +963,9 @@ def make_figures(store: Path, tables: Path, out: Path, *, max_px: int = 1500) ->
             fig = make()
         except MissingInputError as err:
             log.warning("figure %s skipped: %s", stem, err)
+            continue
+        except Exception:  # one bad figure must not cost the others and the report
+            log.exception("figure %s failed; the other figures are still made", stem)
             continue
         path = out / f"{stem}.png"
         fig.savefig(path, dpi=DPI)

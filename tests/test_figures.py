@@ -17,6 +17,7 @@ from matplotlib.collections import PathCollection
 from mbcube import figures
 from mbcube.ingest import ingest
 from mbcube.store import open_cube, write_dataset, write_scene_region
+from tests.conftest import raise_if_dask_computes
 
 BIN_M = 50.0
 
@@ -183,6 +184,22 @@ def test_dhdt_map_matches_oracle_block_means(results: Results) -> None:
     outline = _image(fig, "outlines")
     assert int((~np.ma.getmaskarray(outline)).sum()) == int(edges.sum()) > 50
     assert any("m/yr" in ax.get_ylabel() for ax in fig.axes)  # the colour bar's label
+
+
+def test_coarsening_is_lazy_and_matches_numpy(results: Results) -> None:
+    ds = open_cube(results.store)
+    with raise_if_dask_computes():
+        rate = figures.block_mean(figures.mean_rate(ds), 3)
+        ids = figures.block_sample(ds["glacier_id"], 3)
+    assert rate.shape == ids.shape == (106, 106)
+    rates = results.dh_m / results.years[:, None, None]
+    counts = np.isfinite(rates).sum(axis=0)
+    pixel = np.where(counts > 0, np.nansum(rates, axis=0) / np.maximum(counts, 1), np.nan)
+    blocks = pixel[:318, :318].reshape(106, 3, 106, 3)
+    n = np.isfinite(blocks).sum(axis=(1, 3))
+    expected = np.where(n > 0, np.nansum(blocks, axis=(1, 3)) / np.maximum(n, 1), np.nan)
+    np.testing.assert_allclose(rate.values, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+    np.testing.assert_array_equal(ids.values, results.gid[1:318:3, 1:318:3])
 
 
 def test_region_map_crops_to_its_glaciers(results: Results) -> None:
