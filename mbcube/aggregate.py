@@ -27,7 +27,14 @@ import xarray as xr
 
 from mbcube.config import MassBalanceConfig, StudyConfig
 from mbcube.errors import MbcubeWarning, StoreError
-from mbcube.massbalance import GlacierStats, balance, combine_scenes, select_scenes, sum_units
+from mbcube.massbalance import (
+    GlacierStats,
+    balance,
+    combine_scenes,
+    select_scenes,
+    sum_units,
+    with_void_area,
+)
 from mbcube.regions import (
     RegionSet,
     from_attribute,
@@ -36,7 +43,7 @@ from mbcube.regions import (
     surge_free,
 )
 from mbcube.store import grid_of, open_cube, read_state, recorded_config
-from mbcube.uncertainty import datum_sigma_m, stable_moments, unit_uncertainty
+from mbcube.uncertainty import datum_sigma_m, quadrature, stable_moments, unit_uncertainty
 
 __all__ = [
     "GLACIER_COLUMNS",
@@ -103,7 +110,8 @@ class StoredStats:
     centroids_xy: np.ndarray  #: (G, 2) glacier centroids in the grid CRS (m)
     attributes: dict[str, np.ndarray]  #: other outline columns, by name
     stats: GlacierStats  #: scenes combined by the configured rule
-    penetration_sigma_m: np.ndarray  #: (G,) penetration-table spread, area-weighted (m)
+    penetration_sigma_m: np.ndarray  #: (G,) penetration-table error, area-weighted (m)
+    penetration_std_m: np.ndarray | None  #: (G,) penetration pixel spread (m), if stored
     bin_lower_m: np.ndarray  #: (B,) bin lower edges (m)
     scene_ids: np.ndarray  #: (S,)
     scene_dates: np.ndarray  #: (S,) datetime64
@@ -148,7 +156,8 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
     hyps = xr.open_zarr(str(store), group="hypsometry").transpose("glacier", "bin", "surface")
     # the cube's complete scenes that have statistics
     scene_ids = [str(s) for s in cube["scene"].values]
-    have = {str(s) for s in stats["scene"].values}
+    binned = stats["binned"].values if "binned" in stats else np.ones(stats.sizes["scene"])
+    have = {str(s) for s, b in zip(stats["scene"].values, binned, strict=True) if b == 1}
     scenes = [s for s in scene_ids if s in have]
     cube_scenes = cube[["scene_years", "scene_month", "scene_date"]].sel(scene=scenes)
     stats = stats.sel(scene=scenes)
@@ -166,7 +175,14 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
         area = np.nan_to_num(hyps["area_m2"].isel(glacier=part).values.astype(float))
         n_px = np.nan_to_num(hyps["n_px"].isel(glacier=part).values.astype(float))
         use = select_scenes(count, months, area, config.scene_rule, config.min_px_per_bin)
-        blocks.append(combine_scenes(count, sums, years, area, n_px, use, config.min_px_per_bin))
+        void = {
+            name: np.nan_to_num(hyps[name].isel(glacier=part).values.astype(float))
+            for name in ("void_area_m2", "void_px")
+            if name in hyps
+        }
+        blocks.append(
+            combine_scenes(count, sums, years, area, n_px, use, config.min_px_per_bin, **void)
+        )
     combined = _concat(blocks, len(scenes), stats.sizes["bin"], stats.sizes["surface"])
 
     stable_n = np.nan_to_num(stats["stable_count"].values.astype(float))
@@ -175,6 +191,9 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
         np.nan_to_num(stats["stable_sum_dh_m"].values),
         np.nan_to_num(stats["stable_sumsq_dh_m2"].values),
     )
+    if "stable_nmad_dh_m" in stats:  # robust to the heavy tails of stable-ground dh
+        nmad = stats["stable_nmad_dh_m"].values.astype(float)
+        stable_sigma = np.where(np.isfinite(nmad), nmad, stable_sigma)
     pixel_size = float(grid_of(state).res)
     datum = datum_sigma_m(
         stable_n,
@@ -191,7 +210,7 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
         else np.full(len(glacier), -1)
     )
     attributes = {
-        str(name)[len("glacier_attr_") :]: table[name].values
+        str(name)[len("glacier_attr_") :]: _plain(table[name].values)
         for name in table.data_vars
         if str(name).startswith("glacier_attr_")
     }
@@ -201,6 +220,7 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
     grid = grid_of(state)
     ingest_regions = _recorded_file(state, "regions")
     pen_sigma = np.zeros(len(glacier))
+    pen_std: np.ndarray | None = None
     if _has_group(store, "penetration"):
         region_index = np.zeros(len(glacier), dtype=int)
         if ingest_regions is not None:
@@ -209,17 +229,23 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
                 polygons, study.region_name_column, centroids_xy=centroids, how="centroid"
             ).membership
             region_index = np.where(found.any(axis=0), found.argmax(axis=0) + 1, 0)
+        table_ds = xr.open_zarr(str(store), group="penetration")
         pen_sigma = _penetration_sigma(
-            xr.open_zarr(str(store), group="penetration"), combined, region_index, stats["bin"]
+            table_ds["penetration_sigma_m"], combined, region_index, stats["bin"]
         )
+        if "penetration_std_m" in table_ds:
+            pen_std = _penetration_sigma(
+                table_ds["penetration_std_m"], combined, region_index, stats["bin"]
+            )
     return StoredStats(
         glacier=glacier,
-        ids=table["glacier_rgi_id"].values.astype(str),
+        ids=np.array([str(v) for v in table["glacier_rgi_id"].values], dtype=object),
         surge=surge,
         centroids_xy=centroids,
         attributes=attributes,
         stats=combined,
         penetration_sigma_m=pen_sigma,
+        penetration_std_m=pen_std,
         bin_lower_m=stats["bin"].values.astype(float),
         scene_ids=np.asarray(scenes, dtype=object),
         scene_dates=cube_scenes["scene_date"].values,
@@ -237,18 +263,26 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
     )
 
 
+def _plain(values: np.ndarray) -> np.ndarray:
+    """Text arrays (zarr's StringDType) as object arrays of str; numbers unchanged."""
+    if values.dtype.kind in "biuf":
+        return values
+    return np.array([str(v) for v in values], dtype=object)
+
+
 def _concat(blocks: list[GlacierStats], n_scenes: int, n_bins: int, n_surf: int) -> GlacierStats:
     if not blocks:
         empty = np.zeros((0, n_bins, n_surf))
         return GlacierStats(
-            empty,
-            empty,
-            empty,
-            empty,
-            empty,
-            np.zeros(0),
-            np.zeros((n_scenes, 0)),
-            np.zeros((n_scenes, 0)),
+            count=empty,
+            weight=empty,
+            rate_sum=empty,
+            dh_sum=empty,
+            area_m2=empty,
+            n_px=empty,
+            measured_px=np.zeros(0),
+            scene_px=np.zeros((n_scenes, 0)),
+            scene_weight=np.zeros((n_scenes, 0)),
         )
     fields = GlacierStats.__dataclass_fields__
     values = {
@@ -261,27 +295,20 @@ def _concat(blocks: list[GlacierStats], n_scenes: int, n_bins: int, n_surf: int)
 
 
 def _penetration_sigma(
-    table: xr.Dataset, stats: GlacierStats, region_index: np.ndarray, bins: xr.DataArray
+    table: xr.DataArray, stats: GlacierStats, region_index: np.ndarray, bins: xr.DataArray
 ) -> np.ndarray:
-    """Area-weighted penetration-table spread (m) over each glacier's bins and surfaces, taken
-    from the glacier's region (pooled over regions where it has none in the table)."""
-    sigma = table["penetration_sigma_m"].transpose("region", "bin", "surface")
-    weight = (
-        table["penetration_n_px"].transpose("region", "bin", "surface")
-        if "penetration_n_px" in table
-        else xr.ones_like(sigma)
-    ).fillna(0)
-    sigma = sigma.reindex(bin=bins.values, method="nearest")
-    weight = weight.reindex(bin=bins.values, method="nearest").where(sigma.notnull(), 0)
-    pooled = (sigma.fillna(0) * weight).sum("region") / weight.sum("region")
-    fallback = float(np.nanmean(sigma.values)) if np.isfinite(sigma.values).any() else 0.0
-    pooled = pooled.fillna(fallback)
-    regions = [int(r) for r in sigma["region"].values]
-    per_cell = np.broadcast_to(pooled.values, stats.area_m2.shape).copy()
+    """Area-weighted value (m) of a penetration-table variable (region, surface, bin) over each
+    glacier's bins and surfaces, from the glacier's region (index 1..R by centroid in the ingest's
+    region polygons; 0 is the table's pooled region, used for glaciers outside every region).
+    Bins beyond the table's range take its end bins (as the correction's lookup does)."""
+    values = table.transpose("region", "bin", "surface").sortby("bin")
+    values = values.reindex(bin=bins.values, method="nearest")
+    regions = [int(r) for r in values["region"].values]
+    pooled = values.sel(region=0) if 0 in regions else values.mean("region")
+    per_cell = np.empty(stats.area_m2.shape)
     for r in np.unique(region_index):
-        if int(r) in regions:
-            own = sigma.sel(region=int(r)).fillna(pooled).values
-            per_cell[region_index == r] = own
+        own = values.sel(region=int(r)).fillna(pooled) if int(r) in regions else pooled
+        per_cell[region_index == r] = np.nan_to_num(own.values)
     area = stats.area_m2
     total = area.sum(axis=(1, 2))
     return np.divide(
@@ -290,7 +317,7 @@ def _penetration_sigma(
 
 
 def _results(
-    data: StoredStats, units: GlacierStats, pen_sigma: np.ndarray
+    data: StoredStats, units: GlacierStats, pen_sigma: np.ndarray, pen_std: np.ndarray | None
 ) -> dict[str, np.ndarray]:
     c = data.config
     out = balance(units, data.bin_lower_m, c.bin_width_m, c.min_px_per_bin, c.density_kg_m3)
@@ -305,6 +332,7 @@ def _results(
         data.stable_sigma_m,
         data.datum_sigma_m,
         data.pixel_size_m,
+        penetration_std_m=pen_std,
         density_kg_m3=c.density_kg_m3,
         density_sigma_kg_m3=c.density_sigma_kg_m3,
         autocorrelation_m=c.autocorrelation_m,
@@ -389,7 +417,7 @@ def _outlines(data: StoredStats) -> object:
 def glacier_table(data: StoredStats, regions: RegionSet | None = None) -> pd.DataFrame:
     """One row per glacier: the columns GLACIER_COLUMNS after the id column; `regions` names
     each glacier's region (column `region`, '' for none)."""
-    values = _results(data, data.stats, data.penetration_sigma_m)
+    values = _results(data, data.stats, data.penetration_sigma_m, data.penetration_std_m)
     region = (
         regions.region_of() if regions is not None and regions.names else np.full(len(data.ids), "")
     )
@@ -412,15 +440,25 @@ def region_table(
     membership = np.vstack([regions.membership, regions.membership & keep[None, :]])
     labels = ["all"] * len(regions.names) + ["no_surge"] * len(regions.names)
     names = regions.names * 2
-    units = sum_units(data.stats, membership)
-    area_g = data.stats.area_m2.sum(axis=(1, 2))
-    pen = np.divide(
-        membership @ (data.penetration_sigma_m * area_g),
-        membership @ area_g,
-        out=np.zeros(len(names)),
-        where=membership @ area_g > 0,
+    units = sum_units(data.stats, membership, data.config.min_px_per_bin)
+    area_g = data.stats.area_m2.sum(axis=(1, 2)) + data.stats.void_area
+
+    def area_weighted_mean(per_glacier: np.ndarray) -> np.ndarray:
+        return np.divide(
+            membership @ (per_glacier * area_g),
+            membership @ area_g,
+            out=np.zeros(len(names)),
+            where=membership @ area_g > 0,
+        )
+
+    pen_std = data.penetration_std_m
+    values = _results(
+        data,
+        units,
+        area_weighted_mean(data.penetration_sigma_m),
+        None if pen_std is None else area_weighted_mean(pen_std),
     )
-    values = _results(data, units, pen)
+    _void_areas_at_glacier_means(data, values, units, glaciers, membership)
     mb_g = glaciers["mb_mwe_yr"].to_numpy()
     measured = np.isfinite(mb_g)
     weights = membership * (area_g * measured)[None, :]
@@ -433,6 +471,32 @@ def region_table(
         table[name] = area_weighted if name == "mb_mwe_yr_area_weighted" else values[name]
     order = np.argsort(np.arange(len(names)) % len(regions.names), kind="stable")
     return table.iloc[order].reset_index(drop=True)[REGION_COLUMNS]
+
+
+def _void_areas_at_glacier_means(
+    data: StoredStats,
+    values: dict[str, np.ndarray],
+    units: GlacierStats,
+    glaciers: pd.DataFrame,
+    membership: np.ndarray,
+) -> None:
+    """Give each glacier's void area its own mean in the region values (in place)."""
+    binned = units.area_m2.sum(axis=(1, 2))
+    for column in ("dh_m", "dhdt_m_yr"):
+        values[column] = with_void_area(
+            values[column],
+            binned,
+            glaciers[column].to_numpy(dtype=float),
+            data.stats.void_area,
+            membership,
+        )
+    c = data.config
+    dhdt, area_m2 = values["dhdt_m_yr"], values["area_km2"] * 1e6
+    values["mb_mwe_yr"] = dhdt * c.density_kg_m3 / 1000.0
+    values["volume_km3_yr"] = dhdt * area_m2 / 1e9
+    values["mass_gt_yr"] = values["mb_mwe_yr"] * area_m2 / 1e9
+    values["sigma_density_mwe_yr"] = np.abs(dhdt) * c.density_sigma_kg_m3 / 1000.0
+    values["mb_sigma_mwe_yr"] = quadrature(*(values[k] for k in SIGMA_COLUMNS))
 
 
 def aggregate(

@@ -42,6 +42,7 @@ __all__ = [
     "filled_profile",
     "select_scenes",
     "sum_units",
+    "with_void_area",
 ]
 
 #: prefer_jan_mar uses only the Jan-Mar scenes of a glacier when they measure at least this
@@ -60,13 +61,23 @@ class GlacierStats:
     """
 
     count: np.ndarray  #: (U, B, F) measurements used
-    rate_sum: np.ndarray  #: (U, B, F) sum of dh / years over them (m/yr)
-    dh_sum: np.ndarray  #: (U, B, F) sum of dh over them (m)
+    weight: np.ndarray  #: (U, B, F) weight of the sums: count (glaciers) or area (m2, regions)
+    rate_sum: np.ndarray  #: (U, B, F) weighted sum of dh / years (m/yr x weight)
+    dh_sum: np.ndarray  #: (U, B, F) weighted sum of dh (m x weight)
     area_m2: np.ndarray  #: (U, B, F) hypsometry: area of all pixels (m2)
     n_px: np.ndarray  #: (U, B, F) hypsometry: number of pixels
     measured_px: np.ndarray  #: (U,) pixels measured (per bin the best-covering scene, <= n_px)
     scene_px: np.ndarray  #: (S, U) measurements of each used scene
     scene_weight: np.ndarray  #: (S, U) weight of each scene in the unit's mean (sums to 1)
+    void_area_m2: np.ndarray | None = None  #: (U,) glacier area without a reference DEM (m2)
+    void_px: np.ndarray | None = None  #: (U,) its pixels
+
+    def __post_init__(self) -> None:
+        n = self.count.shape[0]
+        if self.void_area_m2 is None:
+            object.__setattr__(self, "void_area_m2", np.zeros(n))
+        if self.void_px is None:
+            object.__setattr__(self, "void_px", np.zeros(n))
 
     def __getitem__(self, index: slice | np.ndarray) -> GlacierStats:
         """The units at `index` (a slice or integer/boolean array)."""
@@ -75,6 +86,16 @@ class GlacierStats:
             arr = getattr(self, f.name)
             values[f.name] = arr[:, index] if f.name.startswith("scene_") else arr[index]
         return GlacierStats(**values)
+
+    @property
+    def void_area(self) -> np.ndarray:
+        """(U,) void area (m2), zeros when unknown."""
+        return np.zeros(self.count.shape[0]) if self.void_area_m2 is None else self.void_area_m2
+
+    @property
+    def void_pixels(self) -> np.ndarray:
+        """(U,) void pixels, zeros when unknown."""
+        return np.zeros(self.count.shape[0]) if self.void_px is None else self.void_px
 
 
 def _cell_coverage(count: np.ndarray, area_m2: np.ndarray, min_px: int) -> np.ndarray:
@@ -115,11 +136,14 @@ def combine_scenes(
     n_px: np.ndarray,
     use: np.ndarray,
     min_px_per_bin: int = 10,
+    void_area_m2: np.ndarray | None = None,
+    void_px: np.ndarray | None = None,
 ) -> GlacierStats:
     """Combine the used scenes of each glacier into one set of statistics.
 
     count, sum_dh_m: (S, G, B, F); scene_years (S,) years since the reference date; area_m2,
-    n_px: (G, B, F) hypsometry; use: (S, G) bool from `select_scenes`.
+    n_px: (G, B, F) hypsometry; use: (S, G) bool from `select_scenes`; void_area_m2, void_px
+    (G,): glacier area without a reference DEM (no bin; it takes the glacier's mean rate).
     """
     years = np.asarray(scene_years, dtype=float)
     if np.any(~(years > 0)):
@@ -150,6 +174,7 @@ def combine_scenes(
     )
     return GlacierStats(
         count=total,
+        weight=total,
         rate_sum=rate_sum,
         dh_sum=dh_sum,
         area_m2=np.asarray(area_m2, dtype=float),
@@ -157,19 +182,34 @@ def combine_scenes(
         measured_px=measured_px,
         scene_px=scene_px,
         scene_weight=scene_weight,
+        void_area_m2=None if void_area_m2 is None else np.asarray(void_area_m2, dtype=float),
+        void_px=None if void_px is None else np.asarray(void_px, dtype=float),
     )
 
 
-def sum_units(stats: GlacierStats, membership: np.ndarray) -> GlacierStats:
+def sum_units(
+    stats: GlacierStats, membership: np.ndarray, min_px_per_bin: int = 10
+) -> GlacierStats:
     """Statistics of units made of glaciers: membership (U, G) 0/1 (glacier g belongs to unit u).
 
-    Sums are summed; scene weights are averaged with the glaciers' areas as weights."""
+    Region-level hypsometric averaging: in each (bin, surface) the unit's mean is the mean of its
+    glaciers' means there, weighted by their areas, over the glaciers measured in that bin (>=
+    min_px_per_bin); so a glacier seen by three overlapping scenes does not outweigh one seen once.
+    Bins no glacier measured are filled along the unit's own profile (`balance`). Pixel sums
+    (counts, measured pixels, hypsometry) are summed; scene weights are area-weighted means."""
     m = np.asarray(membership, dtype=float)
     n_units = m.shape[0]
     shape = stats.count.shape[1:]
 
     def summed(arr: np.ndarray) -> np.ndarray:
         return (m @ arr.reshape(arr.shape[0], -1)).reshape(n_units, *shape)
+
+    valid = stats.count >= min_px_per_bin
+    area = np.where(valid, stats.area_m2, 0.0)
+
+    def area_weighted(sums: np.ndarray) -> np.ndarray:
+        mean = np.divide(sums, stats.weight, out=np.zeros(sums.shape), where=valid)
+        return summed(area * mean)
 
     area_g = stats.area_m2.sum(axis=(1, 2))
     area_u = m @ area_g
@@ -178,14 +218,17 @@ def sum_units(stats: GlacierStats, membership: np.ndarray) -> GlacierStats:
         weighted, area_u[None, :], out=np.zeros_like(weighted), where=area_u[None, :] > 0
     )
     return GlacierStats(
-        count=summed(stats.count),
-        rate_sum=summed(stats.rate_sum),
-        dh_sum=summed(stats.dh_sum),
+        count=summed(np.where(valid, stats.count, 0.0)),
+        weight=summed(area),
+        rate_sum=area_weighted(stats.rate_sum),
+        dh_sum=area_weighted(stats.dh_sum),
         area_m2=summed(stats.area_m2),
         n_px=summed(stats.n_px),
         measured_px=m @ stats.measured_px,
         scene_px=stats.scene_px @ m.T,
         scene_weight=scene_weight,
+        void_area_m2=m @ stats.void_area,
+        void_px=m @ stats.void_pixels,
     )
 
 
@@ -211,24 +254,27 @@ def fill_along_elevation(values: np.ndarray, valid: np.ndarray, z_m: np.ndarray)
 
 
 def filled_profile(
-    sums: np.ndarray, count: np.ndarray, z_m: np.ndarray, min_px: int
+    sums: np.ndarray,
+    count: np.ndarray,
+    z_m: np.ndarray,
+    min_px: int,
+    weight: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cell mean (U, B, F) of `sums` / `count` where count >= min_px, the other cells filled
-    along elevation z_m (bin centres, m) within their surface type, or from both surfaces pooled
-    where a surface has no measured bin; and the measured cells (U, B, F) bool."""
-    valid = count >= min_px  # (U, B, F)
-    mean = np.divide(sums, count, out=np.full(sums.shape, np.nan), where=valid)
+    """Per-cell mean (U, B, F) of `sums` / `weight` (default: `count`) where count >= min_px, the
+    other cells filled along elevation z_m (bin centres, m) within their surface type, or from
+    both surfaces pooled where a surface has no measured bin; and the measured cells (U, B, F)."""
+    weight = count if weight is None else weight
+    valid = (count >= min_px) & (weight > 0)  # (U, B, F)
+    mean = np.divide(sums, weight, out=np.full(sums.shape, np.nan), where=valid)
     by_surface = fill_along_elevation(
         np.moveaxis(mean, 1, -1), np.moveaxis(valid, 1, -1), z_m
     )  # (U, F, B)
-    pooled_count = count.sum(axis=2)
-    pooled_valid = pooled_count >= min_px
+    pooled_weight = weight.sum(axis=2)
+    pooled_valid = (count.sum(axis=2) >= min_px) & (pooled_weight > 0)
+    pooled_sum = sums.sum(axis=2)
     pooled = fill_along_elevation(
         np.divide(
-            sums.sum(axis=2),
-            pooled_count,
-            out=np.full(pooled_count.shape, np.nan),
-            where=pooled_valid,
+            pooled_sum, pooled_weight, out=np.full(pooled_weight.shape, np.nan), where=pooled_valid
         ),
         pooled_valid,
         z_m,
@@ -247,16 +293,16 @@ def balance(
 ) -> dict[str, np.ndarray]:
     """Hypsometric mass balance of each unit. Returns arrays (U,) keyed by table column:
 
-    area_km2, coverage_frac (measured pixels / all pixels), filled_frac (area share of bins
-    filled by interpolation), dh_m (mean elevation change over the scenes' spans, m),
+    area_km2 (binned area + void area), coverage_frac (measured pixels / all pixels, voids
+    included), filled_frac (share of the binned area in bins filled by interpolation), dh_m (mean elevation change over the scenes' spans, m),
     dhdt_m_yr, mb_mwe_yr, volume_km3_yr, mass_gt_yr. Units without any bin of
     >= min_px_per_bin measurements get NaN.
     """
     z_m = np.asarray(bin_lower_m, dtype=float) + 0.5 * bin_width_m
     if z_m.size > 1 and np.any(np.diff(z_m) <= 0):
         raise ValueError("bins must be increasing elevations")
-    rate, valid = filled_profile(stats.rate_sum, stats.count, z_m, min_px_per_bin)
-    dh, _ = filled_profile(stats.dh_sum, stats.count, z_m, min_px_per_bin)
+    rate, valid = filled_profile(stats.rate_sum, stats.count, z_m, min_px_per_bin, stats.weight)
+    dh, _ = filled_profile(stats.dh_sum, stats.count, z_m, min_px_per_bin, stats.weight)
     area = stats.area_m2
     total = area.sum(axis=(1, 2))
     measured = valid.any(axis=(1, 2)) & (total > 0)
@@ -267,10 +313,11 @@ def balance(
 
     dhdt = mean(rate)
     filled_area = np.where(valid, 0.0, area).sum(axis=(1, 2))
-    n_px = stats.n_px.sum(axis=(1, 2))
+    n_px = stats.n_px.sum(axis=(1, 2)) + stats.void_pixels
+    glacier_area = total + stats.void_area
     mb = dhdt * density_kg_m3 / 1000.0
     return {
-        "area_km2": total / 1e6,
+        "area_km2": glacier_area / 1e6,
         "coverage_frac": np.divide(
             stats.measured_px, n_px, out=np.zeros_like(total), where=n_px > 0
         ),
@@ -278,6 +325,29 @@ def balance(
         "dh_m": mean(dh),
         "dhdt_m_yr": dhdt,
         "mb_mwe_yr": mb,
-        "volume_km3_yr": dhdt * total / 1e9,
-        "mass_gt_yr": mb * total / 1e9,
+        "volume_km3_yr": dhdt * glacier_area / 1e9,
+        "mass_gt_yr": mb * glacier_area / 1e9,
     }
+
+
+def with_void_area(
+    unit_value: np.ndarray,
+    unit_binned_area_m2: np.ndarray,
+    glacier_value: np.ndarray,
+    void_area_m2: np.ndarray,
+    membership: np.ndarray,
+) -> np.ndarray:
+    """A region's mean over its whole area (U,), voids included: its hypsometric mean
+    `unit_value` over the binned area, and over each member glacier's void area (no reference
+    DEM, so no bin) that glacier's own mean (`glacier_value`, G), or the region's where the
+    glacier has none. So a region of fully measured glaciers equals their area-weighted mean."""
+    m = np.asarray(membership, dtype=float)
+    known = np.isfinite(glacier_value)
+    void_all = m @ void_area_m2
+    void_known = m @ np.where(known, void_area_m2, 0.0)
+    void_sum = m @ np.where(known, void_area_m2 * np.nan_to_num(glacier_value), 0.0)
+    total = unit_binned_area_m2 + void_all
+    value = unit_value * (unit_binned_area_m2 + void_all - void_known) + void_sum
+    return np.divide(value, total, out=np.full(total.shape, np.nan), where=total > 0) + np.where(
+        np.isfinite(unit_value), 0.0, np.nan
+    )

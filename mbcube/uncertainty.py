@@ -10,10 +10,13 @@ For a unit (a glacier, or a region = its glaciers' summed statistics) with scene
   (Bolch et al. 2011), N the pixels scene s measured on the unit, d = `autocorrelation_m` (500 m).
   Scenes are independent; within a scene, errors decorrelate beyond d, so a region's random error
   is computed from its total measured pixels (smaller than its glaciers' errors).
-- penetration: the penetration table's spread sigma_pen (per region, surface and bin, area-weighted
-  over the unit) over ``sqrt(N_eff)`` with d = `autocorrelation_penetration_m` (2000 m) and the unit's
-  measured pixels, divided by the span: ``sigma_pen / sqrt(N_eff) * sum_s w_s / T_s``.
-  It is how far a glacier's own penetration may differ from the regional table.
+- penetration: two parts, in quadrature, each divided by the span (``* sum_s w_s / T_s``):
+  the table error sigma_table (the standard error of each (region, surface, bin) entry of the
+  C/X penetration table, `penetration_sigma_m`, area-weighted over the unit; fully correlated over
+  bins and over the glaciers of a region, so it does not average down), and, when the table's
+  pixel spread std_pen is stored (`penetration_std_m`), how far the unit's own penetration may
+  differ from the regional table: ``std_pen / sqrt(N_eff)`` with d = `autocorrelation_penetration_m`
+  (2000 m, the decorrelation length of SRTM C minus X) and the unit's measured pixels.
 - datum: per scene ``sqrt(mean_stable^2 + sigma_stable^2 / N_eff_stable)`` (the bias left on stable
   ground plus the standard error of the offset estimate). Fully correlated across all glaciers of a
   scene (it does not average out over a region); independent between scenes.
@@ -87,6 +90,7 @@ def unit_uncertainty(
     scene_datum_sigma_m: np.ndarray,
     pixel_size_m: float,
     *,
+    penetration_std_m: np.ndarray | None = None,
     density_kg_m3: float = 850.0,
     density_sigma_kg_m3: float = 60.0,
     autocorrelation_m: float = 500.0,
@@ -95,8 +99,9 @@ def unit_uncertainty(
 ) -> dict[str, np.ndarray]:
     """The error terms (m w.e./yr, 1 sigma) of U units; keys are the table's column names.
 
-    dhdt_m_yr (U,); scene_weight, scene_px (S, U); measured_px, penetration_sigma_m (U,);
-    scene_years, scene_month, stable_sigma_m, scene_datum_sigma_m (S,) per scene.
+    dhdt_m_yr (U,); scene_weight, scene_px (S, U); measured_px, penetration_sigma_m (table
+    error, m), penetration_std_m (spread, m; None: unknown) (U,); scene_years, scene_month,
+    stable_sigma_m, scene_datum_sigma_m (S,) per scene.
     Units without a measurement get NaN.
     """
     w = np.asarray(scene_weight, dtype=float)
@@ -108,8 +113,12 @@ def unit_uncertainty(
     neff = n_eff(scene_px, pixel_size_m, autocorrelation_m)
     random = np.sqrt((((w * stable / years) ** 2) / neff).sum(axis=0))
     per_year = (w / years).sum(axis=0)
+    spread = np.zeros_like(per_year) if penetration_std_m is None else penetration_std_m
     neff_pen = n_eff(measured_px, pixel_size_m, autocorrelation_penetration_m)
-    penetration = np.nan_to_num(penetration_sigma_m) / np.sqrt(neff_pen) * per_year
+    penetration = (
+        quadrature(np.nan_to_num(penetration_sigma_m), np.nan_to_num(spread) / np.sqrt(neff_pen))
+        * per_year
+    )
     datum_term = np.sqrt(((w * datum / years) ** 2).sum(axis=0))
     seasonal_term = np.sqrt(((w * seasonal / years) ** 2).sum(axis=0))
     measured = np.isfinite(dhdt_m_yr)

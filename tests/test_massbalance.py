@@ -66,6 +66,7 @@ def stats_of(
     units = count.shape[0]
     return GlacierStats(
         count=count.astype(float),
+        weight=count.astype(float),
         rate_sum=rate_sum,
         dh_sum=rate_sum * 10.0,
         area_m2=area,
@@ -227,14 +228,21 @@ def test_scene_before_reference_is_refused() -> None:
         combine_scenes(count, sums, np.array([12.0, 0.0]), area, area, np.ones((2, 2), bool))
 
 
-def test_sum_units_equals_combining_the_pooled_glaciers() -> None:
-    """A region of two glaciers: its statistics are the sums; scene weights area-weighted."""
+def test_sum_units_region_mean_weights_glaciers_by_area_not_by_count() -> None:
+    """Region of both glaciers: per bin the area-weighted mean of the glaciers measured there
+    (glacier 0 has 50 measurements per bin, glacier 1 only 20 in the upper bins)."""
     count, sums, years, area = two_scene_case()
-    use = np.ones((2, 2), bool)
-    s = combine_scenes(count, sums, years, area, area / 900, use, 10)
-    region = sum_units(s, np.array([[1, 1], [0, 1]]))
-    np.testing.assert_allclose(region.count[0], s.count.sum(axis=0))
-    np.testing.assert_allclose(region.rate_sum[1], s.rate_sum[1])
+    s = combine_scenes(count, sums, years, area, area / 900, np.ones((2, 2), bool), 10)
+    region = sum_units(s, np.array([[1, 1], [0, 1]]), 10)
+    bins = np.array([5000.0, 5050, 5100])
+    np.testing.assert_allclose(region.count[0, :, 0], [100, 70, 70])
+    profile, _ = filled_profile(region.rate_sum, region.count, bins + 25, 10, region.weight)
+    np.testing.assert_allclose(profile[0, :, 0], [-1.6, -1.3, -1.3])  # count-weighted: -1.43
+    out = balance(region, bins)
+    glaciers = balance(s, bins)
+    assert out["dhdt_m_yr"][0] == pytest.approx(-1.4)
+    assert out["dhdt_m_yr"][0] == pytest.approx(glaciers["dhdt_m_yr"].mean())  # equal areas
+    assert out["dhdt_m_yr"][1] == pytest.approx(glaciers["dhdt_m_yr"][1])
     np.testing.assert_allclose(region.scene_weight[:, 0], s.scene_weight.mean(axis=1))
     np.testing.assert_allclose(region.measured_px, [s.measured_px.sum(), s.measured_px[1]])
     np.testing.assert_allclose(s[np.array([1])].count, s.count[1:])
@@ -276,12 +284,13 @@ def test_unit_uncertainty_by_hand() -> None:
         np.array([3.0, 2.0]),
         np.array([0.2, 0.1]),
         30.0,
+        penetration_std_m=np.array([1.5]),
     )
     k = 0.85
     random = np.sqrt(
         (0.25 * 3 / 10) ** 2 / (4000 * 30 / 1000) + (0.75 * 2 / 12) ** 2 / (10000 * 30 / 1000)
     )
-    pen = 0.8 / np.sqrt(12000 * 30 / 4000) * (0.25 / 10 + 0.75 / 12)
+    pen = np.hypot(0.8, 1.5 / np.sqrt(12000 * 30 / 4000)) * (0.25 / 10 + 0.75 / 12)
     datum = np.sqrt((0.25 * 0.2 / 10) ** 2 + (0.75 * 0.1 / 12) ** 2)
     seasonal = 0.25 * 0.15 * 4 / 10  # February: none
     density = 0.5 * 60 / 1000
