@@ -27,11 +27,14 @@ import xarray as xr
 from mbcube.cluster import ClusterProfileError, cluster_client, cluster_dir, compute, load_profile
 from mbcube.ingest import ingest
 from mbcube.store import open_cube
+from mbcube.synth import generate_study
 
 if TYPE_CHECKING:
     from tests.slurm import Slurm
 
 REPO = Path(__file__).resolve().parents[1]
+#: Seconds each task of the fault tests sleeps, so that a worker can be killed mid-computation.
+DELAY_S = 0.25
 # The `slurm` fixture (drop this line once tests/conftest.py imports it from tests.slurm).
 pytest_plugins = ["tests.slurm"]
 
@@ -137,9 +140,7 @@ def local_client(local_profile: Path) -> Iterator[Any]:
         yield client
 
 
-def _kill_mid_computation(
-    client: Any, future: Any, total_tasks: int, kill: Callable[[str], None]
-) -> str:
+def _kill_mid_computation(client: Any, future: Any, kill: Callable[[str], None]) -> str:
     """Wait until a few tasks finished and the first worker is busy, then `kill(address)` it."""
     deadline = time.monotonic() + 120
     victim = None
@@ -152,7 +153,7 @@ def _kill_mid_computation(
             break
         time.sleep(0.05)
     if victim is None or future.done():
-        pytest.fail(f"could not catch the computation running ({total_tasks} tasks)")
+        pytest.fail("could not catch the computation while it ran")
     kill(victim)
     return victim
 
@@ -187,11 +188,11 @@ def test_worker_sigkilled_mid_computation_does_not_change_the_result(
     local_client: Any, tiny_cube: Path
 ) -> None:
     pids = local_client.run(os.getpid)
-    graph = _slow_block_sums(tiny_cube, 0.4)
+    graph = _slow_block_sums(tiny_cube, DELAY_S)
     (expected,) = dask.compute(_slow_block_sums(tiny_cube, 0.0), scheduler="sync")
     future = local_client.compute(graph)
     victim = _kill_mid_computation(
-        local_client, future, 27, lambda addr: os.kill(pids[addr], signal.SIGKILL)
+        local_client, future, lambda addr: os.kill(pids[addr], signal.SIGKILL)
     )
     result = future.result(timeout=180)
     np.testing.assert_array_equal(result, expected)
@@ -215,45 +216,20 @@ def _assert_same_cube(store: Path, reference: Path) -> None:
         np.testing.assert_array_equal(got[name], values, err_msg=name)
 
 
-@pytest.mark.slurm
-def test_slurm_worker_sigkill_and_scancel_mid_computation(slurm: Slurm, tiny_cube: Path) -> None:
-    (expected,) = dask.compute(_slow_block_sums(tiny_cube, 0.0), scheduler="sync")
+@pytest.fixture(scope="module")
+def slurm_client(slurm: Slurm) -> Iterator[Any]:
+    """A client on 2 SLURM workers (profile `slurm`), shared by this module's SLURM tests."""
     with cluster_client("slurm") as client:
         client.wait_for_workers(2, timeout=120)
-        jobs = {name: job.job_id for name, job in client.cluster.workers.items()}
-        assert {job_id for job_id, name, _ in slurm.squeue() if name == "mbcube-worker"} == set(
-            jobs.values()
-        )
-        info = client.scheduler_info(n_workers=-1)["workers"]
-        job_of = {addr: jobs[w["name"]] for addr, w in info.items()}
-        pids = client.run(os.getpid)
-
-        # 1. SIGKILL the worker process of one job: its nanny starts a new one in the same job
-        future = client.compute(_slow_block_sums(tiny_cube, 0.4))
-        killed = _kill_mid_computation(
-            client, future, 27, lambda addr: os.kill(pids[addr], signal.SIGKILL)
-        )
-        np.testing.assert_array_equal(future.result(timeout=180), expected)
-        client.wait_for_workers(2, timeout=60)
-        assert killed not in client.scheduler_info(n_workers=-1)["workers"]
-
-        # 2. scancel the job of a busy worker: the work finishes on the remaining one
-        info = client.scheduler_info(n_workers=-1)["workers"]
-        job_of = {addr: jobs[w["name"]] for addr, w in info.items()}
-        future = client.compute(_slow_block_sums(tiny_cube, 0.4))
-        cancelled: list[str] = []
-
-        def scancel(addr: str) -> None:
-            subprocess.run(["scancel", job_of[addr]], check=True)
-            cancelled.append(job_of[addr])
-
-        _kill_mid_computation(client, future, 27, scancel)
-        np.testing.assert_array_equal(future.result(timeout=180), expected)
-        running = {job_id for job_id, _, state in slurm.squeue() if state != "COMPLETING"}
-        assert cancelled[0] not in running
+        yield client
     # leaving the block cancelled the jobs (COMPLETING: slurmd is still reaping them)
     left = [job for job in slurm.squeue() if job[1] == "mbcube-worker"]
     assert all(state in ("COMPLETING", "CANCELLED") for *_, state in left), left
+
+
+def _tasks_done(client: Any) -> int:
+    """Tasks the workers of `client` have executed so far (summed over the workers)."""
+    return sum(client.run(lambda dask_worker: dask_worker.state.executed_count).values())
 
 
 _INGEST_SCRIPT = """
@@ -267,7 +243,7 @@ with quiet():
 
 @pytest.mark.slurm
 def test_ingest_killed_mid_scene_resumes_on_slurm_to_the_same_cube(
-    slurm: Slurm, tiny_study: Path, tiny_cube: Path, tmp_path: Path
+    slurm_client: Any, tiny_study: Path, tiny_cube: Path, tmp_path: Path
 ) -> None:
     """SIGKILL of an ingest in the middle of its second scene; the rerun (on SLURM) completes it,
     and the cube equals the one ingested without interruption, array by array."""
@@ -291,13 +267,51 @@ def test_ingest_killed_mid_scene_resumes_on_slurm_to_the_same_cube(
     assert proc.returncode == -signal.SIGKILL, "the ingest ended before it could be killed"
     assert open_cube(store)["scene"].size == 1  # only the first scene counts as complete
 
-    with cluster_client("slurm") as client:
-        report = ingest(tiny_study, store)
-        assert len(client.scheduler_info(n_workers=-1)["workers"]) >= 1
+    tasks_before = _tasks_done(slurm_client)
+    report = ingest(tiny_study, store)  # on the SLURM workers: the default client
+    assert _tasks_done(slurm_client) > tasks_before + 100
     assert report.skipped == [started[0]]
     assert sorted(report.resumed) == sorted(set(scenes.iloc[:, 0].astype(str)) - {started[0]})
     _assert_same_cube(store, tiny_cube)
     assert ingest(tiny_study, store).skipped == report.skipped + report.resumed
+
+
+@pytest.mark.slurm
+def test_slurm_worker_sigkill_and_scancel_mid_computation(
+    slurm: Slurm, slurm_client: Any, tiny_cube: Path
+) -> None:
+    """Runs last on the module's SLURM cluster: it leaves one worker."""
+    client = slurm_client
+    (expected,) = dask.compute(_slow_block_sums(tiny_cube, 0.0), scheduler="sync")
+    jobs = {name: job.job_id for name, job in client.cluster.workers.items()}
+    assert {job_id for job_id, name, _ in slurm.squeue() if name == "mbcube-worker"} == set(
+        jobs.values()
+    )
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    job_of = {addr: jobs[w["name"]] for addr, w in info.items()}
+    pids = client.run(os.getpid)
+
+    # 1. SIGKILL the worker process of one job: its nanny starts a new one in the same job
+    future = client.compute(_slow_block_sums(tiny_cube, DELAY_S))
+    killed = _kill_mid_computation(client, future, lambda addr: os.kill(pids[addr], signal.SIGKILL))
+    np.testing.assert_array_equal(future.result(timeout=180), expected)
+    client.wait_for_workers(2, timeout=60)
+    assert killed not in client.scheduler_info(n_workers=-1)["workers"]
+
+    # 2. scancel the job of a busy worker: the work finishes on the remaining one
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    job_of = {addr: jobs[w["name"]] for addr, w in info.items()}
+    future = client.compute(_slow_block_sums(tiny_cube, DELAY_S))
+    cancelled: list[str] = []
+
+    def scancel(addr: str) -> None:
+        subprocess.run(["scancel", job_of[addr]], check=True)
+        cancelled.append(job_of[addr])
+
+    _kill_mid_computation(client, future, scancel)
+    np.testing.assert_array_equal(future.result(timeout=180), expected)
+    running = {job_id for job_id, _, state in slurm.squeue() if state != "COMPLETING"}
+    assert cancelled[0] not in running
 
 
 def _pipeline_landed() -> bool:
@@ -311,32 +325,17 @@ def _pipeline_landed() -> bool:
 @pytest.mark.slurm
 @pytest.mark.slow
 @pytest.mark.skipif(not _pipeline_landed(), reason="pipeline steps (unwrap/correct/bin) not landed")
-def test_mbcube_run_on_slurm_gives_the_local_tables(
-    slurm: Slurm, tiny_study: Path, tmp_path: Path
-) -> None:
-    """`mbcube run --cluster slurm` and `--cluster local` on the same study: identical tables."""
+def test_mbcube_run_on_slurm_gives_the_local_tables(slurm: Slurm, tmp_path: Path) -> None:
+    """`mbcube run --cluster slurm` and `--cluster local` on the same small study (the tiny
+    preset cut to 256 px and 2 scenes): identical glacier and region tables."""
+    study = generate_study(tmp_path / "study", "tiny", size_px=256, n_scenes=2, n_glaciers=8)
     mbcube = shutil.which("mbcube", path=str(Path(sys.executable).parent))
     assert mbcube is not None
-    tables = {}
     for profile in ("slurm", "local"):
         out = tmp_path / profile
-        subprocess.run(
-            [
-                mbcube,
-                "run",
-                str(tiny_study),
-                "--store",
-                str(out / "cube.zarr"),
-                "--out",
-                str(out),
-                "--cluster",
-                profile,
-                "--quiet",
-            ],
-            check=True,
-            timeout=900,
-        )
-        tables[profile] = pd.read_csv(out / "glaciers.csv")
-    pd.testing.assert_frame_equal(tables["slurm"], tables["local"])
-    regions = [pd.read_csv(tmp_path / p / "regions.csv") for p in ("slurm", "local")]
-    pd.testing.assert_frame_equal(*regions)
+        command = [mbcube, "run", str(study), "--store", str(out / "cube.zarr"), "--out", str(out)]
+        subprocess.run([*command, "--cluster", profile, "--quiet"], check=True, timeout=900)
+    for table in ("glaciers.csv", "regions.csv"):
+        slurm_table, local_table = (pd.read_csv(tmp_path / p / table) for p in ("slurm", "local"))
+        assert len(local_table) > 0
+        pd.testing.assert_frame_equal(slurm_table, local_table)
