@@ -14,8 +14,8 @@ import numpy as np
 
 def gradient(ref_haloed_m: np.ndarray, res_m: float) -> tuple[np.ndarray, np.ndarray]:
     """Terrain slope dz/dx (east) and dz/dy (north) (m/m), central differences, NaN at the edge."""
-    gx = np.full(ref_haloed_m.shape, np.nan)
-    gy = np.full(ref_haloed_m.shape, np.nan)
+    gx = np.full(ref_haloed_m.shape, np.nan, dtype=ref_haloed_m.dtype)
+    gy = np.full(ref_haloed_m.shape, np.nan, dtype=ref_haloed_m.dtype)
     gx[:, 1:-1] = (ref_haloed_m[:, 2:] - ref_haloed_m[:, :-2]) / (2.0 * res_m)
     gy[1:-1, :] = (ref_haloed_m[:-2, :] - ref_haloed_m[2:, :]) / (2.0 * res_m)  # rows go south
     return gx, gy
@@ -55,21 +55,18 @@ def normal_equations(
     use: np.ndarray,
     centre_m: float,
     clip_m: float,
-    max_slope: float = np.tan(np.radians(60.0)),
+    max_slope: float = float(np.tan(np.radians(60.0))),
 ) -> tuple[np.ndarray, np.ndarray]:
     """A^T A (3 x 3) and A^T dh (3) of one block for dh = p0 gx + p1 gy + p2 over the pixels in
-    `use` with dh within centre_m +- clip_m and slope below 60 degrees."""
+    `use` with dh within centre_m +- clip_m and slope below 60 degrees (dot products, no copy
+    of the selected pixels)."""
     with np.errstate(invalid="ignore"):
-        sel = (
-            use
-            & np.isfinite(dh_m)
-            & np.isfinite(gx)
-            & np.isfinite(gy)
-            & (np.abs(dh_m - centre_m) <= clip_m)
-            & (np.hypot(gx, gy) <= max_slope)
-        )
-    A = np.stack([gx[sel], gy[sel], np.ones(int(sel.sum()))], axis=1)
-    return A.T @ A, A.T @ dh_m[sel].astype(np.float64)
+        sel = use & (np.abs(dh_m - centre_m) <= clip_m) & (gx * gx + gy * gy <= max_slope**2)
+    cols = [np.where(sel, g, 0.0).ravel().astype(np.float64) for g in (gx, gy)]
+    cols.append(sel.ravel().astype(np.float64))
+    d = np.where(sel, dh_m, 0.0).ravel().astype(np.float64)
+    ata = np.array([[a @ b for b in cols] for a in cols])
+    return ata, np.array([a @ d for a in cols])
 
 
 def shift_update_m(ata: np.ndarray, atb: np.ndarray) -> np.ndarray:

@@ -17,16 +17,20 @@ def n_terms(order: int) -> int:
     return {0: 1, 1: 4, 2: 6}[order]
 
 
-def _terms(xk: np.ndarray, yk: np.ndarray) -> list[np.ndarray]:
-    return [np.ones_like(xk), xk, yk, xk * yk, xk * xk, yk * yk]
-
-
 def evaluate(coef: np.ndarray, xk: np.ndarray, yk: np.ndarray) -> np.ndarray:
     """The ramp (m) on the block with 1-D pixel coordinates xk (columns), yk (rows), in km."""
-    X, Y = np.meshgrid(xk, yk)
-    return sum(c * t for c, t in zip(coef, _terms(X, Y), strict=True) if c != 0.0) + np.zeros(
-        X.shape
-    )
+    a, b, c, d, e, f = coef
+    xk, yk = np.asarray(xk, dtype=np.float64), np.asarray(yk, dtype=np.float64)
+    row = (a + c * yk + f * yk * yk)[:, None]  # separable: one multiply-add per pixel
+    slope = (b + d * yk)[:, None]
+    out = row + slope * xk[None, :]
+    if e != 0.0:
+        out = out + (e * xk * xk)[None, :]
+    return out
+
+
+#: (power of x, power of y) of each term
+_POWERS = ((0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (0, 2))
 
 
 def normal_equations(
@@ -39,13 +43,24 @@ def normal_equations(
     clip_m: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A^T A (6 x 6) and A^T dh (6) of one block, over the pixels in `use` whose residual
-    dh - model lies within centre_m +- clip_m (all six terms; the solve picks the order's)."""
-    X, Y = np.meshgrid(xk, yk)
-    resid = dh_m - evaluate(model, xk, yk)
+    dh - model lies within centre_m +- clip_m (all six terms; the solve picks the order's).
+
+    The terms are products of powers of x and y, so every sum is a moment sum(w x^p y^q) over
+    the selected pixels: a few matrix-vector products per block, no per-pixel design matrix."""
     with np.errstate(invalid="ignore"):
-        sel = use & np.isfinite(dh_m) & (np.abs(resid - centre_m) <= clip_m)
-    A = np.stack([t[sel] for t in _terms(X, Y)], axis=1)
-    return A.T @ A, A.T @ dh_m[sel].astype(np.float64)
+        sel = use & (np.abs(dh_m - evaluate(model, xk, yk) - centre_m) <= clip_m)
+    w = sel.astype(np.float64)
+    wd = np.where(sel, dh_m, 0.0).astype(np.float64)
+    xk, yk = np.asarray(xk, dtype=np.float64), np.asarray(yk, dtype=np.float64)
+    wx = np.stack([w @ xk**p for p in range(5)])  # (5, rows): sum over columns of w x^p
+    dx = np.stack([wd @ xk**p for p in range(3)])
+    ata = np.empty((N_COEF, N_COEF))
+    atb = np.empty(N_COEF)
+    for i, (pi, qi) in enumerate(_POWERS):
+        atb[i] = dx[pi] @ yk**qi
+        for j, (pj, qj) in enumerate(_POWERS):
+            ata[i, j] = wx[pi + pj] @ yk ** (qi + qj)
+    return ata, atb
 
 
 def solve(ata: np.ndarray, atb: np.ndarray, order: int) -> np.ndarray:

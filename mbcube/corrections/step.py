@@ -43,7 +43,7 @@ class Options:
     """Parameters not (yet) in CorrectionsConfig, with their defaults."""
 
     bin_width_m: float = 50.0  # elevation bins of the penetration table and outlier groups
-    coreg_iterations: int = 4
+    coreg_iterations: int = 3
     coreg_halo_px: int = 8  # largest shift applied: halo - 1 px
     min_stable_px: int = 100  # fewer stable valid pixels: the scene is refused
     outlier_min_px: int = 20  # groups with fewer pixels are not filtered
@@ -96,9 +96,9 @@ def _dh_block(
     """dh (m) of a tile, NaN where invalid (masks.validity); dem scenes resampled at p + shift."""
     if kind == "dem":
         src = coregister.shifted(src, halo, np.zeros(2) if shift_m is None else shift_m, res_m)
-        dh = src.astype(np.float64) - ref
+        dh = src - ref
     else:
-        dh = src.astype(np.float64)
+        dh = src.astype(np.float32)
     ok = validity(dh, ref, void, radar, coh, coherence_min)
     return np.where(ok, dh, np.nan)
 
@@ -378,12 +378,8 @@ def scene_graph(
         if "dem_m" not in one:
             raise CorrectionsError(f"scene {sid} is of kind 'dem' but the cube has no dem_m")
         depth = {0: halo, 1: halo}
-        dem_h = np.asarray(
-            da.overlap.overlap(one.dem_m.data[0].astype(np.float64), depth, np.nan).to_delayed()
-        )
-        ref_h = np.asarray(
-            da.overlap.overlap(ref_arr.astype(np.float64), depth, np.nan).to_delayed()
-        )
+        dem_h = np.asarray(da.overlap.overlap(one.dem_m.data[0], depth, np.nan).to_delayed())
+        ref_h = np.asarray(da.overlap.overlap(ref_arr, depth, np.nan).to_delayed())
         n_iter = opts.coreg_iterations if config.coregister_dem_scenes else 0
         for it in range(n_iter):
             q = [
