@@ -310,6 +310,10 @@ def _tag(bars: BarContainer, gid: str) -> None:
         patch.set_gid(gid)
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "region"
 
@@ -385,9 +389,7 @@ def dhdt_map(
     res = inp.res_m * factor
 
     height, width = rate_px.shape
-    fig_w = 7.5
-    fig_h = float(np.clip(fig_w * 0.78 * height / max(width, 1) + 0.9, 3.5, 10.0))
-    fig = Figure(figsize=(fig_w, fig_h), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=map_size_in(height, width), dpi=DPI, layout="constrained")
     ax = fig.subplots()
     dem = np.asarray(computed["dem"].values, dtype=float)
     if np.isfinite(dem).any():
@@ -458,7 +460,7 @@ def dhdt_map(
     n_scenes = int(ds.sizes.get("scene", 0))
     period = _period(ds)
     ax.set_title(
-        f"{title_name}: mean elevation change rate\n{n_scenes} scene(s) {period}, "
+        f"{title_name}: mean elevation change rate\n{_plural(n_scenes, 'scene')} {period}, "
         f"relative to the reference DEM" + (f" ({res:g} m pixels)" if factor > 1 else ""),
         fontsize=10,
     )
@@ -476,6 +478,15 @@ def dhdt_map(
             color="0.3",
         )
     return fig
+
+
+def map_size_in(height_px: int, width_px: int, long_side_in: float = 6.5) -> tuple[float, float]:
+    """Figure size (in) for a map of this shape: the map's longer side long_side_in inches, plus
+    room for the title, axis labels and the colour bar."""
+    aspect = height_px / max(width_px, 1)
+    ax_w = long_side_in if aspect <= 1 else long_side_in / aspect
+    ax_h = ax_w * aspect
+    return (max(ax_w + 2.4, 5.0), max(ax_h + 1.4, 3.5))
 
 
 def _cube_region_code(ds: xr.Dataset, region: str | None) -> int | None:
@@ -600,7 +611,7 @@ def mass_balance_map(
     ax.set_aspect("equal")
     ax.set_xlabel("Easting (km)")
     ax.set_ylabel("Northing (km)")
-    ax.set_title(f"Glacier mass balance ({len(shown)} glaciers)", fontsize=11)
+    ax.set_title(f"Glacier mass balance ({_plural(len(shown), 'glacier')})", fontsize=11)
     _size_legend(ax, float(area.max()) if len(area) else 1.0)
     if has_bars and regions is not None:
         _region_bars(fig.add_subplot(grid[0, 1]), regions)
@@ -783,6 +794,9 @@ def elevation_profile(
     total.set_gid("dhdt_all")
     ax.axhline(0, color="0.4", lw=0.7)
     ax.set_ylim(*_profile_limits(profiles))
+    if has_area and bottom.max() > 0:
+        twin.set_ylim(0, 1.15 * float(bottom.max()))
+    ax.set_xlim(*_profile_span(profiles, width))
     ax.set_zorder(twin.get_zorder() + 1)
     ax.patch.set_visible(False)
     ax.set_xlabel(f"elevation of the reference DEM (m a.s.l., {width:g} m bins)")
@@ -795,12 +809,21 @@ def elevation_profile(
     ax.legend(handles + h2, labels + l2, fontsize=8, loc="best", framealpha=0.85)
     n_px = int(profiles["all"].n.sum())
     ax.set_title(
-        f"{name}: elevation change rate by altitude ({len(glaciers)} glaciers, "
+        f"{name}: elevation change rate by altitude ({_plural(len(glaciers), 'glacier')}, "
         f"{n_px:,} pixel measurements)",
         fontsize=10,
     )
     ax.grid(alpha=0.3)
     return fig
+
+
+def _profile_span(profiles: dict[int | str, Profile], width: float) -> tuple[float, float]:
+    """x limits (m): the bins with glacier area or measurements, half a bin either side."""
+    p = profiles["all"]
+    used = (p.area_km2 > 0) | np.isfinite(p.mean_m_yr)
+    if not used.any():
+        return float(p.bin_centre_m.min() - width), float(p.bin_centre_m.max() + width)
+    return float(p.bin_centre_m[used].min() - width), float(p.bin_centre_m[used].max() + width)
 
 
 def _profile_limits(profiles: dict[int | str, Profile]) -> tuple[float, float]:
@@ -913,7 +936,7 @@ def transect(
     ax.set_xlabel(label)
     ax.set_ylabel("dh/dt (m/yr)")
     ax.set_title(
-        f"Elevation change rate along {label.split(' ')[0]} ({len(parts)} glaciers, "
+        f"Elevation change rate along {label.split(' ')[0]} ({_plural(len(parts), 'glacier')}, "
         f"{n_bins} bins; accumulation = above each glacier's median elevation)",
         fontsize=10,
     )

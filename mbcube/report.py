@@ -261,6 +261,41 @@ def _per_scene_variables(ds: xr.Dataset, keep: Callable[[str], bool]) -> dict[st
     return out
 
 
+def _column_labels(name: str, var: xr.DataArray) -> list[str]:
+    """Labels of the second dimension of a per-scene variable: its coordinate, the names in
+    its `coef` attribute (ramp), east/north for a 2-vector shift, else the index."""
+    dim = var.dims[1]
+    size = var.sizes[dim]
+    if dim in var.coords:
+        return [str(v) for v in var[dim].values]
+    names = str(var.attrs.get(str(dim), "")).split()
+    if len(names) == size:
+        units = str(var.attrs.get("units", "")).split()
+        if len(units) == size:
+            return [f"{n} ({u})" for n, u in zip(names, units, strict=True)]
+        return names
+    if name.startswith("coreg_shift") and size == 2:
+        return ["east", "north"]
+    return [str(i) for i in range(size)]
+
+
+def _legend(variables: dict[str, xr.DataArray], names: Sequence[str]) -> str:
+    """What each column means, from the variables' long_name / units / x_y attributes."""
+    items = []
+    for name in names:
+        attrs = variables[name].attrs
+        text = str(attrs.get("long_name", ""))
+        if not text:
+            continue
+        units = attrs.get("units")
+        if units and len(str(units).split()) == 1:
+            text += f" ({units})"
+        if "x_y" in attrs:
+            text += f"; x, y: {attrs['x_y']}"
+        items.append(f"<li><code>{_esc(name)}</code>: {_esc(text)}</li>")
+    return f'<ul class="meta">{"".join(items)}</ul>' if items else ""
+
+
 CORRECTIONS = ("datum_offset_m", "ramp_coef", "coreg_shift_m", "seasonal_offset_applied_m")
 
 
@@ -276,32 +311,22 @@ def _corrections_part(ds: xr.Dataset | None) -> str:
     frame = pd.DataFrame({"scene": [str(s) for s in ds["scene"].values]})
     if "scene_kind" in ds.coords:
         frame["kind"] = [str(k) for k in ds["scene_kind"].values]
-    values = {n: variables[n].values for n in ordered}
     for name in ordered:
-        arr = np.asarray(values[name])
+        arr = np.asarray(variables[name].values)
         if arr.ndim == 1:
             frame[name] = arr
         else:
-            dim = variables[name].dims[1]
-            labels = (
-                [str(v) for v in variables[name][dim].values]
-                if dim in variables[name].coords
-                else [str(i) for i in range(arr.shape[1])]
-            )
-            if name == "coreg_shift_m" and arr.shape[1] == 2 and dim not in variables[name].coords:
-                labels = ["x", "y"]
-            for j, label in enumerate(labels):
+            for j, label in enumerate(_column_labels(name, variables[name])):
                 frame[f"{name}[{label}]"] = arr[:, j]
     missing = [n for n in CORRECTIONS if n not in variables]
     text = (
-        "<p>Corrections applied to each scene's dh (m): datum offset, the ramp's coefficients "
-        "(constant, x, y, xy, ... of the fitted plane; x, y in the ramp's own units), the DEM "
-        "co-registration shift (m) and the seasonal offset relative to February (m). "
-        "Blank: not applied to that scene.</p>"
+        "<p>Corrections removed from each scene's dh: the datum offset (m), the ramp's "
+        "coefficients (units in brackets below), the DEM co-registration shift (m) and the "
+        "seasonal offset relative to February (m).</p>"
     )
     if missing:
         text += _note(f"Not stored: {', '.join(missing)}.")
-    return text + html_table(frame)
+    return text + html_table(frame) + _legend(variables, ordered)
 
 
 def _unwrap_part(ds: xr.Dataset | None) -> str:
@@ -315,15 +340,16 @@ def _unwrap_part(ds: xr.Dataset | None) -> str:
             return "<p>No InSAR scenes: nothing was unwrapped.</p>"
         return _note("No unwrapping quality recorded (run `mbcube unwrap`).")
     rows = insar if insar else list(range(ds.sizes["scene"]))
+    ordered = sorted(variables)
     frame = pd.DataFrame({"scene": [str(ds["scene"].values[i]) for i in rows]})
-    for name, var in sorted(variables.items()):
-        arr = np.asarray(var.values)
+    for name in ordered:
+        arr = np.asarray(variables[name].values)
         if arr.ndim == 1:
-            frame[name.removeprefix("unwrap_")] = arr[rows]
+            frame[name] = arr[rows]
         else:
-            for j in range(arr.shape[1]):
-                frame[f"{name.removeprefix('unwrap_')}[{j}]"] = arr[rows, j]
-    return html_table(frame)
+            for j, label in enumerate(_column_labels(name, variables[name])):
+                frame[f"{name}[{label}]"] = arr[rows, j]
+    return html_table(frame) + _legend(variables, ordered)
 
 
 def _penetration_part(store: Path, ds: xr.Dataset | None) -> str:
@@ -348,7 +374,10 @@ def _penetration_part(store: Path, ds: xr.Dataset | None) -> str:
     lead = [d for d in value.dims if d != "bin"]
     stacked = value.stack(_row=lead) if lead else value.expand_dims(_row=[0])
     n_stacked = n_px.stack(_row=lead) if lead else n_px.expand_dims(_row=[0])
-    s_stacked = None
+    s_stacked = f_stacked = None
+    if "penetration_filled" in pen:
+        filled = pen["penetration_filled"]
+        f_stacked = filled.stack(_row=lead) if lead else filled.expand_dims(_row=[0])
     if sigma is not None:
         s_stacked = sigma.stack(_row=lead) if lead else sigma.expand_dims(_row=[0])
     for k in range(stacked.sizes["_row"]):
@@ -360,13 +389,16 @@ def _penetration_part(store: Path, ds: xr.Dataset | None) -> str:
             code = stacked["_row"].values[k]
             code_value = code[lead.index(dim)] if isinstance(code, tuple) else code
             if dim == "region":
-                label["region"] = names.get(int(code_value), str(code_value))
+                code_int = int(code_value)
+                label["region"] = names.get(
+                    code_int, "all regions, pooled" if code_int == 0 else str(code_value)
+                )
             elif dim == "surface":
                 label["surface"] = surfaces.get(int(code_value), str(code_value))
             else:
                 label[str(dim)] = code_value
         row = label | {
-            "n_bins": int(ok.sum()),
+            "n_bins": int(np.isfinite(v).sum()),
             "n_px": int(n[ok].sum()),
             "mean_penetration_m": float((v[ok] * n[ok]).sum() / n[ok].sum())
             if ok.any()
@@ -374,6 +406,9 @@ def _penetration_part(store: Path, ds: xr.Dataset | None) -> str:
             "min_penetration_m": float(v[ok].min()) if ok.any() else np.nan,
             "max_penetration_m": float(v[ok].max()) if ok.any() else np.nan,
         }
+        if f_stacked is not None:
+            f = np.nan_to_num(np.asarray(f_stacked.isel(_row=k).values, dtype=float))
+            row["n_bins_filled"] = int((f[np.isfinite(v)] > 0).sum())
         if s_stacked is not None:
             s = np.asarray(s_stacked.isel(_row=k).values, dtype=float)
             row["mean_sigma_m"] = float(np.nanmean(s[ok])) if ok.any() else np.nan
@@ -381,7 +416,9 @@ def _penetration_part(store: Path, ds: xr.Dataset | None) -> str:
     frame = pd.DataFrame(rows)
     return (
         "<p>Radar penetration (C band minus X band reference, m; subtracted from dh) per "
-        "region and surface type: pixel-weighted mean over the elevation bins, and its range. "
+        "region and surface type: the pixel-weighted mean over the measured elevation bins and "
+        "their range; <i>n_bins</i>: bins with a value, <i>n_bins_filled</i>: of those, bins "
+        "with too few pixels, filled from their neighbours. "
         "The full table is the store's <code>penetration</code> group.</p>" + html_table(frame)
     )
 

@@ -60,13 +60,13 @@ def test_report_holds_tables_scenes_corrections_and_figures(
     for header in (
         "datum_offset_m",
         "ramp_coef[3]",
-        "coreg_shift_m[x]",
+        "coreg_shift_m[east]",
         "seasonal_offset_applied_m",
     ):
         assert f">{header}<" in page
     # penetration summary: the constant table of build_results, per region and surface
     assert cells.count("1.250") >= 3 * 2 * 3
-    assert "unwrapped_frac" in page and "70.0 %" in cells
+    assert "unwrap_unwrapped_frac" in page and "70.0 %" in cells
     # parameters recorded in the store
     assert "massbalance.density_kg_m3" in cells and "850.0" in cells
     # figures were made (none existed) and linked by relative path
