@@ -152,8 +152,10 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
             f"Run `mbcube bin {store}` first."
         )
     cube = open_cube(store)
-    stats = xr.open_zarr(str(store), group="stats").transpose("scene", "glacier", "bin", "surface")
-    hyps = xr.open_zarr(str(store), group="hypsometry").transpose("glacier", "bin", "surface")
+    stats = xr.open_zarr(str(store), group="stats", chunks=None)
+    stats = stats.transpose("scene", "glacier", "bin", "surface", ...)
+    hyps = xr.open_zarr(str(store), group="hypsometry", chunks=None)
+    hyps = hyps.transpose("glacier", "bin", "surface", ...)
     # the cube's complete scenes that have statistics
     scene_ids = [str(s) for s in cube["scene"].values]
     binned = stats["binned"].values if "binned" in stats else np.ones(stats.sizes["scene"])
