@@ -58,15 +58,13 @@ def normal_equations(
     max_slope: float = float(np.tan(np.radians(60.0))),
 ) -> tuple[np.ndarray, np.ndarray]:
     """A^T A (3 x 3) and A^T dh (3) of one block for dh = p0 gx + p1 gy + p2 over the pixels in
-    `use` with dh within centre_m +- clip_m and slope below 60 degrees (dot products, no copy
-    of the selected pixels)."""
+    `use` with dh within centre_m +- clip_m and slope below 60 degrees (one matrix product)."""
     with np.errstate(invalid="ignore"):
         sel = use & (np.abs(dh_m - centre_m) <= clip_m) & (gx * gx + gy * gy <= max_slope**2)
-    cols = [np.where(sel, g, 0.0).ravel().astype(np.float64) for g in (gx, gy)]
-    cols.append(sel.ravel().astype(np.float64))
-    d = np.where(sel, dh_m, 0.0).ravel().astype(np.float64)
-    ata = np.array([[a @ b for b in cols] for a in cols])
-    return ata, np.array([a @ d for a in cols])
+    n = int(sel.sum())
+    M = np.empty((3, n))
+    M[0], M[1], M[2] = gx[sel], gy[sel], 1.0
+    return M @ M.T, M @ dh_m[sel].astype(np.float64)
 
 
 def shift_update_m(ata: np.ndarray, atb: np.ndarray) -> np.ndarray:

@@ -52,8 +52,9 @@ def normal_equations(
     w = sel.astype(np.float64)
     wd = np.where(sel, dh_m, 0.0).astype(np.float64)
     xk, yk = np.asarray(xk, dtype=np.float64), np.asarray(yk, dtype=np.float64)
-    wx = np.stack([w @ xk**p for p in range(5)])  # (5, rows): sum over columns of w x^p
-    dx = np.stack([wd @ xk**p for p in range(3)])
+    powers = xk[:, None] ** np.arange(5)[None, :]  # (columns, 5)
+    wx = (w @ powers).T  # (5, rows): sum over columns of w x^p
+    dx = (wd @ powers[:, :3]).T
     ata = np.empty((N_COEF, N_COEF))
     atb = np.empty(N_COEF)
     for i, (pi, qi) in enumerate(_POWERS):
