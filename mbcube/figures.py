@@ -58,6 +58,8 @@ CMAP = "RdBu"
 VOID_COLOUR = "#e9dcc0"  # map background where the reference DEM has no data
 SURFACE_STYLE = {1: ("clean ice", "tab:blue"), 2: ("debris-covered", "tab:brown")}
 ALL_GLACIERS = "all glaciers"
+#: The files make_figures writes (and removes when a later run does not make them again).
+FIGURE_PATTERNS = ("dhdt_map_*.png", "mass_balance_map.png", "profile_*.png", "transect.png")
 
 
 class MissingInputError(StoreError):
@@ -123,8 +125,9 @@ class FigureInputs:
 
     @functools.cached_property
     def glaciers(self) -> pd.DataFrame:
-        """One row per cube glacier (index: glacier number 1..N): RGIId, centroid (m), region
-        name, area (km2) and the glacier table's columns where glaciers.csv has the glacier."""
+        """One row per cube glacier (index: glacier number 1..N): its outline id (glacier_key),
+        centroid (m), region name, outline area (km2) and the columns of glaciers.csv (matched
+        on the study's glacier id column)."""
         names = [
             "glacier_rgi_id",
             "glacier_centroid_x_m",
@@ -135,7 +138,7 @@ class FigureInputs:
         numbers = ds["glacier"].values.astype(int)
         out = pd.DataFrame(
             {
-                "RGIId": [str(v) for v in ds["glacier_rgi_id"].values],
+                "glacier_key": [str(v) for v in ds["glacier_rgi_id"].values],
                 "x_m": np.asarray(ds["glacier_centroid_x_m"].values, dtype=float),
                 "y_m": np.asarray(ds["glacier_centroid_y_m"].values, dtype=float),
                 "outline_area_km2": np.asarray(ds["glacier_outline_area_km2"].values, dtype=float),
@@ -143,15 +146,27 @@ class FigureInputs:
             index=pd.Index(numbers, name="glacier"),
         )
         table = self.table("glaciers")
-        if table is not None and "RGIId" in table.columns:
-            table = table.drop_duplicates("RGIId").set_index("RGIId")
-            extra = table.reindex(out["RGIId"].to_numpy())
+        key = self._id_column(table)
+        if table is not None and key is not None:
+            table = table.assign(**{key: table[key].astype(str)})
+            table = table.drop_duplicates(key).set_index(key)
+            extra = table.reindex(out["glacier_key"].to_numpy())
             extra.index = out.index
             out = out.join(extra)
         if "region" not in out.columns or out["region"].isna().all():
             out["region"] = self._region_at_centroids(out)
         out["region"] = out["region"].astype(object).where(out["region"].notna(), None)
         return out
+
+    def _id_column(self, table: pd.DataFrame | None) -> str | None:
+        """The id column of glaciers.csv: the study's glacier_id_column, else RGIId."""
+        if table is None:
+            return None
+        recorded = self.config.glacier_id_column if self.config is not None else "RGIId"
+        for column in (recorded, "RGIId"):
+            if column in table.columns:
+                return column
+        return None
 
     def _region_at_centroids(self, glaciers: pd.DataFrame) -> pd.Series:
         ds = self.cube
@@ -964,7 +979,8 @@ def make_figures(store: Path, tables: Path, out: Path, *, max_px: int = 1500) ->
     """Write every figure the inputs allow as PNG into `out`; return their paths.
 
     Files: dhdt_map_<region>.png, mass_balance_map.png, profile_<region>.png, transect.png.
-    A figure whose input is missing is skipped with a log message.
+    A figure whose input is missing is skipped with a log message; such files left in `out` by
+    an earlier run are removed, so `out` holds exactly this run's figures.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -993,4 +1009,7 @@ def make_figures(store: Path, tables: Path, out: Path, *, max_px: int = 1500) ->
         path = out / f"{stem}.png"
         fig.savefig(path, dpi=DPI)
         written.append(path)
+    for pattern in FIGURE_PATTERNS:  # figures of an earlier run that this run did not make
+        for stale in set(out.glob(pattern)) - set(written):
+            stale.unlink()
     return written

@@ -327,7 +327,13 @@ def test_missing_groups_and_tables_skip_figures(results: Results, tmp_path: Path
     store = Path(shutil.copytree(results.store, tmp_path / "cube.zarr"))
     for group in ("stats", "hypsometry", "penetration"):
         shutil.rmtree(store / group)
+    (tmp_path / "figures").mkdir()
+    stale = tmp_path / "figures" / "profile_old_region.png"
+    stale.write_bytes(b"")
+    keep = tmp_path / "figures" / "my_own.png"
+    keep.write_bytes(b"")
     paths = figures.make_figures(store, tmp_path / "no_tables", tmp_path / "figures")
+    assert not stale.exists() and keep.exists()
     # no tables: regions come from the cube (region at each glacier's centroid); maps only
     assert paths and all(p.name.startswith("dhdt_map_") for p in paths)
     with pytest.raises(figures.MissingInputError):
