@@ -64,6 +64,14 @@ class HardScene:
     ring_centre: tuple[float, float]
 
 
+def _window(cy: float, cx: float, r: float, n: int) -> tuple[slice, slice]:
+    """The pixels of an n x n grid within r of (cy, cx) along each axis (plus a margin)."""
+    return (
+        slice(max(0, int(cy - r) - 1), min(n, int(cy + r) + 2)),
+        slice(max(0, int(cx - r) - 1), min(n, int(cx + r) + 2)),
+    )
+
+
 def make_hard_scene(n: int = 384, tile: int = 128, seed: int = 0, nlooks: float = 4.0) -> HardScene:
     """A scene built to be hard: low-coherence glaciers (0.40 +- 0.06, 4 looks) thinning by up
     to 75 m (~2 cycles at h_amb ~40 m, varying +-5 %), a ramp of ~2 cycles, many layover
@@ -88,16 +96,18 @@ def make_hard_scene(n: int = 384, tile: int = 128, seed: int = 0, nlooks: float 
     while len(centres) < max(4, int(6 * s * s)):
         centres.append(tuple(rng.uniform(0.1 * n, 0.9 * n, 2)))
     for cy, cx in centres:
-        a, b = rng.uniform(18, 40, 2) * s**0.5
-        r2 = ((y - cy) / a) ** 2 + ((x - cx) / b) ** 2
-        glacier |= r2 < 1
-        dh += np.where(r2 < 1, -75.0 * (1 - r2), 0.0)
+        a, b = rng.uniform(18, 40, 2)
+        w = _window(cy, cx, max(a, b), n)
+        r2 = ((y[w] - cy) / a) ** 2 + ((x[w] - cx) / b) ** 2
+        glacier[w] |= r2 < 1
+        dh[w] += np.where(r2 < 1, -75.0 * (1 - r2), 0.0)
     coh = np.where(glacier, 0.4, 0.8) + smooth(30, 0.06) + 0.03 * rng.standard_normal((n, n))
     radar = np.zeros((n, n), bool)
     for _ in range(int(60 * s * s)):
         cy, cx = rng.uniform(0, n, 2)
         r = rng.uniform(2, 9)
-        radar |= (y - cy) ** 2 + (x - cx) ** 2 < r * r
+        w = _window(cy, cx, r, n)
+        radar[w] |= (y[w] - cy) ** 2 + (x[w] - cx) ** 2 < r * r
     cy, cx = 1.8 * tile, 2.0 * tile
     rr = np.hypot(y - cy, x - cx)
     radius = 0.38 * tile
@@ -536,3 +546,16 @@ def test_unwrap_cube_skips_dem_scenes(tmp_path: Path) -> None:
     ds = open_cube(store)
     dem = next(s for s, k in kinds.items() if k == "dem")
     assert np.isnan(ds["dh_raw_m"].sel(scene=dem).values).all()
+
+
+def test_valid_mask_combines_every_reason() -> None:
+    phase = np.array([[0.1, np.nan, 0.2, 0.3, 0.4, 0.5, 0.6]], np.float32)
+    coh = np.array([[0.9, 0.9, 0.29, np.nan, 0.9, 0.9, 0.9]], np.float32)
+    h_amb = np.array([[40, 40, 40, 40, np.nan, 40, 40]], np.float32)
+    radar = np.array([[0, 0, 0, 0, 0, 1, 0]], np.uint8)
+    void = np.array([[0, 0, 0, 0, 0, 0, 1]], np.uint8)
+    got = valid_mask(phase, coh, h_amb, radar, void, coherence_min=0.3)
+    assert got.tolist() == [[True, False, False, False, False, False, False]]
+    assert valid_mask(phase, coh, h_amb, coherence_min=0.3).tolist() == [
+        [True, False, False, False, False, True, True]
+    ]
