@@ -851,7 +851,10 @@ def bin_cube(
             f"{store}: scenes {missing} have no corrected dh yet. Run `mbcube correct {store}` first."
         )
     n_glaciers = cube.sizes["glacier"]
-    axis, hyps_token = _ensure_hypsometry(store, cube, cfg.bin_width_m, force, say)
+    # force redoes the hypsometry only with all scenes (a new one means rebinning every scene)
+    axis, hyps_token = _ensure_hypsometry(
+        store, cube, cfg.bin_width_m, force and scenes is None, say
+    )
     _ensure_stats_group(store, axis, n_glaciers, hyps_token)
     binned = _open_group(store, "stats")["binned"].values
     index = scene_index(store)

@@ -33,7 +33,8 @@ from mbcube.binning import (
 )
 from mbcube.cluster import quiet
 from mbcube.config import MassBalanceConfig
-from mbcube.errors import StoreError
+from mbcube.corrections.step import correct_cube
+from mbcube.errors import MbcubeWarning, StoreError
 from mbcube.ingest import ingest
 from mbcube.store import (
     open_cube,
@@ -43,6 +44,7 @@ from mbcube.store import (
     write_scene_region,
     write_state,
 )
+from mbcube.synth import generate_study
 from tests.conftest import raise_if_dask_computes
 
 # ------------------------------------------------------------------ the oracle (slow, obvious)
@@ -301,17 +303,45 @@ def test_kernel_failure_names_scene_and_tile():
 
 
 @pytest.fixture(scope="module")
-def dem_cube(tiny_dem_study: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny DEM study ingested, with dh_m = dem_m - ref_dem_m and a 'correct' record (as the
-    corrections step would leave it). Read-only: copy before writing."""
-    store = tmp_path_factory.mktemp("bin_cube") / "cube.zarr"
-    ingest(tiny_dem_study, store)
+def dem_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny DEM-kind study whose scenes.csv lists its first 2 of 3 scenes (all 3 rows are kept
+    in scenes_all.csv, for the test that appends a scene)."""
+    study = generate_study(
+        tmp_path_factory.mktemp("bin_study") / "study", "tiny", kind="dem", seed=2
+    )
+    rows = (study / "scenes.csv").read_text().splitlines(keepends=True)
+    (study / "scenes_all.csv").write_text("".join(rows))
+    (study / "scenes.csv").write_text("".join(rows[:3]))
+    return study
+
+
+def _add_dh(store: Path) -> None:
+    """dh_m = dem_m - ref_dem_m and a 'correct' record for scenes that lack one, as the
+    corrections step would leave them."""
     cube = open_cube(store)
+    done = read_state(store).get("steps", {}).get("correct", {})
     for scene_id, i in scene_index(store).items():
+        if scene_id in done:
+            continue
         dh = (cube["dem_m"].sel(scene=[scene_id]) - cube["ref_dem_m"]).astype(np.float32)
         ds = xr.Dataset({"dh_m": dh.transpose("scene", "y", "x")})
         dask.compute(write_scene_region(store, ds, i, compute=False))
         record_step(store, "correct", scene_id, {"test": "dh = dem - ref"})
+
+
+@pytest.fixture(scope="module")
+def raw_dem_cube(dem_study: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """dem_study (2 scenes) ingested. Read-only: copy before writing."""
+    store = tmp_path_factory.mktemp("bin_raw") / "cube.zarr"
+    ingest(dem_study, store)
+    return store
+
+
+@pytest.fixture(scope="module")
+def dem_cube(raw_dem_cube: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """raw_dem_cube with dh_m = dem_m - ref_dem_m. Read-only: copy before writing."""
+    store = Path(shutil.copytree(raw_dem_cube, tmp_path_factory.mktemp("bin_cube") / "cube.zarr"))
+    _add_dh(store)
     return store
 
 
@@ -336,7 +366,7 @@ def _pandas_stats(cube: xr.Dataset, scene_id: str, width: float) -> pd.DataFrame
     )
 
 
-def test_bin_cube_matches_pandas_and_truth(dem_cube, tiny_dem_study, tmp_path):
+def test_bin_cube_matches_pandas_and_truth(dem_cube, dem_study, tmp_path):
     store = _copy(dem_cube, tmp_path)
     with quiet():
         done = bin_cube(store)
@@ -345,7 +375,7 @@ def test_bin_cube_matches_pandas_and_truth(dem_cube, tiny_dem_study, tmp_path):
     assert done == [str(s) for s in cube["scene"].values]
     stats = xr.open_zarr(store, group="stats").load()
     hyps = xr.open_zarr(store, group="hypsometry").load()
-    assert stats["binned"].values.tolist() == [1, 1, 1]
+    assert stats["binned"].values.tolist() == [1, 1]
     assert stats["count"].dtype == np.int64 and stats["sum_dh_m"].dtype == np.float64
     # every cell, against pandas
     for scene_id in done:
@@ -372,7 +402,7 @@ def test_bin_cube_matches_pandas_and_truth(dem_cube, tiny_dem_study, tmp_path):
     )
     np.testing.assert_array_equal(stats["bin"].values, hyps["bin"].values)
     # synthetic truth: glacier areas (outline rasterization vs the generator's own mask)
-    truth = pd.read_csv(tiny_dem_study / "truth" / "glaciers.csv")
+    truth = pd.read_csv(dem_study / "truth" / "glaciers.csv")
     area_km2 = (hyps["area_m2"].sum(["bin", "surface"]) + hyps["void_area_m2"]).values / 1e6
     big = truth["area_km2"].to_numpy() > 0.5
     np.testing.assert_allclose(area_km2[big], truth["area_km2"].to_numpy()[big], rtol=0.05)
@@ -392,17 +422,19 @@ def test_bin_cube_recomputes_only_what_changed(dem_cube, tmp_path):
     store = _copy(dem_cube, tmp_path)
     ids = list(scene_index(store))
     with quiet():
-        assert bin_cube(store, scenes=ids[:2]) == ids[:2]
+        assert bin_cube(store, scenes=ids[:1]) == ids[:1]
         first = xr.open_zarr(store, group="stats").load()
-        assert first["binned"].values.tolist() == [1, 1, 0]
+        assert first["binned"].values.tolist() == [1, 0]
         chunk = store / "stats" / "count" / "c" / "0" / "0" / "0" / "0"
         stamp = chunk.stat().st_mtime_ns
-        assert bin_cube(store) == ids[2:]  # the new scene only
-        assert chunk.stat().st_mtime_ns == stamp  # scene 0's region not rewritten
+        # the other scene only; the first one's region is not rewritten
+        assert bin_cube(store) == ids[1:]
+        assert chunk.stat().st_mtime_ns == stamp
         after = xr.open_zarr(store, group="stats").load()
-        xr.testing.assert_equal(
-            after.isel(scene=[0, 1])["count"], first.isel(scene=[0, 1])["count"]
-        )
+        assert after["binned"].values.tolist() == [1, 1]
+        xr.testing.assert_identical(after.isel(scene=[0]), first.isel(scene=[0]))
+        assert int(after["count"].isel(scene=1).sum()) > 1000
+        assert bin_cube(store) == []
         # new corrected dh for one scene: only it is redone
         record_step(store, "correct", ids[1], {"test": "again"})
         assert bin_cube(store) == [ids[1]]
@@ -412,10 +444,38 @@ def test_bin_cube_recomputes_only_what_changed(dem_cube, tmp_path):
     hyps = xr.open_zarr(store, group="hypsometry")
     assert np.all(np.diff(stats["bin"].values) == 100.0)
     np.testing.assert_array_equal(stats["bin"].values, hyps["bin"].values)
-    assert int(stats["count"].sum()) == int(first["count"].sum()) + int(
-        after["count"].isel(scene=2).sum()
+    assert int(stats["count"].sum()) == int(after["count"].sum())  # same pixels, wider bins
+    np.testing.assert_allclose(
+        stats["sum_dh_m"].sum(["glacier", "bin", "surface"]),
+        after["sum_dh_m"].sum(["glacier", "bin", "surface"]),
     )
     assert zarr.open_group(str(store), path="stats").attrs["bin_width_m"] == 100.0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="ingest cannot yet append a scene to a cube that has later layers (dh_m keeps the "
+    "old scene length, so the cube no longer opens); reported to the lead",
+)
+def test_scene_appended_to_the_cube_is_binned_alone(dem_cube, dem_study, tmp_path):
+    store = _copy(dem_cube, tmp_path)
+    ids = list(scene_index(store))
+    with quiet():
+        assert bin_cube(store) == ids
+        before = xr.open_zarr(store, group="stats").load()
+        short = (dem_study / "scenes.csv").read_text()
+        try:
+            (dem_study / "scenes.csv").write_text((dem_study / "scenes_all.csv").read_text())
+            ingest(dem_study, store)
+        finally:
+            (dem_study / "scenes.csv").write_text(short)
+        _add_dh(store)
+        new = [s for s in scene_index(store) if s not in ids]
+        assert bin_cube(store) == new
+    after = xr.open_zarr(store, group="stats").load()
+    assert after["binned"].values.tolist() == [1, 1, 1]
+    xr.testing.assert_identical(after.isel(scene=[0, 1]), before)
 
 
 def test_bin_cube_refuses_unknown_scenes_and_missing_dh(dem_cube, tmp_path):
@@ -428,3 +488,37 @@ def test_bin_cube_refuses_unknown_scenes_and_missing_dh(dem_cube, tmp_path):
     write_state(store, state)
     with pytest.raises(StoreError, match=rf"\['{first}'\] have no corrected dh"):
         bin_cube(store)
+
+
+def test_bin_cube_after_corrections_matches_pixels_and_truth(raw_dem_cube, dem_study, tmp_path):
+    """Through the real corrections step: stats equal pandas on the stored dh_m, and the
+    per-glacier mean of corrected dh over the time span recovers the true rate."""
+    store = _copy(raw_dem_cube, tmp_path)
+    with quiet():
+        with pytest.warns(MbcubeWarning):
+            corrected = correct_cube(store)
+        assert bin_cube(store) == corrected
+        assert bin_cube(store) == []
+    cube = open_cube(store)
+    stats = xr.open_zarr(store, group="stats").load()
+    for scene_id in corrected:
+        expect = _pandas_stats(cube, scene_id, 50.0)
+        got = stats.sel(scene=scene_id)["count"].to_series()
+        got = got[got > 0]
+        assert got.sum() == expect["count"].sum() > 1000
+        by_glacier = expect.groupby("glacier")["sum_dh_m"].sum()
+        np.testing.assert_allclose(
+            stats.sel(scene=scene_id)["sum_dh_m"]
+            .sum(["bin", "surface"])
+            .values[by_glacier.index.to_numpy() - 1],
+            by_glacier.to_numpy(),
+            rtol=1e-9,
+        )
+    truth = pd.read_csv(dem_study / "truth" / "glaciers.csv")
+    years = cube["scene_years"].values
+    count = stats["count"].sum(["bin", "surface"]).values  # (scene, glacier)
+    mean_dh = stats["sum_dh_m"].sum(["bin", "surface"]).values / np.maximum(count, 1)
+    rate = (mean_dh / years[:, None])[count > 200]
+    true = np.broadcast_to(truth["dhdt_m_yr"].to_numpy(), count.shape)[count > 200]
+    assert rate.size >= 5
+    assert np.median(np.abs(rate - true)) < 0.15  # m/yr, plain mean (no hypsometric weighting)
