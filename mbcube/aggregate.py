@@ -55,6 +55,7 @@ __all__ = [
     "mass_balance_dataset",
     "region_sets",
     "region_table",
+    "regions_dataset",
 ]
 
 SIGMA_COLUMNS = [
@@ -550,6 +551,40 @@ def mass_balance_dataset(store: Path | str, config: MassBalanceConfig | None = N
             ds[key].attrs["units"] = units[key]
         elif key == "mass_gt_yr":
             ds[key].attrs["units"] = "Gt/yr"
+    ds.attrs["scene_rule"] = data.config.scene_rule
+    ds.attrs["density_kg_m3"] = data.config.density_kg_m3
+    return ds
+
+
+def regions_dataset(
+    store: Path | str,
+    config: MassBalanceConfig | None = None,
+    regions: Path | RegionSet | None = None,
+) -> xr.Dataset:
+    """The region table as a Dataset with dims (region, glaciers), glaciers = all | no_surge.
+
+    `regions`: a polygon file, or a RegionSet (e.g. `mbcube.regions.from_ids`, glaciers in the
+    cube's order); default: the study's regions and basins. Region 'all' is the whole study."""
+    data = load_stats(Path(store), config)
+    if isinstance(regions, RegionSet):
+        sets = [regions]
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MbcubeWarning)
+            sets = region_sets(data, None if regions is None else Path(regions))
+    table = region_table(data, _joined(data, sets), glacier_table(data))
+    names = list(dict.fromkeys(table["name"]))
+    table = table.set_index(["name", "glaciers"])
+    ds = xr.Dataset(
+        {
+            column: (
+                ("region", "glaciers"),
+                np.array([[table.loc[(n, g), column] for g in ("all", "no_surge")] for n in names]),
+            )
+            for column in REGION_COLUMNS[2:]
+        },
+        coords={"region": np.array(names, dtype=object), "glaciers": ["all", "no_surge"]},
+    )
     ds.attrs["scene_rule"] = data.config.scene_rule
     ds.attrs["density_kg_m3"] = data.config.density_kg_m3
     return ds

@@ -32,6 +32,7 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 import numpy as np
+from scipy import sparse
 
 __all__ = [
     "PREFERRED_MIN_COVERAGE",
@@ -152,16 +153,15 @@ def combine_scenes(
     count_s = np.where(used, count, 0).astype(float)
     sum_s = np.where(used & (count > 0), sum_dh_m, 0.0)
     total = count_s.sum(axis=0)
-    rate_sum = (sum_s / years[:, None, None, None]).sum(axis=0)
+    rate_sum = np.einsum("s,sgbf->gbf", 1.0 / years, sum_s)
     dh_sum = sum_s.sum(axis=0)
     best = count_s.max(axis=0) if len(years) else np.zeros_like(total)
     measured_px = np.minimum(best, n_px).sum(axis=(1, 2))
     scene_px = count_s.sum(axis=(2, 3))
     # each scene's share of the unit's hypsometric mean: over measured cells, area x its share
     valid = total >= min_px_per_bin
-    share = np.divide(count_s, total, out=np.zeros_like(count_s), where=total > 0)
-    weight_area = np.where(valid, area_m2, 0.0)
-    scene_weight = (share * weight_area).sum(axis=(2, 3))
+    area_per_count = np.divide(area_m2, total, out=np.zeros(total.shape), where=valid & (total > 0))
+    scene_weight = np.einsum("sgbf,gbf->sg", count_s, area_per_count)
     norm = scene_weight.sum(axis=0)
     # units whose measured cells hold no area: fall back to the measurement counts
     fallback = np.divide(
@@ -197,12 +197,12 @@ def sum_units(
     min_px_per_bin); so a glacier seen by three overlapping scenes does not outweigh one seen once.
     Bins no glacier measured are filled along the unit's own profile (`balance`). Pixel sums
     (counts, measured pixels, hypsometry) are summed; scene weights are area-weighted means."""
-    m = np.asarray(membership, dtype=float)
+    m = sparse.csr_array(np.asarray(membership, dtype=float))  # no BLAS threads: tiny products
     n_units = m.shape[0]
     shape = stats.count.shape[1:]
 
     def summed(arr: np.ndarray) -> np.ndarray:
-        return (m @ arr.reshape(arr.shape[0], -1)).reshape(n_units, *shape)
+        return np.asarray(m @ arr.reshape(arr.shape[0], -1)).reshape(n_units, *shape)
 
     valid = stats.count >= min_px_per_bin
     area = np.where(valid, stats.area_m2, 0.0)
@@ -213,7 +213,7 @@ def sum_units(
 
     area_g = stats.area_m2.sum(axis=(1, 2))
     area_u = m @ area_g
-    weighted = (stats.scene_weight * area_g[None, :]) @ m.T
+    weighted = np.asarray(m @ (stats.scene_weight * area_g[None, :]).T).T
     scene_weight = np.divide(
         weighted, area_u[None, :], out=np.zeros_like(weighted), where=area_u[None, :] > 0
     )
@@ -225,7 +225,7 @@ def sum_units(
         area_m2=summed(stats.area_m2),
         n_px=summed(stats.n_px),
         measured_px=m @ stats.measured_px,
-        scene_px=stats.scene_px @ m.T,
+        scene_px=np.asarray(m @ stats.scene_px.T).T,
         scene_weight=scene_weight,
         void_area_m2=m @ stats.void_area,
         void_px=m @ stats.void_pixels,

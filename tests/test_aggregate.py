@@ -23,10 +23,11 @@ from mbcube.aggregate import (
     mass_balance_dataset,
     region_sets,
     region_table,
+    regions_dataset,
 )
 from mbcube.config import MassBalanceConfig
 from mbcube.errors import StoreError
-from mbcube.regions import RegionSet
+from mbcube.regions import RegionSet, from_ids
 from mbcube.store import open_cube, write_dataset
 
 BIN_M = 50.0
@@ -345,3 +346,16 @@ def test_scene_rule_and_dataset(synthetic: Synthetic) -> None:
 def test_missing_statistics_say_what_to_run(tiny_cube: Path) -> None:
     with pytest.raises(StoreError, match="mbcube bin"):
         load_stats(tiny_cube)
+
+
+def test_regions_dataset_from_id_list(synthetic: Synthetic) -> None:
+    """A region given as a list of glacier ids equals that glacier's own values."""
+    ids = [str(i) for i in open_cube(synthetic.store)["glacier_rgi_id"].values]
+    ds = regions_dataset(synthetic.store, regions=from_ids({"one": [ids[4]]}, ids))
+    assert list(ds["region"].values) == ["all", "one"]
+    glacier = mass_balance_dataset(synthetic.store).sel(glacier=5)
+    one = ds.sel(region="one", glaciers="all")
+    assert float(one["mb_mwe_yr"]) == pytest.approx(float(glacier["mb_mwe_yr"]), abs=1e-12)
+    assert float(one["sigma_datum_mwe_yr"]) == pytest.approx(
+        float(glacier["sigma_datum_mwe_yr"]), rel=1e-9
+    )
