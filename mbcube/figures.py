@@ -975,7 +975,9 @@ def _weighted_by_bin(parts: pd.DataFrame, column: str, n_bins: int) -> np.ndarra
 # ---------------------------------------------------------------- all figures
 
 
-def make_figures(store: Path, tables: Path, out: Path, *, max_px: int = 1500) -> list[Path]:
+def make_figures(
+    store: Path, tables: Path, out: Path, *, max_px: int = 1500, dpi: int = DPI
+) -> list[Path]:
     """Write every figure the inputs allow as PNG into `out`; return their paths.
 
     Files: dhdt_map_<region>.png, mass_balance_map.png, profile_<region>.png, transect.png.
@@ -1007,7 +1009,7 @@ def make_figures(store: Path, tables: Path, out: Path, *, max_px: int = 1500) ->
             log.exception("figure %s failed; the other figures are still made", stem)
             continue
         path = out / f"{stem}.png"
-        fig.savefig(path, dpi=DPI)
+        fig.savefig(path, dpi=dpi)
         written.append(path)
     for pattern in FIGURE_PATTERNS:  # figures of an earlier run that this run did not make
         for stale in set(out.glob(pattern)) - set(written):

@@ -312,14 +312,15 @@ def test_transect_lines_are_area_weighted_glacier_parts(results: Results) -> Non
 
 
 def test_make_figures_writes_pngs(results: Results, tmp_path: Path) -> None:
-    paths = figures.make_figures(results.store, results.tables, tmp_path / "figures")
+    paths = figures.make_figures(results.store, results.tables, tmp_path / "figures", dpi=60)
     names = {p.name for p in paths}
     n_regions = results.regions["name"].nunique()
     assert len(paths) == 2 * n_regions + 2
     assert {"mass_balance_map.png", "transect.png"} <= names
     for path in paths:
         image = mpimg.imread(path)
-        assert image.shape[0] > 400 and image.shape[1] > 800
+        # at 60 dpi: every figure is at least 5 x 3.5 inches
+        assert image.shape[0] >= 3.5 * 60 and image.shape[1] >= 5 * 60, (path.name, image.shape)
         assert image[..., :3].std() > 0.05  # not blank
 
 
@@ -332,7 +333,7 @@ def test_missing_groups_and_tables_skip_figures(results: Results, tmp_path: Path
     stale.write_bytes(b"")
     keep = tmp_path / "figures" / "my_own.png"
     keep.write_bytes(b"")
-    paths = figures.make_figures(store, tmp_path / "no_tables", tmp_path / "figures")
+    paths = figures.make_figures(store, tmp_path / "no_tables", tmp_path / "figures", dpi=40)
     assert not stale.exists() and keep.exists()
     # no tables: regions come from the cube (region at each glacier's centroid); maps only
     assert paths and all(p.name.startswith("dhdt_map_") for p in paths)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mbcube.figures import make_figures
 from mbcube.report import format_value, write_report
 from tests.test_figures import Results, build_results
 
@@ -37,7 +38,8 @@ def test_report_holds_tables_scenes_corrections_and_figures(
     results: Results, tmp_path: Path
 ) -> None:
     shutil.copytree(results.tables, tmp_path / "out")
-    path = write_report(results.store, tmp_path / "out", tmp_path / "out")
+    made = make_figures(results.store, tmp_path / "out", tmp_path / "out" / "figures", dpi=40)
+    path = write_report(results.store, tmp_path / "out", tmp_path / "out")  # finds the figures
     assert path == tmp_path / "out" / "report.html"
     page = path.read_text()
     cells = _cells(page)
@@ -69,9 +71,9 @@ def test_report_holds_tables_scenes_corrections_and_figures(
     assert "unwrap_unwrapped_frac" in page and "70.0 %" in cells
     # parameters recorded in the store
     assert "massbalance.density_kg_m3" in cells and "850.0" in cells
-    # figures were made (none existed) and linked by relative path
+    # the figures in out/figures, linked by relative path
     images = re.findall(r'<img src="([^"]+)"', page)
-    assert len(images) == 2 * results.regions["name"].nunique() + 2
+    assert len(images) == len(made) == 2 * results.regions["name"].nunique() + 2
     assert all(im.startswith("figures/") and (tmp_path / "out" / im).exists() for im in images)
     assert "http" not in page.split("<body>")[1].split("Study parameters")[0]
 
@@ -86,4 +88,8 @@ def test_report_notes_missing_parts(results: Results, tmp_path: Path) -> None:
     assert page.count('class="note"') >= 4
     assert "No regions.csv" in page and "No glaciers.csv" in page
     assert "No penetration table" in page and "No figures" in page
+    # without figures given or present, the report makes those its inputs allow: the maps
+    page = write_report(store, tmp_path / "no_tables", tmp_path / "out2").read_text()
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert images and all(im.startswith("figures/dhdt_map_") for im in images)
     assert "S01_20131005" in page  # the scenes are still reported
