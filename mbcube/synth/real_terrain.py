@@ -9,6 +9,9 @@ The study keeps the real-world traps on purpose:
 - the reference DEM is the real SRTM clip in EPSG:4326 as int16 with nodata -32768, with SRTM-like
   voids injected (the pipeline must read them as voids, not as -32768 m);
 - the outlines are the real shapefiles in EPSG:4326, read where they are (not copied);
+- the voids are where SRTM's are, in high terrain, so on glaciers they sit where the true rate
+  is highest: `truth/glaciers.csv` gives the rate over all in-grid glacier pixels (`dhdt_m_yr`)
+  and over those with a valid reference (`dhdt_valid_ref_m_yr`), which no method can bin better;
 - `crop_east_frac` cuts the grid so that the outline crosses the grid's eastern edge: the truth
   is then the glacier part inside the grid (`truth/glaciers.csv`: in-grid area and rate, and the
   full outline area for comparison);
@@ -173,7 +176,10 @@ def generate_real_terrain_study(
         "corrections": {"penetration": "none"},
     }
     (out / "study.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    _write_truth(out, spec, grid, outlines, outlines_grid, glacier, rate, scene_defs, regions)
+    ref_valid = np.isfinite(_warp_to_grid(out / "reference" / "srtm_c.tif", grid))
+    _write_truth(
+        out, spec, grid, outlines, outlines_grid, glacier, rate, ref_valid, scene_defs, regions
+    )
     return out
 
 
@@ -325,6 +331,7 @@ def _write_truth(
     outlines_grid: gpd.GeoDataFrame,
     glacier: np.ndarray,
     rate: np.ndarray,
+    ref_valid: np.ndarray,
     scene_defs: list[sc.SceneDef],
     regions: gpd.GeoDataFrame | None,
 ) -> None:
@@ -332,6 +339,9 @@ def _write_truth(
     n = len(outlines) + 1
     count = np.bincount(glacier.ravel(), minlength=n)[1:]
     rate_sum = np.bincount(glacier.ravel(), weights=rate.ravel(), minlength=n)[1:]
+    with_ref = np.where(ref_valid, glacier, 0).ravel()
+    count_ref = np.bincount(with_ref, minlength=n)[1:]
+    rate_sum_ref = np.bincount(with_ref, weights=rate.ravel(), minlength=n)[1:]
     centroids = outlines_grid.geometry.centroid
     region_of = np.full(len(outlines), "", dtype=object)
     if regions is not None:
@@ -345,6 +355,11 @@ def _write_truth(
             "outline_area_km2": (outlines_grid.geometry.area / 1e6).to_numpy(),
             "n_px": count.astype(int),
             "dhdt_m_yr": np.where(count > 0, rate_sum / np.maximum(count, 1), np.nan),
+            # over the glacier pixels with a valid reference DEM (the injected voids excluded)
+            "dhdt_valid_ref_m_yr": np.where(
+                count_ref > 0, rate_sum_ref / np.maximum(count_ref, 1), np.nan
+            ),
+            "ref_void_frac": 1.0 - count_ref / np.maximum(count, 1),
             "surge": 0,
             "region": region_of,
         }
