@@ -179,6 +179,30 @@ def _header(ds: xr.Dataset | None, state: dict[str, Any], store: Path) -> str:
     return "\n".join(lines)
 
 
+def _headline(regions: pd.DataFrame | None) -> str:
+    """The study-wide result (regions.csv row 'all', all glaciers) in one sentence."""
+    if regions is None or not {"name", "mb_mwe_yr"} <= set(regions.columns):
+        return ""
+    rows = regions[regions["name"].astype(str) == "all"]
+    if "glaciers" in rows.columns:
+        rows = rows[rows["glaciers"].astype(str) == "all"]
+    if rows.empty:
+        return ""
+    row = rows.iloc[0]
+    text = f"Study-wide mass balance: <b>{_esc(format_value('mb_mwe_yr', row['mb_mwe_yr']))}"
+    if "mb_sigma_mwe_yr" in row:
+        text += f" ± {_esc(format_value('mb_sigma_mwe_yr', row['mb_sigma_mwe_yr']))}"
+    text += " m w.e./yr</b>"
+    if "dhdt_m_yr" in row:
+        text += f" (dh/dt {_esc(format_value('dhdt_m_yr', row['dhdt_m_yr']))} m/yr"
+        if "area_km2" in row:
+            text += f" over {_esc(format_value('area_km2', row['area_km2']))} km²"
+        text += ")"
+    if "mass_gt_yr" in row:
+        text += f", {_esc(format_value('mass_gt_yr', row['mass_gt_yr']))} Gt/yr"
+    return f"<p>{text}.</p>"
+
+
 def _regions_part(regions: pd.DataFrame | None) -> str:
     if regions is None:
         return _note("No regions.csv in the tables folder: run `mbcube aggregate` first.")
@@ -519,7 +543,8 @@ def write_report(
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>mbcube report</title><style>{CSS}</style></head><body>\n"
-        f"{_header(ds, state, store)}\n<p>{contents}</p>\n{body}</body></html>\n"
+        f"{_header(ds, state, store)}\n{_headline(regions)}\n<p>{contents}</p>\n{body}"
+        "</body></html>\n"
     )
     path = out / "report.html"
     tmp = path.with_suffix(".html.tmp")

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from mbcube.figures import make_figures
@@ -76,6 +77,17 @@ def test_report_holds_tables_scenes_corrections_and_figures(
     assert len(images) == len(made) == 2 * results.regions["name"].nunique() + 2
     assert all(im.startswith("figures/") and (tmp_path / "out" / im).exists() for im in images)
     assert "http" not in page.split("<body>")[1].split("Study parameters")[0]
+
+
+def test_report_headline_is_the_study_wide_row(results: Results, tmp_path: Path) -> None:
+    tables = Path(shutil.copytree(results.tables, tmp_path / "tables"))
+    regions = results.regions
+    study = regions.iloc[[0, 1]].assign(name="all", mb_mwe_yr=[-0.4321, -0.5], area_km2=12.5)
+    pd.concat([study, regions]).to_csv(tables / "regions.csv", index=False)
+    page = write_report(results.store, tables, tmp_path / "out", figures=[]).read_text()
+    sigma = study["mb_sigma_mwe_yr"].iloc[0]
+    assert f"Study-wide mass balance: <b>-0.432 ± {sigma:.3f} m w.e./yr</b>" in page
+    assert "over 12.500 km²" in page
 
 
 def test_report_notes_missing_parts(results: Results, tmp_path: Path) -> None:
