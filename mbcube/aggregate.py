@@ -17,9 +17,13 @@ Both are also written as Parquet beside the CSV files.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -42,7 +46,7 @@ from mbcube.regions import (
     read_polygons,
     surge_free,
 )
-from mbcube.store import grid_of, open_cube, read_state, recorded_config
+from mbcube.store import grid_of, open_cube, read_state, recorded_config, write_dataset
 from mbcube.uncertainty import datum_sigma_m, quadrature, stable_moments, unit_uncertainty
 
 __all__ = [
@@ -95,6 +99,7 @@ REGION_COLUMNS = [
     "volume_km3_yr",
     "mass_gt_yr",
 ]
+log = logging.getLogger(__name__)
 #: Glacier attributes (outline columns) that define a region set of their own.
 ATTRIBUTE_REGION_SETS = ("basin",)
 #: Glaciers read per block (bounds memory: S x block x B x F float64 per variable).
@@ -170,23 +175,12 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
     years = cube_scenes["scene_years"].values.astype(float)
     months = cube_scenes["scene_month"].values.astype(int)
 
-    blocks = []
-    for start in range(0, len(glacier), GLACIER_BLOCK):
-        part = slice(start, start + GLACIER_BLOCK)
-        count = np.nan_to_num(stats["count"].isel(glacier=part).values).astype(float)
-        sums = np.nan_to_num(stats["sum_dh_m"].isel(glacier=part).values)
-        area = np.nan_to_num(hyps["area_m2"].isel(glacier=part).values.astype(float))
-        n_px = np.nan_to_num(hyps["n_px"].isel(glacier=part).values.astype(float))
-        use = select_scenes(count, months, area, config.scene_rule, config.min_px_per_bin)
-        void = {
-            name: np.nan_to_num(hyps[name].isel(glacier=part).values.astype(float))
-            for name in ("void_area_m2", "void_px")
-            if name in hyps
-        }
-        blocks.append(
-            combine_scenes(count, sums, years, area, n_px, use, config.min_px_per_bin, **void)
-        )
-    combined = _concat(blocks, len(scenes), stats.sizes["bin"], stats.sizes["surface"])
+    key = _cache_key(store, state, scenes, config)
+    combined = _read_cache(store, key, glacier, stats["bin"].values, len(scenes))
+    if combined is None:
+        combined = _combine(stats, hyps, years, months, config)
+        if key is not None:
+            _write_cache(store, key, combined, glacier, stats, scenes)
 
     stable_n = np.nan_to_num(stats["stable_count"].values.astype(float))
     stable_mean, stable_sigma = stable_moments(
@@ -264,6 +258,114 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
         id_column=study.glacier_id_column,
         config=config,
     )
+
+
+def _combine(
+    stats: xr.Dataset,
+    hyps: xr.Dataset,
+    years: np.ndarray,
+    months: np.ndarray,
+    config: MassBalanceConfig,
+) -> GlacierStats:
+    """Scene selection and combination, GLACIER_BLOCK glaciers at a time (bounded memory)."""
+    blocks = []
+    for start in range(0, stats.sizes["glacier"], GLACIER_BLOCK):
+        part = slice(start, start + GLACIER_BLOCK)
+        count = np.nan_to_num(stats["count"].isel(glacier=part).values).astype(float)
+        sums = np.nan_to_num(stats["sum_dh_m"].isel(glacier=part).values)
+        area = np.nan_to_num(hyps["area_m2"].isel(glacier=part).values.astype(float))
+        n_px = np.nan_to_num(hyps["n_px"].isel(glacier=part).values.astype(float))
+        use = select_scenes(count, months, area, config.scene_rule, config.min_px_per_bin)
+        void = {
+            name: np.nan_to_num(hyps[name].isel(glacier=part).values.astype(float))
+            for name in ("void_area_m2", "void_px")
+            if name in hyps
+        }
+        blocks.append(
+            combine_scenes(count, sums, years, area, n_px, use, config.min_px_per_bin, **void)
+        )
+    return _concat(blocks, len(years), stats.sizes["bin"], stats.sizes["surface"])
+
+
+#: The store group caching the glacier-level combined statistics (tiny: no scene x bin cells).
+CACHE_GROUP = "massbalance_cache"
+_CACHE_FIELDS = ("count", "weight", "rate_sum", "dh_sum", "area_m2", "n_px")
+
+
+def _cache_key(
+    store: Path, state: dict[str, Any], scenes: list[str], config: MassBalanceConfig
+) -> str | None:
+    """What the combined statistics depend on: each used scene's binning record (its token
+    changes whenever the bin step rewrites it) and the combination parameters. None (no caching)
+    when a scene has no binning record (statistics written by other means)."""
+    records = state.get("steps", {}).get("bin", {})
+    tokens = [records.get(s, {}).get("token") for s in scenes]
+    if not scenes or any(t is None for t in tokens):
+        return None
+    key = {
+        "scenes": scenes,
+        "tokens": tokens,
+        "scene_rule": config.scene_rule,
+        "min_px_per_bin": config.min_px_per_bin,
+    }
+    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _read_cache(
+    store: Path, key: str | None, glacier: np.ndarray, bins: np.ndarray, n_scenes: int
+) -> GlacierStats | None:
+    if key is None or not _has_group(store, CACHE_GROUP):
+        return None
+    cache = xr.open_zarr(str(store), group=CACHE_GROUP, chunks=None)
+    if (
+        cache.attrs.get("key") != key
+        or not np.array_equal(cache["glacier"].values, glacier)
+        or not np.array_equal(cache["bin"].values, bins)
+        or cache.sizes.get("scene", 0) != n_scenes
+    ):
+        return None
+    values = {name: cache[name].values.astype(float) for name in _CACHE_FIELDS}
+    return GlacierStats(
+        **values,
+        measured_px=cache["measured_px"].values.astype(float),
+        scene_px=cache["scene_px"].values.astype(float),
+        scene_weight=cache["scene_weight"].values.astype(float),
+        void_area_m2=cache["void_area_m2"].values.astype(float),
+        void_px=cache["void_px"].values.astype(float),
+    )
+
+
+def _write_cache(
+    store: Path,
+    key: str,
+    combined: GlacierStats,
+    glacier: np.ndarray,
+    stats: xr.Dataset,
+    scenes: list[str],
+) -> None:
+    dims3 = ("glacier", "bin", "surface")
+    data: dict[str, Any] = {name: (dims3, getattr(combined, name)) for name in _CACHE_FIELDS}
+    data |= {
+        "measured_px": ("glacier", combined.measured_px),
+        "void_area_m2": ("glacier", combined.void_area),
+        "void_px": ("glacier", combined.void_pixels),
+        "scene_px": (("scene", "glacier"), combined.scene_px),
+        "scene_weight": (("scene", "glacier"), combined.scene_weight),
+    }
+    cache = xr.Dataset(
+        data,
+        coords={
+            "glacier": glacier,
+            "bin": stats["bin"].values,
+            "surface": stats["surface"].values,
+            "scene": np.array(scenes, dtype=object),
+        },
+        attrs={"key": key, "about": "mbcube aggregate: glacier statistics, scenes combined"},
+    )
+    try:
+        write_dataset(cache, store, group=CACHE_GROUP, mode="w")
+    except OSError as err:  # a read-only store: aggregate without the cache
+        log.info("could not cache the combined statistics in %s: %s", store, err)
 
 
 def _plain(values: np.ndarray) -> np.ndarray:
