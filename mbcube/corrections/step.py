@@ -120,15 +120,16 @@ def _coreg_ne(
     stats: tuple[float, float, float],
     halo: int,
     res_m: float,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     h = halo
     ref = ref_h[h:-h, h:-h]
     dh = _dh_block("dem", dem_h, ref, void, None, None, shift_m, halo, res_m, 0.0)
     gx, gy = coregister.gradient(ref_h, res_m)
     centre, clip = stats[0], stats[1]
-    return coregister.normal_equations(
+    ata, atb = coregister.normal_equations(
         dh, gx[h:-h, h:-h], gy[h:-h, h:-h], stable == 1, centre, clip
     )
+    return ata, atb, _quantiles(dh, stable)  # the quantiles seed the next iteration's clip
 
 
 def _dh_q(
@@ -206,29 +207,29 @@ def _groups(
     return group_index(region, surface, bin_index(ref, width), n_region + 1, 3, n_bins(width))
 
 
-def _moments(corr_args: tuple[Any, ...], n_region: int, width: float, n_groups: int) -> np.ndarray:
-    corr = _corrected(*corr_args)
+def _corr_groups(
+    corr_args: tuple[Any, ...], n_region: int, width: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The corrected tile (float32) and its (region, surface, bin) group index, made once and
+    kept for the outlier reductions and the final tile."""
+    corr = _corrected(*corr_args).astype(np.float32)
     region, surface, ref = corr_args[5], corr_args[6], corr_args[7]
-    return outliers.moments_block(corr, _groups(region, surface, ref, n_region, width), n_groups)
+    return corr, _groups(region, surface, ref, n_region, width).astype(np.int32)
 
 
-def _zhist(
-    corr_args: tuple[Any, ...], n_region: int, width: float, ms: tuple[np.ndarray, np.ndarray]
-) -> np.ndarray:
-    corr = _corrected(*corr_args)
-    region, surface, ref = corr_args[5], corr_args[6], corr_args[7]
-    return outliers.zhist_block(corr, _groups(region, surface, ref, n_region, width), *ms)
+def _moments(cg: tuple[np.ndarray, np.ndarray], n_groups: int) -> np.ndarray:
+    return outliers.moments_block(cg[0], cg[1], n_groups)
+
+
+def _zhist(cg: tuple[np.ndarray, np.ndarray], ms: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    return outliers.zhist_block(cg[0], cg[1], *ms)
 
 
 def _final(
-    corr_args: tuple[Any, ...],
-    n_region: int,
-    width: float,
-    th: tuple[np.ndarray, np.ndarray],
+    cg: tuple[np.ndarray, np.ndarray], th: tuple[np.ndarray, np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
-    corr = _corrected(*corr_args)
-    region, surface, ref = corr_args[5], corr_args[6], corr_args[7]
-    ok = outliers.keep(corr, _groups(region, surface, ref, n_region, width), *th)
+    corr, groups = cg
+    ok = outliers.keep(corr, groups, *th)
     return np.where(ok, corr, np.nan).astype(np.float32)[None], ok.astype(np.uint8)[None]
 
 
@@ -310,6 +311,12 @@ def _params(
     }
 
 
+def _stats_from_ne(
+    where: str, clip_nmad: float, min_px: int, *parts: tuple[np.ndarray, ...]
+) -> tuple[float, float, float]:
+    return _stats_from_quantiles(where, clip_nmad, min_px, *(p[2] for p in parts))
+
+
 def _moments_sum(*parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return outliers.mean_std(np.sum(np.stack(parts), axis=0))
 
@@ -381,24 +388,24 @@ def scene_graph(
         dem_h = np.asarray(da.overlap.overlap(one.dem_m.data[0], depth, np.nan).to_delayed())
         ref_h = np.asarray(da.overlap.overlap(ref_arr, depth, np.nan).to_delayed())
         n_iter = opts.coreg_iterations if config.coregister_dem_scenes else 0
-        for it in range(n_iter):
-            q = [
-                _task(
-                    where(i, j),
-                    _dh_q,
-                    dem_h[i, j],
-                    ref_b[i, j],
-                    void_b[i, j],
-                    stable_b[i, j],
-                    shift,
-                    halo,
-                    res,
-                )
-                for i, j in tiles
-            ]
-            stats = dask.delayed(_stats_from_quantiles, pure=True)(
-                f"scene {sid}", k_clip, opts.min_stable_px, *q
+        q = [
+            _task(
+                where(i, j),
+                _dh_q,
+                dem_h[i, j],
+                ref_b[i, j],
+                void_b[i, j],
+                stable_b[i, j],
+                shift,
+                halo,
+                res,
             )
+            for i, j in tiles
+        ]
+        stats = dask.delayed(_stats_from_quantiles, pure=True)(
+            f"scene {sid}", k_clip, opts.min_stable_px, *q
+        )
+        for it in range(n_iter):
             ne = [
                 _task(
                     where(i, j),
@@ -420,6 +427,9 @@ def scene_graph(
                 halo,
                 res,
                 f"scene {sid} (co-registration iteration {it + 1})",
+            )
+            stats = dask.delayed(_stats_from_ne, pure=True)(
+                f"scene {sid}", k_clip, opts.min_stable_px, *ne
             )
         dh = {
             (i, j): _task(
@@ -524,22 +534,15 @@ def scene_graph(
     def corr_args(i: int, j: int) -> tuple[Any, ...]:
         return (dh[i, j], xk(j), yk(i), params, table, reg_b[i, j], surf_b[i, j], ref_b[i, j])
 
-    mom = [
-        _task(where(i, j), _moments, corr_args(i, j), n_region, opts.bin_width_m, n_groups)
-        for i, j in tiles
-    ]
-    ms = dask.delayed(_moments_sum, pure=True)(*mom)
-    zh = _tree_sum(
-        [
-            _task(where(i, j), _zhist, corr_args(i, j), n_region, opts.bin_width_m, ms)
-            for i, j in tiles
-        ]
-    )
-    th = dask.delayed(_thresholds, pure=True)(zh, ms, config.outlier_nmad, opts.outlier_min_px)
-    finals = {
-        (i, j): _task(where(i, j), _final, corr_args(i, j), n_region, opts.bin_width_m, th)
+    cg = {
+        (i, j): _task(where(i, j), _corr_groups, corr_args(i, j), n_region, opts.bin_width_m)
         for i, j in tiles
     }
+    mom = [_task(where(i, j), _moments, cg[i, j], n_groups) for i, j in tiles]
+    ms = dask.delayed(_moments_sum, pure=True)(*mom)
+    zh = _tree_sum([_task(where(i, j), _zhist, cg[i, j], ms) for i, j in tiles])
+    th = dask.delayed(_thresholds, pure=True)(zh, ms, config.outlier_nmad, opts.outlier_min_px)
+    finals = {(i, j): _task(where(i, j), _final, cg[i, j], th) for i, j in tiles}
 
     def assemble(k: int, dtype: Any) -> da.Array:
         return da.block(
