@@ -80,7 +80,16 @@ def worker_mbcube(out_json: Path, work: Path) -> None:
         "dhdt_m_yr": float(row["dhdt_m_yr"]),
         "mb_mwe_yr": float(row["mb_mwe_yr"]),
         "mb_sigma_mwe_yr": float(row["mb_sigma_mwe_yr"]),
-        "dh_sigma_m": float(row["mb_sigma_mwe_yr"]) / DENSITY * span,
+        # dh's own 1-sigma: the measurement terms (random, datum, seasonal, penetration), in m
+        "dh_sigma_m": float(
+            sum(
+                float(row[f"sigma_{term}_mwe_yr"]) ** 2
+                for term in ("random", "datum", "seasonal", "penetration")
+            )
+            ** 0.5
+        )
+        / DENSITY
+        * span,
     }
     out_json.write_text(json.dumps(result))
 
@@ -145,14 +154,21 @@ def install_xdem(venv: Path) -> Path:
     return python
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int]:
-    """Run cmd; return (wall s, peak RSS MiB of that process, exit status)."""
+def timed(cmd: list[str], log: Path) -> tuple[float, float, int]:
+    """Run cmd (stderr to `log`); return (wall s, peak RSS MiB of that process, exit status)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, stderr=err, stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
     return wall, usage.ru_maxrss / 1024.0, proc.returncode
+
+
+def last_error(log: Path) -> str:
+    """The last line of a failed worker's stderr (its exception), for the table."""
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    return lines[-1].replace("|", "/")[:300] if lines else "no message"
 
 
 def _row(name: str, r: dict[str, float] | None, truth: dict[str, float], extra: str) -> str:
@@ -195,9 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         mb_json, xd_json = work / "mbcube.json", work / "xdem.json"
         me = [sys.executable, str(Path(__file__).resolve())]
         mb_wall, mb_rss, mb_rc = timed(
-            [*me, "--worker", "mbcube", "--json", str(mb_json), "--work", str(work)]
+            [*me, "--worker", "mbcube", "--json", str(mb_json), "--work", str(work)],
+            work / "mbcube.log",
         )
         mbcube = json.loads(mb_json.read_text()) if mb_rc == 0 else None
+        mb_note = f"{mb_wall:.1f} s, {mb_rss:.0f} MiB"
+        if mbcube is None:
+            mb_note += f"; failed: {last_error(work / 'mbcube.log')}"
         xd = None
         xd_wall = xd_rss = float("nan")
         xdem_note = ""
@@ -210,9 +230,12 @@ def main(argv: list[str] | None = None) -> int:
                     "xdem",
                     "--json",
                     str(xd_json),
-                ]
+                ],
+                work / "xdem.log",
             )
             xd = json.loads(xd_json.read_text()) if xd_rc == 0 else None
+            if xd is None:
+                xdem_note = f"failed: {last_error(work / 'xdem.log')}"
         else:
             xdem_note = f"xdem venv {args.venv} not found: run with --install-xdem"
 
@@ -250,18 +273,13 @@ def main(argv: list[str] | None = None) -> int:
             truth,
             "",
         ),
-        _row(
-            "mbcube (pipelines/exploradores.yaml)",
-            mbcube,
-            truth,
-            f"{mb_wall:.1f} s, {mb_rss:.0f} MiB",
-        ),
+        _row("mbcube (pipelines/exploradores.yaml)", mbcube, truth, mb_note),
         *[
             _row(
                 f"xdem {XDEM_VERSION}: {XDEM_LABELS[key]}",
                 xd[key] if xd else None,
                 truth,
-                (f"{xd_wall:.1f} s, {xd_rss:.0f} MiB (all four)" if xd else xdem_note)
+                (f"{xd_wall:.1f} s, {xd_rss:.0f} MiB (all four rows)" if xd else xdem_note)
                 if key == "nk"
                 else ("same run" if xd else xdem_note),
             )
@@ -270,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Wall time and peak RSS are per process, imports included (mbcube: one process, dask "
         "threads; it also writes the cube, tables, figures and report). mbcube's stated 1-sigma "
-        "is its mass-balance sigma (m w.e./yr, with the density term) / 0.85 x |period|.",
+        "of dh is its measurement terms (random, datum, seasonal, penetration; m w.e./yr) / 0.85 "
+        "x |period|; the mass-balance sigma below adds the density term.",
     ]
     if mbcube is not None:
         lines += [

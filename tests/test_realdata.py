@@ -173,6 +173,56 @@ def test_paper_subregions_are_disjoint_with_true_areas() -> None:
     assert tarim.contains(points.iloc[2])
 
 
+def test_hma_2000_2014_configuration_is_the_papers() -> None:
+    """The pipeline and study template hold the paper's parameters; the grid covers the
+    sub-regions; the region and basin names are the paper's."""
+    from mbcube.config import SEASONAL_OFFSET_M, load_study_config
+    from mbcube.pipeline import load_pipeline
+    from mbcube.regions_io import HMA_ALBERS, paper_basins, paper_subregions
+
+    pipeline = load_pipeline(REPO / "pipelines" / "hma_2000_2014.yaml")
+    assert pipeline.cluster == "slurm"
+    assert pipeline.study == REPO / "pipelines" / "hma_2000_2014"
+    config = load_study_config(pipeline.study / "study.yaml")
+    mb, corr = config.massbalance, config.corrections
+    assert (mb.bin_width_m, mb.density_kg_m3, mb.density_sigma_kg_m3) == (50, 850, 60)
+    assert (mb.autocorrelation_m, mb.autocorrelation_penetration_m) == (500, 2000)
+    assert mb.seasonal_sigma_m_per_month == 0.15
+    assert corr.seasonal_offset_m == SEASONAL_OFFSET_M and corr.penetration == "xband"
+    assert config.ndsi_threshold == 0.4 and str(config.reference_date) == "2000-02-16"
+    assert config.grid.crs == HMA_ALBERS and config.grid.res_m == 30
+    subregions = paper_subregions(need(HMA_REGIONS))
+    left, bottom, right, top = subregions.total_bounds
+    g_left, g_bottom, g_right, g_top = config.grid.bounds or (0, 0, 0, 0)
+    assert g_left <= left and g_bottom <= bottom and g_right >= right and g_top >= top
+    assert set(subregions["name"]) == {
+        "West Kunlun",
+        "Extended West Kunlun",
+        "Eastern Pamir",
+        "Central Pamir",
+        "Western Pamir",
+        "Eastern Karakoram",
+        "Western Karakoram",
+        "Hindu Kush",
+    }
+    assert list(paper_basins(HMA_REGIONS)["name"]) == ["Upper Tarim", "Upper Indus"]
+
+
+def test_exploradores_configuration() -> None:
+    """No seasonal offsets (Patagonian ASTER), no penetration, co-registration on, real files."""
+    from mbcube.config import load_study_config
+
+    config = load_study_config(REPO / "pipelines" / "exploradores" / "study.yaml")
+    assert set(config.corrections.seasonal_offset_m) == set(range(1, 13))
+    assert not any(config.corrections.seasonal_offset_m.values())
+    assert config.corrections.penetration == "none"
+    assert config.corrections.coregister_dem_scenes
+    assert config.files.reference_dem is not None and config.files.glaciers is not None
+    assert (REPO / "pipelines" / "exploradores" / config.files.reference_dem).resolve() == (
+        need(EXPLORADORES / "ref_t1.tif")
+    )
+
+
 def test_hexagon_crs_tag_fixed_reproduces_the_derived_summary() -> None:
     """With the CRS tag fixed, hexagons fall in the right regions: the region sums of the
     hexagons equal DERIVED_hex55_region_summary.txt for all three region sets."""
