@@ -601,8 +601,10 @@ def mass_balance_map(
                         ha="center",
                         va="center",
                         fontsize=9,
-                        color="0.25",
+                        color="0.15",
                         style="italic",
+                        zorder=4,
+                        bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1},
                     )
     mb = shown["mb_mwe_yr"].astype(float).to_numpy()
     limit = symmetric_limit(mb, percentile=95.0, floor=0.05)
