@@ -26,6 +26,7 @@ import rasterio.crs
 import rasterio.transform
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
+import zarr
 from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.features import rasterize
@@ -41,8 +42,10 @@ from mbcube.store import (
     SCENE_INGESTED,
     SCENE_PENDING,
     SCHEMA_VERSION,
+    extend_scene_dim,
     file_fingerprint,
     read_state,
+    scene_index,
     store_exists,
     write_dataset,
     write_state,
@@ -503,7 +506,8 @@ def ingest(
     if new:
         placeholders = _with_grid_mapping(scene_placeholders(study, new), study.grid)
         write_dataset(placeholders, store, mode="a", append_dim="scene", compute=False)
-        existing = _existing_scenes(store)
+    extend_scene_dim(store)  # layers of later steps: new scenes read as "not computed yet"
+    existing = _existing_scenes(store)
     for scene in study.scenes:
         index, ingested = existing[scene.scene_id]
         inputs = {k: file_fingerprint(p) for k, p in scene.input_files().items()}
@@ -572,10 +576,8 @@ def _update_recorded_config(store: Path, state: dict[str, Any], config: StudyCon
 
 def _existing_scenes(store: Path) -> dict[str, tuple[int, int]]:
     """scene id -> (index along scene, scene_state) of the scenes in the store."""
-    ds = xr.open_zarr(str(store), chunks=None)
-    ids = [str(s) for s in ds["scene"].values]
-    states = ds["scene_state"].values
-    return {sid: (i, int(states[i])) for i, sid in enumerate(ids)}
+    states = zarr.open_array(str(store / "scene_state"), mode="r")[:]
+    return {sid: (i, int(states[i])) for sid, i in scene_index(store).items()}
 
 
 def _write_scene(study: Study, scene: SceneSpec, store: Path, index: int) -> dict[str, float]:

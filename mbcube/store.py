@@ -61,10 +61,16 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
 
 
 def write_dataset(ds: xr.Dataset, path: Path, **to_zarr_kwargs: Any) -> Any:
-    """`ds.to_zarr(path, ...)` keeping the store's root attributes (state) intact."""
-    if store_exists(path) and to_zarr_kwargs.get("mode") != "w":
+    """`ds.to_zarr(path, ...)` keeping the store's root attributes (state) intact and a group's
+    other attributes when writing into an existing group."""
+    group = to_zarr_kwargs.get("group")
+    target = Path(path) / group if group else Path(path)
+    if (target / "zarr.json").exists() and to_zarr_kwargs.get("mode") != "w":
         ds = ds.copy()
-        ds.attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
+        stored = zarr.open_group(str(target), mode="r").attrs.asdict()
+        # The root's attributes hold the store state: only write_state changes them. A group's
+        # attributes are its writer's: new values win, others are kept.
+        ds.attrs = stored | ds.attrs if group else stored
     to_zarr_kwargs.setdefault("zarr_format", 3)
     with _quiet_zarr():
         return ds.to_zarr(str(path), **to_zarr_kwargs)
@@ -133,6 +139,24 @@ def ensure_variables(path: Path, template: xr.Dataset) -> None:
         if {"y", "x"} <= set(var.dims):
             ds[name].encoding["coordinates"] = "spatial_ref"
     write_dataset(ds, path, mode="a", compute=False, encoding=encoding)
+
+
+def extend_scene_dim(path: Path) -> list[str]:
+    """Grow the store's arrays along `scene` to the length of its scene coordinate (after an
+    ingest appended scenes); the new entries read as the arrays' fill value (NaN / 0), i.e. "not
+    computed yet". Metadata only. Returns the names of the arrays grown."""
+    root = zarr.open_group(str(path), mode="r+")
+    n_scenes = root["scene"].shape[0]
+    grown = []
+    for name, array in root.arrays():
+        dims = array.metadata.dimension_names or ()  # type: ignore[union-attr]
+        if dims and dims[0] == "scene" and array.shape[0] < n_scenes:
+            array.resize((n_scenes, *array.shape[1:]))
+            grown.append(name)
+    if grown:
+        with _quiet_zarr():
+            zarr.consolidate_metadata(str(path))
+    return grown
 
 
 def scene_index(path: Path) -> dict[str, int]:
