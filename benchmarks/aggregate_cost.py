@@ -9,7 +9,7 @@ surfaces x S scenes of realistic counts and sums. Measured (wall, best of REPEAT
   and cache the glacier-level combined statistics in the store (once);
 - `aggregate(store, out, regions=FILE)` afterwards: into a new region set (20 polygons), from the
   cached glacier statistics (what `mbcube aggregate --regions` costs after the first run);
-- `load_stats` without the cache (reading + combining all scene statistics);
+- `load_stats` without the cache (reading + combining all scene statistics, writing the cache);
 - re-aggregation into a new region set from the glacier-level statistics already in memory
   (`region_sets` + `region_table`): the region arithmetic alone.
 
@@ -167,8 +167,9 @@ def measure(n_glaciers: int, n_scenes: int, repeats: int) -> tuple[float, float,
             warnings.simplefilter("ignore", MbcubeWarning)
             full = best_of(lambda: aggregate(store, tmp / "out"), 1)  # writes the cache
         new_set = best_of(lambda: aggregate(store, tmp / "out2", regions=strips), repeats)
-        other = MassBalanceConfig(min_px_per_bin=11)  # another key: combines from the stats
-        load = best_of(lambda: load_stats(store, other), repeats)
+        # each time another cache key (min_px_per_bin): combines from the scene statistics
+        others = iter(MassBalanceConfig(min_px_per_bin=11 + i) for i in range(repeats))
+        load = best_of(lambda: load_stats(store, next(others)), repeats)
         data = load_stats(store)
         glaciers = glacier_table(data)
 

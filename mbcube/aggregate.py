@@ -129,6 +129,7 @@ class StoredStats:
     reference_date: dt.date
     crs: str
     ingest_regions: Path | None  #: the region file recorded at ingest, if it still exists
+    regions_recorded: bool  #: the ingest recorded a region file (it may be gone since)
     outlines: Path | None  #: the outline file recorded at ingest, if it still exists
     id_column: str
     config: MassBalanceConfig
@@ -254,6 +255,7 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
         reference_date=study.reference_date,
         crs=grid.crs,
         ingest_regions=ingest_regions,
+        regions_recorded="regions" in state.get("static", {}).get("inputs", {}),
         outlines=_recorded_file(state, "glaciers"),
         id_column=study.glacier_id_column,
         config=config,
@@ -479,9 +481,9 @@ def region_sets(data: StoredStats, regions: Path | None = None) -> list[RegionSe
                 how=how,
             )
         )
-    elif regions is None:
+    elif data.regions_recorded:
         warnings.warn(
-            "no region polygons (none given, and the region file recorded at ingest is gone): "
+            "the region file recorded at ingest is gone and no other was given: "
             "regions.csv holds the whole study and attribute regions only",
             MbcubeWarning,
             stacklevel=3,

@@ -29,10 +29,16 @@ step here is a sum or a ratio of sums, and region results are glacier results su
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from scipy import sparse
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+    from mbcube.config import MassBalanceConfig
 
 __all__ = [
     "PREFERRED_MIN_COVERAGE",
@@ -41,6 +47,8 @@ __all__ = [
     "combine_scenes",
     "fill_along_elevation",
     "filled_profile",
+    "filled_profiles",
+    "mass_balance_dataset",
     "select_scenes",
     "sum_units",
     "with_void_area",
@@ -104,6 +112,14 @@ def _cell_coverage(count: np.ndarray, area_m2: np.ndarray, min_px: int) -> np.nd
     total = area_m2.sum(axis=(-2, -1))
     covered = np.where(count >= min_px, area_m2, 0.0).sum(axis=(-2, -1))
     return np.divide(covered, total, out=np.zeros_like(total, dtype=float), where=total > 0)
+
+
+def mass_balance_dataset(store: Path | str, config: MassBalanceConfig | None = None) -> xr.Dataset:
+    """Glacier results of the cube at `store` along `glacier` (see `mbcube.aggregate`, which
+    reads the store; this module computes only)."""
+    from mbcube.aggregate import mass_balance_dataset as from_store
+
+    return from_store(store, config)
 
 
 def select_scenes(
@@ -232,25 +248,37 @@ def sum_units(
     )
 
 
-def fill_along_elevation(values: np.ndarray, valid: np.ndarray, z_m: np.ndarray) -> np.ndarray:
-    """Fill invalid entries along the last axis (bins at elevations z_m, increasing) by linear
-    interpolation between the nearest valid bins, and with the nearest valid value beyond the
-    ends. Rows without a valid bin stay NaN. Valid entries are returned unchanged."""
-    n = values.shape[-1]
+def _fill_plan(valid: np.ndarray, z_m: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Where each entry along the last axis takes its value from: the nearest valid bins below
+    (p) and above (q), the interpolation weight t, and which of them exist."""
+    n = valid.shape[-1]
     idx = np.arange(n)
     prev = np.maximum.accumulate(np.where(valid, idx, -1), axis=-1)
     nxt = np.flip(np.minimum.accumulate(np.flip(np.where(valid, idx, n), -1), axis=-1), -1)
     has_prev, has_next = prev >= 0, nxt < n
     p, q = np.clip(prev, 0, n - 1), np.clip(nxt, 0, n - 1)
-    vp, vq = np.take_along_axis(values, p, -1), np.take_along_axis(values, q, -1)
     zp, zq = z_m[p], z_m[q]
     gap = zq - zp
-    t = np.divide(z_m - zp, gap, out=np.zeros(np.broadcast(zp, gap).shape), where=gap > 0)
-    between = vp + t * (vq - vp)
+    t = np.divide(z_m - zp, gap, out=np.zeros(gap.shape), where=gap > 0)
+    return p, q, t, has_prev, has_next
+
+
+def _fill(values: np.ndarray, valid: np.ndarray, plan: tuple[np.ndarray, ...]) -> np.ndarray:
+    p, q, t, has_prev, has_next = plan
+    vp, vq = np.take_along_axis(values, p, -1), np.take_along_axis(values, q, -1)
     filled = np.where(
-        has_prev & has_next, between, np.where(has_prev, vp, np.where(has_next, vq, np.nan))
+        has_prev & has_next,
+        vp + t * (vq - vp),
+        np.where(has_prev, vp, np.where(has_next, vq, np.nan)),
     )
     return np.where(valid, values, filled)
+
+
+def fill_along_elevation(values: np.ndarray, valid: np.ndarray, z_m: np.ndarray) -> np.ndarray:
+    """Fill invalid entries along the last axis (bins at elevations z_m, increasing) by linear
+    interpolation between the nearest valid bins, and with the nearest valid value beyond the
+    ends. Rows without a valid bin stay NaN. Valid entries are returned unchanged."""
+    return _fill(values, valid, _fill_plan(valid, z_m))
 
 
 def filled_profile(
@@ -263,25 +291,39 @@ def filled_profile(
     """Per-cell mean (U, B, F) of `sums` / `weight` (default: `count`) where count >= min_px, the
     other cells filled along elevation z_m (bin centres, m) within their surface type, or from
     both surfaces pooled where a surface has no measured bin; and the measured cells (U, B, F)."""
+    (out,), valid = filled_profiles((sums,), count, z_m, min_px, weight)
+    return out, valid
+
+
+def filled_profiles(
+    sums: tuple[np.ndarray, ...],
+    count: np.ndarray,
+    z_m: np.ndarray,
+    min_px: int,
+    weight: np.ndarray | None = None,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """`filled_profile` of several sums sharing count and weight (the gaps are found once)."""
     weight = count if weight is None else weight
     valid = (count >= min_px) & (weight > 0)  # (U, B, F)
-    mean = np.divide(sums, weight, out=np.full(sums.shape, np.nan), where=valid)
-    by_surface = fill_along_elevation(
-        np.moveaxis(mean, 1, -1), np.moveaxis(valid, 1, -1), z_m
-    )  # (U, F, B)
+    valid_fb = np.moveaxis(valid, 1, -1)  # (U, F, B)
     pooled_weight = weight.sum(axis=2)
     pooled_valid = (count.sum(axis=2) >= min_px) & (pooled_weight > 0)
-    pooled_sum = sums.sum(axis=2)
-    pooled = fill_along_elevation(
-        np.divide(
-            pooled_sum, pooled_weight, out=np.full(pooled_weight.shape, np.nan), where=pooled_valid
-        ),
-        pooled_valid,
-        z_m,
-    )  # (U, B)
-    surface_has_data = np.moveaxis(valid, 1, -1).any(axis=-1, keepdims=True)  # (U, F, 1)
-    out = np.where(surface_has_data, by_surface, pooled[:, None, :])
-    return np.moveaxis(out, -1, 1), valid
+    plan, pooled_plan = _fill_plan(valid_fb, z_m), _fill_plan(pooled_valid, z_m)
+    surface_has_data = valid_fb.any(axis=-1, keepdims=True)  # (U, F, 1)
+    outs = []
+    for values in sums:
+        mean = np.divide(values, weight, out=np.full(values.shape, np.nan), where=valid)
+        by_surface = _fill(np.moveaxis(mean, 1, -1), valid_fb, plan)
+        pooled_mean = np.divide(
+            values.sum(axis=2),
+            pooled_weight,
+            out=np.full(pooled_weight.shape, np.nan),
+            where=pooled_valid,
+        )
+        pooled = _fill(pooled_mean, pooled_valid, pooled_plan)  # (U, B)
+        out = np.where(surface_has_data, by_surface, pooled[:, None, :])
+        outs.append(np.moveaxis(out, -1, 1))
+    return outs, valid
 
 
 def balance(
@@ -301,8 +343,9 @@ def balance(
     z_m = np.asarray(bin_lower_m, dtype=float) + 0.5 * bin_width_m
     if z_m.size > 1 and np.any(np.diff(z_m) <= 0):
         raise ValueError("bins must be increasing elevations")
-    rate, valid = filled_profile(stats.rate_sum, stats.count, z_m, min_px_per_bin, stats.weight)
-    dh, _ = filled_profile(stats.dh_sum, stats.count, z_m, min_px_per_bin, stats.weight)
+    (rate, dh), valid = filled_profiles(
+        (stats.rate_sum, stats.dh_sum), stats.count, z_m, min_px_per_bin, stats.weight
+    )
     area = stats.area_m2
     total = area.sum(axis=(1, 2))
     measured = valid.any(axis=(1, 2)) & (total > 0)

@@ -26,7 +26,7 @@ from mbcube.aggregate import (
     regions_dataset,
 )
 from mbcube.config import MassBalanceConfig
-from mbcube.errors import StoreError
+from mbcube.errors import MbcubeWarning, StoreError
 from mbcube.regions import RegionSet, from_ids
 from mbcube.store import open_cube, write_dataset
 
@@ -359,3 +359,15 @@ def test_regions_dataset_from_id_list(synthetic: Synthetic) -> None:
     assert float(one["sigma_datum_mwe_yr"]) == pytest.approx(
         float(glacier["sigma_datum_mwe_yr"]), rel=1e-9
     )
+
+
+def test_studies_without_region_polygons(synthetic: Synthetic) -> None:
+    """No region file at ingest: 'all' and the basins, quietly; a recorded file now gone: a
+    warning (tests turn MbcubeWarning into errors)."""
+    data = load_stats(synthetic.store)
+    never = dataclasses.replace(data, ingest_regions=None, regions_recorded=False)
+    sets = region_sets(never)
+    assert [s.names for s in sets] == [["Upper Indus", "Upper Tarim"]]
+    gone = dataclasses.replace(data, ingest_regions=None, regions_recorded=True)
+    with pytest.warns(MbcubeWarning, match="gone"):
+        region_sets(gone)
