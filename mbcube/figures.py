@@ -691,7 +691,8 @@ def _region_bars(ax: Axes, regions: pd.DataFrame) -> None:
         )
         _tag(bars, f"regions_{kind}")
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_yticks(np.arange(len(names)), names, fontsize=8)
+    shown = ["whole study" if n == "all" else n for n in names]
+    ax.set_yticks(np.arange(len(names)), shown, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("mass balance (m w.e./yr)")
     ax.set_title("Region mean (± 1σ)", fontsize=11)
