@@ -73,6 +73,19 @@ def _peak_rss_mib(client: Any) -> dict[str, float]:
     return {addr: round(v, 0) for addr, v in client.run(peak).items()}
 
 
+def _cpu_s(client: Any) -> float:
+    """CPU seconds (user + system, with waited-for children such as snaphu) used so far by the
+    worker processes and this process."""
+
+    def cpu() -> float:
+        import psutil
+
+        t = psutil.Process().cpu_times()
+        return float(t.user + t.system + t.children_user + t.children_system)
+
+    return sum(client.run(cpu).values()) + cpu()
+
+
 def weak(args: argparse.Namespace) -> None:
     rows = []
     for workers in args.workers:
@@ -91,24 +104,26 @@ def weak(args: argparse.Namespace) -> None:
         store = root / "cube.zarr"
         tiles = (-(-args.size // args.tile)) ** 2
         times: dict[str, float] = {}
+        cpu: dict[str, float] = {}
         error = ""
         profile = _profile(root, args.cluster, workers, args.memory)
         with cluster_client(str(profile)) as client, quiet():
             client.wait_for_workers(workers, timeout=300)
             try:
-                start = time.perf_counter()
-                ingest(study, store)
-                times["ingest"] = time.perf_counter() - start
-                for name, step in _steps():
-                    start = time.perf_counter()
-                    step(store)
+                for name, step in [("ingest", None), *_steps()]:
+                    start, cpu_start = time.perf_counter(), _cpu_s(client)
+                    if step is None:
+                        ingest(study, store)
+                    else:
+                        step(store)
                     times[name] = time.perf_counter() - start
+                    cpu[name] = _cpu_s(client) - cpu_start
             except Exception as err:  # reported, not hidden: the row says which step failed
                 error = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
                 traceback.print_exc()
             rss = _peak_rss_mib(client)
-        rows.append((workers, n_scenes, tiles, times, error, max(rss.values())))
-        print(workers, n_scenes, times, error, rss, flush=True)
+        rows.append((workers, n_scenes, tiles, times, cpu, error, max(rss.values())))
+        print(workers, n_scenes, times, cpu, error, rss, flush=True)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
@@ -117,18 +132,21 @@ def weak(args: argparse.Namespace) -> None:
         f"\n### Weak scaling {dt.date.today()} ({args.cluster}, {args.size}^2 px, tile "
         f"{args.tile}, {args.scenes_per_worker} scenes per worker, load avg "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)\n",
-        "| workers | scenes | step | wall (s) | per tile (s, x workers) | efficiency T1/TN |",
-        "|---|---|---|---|---|---|",
+        "| workers | scenes | step | wall (s) | wall x workers per tile (s) | CPU per tile (s) "
+        "| efficiency T1/TN |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for workers, n_scenes, tiles, times, error, _ in rows:
+    for workers, n_scenes, tiles, times, cpu, error, _ in rows:
         for step, wall in times.items():
             per_tile = wall * workers / (tiles * n_scenes)
+            cpu_tile = cpu[step] / (tiles * n_scenes)
             eff = base[step] / wall if step in base else float("nan")
             lines.append(
-                f"| {workers} | {n_scenes} | {step} | {wall:.1f} | {per_tile:.2f} | {eff:.2f} |"
+                f"| {workers} | {n_scenes} | {step} | {wall:.1f} | {per_tile:.2f} | {cpu_tile:.2f} "
+                f"| {eff:.2f} |"
             )
         if error:
-            lines.append(f"| {workers} | {n_scenes} | (failed) | {error} | | |")
+            lines.append(f"| {workers} | {n_scenes} | (failed) | {error} | | | |")
     lines.append(
         "\nPeak worker RSS (MiB): "
         + ", ".join(f"{w} worker(s): {rss:.0f}" for w, *_, rss in rows)

@@ -178,6 +178,10 @@ def load_profile(profile: str) -> tuple[ClusterSpec, dict[str, Any]]:
         raise ClusterProfileError(f"cluster profile {path}, mbcube.cluster: {err}") from err
     if spec.kind == "address" and not spec.address:
         raise ClusterProfileError(f"cluster profile {path}: kind 'address' needs `address`")
+    if spec.kind != "address" and spec.workers == 0 and spec.adaptive is None:
+        raise ClusterProfileError(
+            f"cluster profile {path}: `workers: 0` without `adaptive` would never compute"
+        )
     return spec, _flatten(raw)
 
 
@@ -206,12 +210,13 @@ def cluster_client(profile: str) -> Iterator[Any]:
     into dask.config for the duration; `mbcube.cluster` (see `ClusterSpec`) says what to start.
     Inside the block the client is the default one, so `compute` and `dask.compute` run on it."""
     spec, settings = load_profile(profile)
+    # distributed's and dask-jobqueue's defaults enter dask.config when they are imported: import
+    # them before the profile's keys are set, else leaving `dask.config.set` would delete them.
+    from distributed import Client
+
     if spec.kind == "slurm":
-        # Its defaults enter dask.config on import: before the profile's keys, which win.
         import dask_jobqueue  # noqa: F401
     with dask.config.set(settings), ExitStack() as stack:
-        from distributed import Client
-
         security = _security(spec)
         if spec.kind == "address":
             client = stack.enter_context(Client(spec.address, security=security))
@@ -223,6 +228,8 @@ def cluster_client(profile: str) -> Iterator[Any]:
             elif spec.kind == "slurm":
                 cluster.scale(spec.workers if spec.workers is not None else 1)
             wanted = spec.wait_for_workers
+            if spec.adaptive is not None:  # adaptive starts workers only for work to do
+                wanted = min(wanted, spec.adaptive.minimum)
             if spec.kind == "slurm" and wanted:
                 _wait_for_workers(client, cluster, wanted, spec.timeout_s)
         yield client

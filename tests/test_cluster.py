@@ -89,10 +89,13 @@ def test_unknown_profile_and_unknown_key_fail_naming_them(
     typo = _write_profile(tmp_path / "typo.yaml", "mbcube: {cluster: {kind: local, wrokers: 2}}")
     with pytest.raises(ClusterProfileError, match="wrokers"):
         load_profile(str(typo))
+    idle = _write_profile(tmp_path / "idle.yaml", "mbcube: {cluster: {kind: slurm, workers: 0}}")
+    with pytest.raises(ClusterProfileError, match="never compute"):
+        load_profile(str(idle))
     monkeypatch.setenv("MBCUBE_CLUSTER_DIR", str(tmp_path))
     _write_profile(tmp_path / "mine.yaml", "mbcube: {cluster: {kind: local, workers: 3}}")
     assert load_profile("mine")[0].workers == 3
-    with pytest.raises(ClusterProfileError, match="Known profiles: mine, typo, threads"):
+    with pytest.raises(ClusterProfileError, match="Known profiles: idle, mine, typo, threads"):
         load_profile("local")
 
 
@@ -132,6 +135,34 @@ def local_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
             memory: {target: 0.5, spill: 0.6, pause: 0.8, terminate: 0.95}
         """,
     )
+
+
+_AFTER_SCRIPT = """
+import sys
+import dask
+import dask.array as da
+from mbcube.cluster import cluster_client
+
+if __name__ == "__main__":
+    with cluster_client(sys.argv[1]) as client:
+        inside = da.arange(10, chunks=5).sum().compute()
+    # steps after the cluster (aggregate, report) compute with dask's default scheduler
+    after = da.arange(10, chunks=5).sum().compute()
+    print(inside, after, dask.config.get("distributed.comm.timeouts.connect"),
+          dask.config.get("distributed.worker.memory.target"))
+"""
+
+
+def test_leaving_the_cluster_restores_dask_config(tmp_path: Path, local_profile: Path) -> None:
+    """In a fresh process (distributed not yet imported): after the block, distributed's own
+    defaults are still there and the profile's keys are gone."""
+    script = tmp_path / "after.py"
+    script.write_text(_AFTER_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), str(local_profile)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["45", "45", "30s", "0.6"]
 
 
 @pytest.fixture(scope="module")
