@@ -43,6 +43,7 @@ __all__ = [
     "paper_subregions",
     "read_hexagons",
     "read_polygons",
+    "tag_basins",
     "to_metric",
     "write_regions",
 ]
@@ -263,25 +264,59 @@ def assign_points(points: gpd.GeoDataFrame, regions: gpd.GeoDataFrame) -> pd.Ser
     return joined["name"].reindex(points.index)
 
 
+def tag_basins(
+    outlines: gpd.GeoDataFrame, basins: gpd.GeoDataFrame, column: str = "basin"
+) -> gpd.GeoDataFrame:
+    """`outlines` (any CRS, kept) with a `column` naming the basin that holds each outline's
+    centroid ('' outside every basin). Centroids are taken in the basins' metric CRS.
+
+    mbcube aggregates glaciers by a `basin` outline attribute as a region set of its own, beside
+    the study's region polygons (see `mbcube.aggregate.ATTRIBUTE_REGION_SETS`)."""
+    if outlines.crs is None or basins.crs is None:
+        raise StudyError("outlines and basins need a CRS to be matched.")
+    metric = basins if basins.crs.is_projected else to_metric(basins)
+    centroids = gpd.GeoDataFrame(
+        geometry=outlines.to_crs(metric.crs).geometry.centroid, index=outlines.index
+    )
+    names = assign_points(centroids, metric)
+    out = outlines.copy()
+    out[column] = names.fillna("").astype(str).to_numpy()
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m mbcube.regions_io HMA_REGIONS_DIR OUT_DIR [--crs CRS]`: write the paper's
-    sub-regions and basins as OUT_DIR/subregions.gpkg and OUT_DIR/basins.gpkg."""
+    """`python -m mbcube.regions_io HMA_REGIONS_DIR OUT_DIR [--crs CRS] [--glaciers RGI]`: write
+    the paper's sub-regions and basins as OUT_DIR/subregions.gpkg and OUT_DIR/basins.gpkg, and
+    the outlines RGI with a `basin` column as OUT_DIR/<RGI name>_basin.gpkg."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m mbcube.regions_io", description=main.__doc__)
     parser.add_argument("folder", type=Path, help="the hma-regions folder (../shared/data/...)")
     parser.add_argument("out", type=Path, help="where to write subregions.gpkg and basins.gpkg")
     parser.add_argument("--crs", default=None, help=f"metric CRS (default: {HMA_ALBERS})")
+    parser.add_argument(
+        "--glaciers",
+        type=Path,
+        default=None,
+        help="outlines to tag with a `basin` column, written as OUT/<name>_basin.gpkg",
+    )
     args = parser.parse_args(argv)
+    basins = paper_basins(args.folder, args.crs)
     for name, frame in (
         ("subregions.gpkg", paper_subregions(args.folder, args.crs)),
-        ("basins.gpkg", paper_basins(args.folder, args.crs)),
+        ("basins.gpkg", basins),
     ):
         path = write_regions(frame, args.out / name)
         areas = ", ".join(
             f"{n} {a:,.0f} km2" for n, a in zip(frame["name"], frame["area_km2"], strict=True)
         )
         print(f"{path}: {areas}")
+    if args.glaciers is not None:
+        tagged = tag_basins(gpd.read_file(args.glaciers), basins)
+        path = args.out / f"{args.glaciers.stem}_basin.gpkg"
+        tagged.to_file(path, driver="GPKG")
+        counts = tagged["basin"].replace("", "(none)").value_counts().to_dict()
+        print(f"{path}: glaciers per basin {counts}")
 
 
 if __name__ == "__main__":

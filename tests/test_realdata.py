@@ -223,6 +223,31 @@ def test_exploradores_configuration() -> None:
     )
 
 
+def test_outlines_tagged_with_their_basin() -> None:
+    """Real outlines tagged with the basin of their centroid, whatever their CRS."""
+    from mbcube.regions_io import paper_basins, read_polygons, tag_basins, to_metric
+
+    basins = paper_basins(need(HMA_REGIONS))
+    files = DATA / "oggm-sample" / "test-files"
+    baltoro = gpd.read_file(need(files / "baltoro_wgs84.shp"))
+    hunza = gpd.read_file(files / "RGI60-14.03439" / "RGI60-14.03439.shp")
+    tagged = tag_basins(pd.concat([baltoro[["geometry"]], hunza[["geometry"]]]), basins)
+    assert list(tagged["basin"]) == ["Upper Indus", "Upper Indus"]
+    assert tagged.crs == baltoro.crs  # the outlines keep their CRS
+    # CGI2 outlines (Asia North Albers): with all 14 HiMAT basins each falls in its own basin;
+    # none of them drains to the Tarim or the Indus
+    cgi2 = gpd.read_file(files / "cgi2" / "cgi2.shp")
+    all_basins = to_metric(read_polygons(HMA_REGIONS, "basin"))
+    assert list(tag_basins(cgi2, all_basins)["basin"]) == [
+        "Ili",
+        "Inner_Tibetan_Plateau_Extended",
+        "Brahmaputra",
+        "Yangtze",
+        "Brahmaputra",
+    ]
+    assert list(tag_basins(cgi2, basins)["basin"]) == [""] * 5
+
+
 def test_hexagon_crs_tag_fixed_reproduces_the_derived_summary() -> None:
     """With the CRS tag fixed, hexagons fall in the right regions: the region sums of the
     hexagons equal DERIVED_hex55_region_summary.txt for all three region sets."""
@@ -353,7 +378,6 @@ def test_real_terrain_end_to_end(karakoram_study: Path, tmp_path: Path) -> None:
         store=tmp_path / "cube.zarr",
         out=tmp_path / "results",
         cluster="threads",
-        regions=karakoram_study / "basins.gpkg",
     )
     run_to_tables(pipeline)
     truth = pd.read_csv(karakoram_study / "truth" / "glaciers.csv")
@@ -369,10 +393,13 @@ def test_real_terrain_end_to_end(karakoram_study: Path, tmp_path: Path) -> None:
     # against the full truth, the error is no more than what the voids hide
     void_bias = abs(rate_true - true["dhdt_m_yr"])
     assert abs(row["dhdt_m_yr"] - true["dhdt_m_yr"]) <= void_bias + 0.02
+    # the real sub-region (study regions) and basin (outline attribute) both hold the glacier
     regions = pd.read_csv(tmp_path / "results" / "regions.csv")
-    basin = regions[(regions["name"] == "Upper Indus") & (regions["glaciers"] == "all")]
-    assert len(basin) == 1 and basin.iloc[0]["n_glaciers"] == 1
-    assert basin.iloc[0]["mb_mwe_yr"] == pytest.approx(row["mb_mwe_yr"], abs=1e-9)
+    regions = regions[regions["glaciers"] == "all"].set_index("name")
+    for name in ("Western Karakoram", "Upper Indus"):
+        assert regions.loc[name, "n_glaciers"] == 1, regions
+        assert regions.loc[name, "mb_mwe_yr"] == pytest.approx(row["mb_mwe_yr"], abs=1e-9)
+    assert regions.loc["West Kunlun", "n_glaciers"] == 0
 
 
 # ---------------------------------------------------------------- pyrate-cropA phase round trip

@@ -16,7 +16,8 @@ The study keeps the real-world traps on purpose:
   is then the glacier part inside the grid (`truth/glaciers.csv`: in-grid area and rate, and the
   full outline area for comparison);
 - with `regions_dir`, the real region polygons of hma-regions (`mbcube.regions_io`) are written as
-  regions.gpkg (the paper's sub-regions) and basins.gpkg (Upper Tarim / Upper Indus).
+  regions.gpkg (the paper's sub-regions) and basins.gpkg (Upper Tarim / Upper Indus), and the
+  outlines as glaciers.gpkg (still EPSG:4326) with a `basin` column, as the HMA study uses them.
 
 No penetration is simulated (the study sets `corrections.penetration: none`).
 """
@@ -154,12 +155,16 @@ def generate_real_terrain_study(
     pd.DataFrame(rows).to_csv(out / "scenes.csv", index=False)
 
     regions = None
+    glaciers_file = outline_path  # the real outlines, read where they are
     if regions_dir is not None:
-        from mbcube.regions_io import paper_basins, paper_subregions, write_regions
+        from mbcube.regions_io import paper_basins, paper_subregions, tag_basins, write_regions
 
         regions = paper_subregions(regions_dir)
         write_regions(regions, out / "regions.gpkg")
-        write_regions(paper_basins(regions_dir), out / "basins.gpkg")
+        basins = paper_basins(regions_dir)
+        write_regions(basins, out / "basins.gpkg")
+        glaciers_file = out / "glaciers.gpkg"  # the same outlines (EPSG:4326) with a basin column
+        tag_basins(outlines, basins).to_file(glaciers_file, driver="GPKG")
 
     config = {
         "name": f"real-terrain-{spec.site}-{spec.seed}",
@@ -172,7 +177,7 @@ def generate_real_terrain_study(
             "bounds": list(grid.bounds),
             "tile_px": spec.tile_px,
         },
-        "files": {"glaciers": str(outline_path)},
+        "files": {"glaciers": str(glaciers_file)},
         "corrections": {"penetration": "none"},
     }
     (out / "study.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
