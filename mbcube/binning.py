@@ -541,6 +541,8 @@ def _axis_and_count(
             if "glacier" in static.dims
             else int(static["glacier_id"].max().compute())
         )
+    if n_glaciers < 1:
+        raise ValueError(f"n_glaciers must be >= 1, got {n_glaciers}")
     if axis is None:
         lo, hi = dask.compute(*elevation_range(static))
         axis = bin_axis(float(lo), float(hi), bin_width_m)
@@ -568,6 +570,10 @@ def binned_statistics(
     engine: "numba" (per-tile kernel + tree sum, default, fastest) or "flox" (flox map-reduce on
     a combined key; no stable-ground histogram, so no stable median/NMAD)."""
     _require(static, ["ref_dem_m", "glacier_id", "surface", "stable"])
+    if not {"y", "x"} <= set(dh_m.dims) or not set(dh_m.dims) <= {"scene", "y", "x"}:
+        raise ValueError(f"dh_m must have dims (y, x) or (scene, y, x), got {dh_m.dims}")
+    if split_every < 2:
+        raise ValueError(f"split_every must be >= 2, got {split_every}")
     axis, n_glaciers = _axis_and_count(static, bin_width_m, axis, n_glaciers)
     flat = "scene" not in dh_m.dims
     dh = dh_m.expand_dims(scene=[None]) if flat else dh_m
