@@ -395,9 +395,14 @@ def test_each_tile_unwrapped_once_and_empty_tiles_skipped(
     calls.clear()
     whole = np.full((192, 192), np.nan, np.float32)
     whole[:, :40] = scene.phase_rad[:, :40]
-    out = unwrap_scene(whole, scene.coherence, scene.h_amb_m, config=config, tile_px=64)
-    dask.compute(out.phase_unw_rad, out.component, out.dh_raw_m, out.quality, scheduler="threads")
+    out = unwrap_scene(whole, scene.coherence, 40.0, config=config, tile_px=64)  # scalar h_amb
+    ph, comp, dh, quality = dask.compute(
+        out.phase_unw_rad, out.component, out.dh_raw_m, out.quality, scheduler="threads"
+    )
     assert len(calls) == 3  # the other 6 windows have no phase at all: not sent to the engine
+    assert (comp[:, 64:] == 0).all() and np.isfinite(ph[comp > 0]).all()
+    # no stable ground given: nothing can be tied, so no dh at all (flagged, not guessed)
+    assert np.isnan(dh).all() and quality["unwrap_tied_frac"] == 0
 
 
 def test_graph_building_computes_nothing(tiny_cube: Path, tmp_path: Path) -> None:
