@@ -88,6 +88,7 @@ class RealTerrainSpec:
     rate_mid_m_yr: float = -0.4  # true dh/dt at the glacier's median elevation (m/yr)
     rate_gradient_per_m: float = 0.002  # d(rate)/dz (1/yr)
     rate_variability_m_yr: float = 0.15  # smooth (2 km) spatial variability of the rate (m/yr)
+    margin_taper_m: float = 450.0  # the rate goes to 0 at the outline over this distance (m)
 
 
 def generate_real_terrain_study(
@@ -135,7 +136,7 @@ def generate_real_terrain_study(
         dtype="int32",
     )
     x, y = np.meshgrid(grid.x_coords(), grid.y_coords())
-    rate = _rate_field(glacier, surface, x, y, spec)
+    rate = _rate_field(glacier, surface, x, y, spec, grid.res)
     _write_grid(out / "truth" / "dhdt_m_yr.tif", grid, rate.astype(np.float32), np.nan)
 
     rng = np.random.default_rng(spec.seed)
@@ -244,19 +245,33 @@ def _write_reference_with_voids(src_path: Path, dst: Path, seed: int, spec: Real
 
 
 def _rate_field(
-    glacier: np.ndarray, surface: np.ndarray, x: np.ndarray, y: np.ndarray, spec: RealTerrainSpec
+    glacier: np.ndarray,
+    surface: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    spec: RealTerrainSpec,
+    res_m: float,
 ) -> np.ndarray:
-    """True dh/dt (m/yr): linear in elevation about each glacier's median, plus smooth variability;
-    0 off-glacier."""
+    """True dh/dt (m/yr): linear in elevation about each glacier's median, plus smooth variability,
+    tapered to 0 at the outline over margin_taper_m (thin ice at the margins changes little, and a
+    step of tens of metres at the outline would exceed half a height of ambiguity, which no
+    unwrapper can resolve); 0 off-glacier."""
+    from scipy.ndimage import distance_transform_edt
+
     rate = np.zeros(glacier.shape)
     wiggle = spec.rate_variability_m_yr * value_noise(x, y, 2000.0, spec.seed + 303)
+    if spec.margin_taper_m > 0:
+        inside_m = distance_transform_edt(glacier > 0) * res_m  # to the nearest off-glacier px
+        taper = np.clip((inside_m - 0.5 * res_m) / spec.margin_taper_m, 0.0, 1.0)
+    else:
+        taper = np.ones(glacier.shape)
     for index in np.unique(glacier[glacier > 0]):
         on = glacier == index
         z = surface[on]
         z_mid = float(np.nanmedian(z))
         r = spec.rate_mid_m_yr + spec.rate_gradient_per_m * (z - z_mid) + wiggle[on]
         rate[on] = np.clip(np.nan_to_num(r, nan=spec.rate_mid_m_yr), -4.0, 1.5)
-    return rate
+    return rate * taper
 
 
 # ---------------------------------------------------------------- scenes
