@@ -12,6 +12,12 @@ have one) gives a second region set. The tables:
   the area-weighted mean of its measured glaciers' values.
 
 Both are also written as Parquet beside the CSV files.
+
+The glacier-level combined statistics (scenes combined by `scene_rule`; no scene dimension) are
+cached in the store's group `massbalance_cache`, keyed by the bin step's record of every scene
+and by the combination parameters (scene_rule, min_px_per_bin): a new region file, density or
+uncertainty parameter reuses them; a re-binned scene or another rule recomputes them. Statistics
+written without bin step records are never cached.
 """
 
 from __future__ import annotations

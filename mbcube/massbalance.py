@@ -24,6 +24,14 @@ step here is a sum or a ratio of sums, and region results are glacier results su
    recorded (`filled_frac`). The bin values are weighted by the full hypsometry (area of ALL the
    glacier's pixels per bin and surface). Rate (m/yr) x density / 1000 = mass balance (m w.e./yr);
    volume change (km3/yr) = rate x area; mass change (Gt/yr) = mass balance x area x 1000 kg/m3.
+   Glacier pixels without a reference DEM (voids: no elevation, so no bin) count in the area and
+   take the glacier's mean.
+
+4. **Regions** (`sum_units`): region-level hypsometric averaging over the summed statistics of the
+   member glaciers, with each glacier's bin mean weighted by its area in that bin (not by its
+   measurement count, so glaciers seen by several overlapping scenes do not dominate); bins no
+   member measured are filled along the region's profile; void areas take their glacier's mean
+   (`with_void_area`). A fully measured region equals the area-weighted mean of its glaciers.
 """
 
 from __future__ import annotations
