@@ -456,14 +456,17 @@ def _results(
 
 
 def _periods(data: StoredStats) -> np.ndarray:
-    """Per glacier 'reference/last scene' (ISO dates; 'first..last' when several dates)."""
+    """Per glacier 'start/end' in ISO dates, oldest first: the reference date and the scene date;
+    'ref/first..last' when the glacier's scenes have several dates (reversed for scenes older
+    than the reference)."""
     used = data.stats.scene_px > 0  # (S, G)
     dates = pd.to_datetime(data.scene_dates).strftime("%Y-%m-%d").to_numpy()
     ref = data.reference_date.isoformat()
     out = np.full(used.shape[1], "", dtype=object)
     for g in np.flatnonzero(used.any(axis=0)):
         own = sorted(set(dates[used[:, g]]))
-        out[g] = f"{ref}/{own[0]}" if len(own) == 1 else f"{ref}/{own[0]}..{own[-1]}"
+        scenes = own[0] if len(own) == 1 else f"{own[0]}..{own[-1]}"
+        out[g] = f"{ref}/{scenes}" if own[0] >= ref else f"{scenes}/{ref}"
     return out
 
 

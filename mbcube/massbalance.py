@@ -13,7 +13,8 @@ step here is a sum or a ratio of sums, and region results are glacier results su
      error); otherwise every scene is used, count-weighted. Trades data for smaller seasonal bias.
 
 2. **Scene combination** (`combine_scenes`): each scene's own time span (years since the reference
-   date) turns its dh into a rate, then rates are averaged over the measurements of the used scenes:
+   date; negative for a scene older than the reference DEM, whose dh = scene - reference is then
+   minus the change, so dh / years is the rate either way) turns its dh into a rate, then rates are averaged over the measurements of the used scenes:
    ``rate_sum = sum_s sum_dh_s / years_s``, ``count = sum_s count_s`` per (glacier, bin, surface).
    The result (`GlacierStats`) is small and additive over glaciers.
 
@@ -171,8 +172,11 @@ def combine_scenes(
     (G,): glacier area without a reference DEM (no bin; it takes the glacier's mean rate).
     """
     years = np.asarray(scene_years, dtype=float)
-    if np.any(~(years > 0)):
-        raise ValueError(f"scene_years must be > 0 (scene after the reference date), got {years}")
+    if np.any(~np.isfinite(years) | (years == 0)):
+        raise ValueError(
+            f"scene_years must be finite and non-zero (a scene on the reference date measures no "
+            f"change), got {years}"
+        )
     used = use[:, :, None, None]
     count_s = np.where(used, count, 0).astype(float)
     sum_s = np.where(used & (count > 0), sum_dh_m, 0.0)

@@ -105,7 +105,7 @@ def unit_uncertainty(
     Units without a measurement get NaN.
     """
     w = np.asarray(scene_weight, dtype=float)
-    years = np.asarray(scene_years, dtype=float)[:, None]
+    years = np.abs(np.asarray(scene_years, dtype=float))[:, None]  # spans (scenes may be older)
     to_mwe = density_kg_m3 / 1000.0
     stable = np.nan_to_num(np.asarray(stable_sigma_m, dtype=float))[:, None]
     datum = np.nan_to_num(np.asarray(scene_datum_sigma_m, dtype=float))[:, None]

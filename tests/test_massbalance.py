@@ -227,10 +227,27 @@ def test_prefer_jan_mar() -> None:
         select_scenes(count, np.array([10, 1]), area, "newest", 10)  # type: ignore[arg-type]
 
 
-def test_scene_before_reference_is_refused() -> None:
-    count, sums, _, area = two_scene_case()
+def test_scene_older_than_the_reference() -> None:
+    """A scene 12 yr before the reference DEM: dh = scene - reference = -(change), years = -12,
+    so dh / years is the same rate as a scene 12 yr after; a zero span is refused."""
+    count, sums, years, area = two_scene_case()
+    use = np.ones((2, 2), bool)
+    later = combine_scenes(count, sums, years, area, area, use)
+    earlier = combine_scenes(count, -sums, -years, area, area, use)
+    np.testing.assert_allclose(earlier.rate_sum, later.rate_sum)
+    bins = np.array([5000.0, 5050, 5100])
+    np.testing.assert_allclose(
+        balance(earlier, bins)["dhdt_m_yr"], balance(later, bins)["dhdt_m_yr"]
+    )
+    args = (np.array([-0.5]), np.ones((1, 1)), np.array([[5000.0]]), np.array([5000.0]))
+    rest = (np.array([0.3]), np.array([-12.0]), np.array([10]), np.array([2.0]), np.array([0.2]))
+    flipped = (np.array([0.3]), np.array([12.0]), np.array([10]), np.array([2.0]), np.array([0.2]))
+    got = unit_uncertainty(*args, *rest, 30.0)
+    want = unit_uncertainty(*args, *flipped, 30.0)
+    for key, value in want.items():
+        assert got[key][0] == pytest.approx(value[0]) and value[0] >= 0
     with pytest.raises(ValueError, match="scene_years"):
-        combine_scenes(count, sums, np.array([12.0, 0.0]), area, area, np.ones((2, 2), bool))
+        combine_scenes(count, sums, np.array([12.0, 0.0]), area, area, use)
 
 
 def test_sum_units_region_mean_weights_glaciers_by_area_not_by_count() -> None:
