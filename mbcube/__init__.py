@@ -9,4 +9,6 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0+unknown"
 
+from mbcube import accessor as _accessor  # noqa: F401  (registers ds.mb)
+
 __all__ = ["MbcubeWarning", "StudyError", "__version__"]

@@ -104,18 +104,14 @@ SceneIds = Annotated[
 ]
 
 
-def _run_step(step: str, store: Path, cluster: str | None, scenes: list[str] | None, force: bool):
-    from mbcube.pipeline import cluster_context
+def _run_step(
+    step: str, store: Path, cluster: str | None, scenes: list[str] | None, force: bool
+) -> None:
+    from mbcube.pipeline import STEPS, cluster_context
 
-    if step == "unwrap":
-        from mbcube.unwrap.step import unwrap_cube as func
-    elif step == "correct":
-        from mbcube.corrections.step import correct_cube as func
-    else:
-        from mbcube.binning import bin_cube as func
     try:
         with cluster_context(cluster or "local"):
-            done = func(store, scenes=scenes, force=force, progress=typer.echo)
+            done = STEPS[step](store, scenes=scenes, force=force, progress=typer.echo)
     except (StudyError, StoreError) as err:
         _fail(err)
     typer.echo(f"{store}: {step}: {len(done)} scene(s) recomputed, the rest up to date")
@@ -159,11 +155,10 @@ def aggregate(
     from mbcube.aggregate import aggregate as run_aggregate
 
     try:
-        glaciers, region_table = run_aggregate(store, out, regions=regions)
+        run_aggregate(store, out, regions=regions)
     except (StudyError, StoreError) as err:
         _fail(err)
-    typer.echo(region_table.to_string(index=False))
-    typer.echo(f"{len(glaciers)} glaciers: {out / 'glaciers.csv'}; regions: {out / 'regions.csv'}")
+    _print_results(out, quiet=False, figures=False)
 
 
 @app.command()
@@ -197,7 +192,7 @@ def run(
         typer.echo("everything was up to date: nothing recomputed")
 
 
-def _print_results(out: Path, quiet: bool) -> None:
+def _print_results(out: Path, quiet: bool, figures: bool = True) -> None:
     import pandas as pd
 
     if quiet:
@@ -218,7 +213,8 @@ def _print_results(out: Path, quiet: bool) -> None:
     ]
     typer.echo(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     typer.echo(f"tables: {out / 'glaciers.csv'}, {out / 'regions.csv'}")
-    typer.echo(f"figures: {out / 'figures'}; report: {out / 'report.html'}")
+    if figures:
+        typer.echo(f"figures: {out / 'figures'}; report: {out / 'report.html'}")
 
 
 @app.command()

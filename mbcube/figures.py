@@ -205,7 +205,7 @@ class FigureInputs:
         if stats is None:
             raise MissingInputError(f"{self.store}: no 'stats' group (run `mbcube bin` first).")
         years = _scene_years(stats, self.cube)
-        usable = np.isfinite(years) & (years > 0)
+        usable = np.isfinite(years) & (years != 0)
         years_da = xr.DataArray(np.where(usable, years, np.nan), dims="scene")
         weight = xr.DataArray(usable.astype(float), dims="scene")
         n = (stats["count"] * weight).sum("scene")
@@ -281,7 +281,7 @@ def mean_rate(ds: xr.Dataset) -> xr.DataArray:
     if "valid" in ds:
         dh = dh.where(ds["valid"] == 1)
     years = ds["scene_years"]
-    rate = dh / years.where(years > 0)
+    rate = dh / years.where(years != 0)
     count = rate.notnull().sum("scene")
     return (rate.fillna(0).sum("scene") / count.where(count > 0)).rename("dhdt_m_yr")
 

@@ -576,7 +576,7 @@ def _update_recorded_config(store: Path, state: dict[str, Any], config: StudyCon
 
 def _existing_scenes(store: Path) -> dict[str, tuple[int, int]]:
     """scene id -> (index along scene, scene_state) of the scenes in the store."""
-    states = zarr.open_array(str(store / "scene_state"), mode="r")[:]
+    states = np.asarray(zarr.open_array(str(store / "scene_state"), mode="r")[:])
     return {sid: (i, int(states[i])) for sid, i in scene_index(store).items()}
 
 

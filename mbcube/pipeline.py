@@ -19,23 +19,47 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from mbcube.binning import bin_cube
+from mbcube.corrections.step import correct_cube
 from mbcube.errors import StudyError
 from mbcube.ingest import ingest
 from mbcube.store import file_fingerprint, is_current, record_step, step_record
+from mbcube.unwrap.step import unwrap_cube
 
 log = logging.getLogger(__name__)
 
 #: The record key of whole-store steps (not per scene).
 ALL = "_all"
+
+
+class CubeStep(Protocol):
+    """A pixel step on the cube: (re)computes the scenes not up to date, returns their ids."""
+
+    def __call__(
+        self,
+        store: Path,
+        *,
+        scenes: Sequence[str] | None = None,
+        force: bool = False,
+        progress: Callable[[str], None] | None = None,
+    ) -> list[str]: ...
+
+
+#: The pixel steps in order (each module imports its heavy dependencies itself).
+STEPS: dict[str, CubeStep] = {
+    "unwrap": unwrap_cube,
+    "correct": correct_cube,
+    "bin": bin_cube,
+}
 
 
 class PipelineFile(BaseModel):
@@ -66,8 +90,8 @@ class Pipeline:
 def load_pipeline(
     source: Path | str,
     *,
-    store: Path | None = None,
-    out: Path | None = None,
+    store: Path | str | None = None,
+    out: Path | str | None = None,
     cluster: str | None = None,
 ) -> Pipeline:
     """A run from a study folder or a pipeline YAML file; arguments given here win.
@@ -75,6 +99,8 @@ def load_pipeline(
     Defaults for a study folder STUDY: store STUDY/../cube.zarr, out STUDY/../results.
     """
     source = Path(source)
+    store = Path(store) if store is not None else None
+    out = Path(out) if out is not None else None
     if source.is_dir():
         spec = PipelineFile(study=source)
         base = source.parent
@@ -130,9 +156,6 @@ def run(
 ) -> RunReport:
     """Run every step of `pipeline`; each step skips what is up to date (unless force)."""
     from mbcube.aggregate import aggregate
-    from mbcube.binning import bin_cube
-    from mbcube.corrections.step import correct_cube
-    from mbcube.unwrap.step import unwrap_cube
 
     say = progress or log.info
     report = RunReport(out=pipeline.out)
@@ -141,7 +164,7 @@ def run(
         with _step(report, "ingest", say):
             done = ingest(pipeline.study, store, progress=say, overrides=pipeline.overrides)
             report.recomputed["ingest"] = done.written + done.resumed
-        for name, step in (("unwrap", unwrap_cube), ("correct", correct_cube), ("bin", bin_cube)):
+        for name, step in STEPS.items():
             with _step(report, name, say):
                 report.recomputed[name] = step(store, force=force, progress=say)
 

@@ -146,7 +146,7 @@ def extend_scene_dim(path: Path) -> list[str]:
     ingest appended scenes); the new entries read as the arrays' fill value (NaN / 0), i.e. "not
     computed yet". Metadata only. Returns the names of the arrays grown."""
     root = zarr.open_group(str(path), mode="r+")
-    n_scenes = root["scene"].shape[0]
+    n_scenes = zarr.open_array(str(Path(path) / "scene"), mode="r").shape[0]
     grown = []
     for name, array in root.arrays():
         dims = array.metadata.dimension_names or ()  # type: ignore[union-attr]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import xarray as xr
 import yaml
 from typer.testing import CliRunner
 
@@ -38,21 +39,28 @@ def _truth(pipeline: Pipeline) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def test_run_recovers_glacier_and_region_mass_balance(finished: Pipeline) -> None:
+    """Glaciers of this small study are ~1 km2: the reference DEM's correlated error (1 m,
+    ~500 m, common to all scenes) alone gives them ~0.05 m w.e./yr errors, so the check here is
+    that errors are of that size AND that the stated uncertainty is calibrated. The tighter
+    accuracy bars of larger glaciers are measured in benchmarks/accuracy.py."""
     glaciers = pd.read_csv(finished.out / "glaciers.csv")
     regions = pd.read_csv(finished.out / "regions.csv")
     truth_glaciers, truth_regions = _truth(finished)
     both = glaciers.merge(truth_glaciers, on="RGIId", suffixes=("", "_true"))
     assert len(both) == len(truth_glaciers)
     covered = both[both.coverage_frac > 0.5]
-    assert len(covered) >= 10
+    assert len(covered) >= 20
     error = (covered.mb_mwe_yr - covered.mb_mwe_yr_true).abs()
-    assert error.median() < 0.03, covered[["RGIId", "mb_mwe_yr", "mb_mwe_yr_true"]]
-    inside = (error <= 2 * covered.mb_sigma_mwe_yr).mean()
-    assert inside >= 0.8, f"2-sigma covers the truth for only {inside:.0%} of glaciers"
+    assert error.median() < 0.06, covered[["RGIId", "mb_mwe_yr", "mb_mwe_yr_true"]]
+    within_1_sigma = (error <= covered.mb_sigma_mwe_yr).mean()
+    assert 0.5 <= within_1_sigma <= 0.95, f"1 sigma covers {within_1_sigma:.0%} of glaciers"
+    assert (error <= 2 * covered.mb_sigma_mwe_yr).mean() >= 0.85
 
     merged = regions.merge(truth_regions, on=["name", "glaciers"], suffixes=("", "_true"))
     assert len(merged) == len(truth_regions)
-    assert (merged.mb_mwe_yr - merged.mb_mwe_yr_true).abs().max() < 0.02, merged
+    region_error = (merged.mb_mwe_yr - merged.mb_mwe_yr_true).abs()
+    assert (region_error <= 2 * merged.mb_sigma_mwe_yr).all(), merged
+    assert region_error.median() < 0.04, merged
 
 
 def test_second_run_recomputes_nothing(finished: Pipeline) -> None:
@@ -122,3 +130,73 @@ def test_bad_pipeline_file_names_the_key(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["run", str(path)])
     assert result.exit_code == 2
     assert "storr" in result.output
+
+
+# ------------------------------------------------------------------ querying the cube (ds.mb)
+
+
+def _pixel_frame(pipeline: Pipeline, number: int) -> pd.DataFrame:
+    """The glacier's corrected dh pixels with their scene and 50 m bin: the slow oracle."""
+    ds = xr.open_zarr(pipeline.store)
+    inside = (ds.glacier_id == number).values
+    ref = ds.ref_dem_m.values[inside]
+    rows = []
+    for i, scene in enumerate(ds.scene.values):
+        dh = ds.dh_m.isel(scene=i).values[inside]
+        ok = np.isfinite(dh)
+        rows.append(
+            pd.DataFrame({"scene": str(scene), "bin": np.floor(ref[ok] / 50) * 50, "dh": dh[ok]})
+        )
+    return pd.concat(rows)
+
+
+def test_accessor_profile_and_series_equal_the_pixels(finished: Pipeline) -> None:
+    import mbcube  # noqa: F401  (registers ds.mb)
+
+    ds = xr.open_zarr(finished.store)
+    rgi_id = str(ds.glacier_rgi_id.values[4])
+    number = ds.mb.glacier_index(rgi_id)
+    assert number == 5
+    profile = ds.mb.profile(glacier=rgi_id)
+    assert profile["mean_dh_m"].chunks is not None  # lazy until asked
+    pixels = _pixel_frame(finished, number)
+    oracle = pixels.groupby(["scene", "bin"]).dh.agg(["count", "mean", "std"])
+    got = profile.to_dataframe().reset_index()
+    got = got[got["count"] > 0].set_index(["scene", "bin"])
+    assert len(got) == len(oracle)
+    np.testing.assert_array_equal(got["count"], oracle["count"].loc[got.index])
+    np.testing.assert_allclose(
+        got["mean_dh_m"], oracle["mean"].loc[got.index], rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(got["std_dh_m"], oracle["std"].loc[got.index], rtol=1e-3, atol=1e-4)
+    series = ds.mb.dh_series(glacier=number).compute()
+    expected = pixels.groupby("scene").dh.mean()
+    np.testing.assert_allclose(series.sel(scene=expected.index).values, expected.values, rtol=1e-5)
+    assert int((ds.mb.pixels(glacier=number).glacier_id == number).sum()) == int(
+        (ds.glacier_id == number).sum()
+    )
+
+
+def test_accessor_mass_balance_equals_the_tables(finished: Pipeline) -> None:
+    import mbcube  # noqa: F401
+
+    ds = xr.open_zarr(finished.store)
+    glaciers = pd.read_csv(finished.out / "glaciers.csv").set_index("RGIId")
+    regions = pd.read_csv(finished.out / "regions.csv").set_index(["name", "glaciers"])
+    rgi_id = str(ds.glacier_rgi_id.values[2])
+    one = ds.mb.mass_balance(glacier=rgi_id)
+    assert float(one.mb_mwe_yr) == pytest.approx(glaciers.loc[rgi_id, "mb_mwe_yr"], rel=1e-6)
+    assert one.mb_mwe_yr.attrs["units"] == "m w.e./yr"
+    region = ds.mb.mass_balance(region="Western Pamir").sel(glaciers="all")
+    row = regions.loc[("Western Pamir", "all")]
+    assert float(region.mb_mwe_yr) == pytest.approx(row.mb_mwe_yr, rel=1e-6)
+    assert float(region.mb_sigma_mwe_yr) == pytest.approx(row.mb_sigma_mwe_yr, rel=1e-6)
+    members = glaciers.index[glaciers.region == "Western Pamir"]
+    profile = ds.mb.profile(region="Western Pamir")
+    hyps = xr.open_zarr(finished.store, group="hypsometry")
+    numbers = [ds.mb.glacier_index(g) for g in members]
+    assert float(profile.area_m2.sum()) == pytest.approx(
+        float(hyps.area_m2.sel(glacier=numbers).sum())
+    )
+    with pytest.raises(KeyError, match="close ids"):
+        ds.mb.profile(glacier=rgi_id[:-1] + "X")
