@@ -31,6 +31,9 @@ def cube_summary(store: Path | str) -> str:
         "",
         _scene_table(ds, state),
     ]
+    steps = _steps_table(ds, state)
+    if steps:
+        lines += ["", steps]
     return "\n".join(lines)
 
 
@@ -55,3 +58,46 @@ def _scene_table(ds: xr.Dataset, state: dict) -> str:
 
 def _pct(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.1f} %"
+
+
+#: Per-scene quality columns shown once a step has written them: (variable, heading, format).
+_QUALITY = [
+    ("unwrap_valid_frac", "unwrapped", "pct"),
+    ("unwrap_tied_frac", "tied", "pct"),
+    ("unwrap_n_components", "comps", "int"),
+    ("unwrap_untied_px", "untied px", "int"),
+    ("unwrap_loop_misfits", "misfits", "int"),
+    ("unwrap_edge_agreement", "edges ok", "pct"),
+    ("datum_offset_m", "datum m", "m"),
+]
+
+
+def _steps_table(ds: xr.Dataset, state: dict) -> str:
+    """Which steps each scene has been through, with the unwrap quality and the datum offset."""
+    steps = [s for s in ("unwrap", "correct", "bin") if state.get("steps", {}).get(s)]
+    quality = [(v, h, f) for v, h, f in _QUALITY if v in ds]
+    if not steps and not quality:
+        return ""
+    header = f"{'scene':<24} {'steps':<20}" + "".join(f" {h:>10}" for _, h, _ in quality)
+    rows = [header, "-" * len(header)]
+    values = {v: ds[v].values for v, _, _ in quality}
+    for i, scene in enumerate(ds["scene"].values):
+        sid = str(scene)
+        done = ",".join(s for s in steps if sid in state["steps"][s]) or "-"
+        insar = str(ds["scene_kind"].values[i]) == "insar"
+        cells = "".join(
+            f" {_cell(values[v][i], f) if insar or not v.startswith('unwrap') else '':>10}"
+            for v, _, f in quality
+        )
+        rows.append(f"{sid:<24} {done:<20}{cells}")
+    return "\n".join(rows)
+
+
+def _cell(value: float, kind: str) -> str:
+    if not np.isfinite(value):
+        return ""
+    if kind == "pct":
+        return f"{100 * value:.2f} %"
+    if kind == "int":
+        return f"{int(value)}"
+    return f"{value:+.3f}"

@@ -200,3 +200,18 @@ def test_accessor_mass_balance_equals_the_tables(finished: Pipeline) -> None:
     )
     with pytest.raises(KeyError, match="close ids"):
         ds.mb.profile(glacier=rgi_id[:-1] + "X")
+
+
+def test_info_shows_steps_and_unwrap_quality(finished: Pipeline) -> None:
+    result = CliRunner().invoke(app, ["info", str(finished.store)])
+    assert result.exit_code == 0, result.output
+    ds = xr.open_zarr(finished.store)
+    insar = [i for i, k in enumerate(ds.scene_kind.values) if str(k) == "insar"]
+    row = next(
+        line
+        for line in result.output.splitlines()[::-1]
+        if line.startswith(str(ds.scene.values[insar[0]]))
+    )
+    assert "unwrap,correct,bin" in row
+    assert f"{100 * float(ds.unwrap_valid_frac.values[insar[0]]):.2f} %" in row
+    assert f"{float(ds.datum_offset_m.values[insar[0]]):+.3f}" in row
