@@ -24,6 +24,12 @@ def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr
     )
+    import dask
+
+    # distributed sets its loggers from this key when it is first imported (in mbcube.cluster)
+    dask.config.set({"logging.distributed": "warning"})
+    for chatty in ("distributed", "dask_jobqueue", "numba", "rasterio", "pyogrio"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def _fail(err: Exception) -> None:

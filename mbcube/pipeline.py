@@ -102,7 +102,7 @@ def load_pipeline(
     store = Path(store) if store is not None else None
     out = Path(out) if out is not None else None
     if source.is_dir():
-        spec = PipelineFile(study=source)
+        spec = PipelineFile(study=source.resolve())
         base = source.parent
     elif source.suffix in (".yaml", ".yml") and source.exists():
         try:
