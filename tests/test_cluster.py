@@ -145,6 +145,7 @@ from mbcube.cluster import cluster_client
 
 if __name__ == "__main__":
     with cluster_client(sys.argv[1]) as client:
+        assert dask.config.get("distributed.worker.memory.target") == 0.5
         inside = da.arange(10, chunks=5).sum().compute()
     # steps after the cluster (aggregate, report) compute with dask's default scheduler
     after = da.arange(10, chunks=5).sum().compute()
@@ -153,13 +154,21 @@ if __name__ == "__main__":
 """
 
 
-def test_leaving_the_cluster_restores_dask_config(tmp_path: Path, local_profile: Path) -> None:
-    """In a fresh process (distributed not yet imported): after the block, distributed's own
-    defaults are still there and the profile's keys are gone."""
+def test_leaving_the_cluster_restores_dask_config(tmp_path: Path, local_client: Any) -> None:
+    """In a fresh process (distributed not yet imported), through a profile that connects to the
+    running cluster and sets a distributed key: after the block, distributed's own defaults are
+    still there, the profile's key is gone, and dask computes with its default scheduler."""
+    profile = _write_profile(
+        tmp_path / "connect.yaml",
+        f"""\
+        mbcube: {{cluster: {{kind: address, address: "{local_client.scheduler.address}"}}}}
+        distributed: {{worker: {{memory: {{target: 0.5}}}}}}
+        """,
+    )
     script = tmp_path / "after.py"
     script.write_text(_AFTER_SCRIPT)
     done = subprocess.run(
-        [sys.executable, str(script), str(local_profile)], capture_output=True, text=True
+        [sys.executable, str(script), str(profile)], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["45", "45", "30s", "0.6"]
