@@ -241,6 +241,48 @@ def test_worker_sigkilled_mid_computation_does_not_change_the_result(
     assert set(local_client.run(os.getpid).values()).isdisjoint({pids[victim]})
 
 
+def test_tls_profile_encrypts_scheduler_workers_and_clients(tmp_path: Path) -> None:
+    """`security: config` with certificate files (made here with openssl): every address is
+    tls://, and a second client connects by address through a `kind: address` TLS profile."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed: cannot make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"),
+            *("-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    tls = (
+        "distributed:\n  comm:\n    require-encryption: true\n    tls:\n"
+        f"      ca-file: {cert}\n"
+        + "".join(
+            f"      {role}: {{cert: {cert}, key: {key}}}\n"
+            for role in ("scheduler", "worker", "client")
+        )
+    )
+    local = _write_profile(
+        tmp_path / "tls.yaml",
+        "mbcube: {cluster: {kind: local, workers: 1, memory-limit: 1GiB, security: config,\n"
+        "  dashboard-address: '127.0.0.1:0'}}\n" + tls,
+    )
+    with cluster_client(str(local)) as client:
+        address = client.scheduler.address
+        assert address.startswith("tls://127.0.0.1:")
+        assert all(a.startswith("tls://") for a in client.scheduler_info()["workers"])
+        assert da.arange(10, chunks=5).sum().compute() == 45
+        connect = _write_profile(
+            tmp_path / "connect.yaml",
+            f"mbcube: {{cluster: {{kind: address, address: '{address}', security: config}}}}\n"
+            + tls,
+        )
+        with cluster_client(str(connect)) as other:
+            assert other.submit(sum, [1, 2, 3]).result() == 6
+
+
 # ---------------------------------------------------------------- on a real SLURM
 
 
