@@ -183,6 +183,7 @@ def run(
     quiet: Quiet = False,
 ) -> None:
     """Every step from study to tables, figures and report; each skipped when up to date."""
+    from mbcube.cluster import quiet as no_progress_bars
     from mbcube.pipeline import load_pipeline
     from mbcube.pipeline import run as run_pipeline
 
@@ -190,7 +191,8 @@ def run(
     try:
         pipeline = load_pipeline(source, store=store, out=out, cluster=cluster)
         say = (lambda _: None) if quiet else typer.echo
-        report = run_pipeline(pipeline, force=force, progress=say)
+        with no_progress_bars(quiet):
+            report = run_pipeline(pipeline, force=force, progress=say)
     except (StudyError, StoreError) as err:
         _fail(err)
     _print_results(pipeline.out, quiet)

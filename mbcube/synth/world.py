@@ -17,6 +17,8 @@ from mbcube.synth.noise import fractal_noise, normal, value_noise
 SURFACE_OFF, SURFACE_CLEAN, SURFACE_DEBRIS = 0, 1, 2
 VALLEY_WALL_SLOPE = np.tan(np.radians(38.0))
 HEADWALL_SLOPE = np.tan(np.radians(40.0))
+#: Width of the glacier margin over which elevation change fades to zero (m).
+MARGIN_TAPER_M = 300.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,15 @@ class Glacier:
             - 0.08 * np.minimum(below, 3000.0)
             + VALLEY_WALL_SLOPE * np.clip(below - 3000.0, 0.0, None)
         )
+
+    def margin_taper(self, along: np.ndarray, across: np.ndarray) -> np.ndarray:
+        """0 at the outline rising to 1 at MARGIN_TAPER_M inside: ice thins to nothing at its
+        margin, so elevation change fades out there (no step into the stable ground, which
+        would exceed half a height of ambiguity and be unrecoverable by any unwrapper)."""
+        inside_m = np.minimum(
+            self.half_width_m(along) - across, np.minimum(along, self.length_m - along)
+        )
+        return np.clip(inside_m / MARGIN_TAPER_M, 0.0, 1.0)
 
     def rate_m_yr(self, z: np.ndarray) -> np.ndarray:
         """True elevation-change rate (m/yr) at true elevation z (m)."""
@@ -179,10 +190,10 @@ class World:
         for index in np.unique(glacier[glacier > 0]):
             g = by_index[int(index)]
             on = glacier == index
-            along, _ = g.local_coords(x[on], y[on])
+            along, across = g.local_coords(x[on], y[on])
             debris = along / g.length_m > g.debris_from
             surface_type[on] = np.where(debris, SURFACE_DEBRIS, SURFACE_CLEAN)
-            rate[on] = g.rate_m_yr(z[on])
+            rate[on] = g.rate_m_yr(z[on]) * g.margin_taper(along, across)
             pen_c[on] = g.penetration_factor * penetration_c_law(z[on], debris)
         pen_x = 0.3 * pen_c
         snow_off_glacier = np.clip((z - 5800.0) / 400.0, 0.0, 1.0)
