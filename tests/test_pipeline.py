@@ -215,3 +215,18 @@ def test_info_shows_steps_and_unwrap_quality(finished: Pipeline) -> None:
     assert "unwrap,correct,bin" in row
     assert f"{100 * float(ds.unwrap_valid_frac.values[insar[0]]):.2f} %" in row
     assert f"{float(ds.datum_offset_m.values[insar[0]]):+.3f}" in row
+
+
+def test_readme_query_example_runs(finished: Pipeline) -> None:
+    """The README's querying example, run as written on a finished study's store."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Querying the cube from xarray", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace("stores/demo/cube.zarr", str(finished.store))
+    namespace: dict[str, object] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    balance = namespace["balance"]
+    glaciers = pd.read_csv(finished.out / "glaciers.csv").set_index("RGIId")
+    first = str(namespace["first"])
+    assert float(balance.mb_mwe_yr) == pytest.approx(glaciers.loc[first, "mb_mwe_yr"], rel=1e-6)
+    assert namespace["rate"].dims == ("y", "x")
