@@ -342,7 +342,10 @@ def test_ingest_killed_mid_scene_resumes_on_slurm_to_the_same_cube(
         if line.startswith("ingesting scene"):
             started.append(line.split()[2])
         if len(started) == 2:
-            time.sleep(0.5)  # into the second scene's writes
+            # kill as soon as the second scene's first chunk is on disk: in the middle of its writes
+            deadline = time.monotonic() + 60
+            while not list(store.glob("*/c/1/*")) and time.monotonic() < deadline:
+                time.sleep(0.002)
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=60)
