@@ -12,6 +12,7 @@ import pytest
 
 from mbcube.ingest import ingest
 from mbcube.synth import generate_study
+from tests.slurm import slurm  # noqa: F401  (the session's single-node SLURM, see cluster/)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 #: Seconds each task of the fault tests sleeps, so that a worker can be killed mid-computation.
 DELAY_S = 0.25
-# The `slurm` fixture (drop this line once tests/conftest.py imports it from tests.slurm).
-pytest_plugins = ["tests.slurm"]
 
 
 def _write_profile(path: Path, text: str) -> Path:
