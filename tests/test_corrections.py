@@ -3,6 +3,7 @@ generator's truth (datum, ramp, penetration, seasonal offset, glacier dh)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -29,7 +30,7 @@ from mbcube.corrections import (
 )
 from mbcube.corrections.bins import ELEV_MIN_M, bin_index, group_index, n_bins
 from mbcube.corrections.seasonal import seasonal_offset_m
-from mbcube.corrections.step import SceneInputs, scene_graph
+from mbcube.corrections.step import SceneInputs, outlier_table, scene_graph
 from mbcube.errors import MbcubeWarning
 from mbcube.ingest import ingest
 from mbcube.store import open_cube, step_record
@@ -157,31 +158,192 @@ def test_coregistration_recovers_a_known_shift() -> None:
         coregister.shifted(dem_h, halo, np.array(300.0, ndmin=1).repeat(2), res)
 
 
-@settings(max_examples=20, deadline=None)
-@given(seed=stn.integers(0, 10_000))
-def test_outlier_thresholds_match_per_group_oracle(seed: int) -> None:
+def _outlier_pass(
+    dh: np.ndarray, keys: np.ndarray, tiles: list[tuple[slice, slice]], k: float = 3.0
+) -> tuple[outliers.Moments, outliers.SparseCounts, outliers.Thresholds, np.ndarray]:
+    """The two sparse reductions over `tiles`, merged in a tree of unequal fan-in, then `keep`
+    per tile (as the corrections step maps them)."""
+    blocks = [(t, *outliers.block_groups(dh[t], keys[t])) for t in tiles]
+    mom_parts = [outliers.moments_block(dh[t], c, bk) for t, c, bk in blocks]
+    mom = outliers.merge_moments(outliers.merge_moments(*mom_parts[:2]), *mom_parts[2:])
+    stats = outliers.mean_std(mom)
+    hist_parts = [outliers.zhist_block(dh[t], c, bk, stats) for t, c, bk in blocks]
+    hist = outliers.merge_counts(*hist_parts[::-1])
+    th = outliers.thresholds(hist, stats, k, min_px=20)
+    ok = np.zeros(dh.shape, dtype=bool)
+    for t, c, bk in blocks:
+        ok[t] = outliers.keep(dh[t], c, bk, th)
+    return mom, hist, th, ok
+
+
+def _oracle_thresholds(v: np.ndarray, mean: float, std: float, k: float) -> tuple[float, float]:
+    """Slow oracle of `outliers.thresholds` for one group: the dense histogram of z = (v - mean)
+    / std, its piecewise-linear cdf (underflow below, overflow left out), the median where the cdf
+    reaches n / 2 and the MAD where the cdf's mass within med -+ t reaches n / 2, found exactly on
+    the cdf's breakpoints."""
+    w = 2 * outliers.Z_MAX / outliers.N_Z_BINS
+    z = (v - mean) / std
+    edges = -outliers.Z_MAX + w * np.arange(outliers.N_Z_BINS + 1)
+    b = np.floor((z + outliers.Z_MAX) / w)
+    sel = (z >= -outliers.Z_MAX) & (z < outliers.Z_MAX)
+    inner = np.bincount(b[sel].astype(int), minlength=outliers.N_Z_BINS)[: outliers.N_Z_BINS]
+    cum = (z < -outliers.Z_MAX).sum() + np.concatenate([[0], np.cumsum(inner)]).astype(float)
+    half = 0.5 * v.size
+    j = int(np.argmax(cum >= half))
+    med = edges[0] if j == 0 else edges[j - 1] + w * (half - cum[j - 1]) / (cum[j] - cum[j - 1])
+
+    def mass(t: np.ndarray) -> np.ndarray:
+        return np.interp(med + t, edges, cum) - np.interp(med - t, edges, cum)
+
+    ts = np.unique(np.concatenate([[0.0], np.abs(edges - med), [2 * outliers.Z_MAX]]))
+    ts = ts[ts <= 2 * outliers.Z_MAX]
+    g = mass(ts)
+    j = int(np.argmax(g >= half))
+    mad = (
+        ts[0] if j == 0 else ts[j - 1] + (ts[j] - ts[j - 1]) * (half - g[j - 1]) / (g[j] - g[j - 1])
+    )
+    nmad = max(1.4826 * mad, w)
+    return mean + std * (med - k * nmad), mean + std * (med + k * nmad)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=stn.integers(0, 10_000), n_glaciers=stn.integers(1, 6), n_tiles=stn.integers(1, 5))
+def test_sparse_outlier_reductions_match_per_group_oracle(
+    seed: int, n_glaciers: int, n_tiles: int
+) -> None:
+    """Moments and z histograms merged over tiles equal a slow per-group numpy loop exactly; the
+    thresholds are the group's median -+ 3 NMAD (to the histogram's resolution); blunders of +80 m
+    are all rejected."""
     rng = np.random.default_rng(seed)
-    n_groups = 7
-    groups = rng.integers(-1, n_groups, size=(60, 50))
-    dh = rng.normal(0, 1, groups.shape) * (1 + groups) + 3 * groups
-    dh[rng.random(dh.shape) < 0.03] = 80.0
-    halves = [(slice(0, 25), slice(None)), (slice(25, 60), slice(None))]
-    mom = sum(outliers.moments_block(dh[t], groups[t], n_groups) for t in halves)
-    mean, std = outliers.mean_std(mom)
-    hist = sum(outliers.zhist_block(dh[t], groups[t], mean, std) for t in halves)
-    lower, upper = outliers.thresholds(hist, mean, std, 3.0, min_px=20)
-    for g in range(n_groups):
-        v = dh[groups == g]
-        if v.size < 20:
-            assert np.isnan(lower[g])
+    shape = (48, 40)
+    on = rng.random(shape) < 0.5  # half the pixels off-glacier: groups of ~230 px
+    glacier = np.where(on, rng.integers(1, n_glaciers + 1, shape), 0).astype(np.int32)
+    surface = np.where(glacier > 0, rng.integers(1, 3, shape), 0).astype(np.int8)
+    region = rng.integers(0, 2, shape).astype(np.int16)
+    ref = rng.uniform(4000.0, 4099.0, shape)  # two 50 m bins
+    bins = n_bins(50.0)
+    keys = outliers.group_keys(glacier, region, surface, bin_index(ref, 50.0), bins)
+    scale = rng.uniform(0.2, 3.0, n_glaciers + 1)[glacier]
+    dh = rng.normal(-2.0 * glacier, scale).astype(np.float32)
+    dh[rng.random(shape) < 0.05] = np.nan
+    blunder = rng.random(shape) < 0.02
+    dh[blunder] = 80.0
+    edges = np.linspace(0, shape[0], n_tiles + 1).astype(int)
+    tiles = [(slice(a, b), slice(None)) for a, b in itertools.pairwise(edges)]
+    mom, hist, th, ok = _outlier_pass(dh, keys, tiles)
+    stats = outliers.mean_std(mom)
+    checked_exact = 0
+
+    fin = np.isfinite(dh) & (keys >= 0)
+    expect = np.unique(keys[fin])
+    assert np.array_equal(mom.keys, expect) and np.array_equal(th.keys, expect)
+    labels = outliers.decode_keys(expect, bins)
+    for i, key in enumerate(expect):
+        sel = fin & (keys == key)
+        v = dh[sel].astype(np.float64)
+        # the decoded labels are the pixels' own
+        if labels["glacier"][i] > 0:
+            assert np.all(glacier[sel] == labels["glacier"][i]) and np.all(surface[sel] > 0)
+        else:
+            assert np.all(region[sel] == labels["region"][i]) and np.all(surface[sel] == 0)
+        assert np.all(surface[sel] == labels["surface"][i])
+        assert np.all(bin_index(ref[sel], 50.0) == labels["bin"][i])
+        assert mom.n[i] == v.size == th.n[i]
+        assert mom.s[i] == pytest.approx(v.sum(), rel=1e-9, abs=1e-6)
+        assert mom.ss[i] == pytest.approx((v * v).sum(), rel=1e-9, abs=1e-6)
+        mean, std = v.mean(), v.std()
+        mine = hist.codes // outliers.N_CODES == key
+        dense = np.zeros(outliers.N_CODES, dtype=np.int64)
+        dense[hist.codes[mine] % outliers.N_CODES] = hist.counts[mine]
+        if std <= 1e-6 * max(1.0, abs(mean)):
+            assert dense.sum() in (0, v.size)
             continue
-        med = np.median(v)
-        nmad = 1.4826 * np.median(np.abs(v - med))
-        tol = 0.03 * std[g] * 4 + 0.02 * nmad * 3
-        assert abs(lower[g] - (med - 3 * nmad)) <= tol
-        assert abs(upper[g] - (med + 3 * nmad)) <= tol
-    keep = outliers.keep(dh, groups, lower, upper)
-    assert not keep[dh == 80.0].any()
+        z = (v - mean) / std
+        under, over = (z < -outliers.Z_MAX).sum(), (z >= outliers.Z_MAX).sum()
+        inner = np.histogram(z, np.linspace(-outliers.Z_MAX, outliers.Z_MAX, outliers.N_Z_BINS + 1))
+        # float rounding may move a value across a bin edge: compare within one count per edge
+        assert dense[0] == under and dense[-1] == pytest.approx(over, abs=1)
+        assert np.abs(dense[1:-1] - inner[0]).sum() <= 2 * max(1, v.size // 1000)
+        if v.size < 20:
+            assert np.isnan(th.lower[i]) and np.isnan(th.upper[i])
+            continue
+        lo, hi = _oracle_thresholds(v, float(stats.mean[i]), float(stats.std[i]), 3.0)
+        assert th.lower[i] == pytest.approx(lo, abs=1e-6 * std)
+        assert th.upper[i] == pytest.approx(hi, abs=1e-6 * std)
+        if v.size >= 150:  # the sample's median -+ 3 NMAD, to the histogram's resolution
+            med = np.median(v)
+            nmad = 1.4826 * np.median(np.abs(v - med))
+            width = 2 * outliers.Z_MAX / outliers.N_Z_BINS * std
+            tol = 3 * width + 0.1 * nmad
+            assert th.lower[i] == pytest.approx(med - 3 * max(nmad, width), abs=tol)
+            assert th.upper[i] == pytest.approx(med + 3 * max(nmad, width), abs=tol)
+            checked_exact += 1
+    assert not ok[blunder].any()
+    assert not ok[np.isnan(dh)].any()
+    assert checked_exact >= 1
+    # pixels without a group or in groups too small for thresholds are all kept
+    small = np.isin(keys, expect[np.isnan(th.lower)]) | (keys < 0)
+    assert ok[small & np.isfinite(dh)].all()
+    # the same answer in one tile
+    one = _outlier_pass(dh, keys, [(slice(None), slice(None))])
+    assert np.array_equal(one[3], ok)
+    np.testing.assert_allclose(one[2].lower, th.lower, rtol=1e-9, equal_nan=True)
+
+
+def test_glacier_with_its_own_change_keeps_its_pixels() -> None:
+    """Two glaciers in the same region, surface and 50 m bins, one thinning 6 m more than the
+    other (and with a third of its pixels): grouped per glacier, every pixel of both is kept and a +80 m blunder
+    inside a glacier bin is removed. Pooled per region (glacier ids zeroed), the filter would cut
+    the thinning glacier."""
+    rng = np.random.default_rng(3)
+    shape = (60, 80)
+    ref = np.tile(np.linspace(4000.0, 4290.0, shape[1]), (shape[0], 1))
+    glacier = np.ones(shape, dtype=np.int32)
+    glacier[:15] = 2  # a quarter of each bin
+    surface = np.ones(shape, dtype=np.int8)
+    region = np.ones(shape, dtype=np.int16)
+    dh = rng.uniform(-2.0, 0.0, shape)  # bounded noise: within 3 NMAD of its median
+    dh[glacier == 2] -= 6.0
+    dh[40, 10] = 80.0
+    bins = n_bins(50.0)
+    tiles = [(slice(0, 30), slice(None)), (slice(30, 60), slice(None))]
+    keys = outliers.group_keys(glacier, region, surface, bin_index(ref, 50.0), bins)
+    _, _, th, ok = _outlier_pass(dh, keys, tiles)
+    assert ok.sum() == ok.size - 1 and not ok[40, 10]
+    assert np.isfinite(th.lower).all() and th.keys.size == 2 * 6
+    # glacier 2's thresholds sit around its own -7 m, not the region's
+    g2 = outliers.decode_keys(th.keys, bins)["glacier"] == 2
+    assert np.all(np.abs(0.5 * (th.lower[g2] + th.upper[g2]) + 7.0) < 0.3)
+    pooled = outliers.group_keys(
+        np.zeros_like(glacier), region, surface, bin_index(ref, 50.0), bins
+    )
+    _, _, _, ok_pooled = _outlier_pass(dh, pooled, tiles)
+    assert (~ok_pooled[glacier == 2]).mean() > 0.9
+
+
+def test_group_keys_separate_glaciers_regions_and_bins() -> None:
+    glacier = np.array([0, 0, 1, 1, 2, 2, 7, 0, 5])
+    region = np.array([0, 3, 3, 4, 3, 3, 3, 32767, 1])
+    surface = np.array([0, 0, 1, 1, 1, 2, 2, 1, 0])
+    b = np.array([0, 5, 5, 5, 5, 5, 189, 3, -1])
+    keys = outliers.group_keys(glacier, region, surface, b, 190)
+    assert keys[-1] == -1  # no bin: no group
+    assert keys[2] == keys[3]  # one glacier across two regions: one group
+    assert np.unique(keys[:-1]).size == 7
+    lab = outliers.decode_keys(keys[:-1], 190)
+    assert lab["glacier"].tolist() == [0, 0, 1, 1, 2, 2, 7, 0]
+    assert lab["region"].tolist() == [0, 3, -1, -1, -1, -1, -1, 32767]
+    assert lab["surface"].tolist() == surface[:-1].tolist()
+    assert lab["bin"].tolist() == b[:-1].tolist()
+    # a tile without finite dh or without groups passes through every step
+    dh = np.full((4, 5), np.nan)
+    dh[0, :2] = 1.0
+    none = np.full(dh.shape, -1)
+    _, hist, th, ok = _outlier_pass(
+        dh, none, [(slice(0, 2), slice(None)), (slice(2, 4), slice(None))]
+    )
+    assert th.keys.size == 0 and hist.codes.size == 0
+    assert np.array_equal(ok, np.isfinite(dh))
 
 
 def test_penetration_sums_and_lookup_match_oracle() -> None:
@@ -340,6 +502,36 @@ def test_glacier_dh_matches_truth_and_seasonal_is_exact(
         if k < 2:  # not the scene resampled from another CRS
             assert abs(np.mean(dh[ok] - true_dh[ok])) < 0.4, sid
     assert checked >= 3
+
+
+def test_outlier_tables_recorded_per_scene_and_group(corrected: Path) -> None:
+    """Each scene's outlier table (group outliers/<scene>) counts, per (glacier, surface, bin) on
+    glaciers and (region, surface, bin) elsewhere, the valid pixels plus the rejected ones; the
+    rejected total is the scene's outlier_rejected_px; every filtered group has lower < upper."""
+    ds = open_cube(corrected)
+    b = bin_index(ds.ref_dem_m.values, 50.0)
+    gid, surf, reg = ds.glacier_id.values, ds.surface.values, ds.region_id.values
+    for k, sid in enumerate(ds.scene.values):
+        tab = outlier_table(corrected, str(sid))
+        assert tab.attrs["scene"] == str(sid) and tab.attrs["outlier_nmad"] == 3.0
+        assert int(tab.n_rejected.sum()) == int(ds.outlier_rejected_px[k])
+        filtered = np.isfinite(tab.lower_m.values)
+        assert np.all(tab.lower_m.values[filtered] < tab.upper_m.values[filtered])
+        assert np.array_equal(filtered, tab.n_px.values >= 20)  # min_px
+        assert np.all(tab.n_rejected.values[~filtered] == 0)
+        valid = ds.valid.values[k] == 1
+        glacier_rows = np.flatnonzero(tab.glacier.values > 0)
+        region_rows = np.flatnonzero(tab.glacier.values == 0)
+        assert glacier_rows.size > 10 and region_rows.size > 3
+        for row in [*glacier_rows[:: max(1, glacier_rows.size // 8)], *region_rows[:3]]:
+            g = int(tab.glacier[row])
+            sel = (surf == int(tab.surface[row])) & (
+                b == int((float(tab.bin_lower_m[row]) - ELEV_MIN_M) // 50.0)
+            )
+            sel &= (gid == g) if g > 0 else (reg == int(tab.region[row]))
+            n_valid = int((sel & valid).sum())
+            assert n_valid == int(tab.n_px[row]) - int(tab.n_rejected[row]), (sid, row)
+        assert int(tab.n_px.sum()) - int(tab.n_rejected.sum()) == int(valid.sum())
 
 
 def test_rerun_skips_and_laziness(corrected: Path) -> None:

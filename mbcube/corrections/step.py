@@ -28,7 +28,7 @@ from mbcube import store as st
 from mbcube.cluster import compute
 from mbcube.config import CorrectionsConfig
 from mbcube.corrections import coregister, outliers, penetration, ramp, robust
-from mbcube.corrections.bins import ELEV_MIN_M, bin_index, group_index, n_bins
+from mbcube.corrections.bins import ELEV_MIN_M, bin_index, n_bins
 from mbcube.corrections.datum import datum_from_histogram
 from mbcube.corrections.errors import CorrectionsError
 from mbcube.corrections.masks import validity
@@ -36,6 +36,7 @@ from mbcube.corrections.seasonal import seasonal_offset_m
 
 STEP = "correct"
 TABLE_ID = "_penetration_table"
+OUTLIER_GROUP = "outliers"  # per scene, outliers/<scene>: the outlier thresholds per group
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,14 @@ def _sum(*parts: np.ndarray) -> np.ndarray:
 
 def _tree_sum(parts: list[Delayed], fan_in: int = 8) -> Delayed:
     """Sum of the delayed arrays, as a tree of `fan_in`-way sums (bounded task memory)."""
+    return _tree(parts, _sum, fan_in)
+
+
+def _tree(parts: list[Delayed], merge: Callable[..., Any], fan_in: int = 8) -> Delayed:
+    """merge(*parts) as a tree of `fan_in`-way merges (bounded task memory)."""
     while len(parts) > 1:
         parts = [
-            dask.delayed(_sum, pure=True)(*parts[i : i + fan_in])
+            dask.delayed(merge, pure=True)(*parts[i : i + fan_in])
             for i in range(0, len(parts), fan_in)
         ]
     return parts[0]
@@ -201,36 +207,35 @@ def _corrected(
     return out - np.where(surface > 0, pen_field + params["seasonal_offset_applied_m"], 0.0)
 
 
-def _groups(
-    region: np.ndarray, surface: np.ndarray, ref: np.ndarray, n_region: int, width: float
-) -> np.ndarray:
-    return group_index(region, surface, bin_index(ref, width), n_region + 1, 3, n_bins(width))
+CorrGroups = tuple[np.ndarray, np.ndarray, np.ndarray]  # dh (m), group codes, block's keys
 
 
-def _corr_groups(
-    corr_args: tuple[Any, ...], n_region: int, width: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """The corrected tile (float32) and its (region, surface, bin) group index, made once and
-    kept for the outlier reductions and the final tile."""
+def _corr_groups(corr_args: tuple[Any, ...], glacier_id: np.ndarray, width: float) -> CorrGroups:
+    """The corrected tile (float32) and its outlier groups (outliers.block_groups: per glacier,
+    surface and bin on glaciers, per region, surface and bin elsewhere), made once and kept for
+    the outlier reductions and the final tile."""
     corr = _corrected(*corr_args).astype(np.float32)
     region, surface, ref = corr_args[5], corr_args[6], corr_args[7]
-    return corr, _groups(region, surface, ref, n_region, width).astype(np.int32)
+    keys = outliers.group_keys(glacier_id, region, surface, bin_index(ref, width), n_bins(width))
+    codes, block_keys = outliers.block_groups(corr, keys)
+    return corr, codes, block_keys
 
 
-def _moments(cg: tuple[np.ndarray, np.ndarray], n_groups: int) -> np.ndarray:
-    return outliers.moments_block(cg[0], cg[1], n_groups)
+def _moments(cg: CorrGroups) -> outliers.Moments:
+    return outliers.moments_block(*cg)
 
 
-def _zhist(cg: tuple[np.ndarray, np.ndarray], ms: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    return outliers.zhist_block(cg[0], cg[1], *ms)
+def _zhist(cg: CorrGroups, stats: outliers.GroupStats) -> outliers.SparseCounts:
+    return outliers.zhist_block(*cg, stats)
 
 
 def _final(
-    cg: tuple[np.ndarray, np.ndarray], th: tuple[np.ndarray, np.ndarray]
-) -> tuple[np.ndarray, np.ndarray]:
-    corr, groups = cg
-    ok = outliers.keep(corr, groups, *th)
-    return np.where(ok, corr, np.nan).astype(np.float32)[None], ok.astype(np.uint8)[None]
+    cg: CorrGroups, th: outliers.Thresholds
+) -> tuple[np.ndarray, np.ndarray, outliers.SparseCounts]:
+    corr, codes, block_keys = cg
+    ok = outliers.keep(corr, codes, block_keys, th)
+    rejected = outliers.rejected_block(ok, codes, block_keys)
+    return np.where(ok, corr, np.nan).astype(np.float32)[None], ok.astype(np.uint8)[None], rejected
 
 
 # ------------------------------------------------------------------------- small global steps
@@ -317,14 +322,8 @@ def _stats_from_ne(
     return _stats_from_quantiles(where, clip_nmad, min_px, *(p[2] for p in parts))
 
 
-def _moments_sum(*parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return outliers.mean_std(np.sum(np.stack(parts), axis=0))
-
-
-def _thresholds(
-    hist: np.ndarray, ms: tuple[np.ndarray, np.ndarray], k: float, min_px: int
-) -> tuple[np.ndarray, np.ndarray]:
-    return outliers.thresholds(hist, ms[0], ms[1], k, min_px)
+def _rejected_px(rejected: outliers.SparseCounts) -> np.ndarray:
+    return np.array([int(rejected.counts.sum())], dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------- scene graph
@@ -347,13 +346,24 @@ def scene_graph(
 ) -> xr.Dataset:
     """The corrected scene as a lazy Dataset (dims starting with a length-1 `scene`), ready for
     `write_scene_region`. Nothing is computed. `ds` is the cube (open_cube)."""
+    return scene_graphs(ds, scene, config, table, opts)[0]
+
+
+def scene_graphs(
+    ds: xr.Dataset,
+    scene: SceneInputs,
+    config: CorrectionsConfig,
+    table: penetration.Table,
+    opts: Options = Options(),
+) -> tuple[xr.Dataset, Delayed]:
+    """`scene_graph`'s Dataset and the delayed outlier table of the scene (a small Dataset along
+    `outlier_group`, see `_outlier_dataset`), sharing one graph. Nothing is computed."""
     sid = scene.scene_id
     seasonal_m = seasonal_offset_m(scene.month, config.seasonal_offset_m, sid)
     res = float(abs(ds.x.values[1] - ds.x.values[0]))
     xs, ys = np.asarray(ds.x.values), np.asarray(ds.y.values)
     x0, y0 = 0.5 * (xs[0] + xs[-1]), 0.5 * (ys[0] + ys[-1])
     xk_all, yk_all = (xs - x0) / 1000.0, (ys - y0) / 1000.0
-    n_region = int(np.max(ds.region.values)) if "region" in ds.dims and ds.sizes["region"] else 0
     k_clip = config.ramp_sigma_clip
     halo = opts.coreg_halo_px
     one = ds.sel(scene=[sid])
@@ -368,7 +378,7 @@ def scene_graph(
     cols = np.concatenate([[0], np.cumsum(chunks[1])])
     ref_b, void_b = blocks("ref_dem_m", False), blocks("ref_void", False)
     stable_b, surf_b = blocks("stable", False), blocks("surface", False)
-    reg_b = blocks("region_id", False)
+    reg_b, glac_b = blocks("region_id", False), blocks("glacier_id", False)
     tiles = [(i, j) for i in range(len(chunks[0])) for j in range(len(chunks[1]))]
 
     def where(i: int, j: int) -> str:
@@ -528,21 +538,31 @@ def scene_graph(
         model, counts, hrange, clipped, config.datum_estimator, seasonal_m, shift, n_stable
     )
 
-    # penetration + seasonal, outliers per (region, surface, bin), final tiles
-    n_groups = (n_region + 1) * 3 * n_bins(opts.bin_width_m)
-
+    # penetration + seasonal; outliers per (glacier, surface, bin) on glaciers and (region,
+    # surface, bin) elsewhere, by sparse per-block reductions merged by group key; final tiles
     def corr_args(i: int, j: int) -> tuple[Any, ...]:
         return (dh[i, j], xk(j), yk(i), params, table, reg_b[i, j], surf_b[i, j], ref_b[i, j])
 
     cg = {
-        (i, j): _task(where(i, j), _corr_groups, corr_args(i, j), n_region, opts.bin_width_m)
+        (i, j): _task(where(i, j), _corr_groups, corr_args(i, j), glac_b[i, j], opts.bin_width_m)
         for i, j in tiles
     }
-    mom = [_task(where(i, j), _moments, cg[i, j], n_groups) for i, j in tiles]
-    ms = dask.delayed(_moments_sum, pure=True)(*mom)
-    zh = _tree_sum([_task(where(i, j), _zhist, cg[i, j], ms) for i, j in tiles])
-    th = dask.delayed(_thresholds, pure=True)(zh, ms, config.outlier_nmad, opts.outlier_min_px)
+    mom = _tree([_task(where(i, j), _moments, cg[i, j]) for i, j in tiles], outliers.merge_moments)
+    gstats = dask.delayed(outliers.mean_std, pure=True)(mom)
+    zh = _tree(
+        [_task(where(i, j), _zhist, cg[i, j], gstats) for i, j in tiles], outliers.merge_counts
+    )
+    th = dask.delayed(outliers.thresholds, pure=True)(
+        zh, gstats, config.outlier_nmad, opts.outlier_min_px
+    )
     finals = {(i, j): _task(where(i, j), _final, cg[i, j], th) for i, j in tiles}
+    rejected = _tree(
+        [dask.delayed(operator.getitem, pure=True)(finals[t], 2) for t in tiles],
+        outliers.merge_counts,
+    )
+    outlier_table = dask.delayed(_outlier_dataset, pure=True)(
+        th, rejected, opts.bin_width_m, sid, config.outlier_nmad, opts.outlier_min_px
+    )
 
     def assemble(k: int, dtype: Any) -> da.Array:
         return da.block(
@@ -563,13 +583,6 @@ def scene_graph(
         value = dask.delayed(_param_array, pure=True)(params, name, shape)
         return da.from_delayed(value, (1, *shape), dtype=dtype)
 
-    nb = n_bins(opts.bin_width_m)
-    th_shape = (n_region + 1, 3, nb)
-    bin_attrs = {
-        "outlier_region": "0 = pixels outside any region, 1..R region_id",
-        "outlier_surface": "0 off-glacier, 1 clean ice, 2 debris",
-        "outlier_bin_lower_edge_m": f"{ELEV_MIN_M} + i * {opts.bin_width_m}",
-    }
     out = xr.Dataset(
         {
             "dh_m": (
@@ -617,30 +630,21 @@ def scene_graph(
                 param("n_stable_px", ()),
                 {"long_name": "stable valid pixels used for the datum"},
             ),
-            "outlier_lower_m": (
-                ("scene", "outlier_region", "outlier_surface", "outlier_bin"),
+            "outlier_rejected_px": (
+                ("scene",),
                 da.from_delayed(
-                    dask.delayed(_threshold_array, pure=True)(th, 0, th_shape),
-                    (1, *th_shape),
-                    dtype=np.float64,
+                    dask.delayed(_rejected_px, pure=True)(rejected), (1,), dtype=np.int64
                 ),
-                {"long_name": "dh below this was rejected (NaN: group not filtered)", "units": "m"}
-                | bin_attrs,
-            ),
-            "outlier_upper_m": (
-                ("scene", "outlier_region", "outlier_surface", "outlier_bin"),
-                da.from_delayed(
-                    dask.delayed(_threshold_array, pure=True)(th, 1, th_shape),
-                    (1, *th_shape),
-                    dtype=np.float64,
-                ),
-                {"long_name": "dh above this was rejected (NaN: group not filtered)", "units": "m"}
-                | bin_attrs,
+                {
+                    "long_name": "valid pixels rejected as outliers",
+                    "thresholds": f"per group in the group {OUTLIER_GROUP}/<scene> "
+                    "(read with mbcube.corrections.step.outlier_table)",
+                },
             ),
         }
     )
     out.attrs["outlier_nmad"] = config.outlier_nmad
-    return out
+    return out, outlier_table
 
 
 def _zero_constant(model: np.ndarray) -> np.ndarray:
@@ -662,10 +666,78 @@ def _param_array(params: dict[str, Any], name: str, shape: tuple[int, ...]) -> n
     return np.asarray(params[name], dtype=np.float64).reshape((1, *shape))
 
 
-def _threshold_array(
-    th: tuple[np.ndarray, np.ndarray], k: int, shape: tuple[int, ...]
-) -> np.ndarray:
-    return th[k].reshape((1, *shape))
+def _outlier_dataset(
+    th: outliers.Thresholds,
+    rejected: outliers.SparseCounts,
+    width: float,
+    scene_id: str,
+    k_nmad: float,
+    min_px: int,
+) -> xr.Dataset:
+    """The outlier thresholds of one scene as a table along `outlier_group` (the groups with
+    finite dh in the scene)."""
+    labels = outliers.decode_keys(th.keys, n_bins(width))
+    idx = np.searchsorted(th.keys, rejected.codes)
+    n_rej = np.zeros(th.keys.size, dtype=np.int64)
+    n_rej[idx] = rejected.counts
+    dim = "outlier_group"
+    return xr.Dataset(
+        {
+            "lower_m": (dim, th.lower, {"long_name": "dh below this was rejected", "units": "m"}),
+            "upper_m": (dim, th.upper, {"long_name": "dh above this was rejected", "units": "m"}),
+            "n_px": (dim, th.n.astype(np.int64), {"long_name": "pixels with a finite dh"}),
+            "n_rejected": (dim, n_rej, {"long_name": "pixels rejected as outliers"}),
+        },
+        coords={
+            "glacier": (
+                dim,
+                labels["glacier"].astype(np.int32),
+                {"long_name": "glacier_id; 0: pixels grouped by region (off-glacier)"},
+            ),
+            "region": (
+                dim,
+                labels["region"].astype(np.int16),
+                {"long_name": "region_id of a region group (0 outside any region); -1: glacier"},
+            ),
+            "surface": (
+                dim,
+                labels["surface"].astype(np.int8),
+                {"long_name": "0 off-glacier, 1 clean ice, 2 debris"},
+            ),
+            "bin_lower_m": (
+                dim,
+                ELEV_MIN_M + width * labels["bin"].astype(np.float64),
+                {"long_name": "lower edge of the reference-elevation bin", "units": "m"},
+            ),
+        },
+        attrs={
+            "scene": scene_id,
+            "outlier_nmad": k_nmad,
+            "min_px": min_px,
+            "bin_width_m": width,
+            "description": "dh outside [lower_m, upper_m] (median -+ outlier_nmad NMAD of the "
+            "group) was rejected; NaN thresholds: fewer than min_px pixels or no spread, the "
+            "group was not filtered",
+        },
+    )
+
+
+def outlier_group_name(scene_id: str, index: int) -> str:
+    """The store group holding a scene's outlier table: outliers/<scene id>, or
+    outliers/scene_<index> when the id is not a safe Zarr node name."""
+    safe = scene_id and not scene_id.startswith("__") and scene_id not in {".", ".."}
+    safe = bool(safe) and all(c.isalnum() or c in "._-" for c in scene_id)
+    return f"{OUTLIER_GROUP}/{scene_id if safe else f'scene_{index}'}"
+
+
+def _write_outlier_table(store: Path, group: str, table: xr.Dataset) -> None:
+    st.write_dataset(table, store, group=group, mode="w")
+
+
+def outlier_table(store: Path, scene_id: str) -> xr.Dataset:
+    """The outlier thresholds the corrections step recorded for a scene (read without dask)."""
+    group = outlier_group_name(scene_id, st.scene_index(store)[scene_id])
+    return xr.open_zarr(str(store), group=group, chunks=None, consolidated=False)
 
 
 # ----------------------------------------------------------------------- penetration (static)
@@ -943,9 +1015,11 @@ def correct_cube(
             continue
         if progress:
             progress(f"correct scene {scene.scene_id}")
-        out = scene_graph(ds, scene, config, table, opts)
+        out, outlier_ds = scene_graphs(ds, scene, config, table, opts)
         write = st.write_scene_region(store, out, scene.index, compute=False)
-        compute(write, label=f"correct scene {scene.scene_id}")
+        group = outlier_group_name(scene.scene_id, scene.index)
+        write_table = dask.delayed(_write_outlier_table, pure=True)(store, group, outlier_ds)
+        compute(write, write_table, label=f"correct scene {scene.scene_id}")
         st.record_step(store, STEP, scene.scene_id, record)
         done.append(scene.scene_id)
     return done
