@@ -53,6 +53,7 @@ from mbcube.regions import (
     surge_free,
 )
 from mbcube.store import grid_of, open_cube, read_state, recorded_config, write_dataset
+from mbcube.surge import effective_surge, surge_candidates
 from mbcube.uncertainty import datum_sigma_m, quadrature, stable_moments, unit_uncertainty
 
 __all__ = [
@@ -78,6 +79,7 @@ SIGMA_COLUMNS = [
 GLACIER_COLUMNS = [
     "region",
     "surge",
+    "surge_candidate",
     "area_km2",
     "coverage_frac",
     "dh_m",
@@ -118,7 +120,8 @@ class StoredStats:
 
     glacier: np.ndarray  #: (G,) glacier index (1..N, as in the cube's glacier_id)
     ids: np.ndarray  #: (G,) glacier ids (the outlines' id column)
-    surge: np.ndarray  #: (G,) int: 1 surge-type, 0 not, -1 unknown
+    surge: np.ndarray  #: (G,) int 0/1: the outlines' surge column where given, else the candidate
+    surge_candidate: np.ndarray  #: (G,) bool: active-surge pattern in the dh profile (mbcube.surge)
     centroids_xy: np.ndarray  #: (G, 2) glacier centroids in the grid CRS (m)
     attributes: dict[str, np.ndarray]  #: other outline columns, by name
     stats: GlacierStats  #: scenes combined by the configured rule
@@ -208,11 +211,18 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
     )
 
     table = cube[[v for v in cube.data_vars if cube[v].dims == ("glacier",)]]
-    surge = (
+    outline_surge = (
         table["glacier_surge"].values.astype(int)
         if "glacier_surge" in table
         else np.full(len(glacier), -1)
     )
+    candidates = surge_candidates(
+        combined,
+        stats["bin"].values.astype(float),
+        config.bin_width_m,
+        config.min_px_per_bin,
+    )
+    surge = effective_surge(outline_surge, candidates)
     attributes = {
         str(name)[len("glacier_attr_") :]: _plain(table[name].values)
         for name in table.data_vars
@@ -245,6 +255,7 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
         glacier=glacier,
         ids=np.array([str(v) for v in table["glacier_rgi_id"].values], dtype=object),
         surge=surge,
+        surge_candidate=candidates,
         centroids_xy=centroids,
         attributes=attributes,
         stats=combined,
@@ -537,7 +548,14 @@ def glacier_table(data: StoredStats, regions: RegionSet | None = None) -> pd.Dat
     region = (
         regions.region_of() if regions is not None and regions.names else np.full(len(data.ids), "")
     )
-    table = pd.DataFrame({data.id_column: data.ids, "region": region, "surge": data.surge})
+    table = pd.DataFrame(
+        {
+            data.id_column: data.ids,
+            "region": region,
+            "surge": data.surge,
+            "surge_candidate": data.surge_candidate.astype(int),
+        }
+    )
     for name in GLACIER_COLUMNS:
         if name in values:
             table[name] = values[name]

@@ -230,3 +230,11 @@ def test_readme_query_example_runs(finished: Pipeline) -> None:
     first = str(namespace["first"])
     assert float(balance.mb_mwe_yr) == pytest.approx(glaciers.loc[first, "mb_mwe_yr"], rel=1e-6)
     assert namespace["rate"].dims == ("y", "x")
+
+
+def test_surge_candidates_are_the_true_surge_glaciers(finished: Pipeline) -> None:
+    glaciers = pd.read_csv(finished.out / "glaciers.csv").set_index("RGIId")
+    truth = pd.read_csv(finished.study / "truth" / "glaciers.csv").set_index("RGIId")
+    covered = glaciers.index[glaciers.coverage_frac > 0.5]
+    assert truth.loc[covered, "surge"].sum() >= 1
+    assert (glaciers.loc[covered, "surge_candidate"] == truth.loc[covered, "surge"]).all()
