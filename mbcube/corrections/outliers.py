@@ -30,6 +30,8 @@ N_CODES = N_Z_BINS + 2  # z bins per group: underflow, N_Z_BINS, overflow
 Z_WIDTH = 2.0 * Z_MAX / N_Z_BINS
 N_SURFACE = 3  # 0 off-glacier, 1 clean ice, 2 debris
 REGION_LIMIT = 32768  # region_id is int16: 0..32767
+#: the groups, as recorded by the corrections step
+GROUPING = "glacier,surface,bin on glaciers; region,surface,bin elsewhere"
 
 
 class Moments(NamedTuple):

@@ -960,7 +960,8 @@ def penetration_table(
 
 
 def _options_record(opts: Options) -> dict[str, Any]:
-    return dict(opts.__dict__)
+    # the outlier grouping is recorded so that scenes filtered with another grouping recompute
+    return dict(opts.__dict__) | {"outlier_groups": outliers.GROUPING}
 
 
 def correct_cube(
