@@ -1,0 +1,370 @@
+"""Accuracy of the recovered mass balance against the synthetic truth (issue 5's acceptance).
+
+For each case (study kind x study shape x seed) a synthetic study is generated, run end to end
+(`mbcube.pipeline.run`, cluster="threads") in a child process, and compared with `truth/`:
+
+- glaciers with > 50 % coverage: median absolute error of mb_mwe_yr, share of glaciers whose
+  error is within the stated 1 sigma and 2 sigma, per kind and glacier-size class;
+- regions (the region table's rows against truth/regions.csv): absolute errors;
+- an error decomposition per glacier, from the pixels each scene measured (stored `dh_m`):
+  residual = dh_m - true rate x span, split into
+    reference: minus the SRTM-C error the generator added (a pure function of map coordinates and
+               the seed, `mbcube.synth.world.reference_noise_m`), common to all scenes;
+    penetration: true C-X penetration (truth/penetration_m.tif) minus the stored table's value
+               (the `penetration` group, looked up as the correction does);
+    scene: the rest (datum/ramp residual, seasonal deviation, phase noise, unwrapping errors);
+  each averaged over the glacier's measured pixels, divided by the scene's span, averaged over
+  scenes with the pixel counts as weights, in m w.e./yr. `sampling` is the glacier's actual error
+  minus the sum of the three: what hypsometric averaging and gap filling add or remove.
+
+Usage: python -m benchmarks.accuracy [--quick] [--work DIR] [--seeds 1 2 3]
+Per-glacier rows go to WORK/glaciers.csv, the summary tables to stdout (markdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+DENSITY = 0.85  # the generator's density (850 kg/m3) in m w.e. per m
+
+#: Study shapes: glacier sizes are log-uniform from 0.3 km2 up to (span in km)^2 / 12, so the
+#: grid size sets how large glaciers get.
+SHAPES: dict[str, dict[str, Any]] = {
+    "448px-24g-4s": {"size_px": 448, "n_glaciers": 24, "n_scenes": 4},
+    "768px-20g-6s": {"size_px": 768, "n_glaciers": 20, "n_scenes": 6, "tile_px": 256},
+}
+KINDS = ("dem", "insar")
+SIZE_CLASSES = ((0.0, 1.0, "<1 km2"), (1.0, 5.0, "1-5 km2"), (5.0, np.inf, ">5 km2"))
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str
+    shape: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{self.shape}-s{self.seed}"
+
+
+def run_case(
+    case: Case, work: Path, keep: bool = False, overrides: dict[str, Any] | None = None
+) -> pd.DataFrame:
+    """Generate, run and evaluate one case (in this process); per-glacier rows."""
+    from mbcube.pipeline import load_pipeline, run
+    from mbcube.synth import generate_study
+
+    warnings.filterwarnings("ignore", message="penetration.*pooled table")
+    root = work / case.name
+    if root.exists():
+        shutil.rmtree(root)
+    t0 = time.perf_counter()
+    study = generate_study(
+        root / "study", "tiny", kind=case.kind, seed=case.seed, **SHAPES[case.shape]
+    )
+    t1 = time.perf_counter()
+    pipeline = load_pipeline(study, cluster="threads")
+    if overrides:
+        pipeline = dataclasses.replace(pipeline, overrides=overrides)
+    run(pipeline)
+    t2 = time.perf_counter()
+    rows = evaluate(study, pipeline.store, pipeline.out)
+    regions = evaluate_regions(study, pipeline.out)
+    rows = rows.assign(kind=case.kind, shape=case.shape, seed=case.seed)
+    regions = regions.assign(kind=case.kind, shape=case.shape, seed=case.seed)
+    regions.to_csv(work / f"{case.name}.regions.csv", index=False)
+    (work / f"{case.name}.time.json").write_text(
+        json.dumps({"generate_s": t1 - t0, "run_s": t2 - t1, "load": os.getloadavg()})
+    )
+    if not keep:
+        shutil.rmtree(root)
+    return rows
+
+
+def evaluate(study: Path, store: Path, out: Path) -> pd.DataFrame:
+    """Per glacier: pipeline against truth, and the error decomposition (module docstring)."""
+    truth = pd.read_csv(study / "truth" / "glaciers.csv")
+    table = pd.read_csv(out / "glaciers.csv")
+    both = table.merge(truth, on="RGIId", suffixes=("", "_true"))
+    both["error_mwe_yr"] = both["mb_mwe_yr"] - both["mb_mwe_yr_true"]
+    parts = decompose(study, store)
+    both = both.merge(parts, left_on="RGIId", right_index=True, how="left")
+    known = both[["ref_mwe_yr", "pen_mwe_yr", "scene_mwe_yr"]].sum(axis=1, min_count=3)
+    both["sampling_mwe_yr"] = both["error_mwe_yr"] - known
+    keep = [
+        "RGIId",
+        "area_km2",
+        "coverage_frac",
+        "n_scenes",
+        "mb_mwe_yr",
+        "mb_mwe_yr_true",
+        "error_mwe_yr",
+        "mb_sigma_mwe_yr",
+        "sigma_random_mwe_yr",
+        "sigma_penetration_mwe_yr",
+        "sigma_datum_mwe_yr",
+        "sigma_seasonal_mwe_yr",
+        "sigma_density_mwe_yr",
+        "ref_mwe_yr",
+        "pen_mwe_yr",
+        "scene_mwe_yr",
+        "sampling_mwe_yr",
+        "ref_all_mwe_yr",
+    ]
+    return both[[k for k in keep if k in both]]
+
+
+def decompose(study: Path, store: Path) -> pd.DataFrame:
+    """Per glacier (index RGIId): the mean reference, penetration and scene error of its measured
+    pixels, in m w.e./yr (module docstring); `ref_all_mwe_yr` is the reference error over ALL its
+    pixels divided by the mean span (what a perfect method would still carry)."""
+    import rasterio
+    import xarray as xr
+
+    from mbcube.corrections import penetration
+    from mbcube.corrections.step import read_table
+    from mbcube.store import open_cube
+    from mbcube.synth.world import reference_noise_m
+
+    meta = json.loads((study / "truth" / "meta.json").read_text())
+    spec = meta["spec"]
+    cube = open_cube(store)
+    with rasterio.open(study / "truth" / "dhdt_m_yr.tif") as f:
+        rate = f.read(1).astype(np.float64)
+    with rasterio.open(study / "truth" / "penetration_m.tif") as f:
+        pen_true = f.read(1).astype(np.float64)
+    x = cube["x"].values.astype(np.float64)
+    y = cube["y"].values.astype(np.float64)
+    xx, yy = np.meshgrid(x, y)
+    ref_err = reference_noise_m(xx, yy, int(spec["seed"]) + 101, float(spec["reference_sigma_m"]))
+    glacier = cube["glacier_id"].values.astype(np.int64)
+    surface = cube["surface"].values
+    region = cube["region_id"].values
+    ref_dem = cube["ref_dem_m"].values.astype(np.float64)
+    table = read_table(store)
+    pen_tab = penetration.lookup(
+        table.penetration_m, table.bin_lo_m, table.width_m, region, surface, ref_dem
+    )
+    pen_err = pen_true - pen_tab  # what the correction leaves in dh (true minus removed)
+    n = int(glacier.max()) + 1
+    years = cube["scene_years"].values.astype(float)
+    acc = {k: np.zeros(n) for k in ("w", "ref", "pen", "scene")}
+    for s in range(cube.sizes["scene"]):
+        dh = cube["dh_m"].isel(scene=s).values.astype(np.float64)
+        on = np.isfinite(dh) & (glacier > 0)
+        g = glacier[on]
+        resid = dh[on] - rate[on] * years[s]
+        count = np.bincount(g, minlength=n)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = {
+                "ref": np.bincount(g, weights=-ref_err[on], minlength=n) / count,
+                "pen": np.bincount(g, weights=pen_err[on], minlength=n) / count,
+                "res": np.bincount(g, weights=resid, minlength=n) / count,
+            }
+        has = count > 0
+        w = np.where(has, count, 0.0)
+        span = abs(years[s])
+        acc["w"] += w
+        acc["ref"] += np.where(has, w * means["ref"] / span, 0.0)
+        acc["pen"] += np.where(has, w * means["pen"] / span, 0.0)
+        acc["scene"] += np.where(has, w * (means["res"] - means["ref"] - means["pen"]) / span, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = {k: DENSITY * acc[k] / acc["w"] for k in ("ref", "pen", "scene")}
+    all_px = np.bincount(glacier.ravel(), minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref_all = np.bincount(glacier.ravel(), weights=-ref_err.ravel(), minlength=n) / all_px
+    ref_all = DENSITY * ref_all / np.mean(np.abs(years))
+    ids = xr.DataArray(cube["glacier_rgi_id"].values, dims="glacier")
+    index = cube["glacier"].values.astype(int)
+    return pd.DataFrame(
+        {
+            "ref_mwe_yr": out["ref"][index],
+            "pen_mwe_yr": out["pen"][index],
+            "scene_mwe_yr": out["scene"][index],
+            "ref_all_mwe_yr": ref_all[index],
+        },
+        index=pd.Index([str(v) for v in ids.values], name="RGIId"),
+    )
+
+
+def evaluate_regions(study: Path, out: Path) -> pd.DataFrame:
+    """Region rows against the truth: error and stated sigma (m w.e./yr)."""
+    truth = pd.read_csv(study / "truth" / "regions.csv")
+    table = pd.read_csv(out / "regions.csv")
+    both = table.merge(truth, on=["name", "glaciers"], suffixes=("", "_true"))
+    both["error_mwe_yr"] = both["mb_mwe_yr"] - both["mb_mwe_yr_true"]
+    return both[
+        [
+            "name",
+            "glaciers",
+            "n_glaciers",
+            "area_km2",
+            "mb_mwe_yr",
+            "mb_mwe_yr_true",
+            "error_mwe_yr",
+            "mb_sigma_mwe_yr",
+        ]
+    ]
+
+
+def _child(case: Case, work: Path, keep: bool, overrides: dict[str, Any], queue: Any) -> None:
+    try:
+        queue.put(("ok", run_case(case, work, keep, overrides)))
+    except Exception as err:  # reported by the parent with the case's name
+        queue.put(("error", f"{type(err).__name__}: {err}"))
+
+
+def run_all(
+    cases: list[Case], work: Path, keep: bool = False, overrides: dict[str, Any] | None = None
+) -> pd.DataFrame:
+    """Each case in a fresh child process (bounded memory), one at a time."""
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = mp.get_context("spawn")
+    frames = []
+    for case in cases:
+        done = work / f"{case.name}.glaciers.csv"
+        if done.exists():
+            frames.append(pd.read_csv(done))
+            continue
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_child, args=(case, work, keep, overrides or {}, queue))
+        t0 = time.perf_counter()
+        proc.start()
+        status, payload = queue.get()
+        proc.join()
+        if status != "ok":
+            print(f"{case.name}: FAILED {payload}", flush=True)
+            continue
+        payload.to_csv(done, index=False)
+        frames.append(payload)
+        print(f"{case.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return pd.concat(frames, ignore_index=True)
+
+
+def size_class(area_km2: pd.Series) -> pd.Series:
+    labels = pd.Series("", index=area_km2.index)
+    for lo, hi, label in SIZE_CLASSES:
+        labels[(area_km2 >= lo) & (area_km2 < hi)] = label
+    return labels
+
+
+def summary(glaciers: pd.DataFrame) -> pd.DataFrame:
+    """Per kind and size class (and 'all'), over glaciers with > 50 % coverage."""
+    g = glaciers[glaciers["coverage_frac"] > 0.5].copy()
+    g["size"] = size_class(g["area_km2"])
+    g["abs_err"] = g["error_mwe_yr"].abs()
+    g["in1"] = g["abs_err"] <= g["mb_sigma_mwe_yr"]
+    g["in2"] = g["abs_err"] <= 2 * g["mb_sigma_mwe_yr"]
+    rows = []
+    for kind, part in g.groupby("kind"):
+        for label, sub in [("all", part)] + [
+            (lab, part[part["size"] == lab]) for *_, lab in SIZE_CLASSES
+        ]:
+            if sub.empty:
+                continue
+            rows.append(
+                {
+                    "kind": kind,
+                    "size": label,
+                    "n": len(sub),
+                    "median_abs_err": sub["abs_err"].median(),
+                    "rms_err": np.sqrt((sub["error_mwe_yr"] ** 2).mean()),
+                    "cover_1sigma": sub["in1"].mean(),
+                    "cover_2sigma": sub["in2"].mean(),
+                    "median_sigma": sub["mb_sigma_mwe_yr"].median(),
+                    "rms_ref": _rms(sub["ref_mwe_yr"]),
+                    "rms_pen": _rms(sub["pen_mwe_yr"]),
+                    "rms_scene": _rms(sub["scene_mwe_yr"]),
+                    "rms_sampling": _rms(sub["sampling_mwe_yr"]),
+                    "rms_ref_all_px": _rms(sub["ref_all_mwe_yr"]),
+                    "median_sigma_random": sub["sigma_random_mwe_yr"].median(),
+                    "median_sigma_pen": sub["sigma_penetration_mwe_yr"].median(),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _rms(v: pd.Series) -> float:
+    v = v.dropna()
+    return float(np.sqrt((v**2).mean())) if len(v) else float("nan")
+
+
+def region_summary(regions: pd.DataFrame) -> pd.DataFrame:
+    r = regions.dropna(subset=["error_mwe_yr"]).copy()
+    r["abs_err"] = r["error_mwe_yr"].abs()
+    r["in1"] = r["abs_err"] <= r["mb_sigma_mwe_yr"]
+    return (
+        r.groupby(["kind", "shape"])
+        .agg(
+            n=("abs_err", "size"),
+            median_abs_err=("abs_err", "median"),
+            max_abs_err=("abs_err", "max"),
+            cover_1sigma=("in1", "mean"),
+            median_sigma=("mb_sigma_mwe_yr", "median"),
+        )
+        .reset_index()
+    )
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A markdown table (floats with 3 decimals; no tabulate dependency)."""
+
+    def cell(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |"]
+    lines.append("|" + "---|" * len(table.columns))
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(False)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("benchmarks/work/accuracy"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS))
+    parser.add_argument("--keep", action="store_true", help="keep the studies and cubes")
+    parser.add_argument(
+        "--override",
+        type=json.loads,
+        default={},
+        help='study config overrides as JSON, e.g. \'{"corrections": {"outlier_nmad": 10}}\'',
+    )
+    args = parser.parse_args()
+    cases = [Case(k, s, seed) for s in args.shapes for k in args.kinds for seed in args.seeds]
+    t0 = time.perf_counter()
+    load0 = os.getloadavg()
+    glaciers = run_all(cases, args.work, args.keep, args.override)
+    glaciers.to_csv(args.work / "glaciers.csv", index=False)
+    region_files = [args.work / f"{c.name}.regions.csv" for c in cases]
+    regions = pd.concat([pd.read_csv(p) for p in region_files if p.exists()], ignore_index=True)
+    regions.to_csv(args.work / "regions.csv", index=False)
+    pd.set_option("display.width", 200)
+    print(
+        f"\n{len(cases)} cases, {time.perf_counter() - t0:.0f} s; load avg before {load0}, "
+        f"after {os.getloadavg()}"
+    )
+    for shape, part in glaciers.groupby("shape"):
+        print(f"\n### glaciers, {shape} (coverage > 50 %)\n")
+        print(markdown(summary(part)))
+    print("\n### regions\n")
+    print(markdown(region_summary(regions)))
+
+
+if __name__ == "__main__":
+    main()
