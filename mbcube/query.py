@@ -109,10 +109,10 @@ def profile(
     count = stats["count"].sum(dims)
     total = stats["sum_dh_m"].sum(dims)
     squares = stats["sumsq_dh_m2"].sum(dims)
-    valid = count > 0
-    mean = (total / count).where(valid)
-    variance = (squares / count - mean**2).clip(min=0)
-    std = ((variance * count / (count - 1)) ** 0.5).where(count > 1)
+    counted = count.where(count > 0)  # NaN for empty bins: no division by zero
+    mean = total / counted
+    variance = (squares / counted - mean**2).clip(min=0)
+    std = (variance * counted / (counted - 1).where(count > 1)) ** 0.5
     return xr.Dataset(
         {
             "count": count,
@@ -131,8 +131,8 @@ def dh_series(
     numbers = _glaciers(ds, glacier, region)
     stats = open_group(ds, "stats").sel(glacier=numbers)
     count = stats["count"].sum(["glacier", "bin", "surface"])
-    mean = stats["sum_dh_m"].sum(["glacier", "bin", "surface"]) / count
-    return mean.where(count > 0).rename("dh_m").assign_attrs(units="m")
+    mean = stats["sum_dh_m"].sum(["glacier", "bin", "surface"]) / count.where(count > 0)
+    return mean.rename("dh_m").assign_attrs(units="m")
 
 
 def mass_balance(
