@@ -238,3 +238,18 @@ def test_surge_candidates_are_the_true_surge_glaciers(finished: Pipeline) -> Non
     covered = glaciers.index[glaciers.coverage_frac > 0.5]
     assert truth.loc[covered, "surge"].sum() >= 1
     assert (glaciers.loc[covered, "surge_candidate"] == truth.loc[covered, "surge"]).all()
+
+
+@pytest.mark.slow
+def test_demo_command_reaches_the_region_table_and_figures(tmp_path: Path) -> None:
+    """README's `make demo` runs `mbcube demo`: study generated, every step, tables, figures."""
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--cluster", "threads", "--quiet"])
+    assert result.exit_code == 0, result.output
+    regions = pd.read_csv(out / "results" / "regions.csv")
+    truth = pd.read_csv(out / "study" / "truth" / "regions.csv")
+    both = regions.merge(truth, on=["name", "glaciers"], suffixes=("", "_true"))
+    assert len(both) == len(truth) >= 6
+    assert ((both.mb_mwe_yr - both.mb_mwe_yr_true).abs() <= 3 * both.mb_sigma_mwe_yr).all(), both
+    assert len(list((out / "results" / "figures").glob("*.png"))) >= 6
+    assert (out / "results" / "report.html").stat().st_size > 10_000
