@@ -609,3 +609,29 @@ def st_root(store: Path) -> str:
     from mbcube.store import read_state
 
     return str(read_state(store)["study"]["root"])
+
+
+def test_coregistration_iterations_stop_once_the_shift_stops_moving() -> None:
+    from mbcube.corrections import step
+
+    res = 30.0
+    assert step._converged(np.array([3.0, -2.0]), np.array([3.0 + 0.2, -2.0]), res)  # 0.007 px
+    assert not step._converged(np.array([3.0, -2.0]), np.array([3.6, -2.0]), res)  # 0.02 px
+    shift = np.array([3.0, -2.0])
+    ne = (np.eye(3), np.ones(3))
+    assert step._add_shift(shift, ne, 8, res, "here", converged=True) is shift
+    previous = (np.eye(3), np.zeros(3), np.zeros(5))
+    block = np.full((20, 20), np.nan)  # would fail to give normal equations if it were used
+    got = step._coreg_ne(
+        block,
+        block,
+        block[4:-4, 4:-4],
+        block[4:-4, 4:-4],
+        shift,
+        (0.0, 1.0, 1.0),
+        4,
+        res,
+        True,
+        previous,
+    )
+    assert got is previous

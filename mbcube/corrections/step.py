@@ -61,6 +61,10 @@ def _run(where: str, func: Callable[..., Any], *args: Any) -> Any:
         raise CorrectionsError(f"corrections, {where}: {type(err).__name__}: {err}") from err
 
 
+#: Co-registration stops iterating once the shift moves by less than this (px).
+COREG_TOLERANCE_PX = 0.01
+
+
 def _task(where: str, func: Callable[..., Any], *args: Any) -> Delayed:
     return dask.delayed(_run, pure=True)(where, func, *args)
 
@@ -126,7 +130,11 @@ def _coreg_ne(
     stats: tuple[float, float, float],
     halo: int,
     res_m: float,
+    converged: bool = False,
+    previous: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if converged and previous is not None:  # the shift stopped moving: this pass is skipped
+        return previous
     h = halo
     ref = ref_h[h:-h, h:-h]
     dh = _dh_block("dem", dem_h, ref, void, None, None, shift_m, halo, res_m, 0.0)
@@ -277,8 +285,15 @@ def _solve_ramp(ne: tuple[np.ndarray, np.ndarray], order: int) -> np.ndarray:
 
 
 def _add_shift(
-    shift: np.ndarray, ne: tuple[np.ndarray, np.ndarray], halo: int, res: float, where: str
+    shift: np.ndarray,
+    ne: tuple[np.ndarray, np.ndarray],
+    halo: int,
+    res: float,
+    where: str,
+    converged: bool = False,
 ) -> np.ndarray:
+    if converged:
+        return shift
     new = shift + coregister.shift_update_m(*ne)
     if np.max(np.abs(new)) / res + 1 > halo:
         raise CorrectionsError(
@@ -286,6 +301,11 @@ def _add_shift(
             f"{halo - 1} px the blocks can hold; the scene is probably not of this area."
         )
     return new
+
+
+def _converged(before: np.ndarray, after: np.ndarray, res: float) -> bool:
+    """The co-registration shift moved by less than COREG_TOLERANCE_PX in the last iteration."""
+    return bool(np.max(np.abs(np.asarray(after) - np.asarray(before))) / res < COREG_TOLERANCE_PX)
 
 
 def _sum_ne(*parts: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -415,6 +435,10 @@ def scene_graphs(
         stats = dask.delayed(_stats_from_quantiles, pure=True)(
             f"scene {sid}", k_clip, opts.min_stable_px, *q
         )
+        # Iterations run in one static graph; once the shift stops moving, the later ones
+        # return their blocks' previous sums without reading or resampling anything.
+        converged: Any = False
+        previous: list[Any] = [None] * len(tiles)
         for it in range(n_iter):
             ne = [
                 _task(
@@ -428,16 +452,22 @@ def scene_graphs(
                     stats,
                     halo,
                     res,
+                    converged,
+                    previous[k],
                 )
-                for i, j in tiles
+                for k, (i, j) in enumerate(tiles)
             ]
+            before = shift
             shift = dask.delayed(_add_shift, pure=True)(
                 shift,
                 dask.delayed(_sum_ne, pure=True)(*ne),
                 halo,
                 res,
                 f"scene {sid} (co-registration iteration {it + 1})",
+                converged,
             )
+            converged = dask.delayed(_converged, pure=True)(before, shift, res)
+            previous = ne
             stats = dask.delayed(_stats_from_ne, pure=True)(
                 f"scene {sid}", k_clip, opts.min_stable_px, *ne
             )
