@@ -32,7 +32,14 @@ from mbcube.binning import bin_cube
 from mbcube.corrections.step import correct_cube
 from mbcube.errors import StudyError
 from mbcube.ingest import ingest
-from mbcube.store import file_fingerprint, is_current, record_step, step_record
+from mbcube.store import (
+    file_fingerprint,
+    is_current,
+    open_cube,
+    record_step,
+    recorded_config,
+    step_record,
+)
 from mbcube.unwrap.step import unwrap_cube
 
 log = logging.getLogger(__name__)
@@ -170,8 +177,6 @@ def run(
 
     upstream = {s: step_record(store, "bin", s).get("token") for s in _scene_ids(store)}
     regions = {"regions": file_fingerprint(pipeline.regions)} if pipeline.regions else {}
-    from mbcube.store import recorded_config
-
     config = recorded_config(store)
     tables = {
         "params": config.model_dump(mode="json", include={"massbalance", "glacier_id_column"}),
@@ -220,8 +225,6 @@ def cluster_context(profile: str) -> Any:
 
 
 def _scene_ids(store: Path) -> list[str]:
-    from mbcube.store import open_cube
-
     return [str(s) for s in open_cube(store)["scene"].values]
 
 

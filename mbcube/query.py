@@ -65,10 +65,11 @@ def glaciers_in_region(ds: xr.Dataset, name: str) -> list[int]:
     """Glacier numbers of a region (a polygon of the study's regions, assigned as the tables
     assign them) or of a basin (the outlines' `basin` attribute)."""
     if "region_name" in ds and name in [str(v) for v in ds["region_name"].values]:
-        from mbcube.aggregate import mass_balance_dataset
+        from mbcube.aggregate import load_stats, region_sets
 
-        table = mass_balance_dataset(store_of(ds))
-        return [int(g) for g in table["glacier"].values[table["region"].values == name]]
+        data = load_stats(store_of(ds))  # the assignment rule of the tables, no balance computed
+        region = region_sets(data)[0].region_of()
+        return [int(g) for g in data.glacier[region == name]]
     if "glacier_attr_basin" in ds:
         basins = np.array([str(v) for v in ds["glacier_attr_basin"].values])
         if name in basins:
