@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +20,7 @@ from typer.testing import CliRunner
 
 from mbcube.cli import app
 from mbcube.pipeline import Pipeline, load_pipeline, run
+from mbcube.store import open_cube
 from mbcube.synth import generate_study
 
 # Small studies have sub-regions with too little X-band debris to make their own penetration table.
@@ -105,6 +111,53 @@ def test_added_scene_recomputes_only_that_scene(
     for step in ("ingest", "correct", "bin"):
         assert report.recomputed[step] == [new_id], (step, report.recomputed)
     assert report.recomputed["aggregate"]
+
+
+def _run_killed_at(study: Path, store: Path, out: Path, step_line: str, nth: int) -> None:
+    """`mbcube run` in a child process, SIGKILLed just after it says `step_line` for its nth scene
+    (the step is then writing that scene: the scenes before it are done and recorded)."""
+    code = "import sys; from mbcube.cli import app; sys.argv[0] = 'mbcube'; app()"
+    args = ["run", str(study), "--store", str(store), "--out", str(out), "--cluster", "threads"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, bufsize=1
+    )
+    assert proc.stdout is not None
+    seen: list[str] = []
+    for line in proc.stdout:
+        match = re.search(rf"{step_line} (\S+)\s*$", line)
+        if match and match.group(1) not in seen:
+            seen.append(match.group(1))
+            if len(seen) == nth:
+                time.sleep(0.5)  # inside that scene's compute
+                proc.send_signal(signal.SIGKILL)
+                break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before '{step_line}' #{nth}: {seen}"
+
+
+def test_run_killed_in_correct_then_in_bin_resumes_to_the_uninterrupted_result(
+    finished: Pipeline, tmp_path: Path
+) -> None:
+    """Kill `mbcube run` inside the correct step, rerun and kill it inside the bin step, rerun to
+    the end: the cube, its statistics and the tables equal those of one uninterrupted run, and
+    the scenes finished before each kill are not recomputed."""
+    store, out = tmp_path / "cube.zarr", tmp_path / "results"
+    _run_killed_at(finished.study, store, out, "correct scene", nth=2)
+    _run_killed_at(finished.study, store, out, "binning scene", nth=3)
+    report = run(load_pipeline(finished.study, store=store, out=out, cluster="threads"))
+    scenes = [str(s) for s in xr.open_zarr(finished.store)["scene"].values]
+    assert report.recomputed["ingest"] == []
+    assert report.recomputed["correct"] == []  # finished by the second run
+    assert report.recomputed["bin"] == scenes[2:], report.recomputed
+
+    killed, reference = open_cube(store).load(), open_cube(finished.store).load()
+    xr.testing.assert_identical(killed.drop_attrs(), reference.drop_attrs())
+    stats = xr.open_zarr(store, group="stats").load()
+    xr.testing.assert_identical(
+        stats.drop_attrs(), xr.open_zarr(finished.store, group="stats").load().drop_attrs()
+    )
+    for table in ("glaciers.csv", "regions.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(out / table), pd.read_csv(finished.out / table))
 
 
 def test_cli_runs_a_pipeline_file(finished: Pipeline, tmp_path: Path) -> None:
