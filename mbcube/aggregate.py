@@ -5,35 +5,58 @@ and the glacier table of the cube, never a (y, x) layer. Region polygons are rea
 given, or from the region file recorded at ingest; a glacier attribute `basin` (when the outlines
 have one) gives a second region set. The tables:
 
-- glaciers.csv: one row per glacier (id column as in the outlines, `glacier_id_column`).
+- glaciers.csv: one row per glacier (id column as in the outlines, `glacier_id_column`); its
+  `region` column names the glacier's region in the study's own region polygons (the file
+  recorded at ingest), whatever region file `aggregate` is given, so the glacier tables do not
+  change with the region set. Also glaciers.parquet, and glaciers.gpkg: the outlines recorded at
+  ingest (their CRS, their id column) joined with the table's columns, written when the outline
+  file is still there and unchanged (a warning says why it is not written otherwise).
 - regions.csv: a row `all` for the whole study and one per region / basin, each for all glaciers
   and without surge-type glaciers (column `glaciers`: all | no_surge). `mb_mwe_yr` is the
   hypsometric mean of the region's summed statistics (as the paper); `mb_mwe_yr_area_weighted`
-  the area-weighted mean of its measured glaciers' values.
+  the area-weighted mean of its measured glaciers' values. With a region file given, also
+  region_members.csv: each glacier's region in that file's polygons.
 
-Both are also written as Parquet beside the CSV files.
+Both tables are also written as Parquet beside the CSV files.
 
-The glacier-level combined statistics (scenes combined by `scene_rule`; no scene dimension) are
-cached in the store's group `massbalance_cache`, keyed by the bin step's record of every scene
-and by the combination parameters (scene_rule, min_px_per_bin): a new region file, density or
-uncertainty parameter reuses them; a re-binned scene or another rule recomputes them. Statistics
-written without bin step records are never cached.
+Cost. The glacier-level statistics (scenes combined by `scene_rule`; no scene dimension) and the
+glacier results are cached in the store's group `massbalance_cache`: the statistics keyed by the
+bin step's record of every scene and the combination parameters (scene_rule, min_px_per_bin), the
+results also by every mass-balance parameter and the ingest's static inputs. The statistics are
+kept per non-empty (glacier, bin, surface) cell (`CellStats`: a glacier covers a few of the
+study's bins), chunked along cells, so the cache is small and read in bounded memory. Then:
+
+- a new region file (`aggregate --regions`) with the cache current and the glacier tables in the
+  output folder current (their record `.mbcube-tables.json` matches the cache): only the region
+  tables are computed and written: region sums of the cached cells (a sparse product), no
+  glacier balance, no scene statistics, no pixel;
+- another density / uncertainty parameter: glacier results from the cached cells;
+- a re-binned scene or another scene rule: the scene statistics are combined again, read one
+  stored chunk (scene x glacier slab) at a time and kept per cell, then GLACIER_BLOCK glaciers at
+  a time are combined (memory bounded by the non-empty cells, not by scenes x glaciers x bins).
+
+Statistics written without bin step records are never cached.
 """
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import xarray as xr
+import zarr
+from scipy import sparse
 
 from mbcube.config import MassBalanceConfig, StudyConfig
 from mbcube.errors import MbcubeWarning, StoreError
@@ -42,7 +65,6 @@ from mbcube.massbalance import (
     balance,
     combine_scenes,
     select_scenes,
-    sum_units,
     with_void_area,
 )
 from mbcube.regions import (
@@ -52,13 +74,14 @@ from mbcube.regions import (
     read_polygons,
     surge_free,
 )
-from mbcube.store import grid_of, open_cube, read_state, recorded_config, write_dataset
+from mbcube.store import SCHEMA_VERSION, grid_of, open_cube, read_state, write_dataset
 from mbcube.surge import effective_surge, surge_candidates
 from mbcube.uncertainty import datum_sigma_m, quadrature, stable_moments, unit_uncertainty
 
 __all__ = [
     "GLACIER_COLUMNS",
     "REGION_COLUMNS",
+    "CellStats",
     "StoredStats",
     "aggregate",
     "glacier_table",
@@ -67,6 +90,7 @@ __all__ = [
     "region_sets",
     "region_table",
     "regions_dataset",
+    "sum_cells",
 ]
 
 SIGMA_COLUMNS = [
@@ -93,6 +117,19 @@ GLACIER_COLUMNS = [
     "period",
     "filled_frac",
 ]  # preceded by the id column
+#: Glacier results computed from the statistics (cached with them).
+RESULT_COLUMNS = [
+    "area_km2",
+    "coverage_frac",
+    "dh_m",
+    "dhdt_m_yr",
+    "mb_mwe_yr",
+    "mb_sigma_mwe_yr",
+    *SIGMA_COLUMNS,
+    "volume_km3_yr",
+    "mass_gt_yr",
+    "filled_frac",
+]
 REGION_COLUMNS = [
     "name",
     "glaciers",
@@ -110,8 +147,172 @@ REGION_COLUMNS = [
 log = logging.getLogger(__name__)
 #: Glacier attributes (outline columns) that define a region set of their own.
 ATTRIBUTE_REGION_SETS = ("basin",)
-#: Glaciers read per block (bounds memory: S x block x B x F float64 per variable).
-GLACIER_BLOCK = 1024
+#: Glaciers combined / balanced per block (bounds memory: S x block x B x F float64 per array).
+GLACIER_BLOCK = 4096
+#: The store group caching the glacier-level statistics and results.
+CACHE_GROUP = "massbalance_cache"
+#: Layout version of the cache (a cache of another layout is recomputed).
+CACHE_VERSION = 2
+#: Cells per chunk of the cache (8 bytes x 2^18 = 2 MiB per field and chunk).
+CELL_CHUNK = 1 << 18
+#: The output folder's record of the glacier tables it holds.
+TABLES_RECORD = ".mbcube-tables.json"
+_CELL_FIELDS = ("count", "weight", "rate_sum", "dh_sum", "area_m2", "n_px")
+
+
+# ----------------------------------------------------------------- statistics per non-empty cell
+
+
+@dataclass(frozen=True)
+class CellStats:
+    """`GlacierStats` of G glaciers kept per non-empty (glacier, bin, surface) cell.
+
+    glacier (C,) glacier position 0..G-1 (non-decreasing), cell (C,) bin x n_surfaces + surface
+    position; values: the per-cell fields of GlacierStats (count, weight, rate_sum (m/yr x
+    weight), dh_sum (m x weight), area_m2 (m2), n_px) as (C,) float64; per glacier (G,)
+    measured_px, void_area_m2 (m2), void_px; per scene and glacier (S, G) scene_px, scene_weight.
+    """
+
+    glacier: np.ndarray
+    cell: np.ndarray
+    values: dict[str, np.ndarray]
+    measured_px: np.ndarray
+    void_area_m2: np.ndarray
+    void_px: np.ndarray
+    scene_px: np.ndarray
+    scene_weight: np.ndarray
+    n_bins: int
+    n_surfaces: int
+
+    @property
+    def n_glaciers(self) -> int:
+        return len(self.measured_px)
+
+    @classmethod
+    def from_dense(cls, stats: GlacierStats) -> CellStats:
+        """The non-empty cells of `stats` (a cell is kept when any field is non-zero)."""
+        n, n_bins, n_surf = stats.count.shape
+        flat = {k: np.asarray(getattr(stats, k), dtype=float).reshape(n, -1) for k in _CELL_FIELDS}
+        keep = np.zeros(flat["count"].shape, dtype=bool)
+        for v in flat.values():
+            keep |= v != 0
+        g, c = np.nonzero(keep)
+        return cls(
+            glacier=g.astype(np.int64),
+            cell=c.astype(np.int64),
+            values={k: v[g, c] for k, v in flat.items()},
+            measured_px=np.asarray(stats.measured_px, dtype=float),
+            void_area_m2=np.asarray(stats.void_area, dtype=float),
+            void_px=np.asarray(stats.void_pixels, dtype=float),
+            scene_px=np.asarray(stats.scene_px, dtype=float),
+            scene_weight=np.asarray(stats.scene_weight, dtype=float),
+            n_bins=n_bins,
+            n_surfaces=n_surf,
+        )
+
+    @classmethod
+    def concat(cls, parts: list[CellStats], n_scenes: int, n_bins: int, n_surf: int) -> CellStats:
+        """Glacier blocks in order into one (glacier positions shifted)."""
+        offsets = np.cumsum([0, *[p.n_glaciers for p in parts]])
+        cat = functools.partial(np.concatenate, axis=0)
+        return cls(
+            glacier=cat([p.glacier + o for p, o in zip(parts, offsets, strict=False)])
+            if parts
+            else np.zeros(0, np.int64),
+            cell=cat([p.cell for p in parts]) if parts else np.zeros(0, np.int64),
+            values={
+                k: cat([p.values[k] for p in parts]) if parts else np.zeros(0) for k in _CELL_FIELDS
+            },
+            measured_px=cat([p.measured_px for p in parts]) if parts else np.zeros(0),
+            void_area_m2=cat([p.void_area_m2 for p in parts]) if parts else np.zeros(0),
+            void_px=cat([p.void_px for p in parts]) if parts else np.zeros(0),
+            scene_px=np.concatenate([p.scene_px for p in parts], axis=1)
+            if parts
+            else np.zeros((n_scenes, 0)),
+            scene_weight=np.concatenate([p.scene_weight for p in parts], axis=1)
+            if parts
+            else np.zeros((n_scenes, 0)),
+            n_bins=n_bins,
+            n_surfaces=n_surf,
+        )
+
+    def dense(self, start: int = 0, stop: int | None = None) -> GlacierStats:
+        """Glaciers start..stop as dense GlacierStats ((stop - start) x bins x surfaces)."""
+        stop = self.n_glaciers if stop is None else min(stop, self.n_glaciers)
+        lo, hi = np.searchsorted(self.glacier, [start, stop])
+        n, width = stop - start, self.n_bins * self.n_surfaces
+        rows, cols = self.glacier[lo:hi] - start, self.cell[lo:hi]
+        fields: dict[str, Any] = {}
+        for k in _CELL_FIELDS:
+            arr = np.zeros((n, width))
+            arr[rows, cols] = self.values[k][lo:hi]
+            fields[k] = arr.reshape(n, self.n_bins, self.n_surfaces)
+        return GlacierStats(
+            **fields,
+            measured_px=self.measured_px[start:stop],
+            scene_px=self.scene_px[:, start:stop],
+            scene_weight=self.scene_weight[:, start:stop],
+            void_area_m2=self.void_area_m2[start:stop],
+            void_px=self.void_px[start:stop],
+        )
+
+    def blocks(self, size: int = GLACIER_BLOCK) -> Iterator[tuple[slice, GlacierStats]]:
+        """(glacier slice, dense statistics of those glaciers), `size` glaciers at a time."""
+        for start in range(0, self.n_glaciers, size):
+            stop = min(start + size, self.n_glaciers)
+            yield slice(start, stop), self.dense(start, stop)
+
+    def glacier_sum(self, field: str) -> np.ndarray:
+        """(G,) sum of a cell field over each glacier's bins and surfaces."""
+        return np.bincount(self.glacier, self.values[field], minlength=self.n_glaciers)
+
+
+def sum_cells(cells: CellStats, membership: np.ndarray, min_px_per_bin: int = 10) -> GlacierStats:
+    """`mbcube.massbalance.sum_units` on per-cell statistics: the statistics of units (regions)
+    made of glaciers, membership (U, G) 0/1. Region-level hypsometric averaging: per (bin,
+    surface) the area-weighted mean of the member glaciers' means over the glaciers measured
+    there (>= min_px_per_bin); pixel sums summed; scene weights area-weighted means. Only the
+    non-empty cells are touched: cost ~ cells x regions per glacier, not glaciers x bins."""
+    m = sparse.csr_array(np.asarray(membership, dtype=float))
+    n_units, n_glaciers = m.shape
+    shape = (cells.n_bins, cells.n_surfaces)
+    width = cells.n_bins * cells.n_surfaces
+    v = cells.values
+    valid = v["count"] >= min_px_per_bin
+    area = np.where(valid, v["area_m2"], 0.0)
+
+    def summed(per_cell: np.ndarray) -> np.ndarray:
+        per_glacier = sparse.csr_array(
+            (per_cell, (cells.glacier, cells.cell)), shape=(n_glaciers, width)
+        )
+        return np.asarray((m @ per_glacier).toarray()).reshape(n_units, *shape)
+
+    def area_weighted(sums: np.ndarray) -> np.ndarray:
+        mean = np.divide(sums, v["weight"], out=np.zeros(sums.shape), where=valid)
+        return summed(area * mean)
+
+    area_g = cells.glacier_sum("area_m2")
+    area_u = m @ area_g
+    weighted = np.asarray(m @ (cells.scene_weight * area_g[None, :]).T).T
+    scene_weight = np.divide(
+        weighted, area_u[None, :], out=np.zeros_like(weighted), where=area_u[None, :] > 0
+    )
+    return GlacierStats(
+        count=summed(np.where(valid, v["count"], 0.0)),
+        weight=summed(area),
+        rate_sum=area_weighted(v["rate_sum"]),
+        dh_sum=area_weighted(v["dh_sum"]),
+        area_m2=summed(v["area_m2"]),
+        n_px=summed(v["n_px"]),
+        measured_px=m @ cells.measured_px,
+        scene_px=np.asarray(m @ cells.scene_px.T).T,
+        scene_weight=scene_weight,
+        void_area_m2=m @ cells.void_area_m2,
+        void_px=m @ cells.void_px,
+    )
+
+
+# ---------------------------------------------------------------------------- stored statistics
 
 
 @dataclass(frozen=True)
@@ -124,7 +325,7 @@ class StoredStats:
     surge_candidate: np.ndarray  #: (G,) bool: active-surge pattern in the dh profile (mbcube.surge)
     centroids_xy: np.ndarray  #: (G, 2) glacier centroids in the grid CRS (m)
     attributes: dict[str, np.ndarray]  #: other outline columns, by name
-    stats: GlacierStats  #: scenes combined by the configured rule
+    cells: CellStats  #: scenes combined by the configured rule, per non-empty cell
     penetration_sigma_m: np.ndarray  #: (G,) penetration-table error, area-weighted (m)
     penetration_std_m: np.ndarray | None  #: (G,) penetration pixel spread (m), if stored
     bin_lower_m: np.ndarray  #: (B,) bin lower edges (m)
@@ -139,69 +340,179 @@ class StoredStats:
     crs: str
     ingest_regions: Path | None  #: the region file recorded at ingest, if it still exists
     regions_recorded: bool  #: the ingest recorded a region file (it may be gone since)
-    outlines: Path | None  #: the outline file recorded at ingest, if it still exists
+    outlines: Path | None  #: the outline file recorded at ingest, if it still exists unchanged
     id_column: str
     config: MassBalanceConfig
+    #: (G,) glacier results by column (RESULT_COLUMNS), as cached; None: computed on demand
+    results: dict[str, np.ndarray] | None = None
+    #: what the results depend on (statistics, parameters, static inputs); None: not cacheable
+    results_key: str | None = None
+    #: the ingest recorded an outline file (`outlines` is None when it is gone or changed)
+    outlines_recorded: bool = False
+
+    @functools.cached_property
+    def stats(self) -> GlacierStats:
+        """All glaciers' statistics, dense (G x bins x surfaces; `cells` is the compact form)."""
+        return self.cells.dense()
+
+    def glacier_results(self) -> dict[str, np.ndarray]:
+        """(G,) glacier results by column: the cached ones, else computed per glacier block."""
+        if self.results is not None:
+            return self.results
+        parts = []
+        std = self.penetration_std_m
+        for part, block in self.cells.blocks():
+            parts.append(
+                _results(
+                    self,
+                    block,
+                    self.penetration_sigma_m[part],
+                    None if std is None else std[part],
+                )
+            )
+        return {
+            k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0)
+            for k in RESULT_COLUMNS
+        }
 
 
 def _has_group(store: Path, group: str) -> bool:
     return (Path(store) / group / "zarr.json").exists()
 
 
-def _recorded_file(state: dict[str, object], role: str) -> Path | None:
+def _recorded_file(state: dict[str, Any], role: str, unchanged: bool = False) -> Path | None:
+    """The input file recorded at ingest for `role`, if it still exists (and, with unchanged,
+    still has its recorded size and mtime)."""
     inputs = state.get("static", {})
     record = inputs.get("inputs", {}).get(role) if isinstance(inputs, dict) else None
-    if isinstance(record, dict) and Path(str(record.get("path", ""))).exists():
-        return Path(str(record["path"]))
-    return None
+    if not isinstance(record, dict):
+        return None
+    path = Path(str(record.get("path", "")))
+    if not path.is_file():
+        return None
+    if unchanged:
+        stat = path.stat()
+        if (stat.st_size, stat.st_mtime_ns) != (record.get("size"), record.get("mtime_ns")):
+            return None
+    return path
+
+
+def _text(values: Any) -> np.ndarray:
+    return np.array([str(v) for v in np.asarray(values)], dtype=object)
+
+
+@dataclass(frozen=True)
+class _Keys:
+    """The scenes with statistics and the cache keys of a store (read without xarray)."""
+
+    scenes: list[str]
+    stats_key: str | None
+    results_key: str | None
+
+
+def _keys(store: Path, state: dict[str, Any], config: MassBalanceConfig) -> _Keys:
+    root = zarr.open_group(str(store), mode="r")
+    ids = _text(_array(root, "scene")) if "scene" in root else np.zeros(0, dtype=object)
+    done = _array(root, "scene_state") == 1 if "scene_state" in root else np.ones(len(ids), bool)
+    stats = zarr.open_group(str(store), path="stats", mode="r")
+    binned_ids = _text(_array(stats, "scene"))
+    binned = _array(stats, "binned") if "binned" in stats else np.ones(len(binned_ids))
+    have = {s for s, b in zip(binned_ids, binned, strict=True) if b == 1}
+    scenes = [str(s) for s, ok in zip(ids, done, strict=True) if ok and str(s) in have]
+    records = state.get("steps", {}).get("bin", {})
+    tokens = [records.get(s, {}).get("token") for s in scenes]
+    if not scenes or any(t is None for t in tokens):
+        return _Keys(scenes, None, None)
+    combination = {
+        "version": CACHE_VERSION,
+        "scenes": scenes,
+        "tokens": tokens,
+        "scene_rule": config.scene_rule,
+        "min_px_per_bin": config.min_px_per_bin,
+    }
+    stats_key = _digest(combination)
+    results = {
+        "stats": stats_key,
+        "massbalance": config.model_dump(mode="json"),
+        "study": state.get("study", {}).get("config"),
+        "static": state.get("static", {}).get("inputs"),
+    }
+    return _Keys(scenes, stats_key, _digest(results))
+
+
+def _array(group: zarr.Group, name: str) -> np.ndarray:
+    """A whole array of a zarr group, as numpy."""
+    found = group[name]
+    if not isinstance(found, zarr.Array):
+        raise StoreError(f"{group.store_path}/{name}: expected an array, found a group")
+    return np.asarray(found[...])
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> StoredStats:
-    """Read the statistics of the cube at `store` and combine each glacier's scenes."""
+    """Read the statistics of the cube at `store` and combine each glacier's scenes.
+
+    From the store's cache when it is current (no scene statistics read), else from the `stats`
+    and `hypsometry` groups (then cached)."""
     store = Path(store)
-    study: StudyConfig = recorded_config(store)
-    config = config or study.massbalance
     state = read_state(store)
+    if state.get("schema_version") != SCHEMA_VERSION:
+        open_cube(store)  # raises the store's own error (no cube, or another schema)
+    study = StudyConfig.model_validate(state["study"]["config"])
+    config = config or study.massbalance
     if not _has_group(store, "stats") or not _has_group(store, "hypsometry"):
         raise StoreError(
             f"{store}: no binned statistics (groups 'stats' and 'hypsometry'). "
             f"Run `mbcube bin {store}` first."
         )
+    keys = _keys(store, state, config)
+    cells, cached = _read_cache(store, state, study, config, keys)
+    if cached is not None:
+        return cached
+    data = _from_statistics(store, state, study, config, keys, cells)
+    data = replace(data, results=data.glacier_results())
+    if keys.stats_key is not None:
+        _write_cache(store, data, keys)
+    return data
+
+
+def _from_statistics(
+    store: Path,
+    state: dict[str, Any],
+    study: StudyConfig,
+    config: MassBalanceConfig,
+    keys: _Keys,
+    cells: CellStats | None,
+) -> StoredStats:
+    """The statistics from the `stats` / `hypsometry` groups (cells: already combined ones)."""
     cube = open_cube(store)
     stats = xr.open_zarr(str(store), group="stats", chunks=None)
     stats = stats.transpose("scene", "glacier", "bin", "surface", ...)
-    hyps = xr.open_zarr(str(store), group="hypsometry", chunks=None)
-    hyps = hyps.transpose("glacier", "bin", "surface", ...)
-    # the cube's complete scenes that have statistics
-    scene_ids = [str(s) for s in cube["scene"].values]
-    binned = stats["binned"].values if "binned" in stats else np.ones(stats.sizes["scene"])
-    have = {str(s) for s, b in zip(stats["scene"].values, binned, strict=True) if b == 1}
-    scenes = [s for s in scene_ids if s in have]
+    scenes = keys.scenes
     cube_scenes = cube[["scene_years", "scene_month", "scene_date"]].sel(scene=scenes)
-    stats = stats.sel(scene=scenes)
     glacier = cube["glacier"].values
-    stats = stats.reindex(glacier=glacier, fill_value=0)
-    hyps = hyps.reindex(glacier=glacier, bin=stats["bin"], surface=stats["surface"], fill_value=0)
     years = cube_scenes["scene_years"].values.astype(float)
     months = cube_scenes["scene_month"].values.astype(int)
-
-    key = _cache_key(store, state, scenes, config)
-    combined = _read_cache(store, key, glacier, stats["bin"].values, len(scenes))
-    if combined is None:
-        combined = _combine(stats, hyps, years, months, config)
-        if key is not None:
-            _write_cache(store, key, combined, glacier, stats, scenes)
-
-    stable_n = np.nan_to_num(stats["stable_count"].values.astype(float))
+    bins = stats["bin"].values.astype(float)
+    if cells is None:
+        cells = _combine(store, stats, glacier, scenes, years, months, config)
+    scene_stats = stats[[v for v in stats.data_vars if stats[v].dims[:1] == ("scene",)]]
+    scene_stats = scene_stats[[v for v in scene_stats.data_vars if "glacier" not in stats[v].dims]]
+    scene_stats = scene_stats.sel(scene=scenes)
+    stable_n = np.nan_to_num(scene_stats["stable_count"].values.astype(float))
     stable_mean, stable_sigma = stable_moments(
         stable_n,
-        np.nan_to_num(stats["stable_sum_dh_m"].values),
-        np.nan_to_num(stats["stable_sumsq_dh_m2"].values),
+        np.nan_to_num(scene_stats["stable_sum_dh_m"].values),
+        np.nan_to_num(scene_stats["stable_sumsq_dh_m2"].values),
     )
-    if "stable_nmad_dh_m" in stats:  # robust to the heavy tails of stable-ground dh
-        nmad = stats["stable_nmad_dh_m"].values.astype(float)
+    if "stable_nmad_dh_m" in scene_stats:  # robust to the heavy tails of stable-ground dh
+        nmad = scene_stats["stable_nmad_dh_m"].values.astype(float)
         stable_sigma = np.where(np.isfinite(nmad), nmad, stable_sigma)
-    pixel_size = float(grid_of(state).res)
+    grid = grid_of(state)
+    pixel_size = float(grid.res)
     datum = datum_sigma_m(
         stable_n,
         np.nan_to_num(stable_mean),
@@ -209,20 +520,15 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
         pixel_size,
         config.autocorrelation_m,
     )
-
     table = cube[[v for v in cube.data_vars if cube[v].dims == ("glacier",)]]
     outline_surge = (
         table["glacier_surge"].values.astype(int)
         if "glacier_surge" in table
         else np.full(len(glacier), -1)
     )
-    candidates = surge_candidates(
-        combined,
-        stats["bin"].values.astype(float),
-        config.bin_width_m,
-        config.min_px_per_bin,
-    )
-    surge = effective_surge(outline_surge, candidates)
+    candidates = np.zeros(len(glacier), dtype=bool)
+    for part, block in cells.blocks():
+        candidates[part] = surge_candidates(block, bins, config.bin_width_m, config.min_px_per_bin)
     attributes = {
         str(name)[len("glacier_attr_") :]: _plain(table[name].values)
         for name in table.data_vars
@@ -231,7 +537,6 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
     centroids = np.column_stack(
         [table["glacier_centroid_x_m"].values, table["glacier_centroid_y_m"].values]
     )
-    grid = grid_of(state)
     ingest_regions = _recorded_file(state, "regions")
     pen_sigma = np.zeros(len(glacier))
     pen_std: np.ndarray | None = None
@@ -244,24 +549,20 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
             ).membership
             region_index = np.where(found.any(axis=0), found.argmax(axis=0) + 1, 0)
         table_ds = xr.open_zarr(str(store), group="penetration")
-        pen_sigma = _penetration_sigma(
-            table_ds["penetration_sigma_m"], combined, region_index, stats["bin"]
-        )
+        pen_sigma = _penetration_sigma(table_ds["penetration_sigma_m"], cells, region_index, bins)
         if "penetration_std_m" in table_ds:
-            pen_std = _penetration_sigma(
-                table_ds["penetration_std_m"], combined, region_index, stats["bin"]
-            )
+            pen_std = _penetration_sigma(table_ds["penetration_std_m"], cells, region_index, bins)
     return StoredStats(
         glacier=glacier,
-        ids=np.array([str(v) for v in table["glacier_rgi_id"].values], dtype=object),
-        surge=surge,
+        ids=_text(table["glacier_rgi_id"].values),
+        surge=effective_surge(outline_surge, candidates),
         surge_candidate=candidates,
         centroids_xy=centroids,
         attributes=attributes,
-        stats=combined,
+        cells=cells,
         penetration_sigma_m=pen_sigma,
         penetration_std_m=pen_std,
-        bin_lower_m=stats["bin"].values.astype(float),
+        bin_lower_m=bins,
         scene_ids=np.asarray(scenes, dtype=object),
         scene_dates=cube_scenes["scene_date"].values,
         scene_years=years,
@@ -273,118 +574,216 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
         crs=grid.crs,
         ingest_regions=ingest_regions,
         regions_recorded="regions" in state.get("static", {}).get("inputs", {}),
-        outlines=_recorded_file(state, "glaciers"),
+        outlines=_recorded_file(state, "glaciers", unchanged=True),
+        outlines_recorded="glaciers" in state.get("static", {}).get("inputs", {}),
         id_column=study.glacier_id_column,
         config=config,
+        results_key=keys.results_key,
     )
 
 
 def _combine(
+    store: Path,
     stats: xr.Dataset,
-    hyps: xr.Dataset,
+    glacier: np.ndarray,
+    scenes: list[str],
     years: np.ndarray,
     months: np.ndarray,
     config: MassBalanceConfig,
-) -> GlacierStats:
-    """Scene selection and combination, GLACIER_BLOCK glaciers at a time (bounded memory)."""
-    blocks = []
-    for start in range(0, stats.sizes["glacier"], GLACIER_BLOCK):
-        part = slice(start, start + GLACIER_BLOCK)
-        count = np.nan_to_num(stats["count"].isel(glacier=part).values).astype(float)
-        sums = np.nan_to_num(stats["sum_dh_m"].isel(glacier=part).values)
+) -> CellStats:
+    """Scene selection and combination in bounded memory.
+
+    The scene statistics are read one stored chunk (scene x slab of glaciers) at a time and kept
+    as their non-empty cells; then blocks of glaciers are made dense (scenes x block x bins x
+    surfaces), combined (`select_scenes`, `combine_scenes`) and kept as cells again."""
+    n_g, n_b, n_f = len(glacier), stats.sizes["bin"], stats.sizes["surface"]
+    width = n_b * n_f
+    # the cube's glacier position of each glacier of the statistics (-1: not in the cube)
+    order = np.argsort(glacier)
+    found = np.searchsorted(glacier, stats["glacier"].values, sorter=order)
+    found = np.clip(found, 0, max(n_g - 1, 0))
+    to_cube = np.where(glacier[order][found] == stats["glacier"].values, order[found], -1)
+    stat_scenes = [str(s) for s in stats["scene"].values]
+    slab = _chunk_along(stats["count"], "glacier") or stats.sizes["glacier"]
+    sparse_scenes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for scene in scenes:
+        s = stat_scenes.index(scene)
+        flat, count, total = [], [], []
+        for start in range(0, stats.sizes["glacier"], max(slab, 1)):
+            part = slice(start, start + slab)
+            c = np.nan_to_num(stats["count"].isel(scene=s, glacier=part).values).reshape(-1, width)
+            d = np.nan_to_num(stats["sum_dh_m"].isel(scene=s, glacier=part).values).reshape(
+                -1, width
+            )
+            rows, cols = np.nonzero((c != 0) & (to_cube[part][:, None] >= 0))
+            flat.append(to_cube[part][rows] * width + cols)
+            count.append(c[rows, cols].astype(np.float64))
+            total.append(d[rows, cols].astype(np.float64))
+        keys = np.concatenate(flat) if flat else np.zeros(0, np.int64)
+        sort = np.argsort(keys, kind="stable")
+        sparse_scenes.append((keys[sort], np.concatenate(count)[sort], np.concatenate(total)[sort]))
+    hyps = xr.open_zarr(str(store), group="hypsometry", chunks=None)
+    hyps = hyps.transpose("glacier", "bin", "surface", ...)
+    hyps = hyps.reindex(glacier=glacier, bin=stats["bin"], surface=stats["surface"], fill_value=0)
+    # dense blocks: S x block x B x F float64, about six such arrays inside the combination
+    block = max(64, int(256e6 // max(1, 6 * 8 * max(len(scenes), 1) * width)))
+    parts = []
+    for start in range(0, n_g, block):
+        stop = min(start + block, n_g)
+        n = stop - start
+        count_b = np.zeros((len(scenes), n, width))
+        sum_b = np.zeros((len(scenes), n, width))
+        for s, (keys, cnt, tot) in enumerate(sparse_scenes):
+            lo, hi = np.searchsorted(keys, [start * width, stop * width])
+            rows, cols = np.divmod(keys[lo:hi] - start * width, width)
+            count_b[s, rows, cols] = cnt[lo:hi]
+            sum_b[s, rows, cols] = tot[lo:hi]
+        shape = (len(scenes), n, n_b, n_f)
+        count_b, sum_b = count_b.reshape(shape), sum_b.reshape(shape)
+        part = slice(start, stop)
         area = np.nan_to_num(hyps["area_m2"].isel(glacier=part).values.astype(float))
         n_px = np.nan_to_num(hyps["n_px"].isel(glacier=part).values.astype(float))
-        use = select_scenes(count, months, area, config.scene_rule, config.min_px_per_bin)
+        use = select_scenes(count_b, months, area, config.scene_rule, config.min_px_per_bin)
         void = {
             name: np.nan_to_num(hyps[name].isel(glacier=part).values.astype(float))
             for name in ("void_area_m2", "void_px")
             if name in hyps
         }
-        blocks.append(
-            combine_scenes(count, sums, years, area, n_px, use, config.min_px_per_bin, **void)
+        combined = combine_scenes(
+            count_b, sum_b, years, area, n_px, use, config.min_px_per_bin, **void
         )
-    return _concat(blocks, len(years), stats.sizes["bin"], stats.sizes["surface"])
+        parts.append(CellStats.from_dense(combined))
+    return CellStats.concat(parts, len(scenes), n_b, n_f)
 
 
-#: The store group caching the glacier-level combined statistics (tiny: no scene x bin cells).
-CACHE_GROUP = "massbalance_cache"
-_CACHE_FIELDS = ("count", "weight", "rate_sum", "dh_sum", "area_m2", "n_px")
+def _chunk_along(array: xr.DataArray, dim: str) -> int | None:
+    """The stored chunk length of `array` along `dim` (None when unknown)."""
+    chunks = array.encoding.get("preferred_chunks", {}).get(dim)
+    if chunks is None and "chunks" in array.encoding:
+        chunks = array.encoding["chunks"][array.dims.index(dim)]
+    return int(chunks) if chunks else None
 
 
-def _cache_key(
-    store: Path, state: dict[str, Any], scenes: list[str], config: MassBalanceConfig
-) -> str | None:
-    """What the combined statistics depend on: each used scene's binning record (its token
-    changes whenever the bin step rewrites it) and the combination parameters. None (no caching)
-    when a scene has no binning record (statistics written by other means)."""
-    records = state.get("steps", {}).get("bin", {})
-    tokens = [records.get(s, {}).get("token") for s in scenes]
-    if not scenes or any(t is None for t in tokens):
-        return None
-    key = {
-        "scenes": scenes,
-        "tokens": tokens,
-        "scene_rule": config.scene_rule,
-        "min_px_per_bin": config.min_px_per_bin,
+def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
+    """The combined statistics and the glacier results, in the store's CACHE_GROUP."""
+    c = data.cells
+    results = data.glacier_results()
+    glacier_vars: dict[str, Any] = {
+        "measured_px": c.measured_px,
+        "void_area_m2": c.void_area_m2,
+        "void_px": c.void_px,
+        "ids": data.ids.astype(object),
+        "surge": data.surge.astype(np.int8),
+        "surge_candidate": data.surge_candidate.astype(np.int8),
+        "centroid_x_m": data.centroids_xy[:, 0],
+        "centroid_y_m": data.centroids_xy[:, 1],
+        "penetration_sigma_m": data.penetration_sigma_m,
+        **{f"attr_{k}": v for k, v in data.attributes.items()},
+        **{f"result_{k}": results[k] for k in RESULT_COLUMNS},
     }
-    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    if data.penetration_std_m is not None:
+        glacier_vars["penetration_std_m"] = data.penetration_std_m
+    scene_vars = {
+        "scene_date_ns": np.asarray(data.scene_dates, dtype="datetime64[ns]").astype(np.int64),
+        "scene_years": data.scene_years,
+        "scene_month": data.scene_month,
+        "stable_sigma_m": data.stable_sigma_m,
+        "datum_sigma_m": data.datum_sigma_m,
+    }
+    cache = xr.Dataset(
+        {
+            "cell_glacier": ("cell", c.glacier.astype(np.int32)),
+            "cell_index": ("cell", c.cell.astype(np.int32)),
+            **{f"cell_{k}": ("cell", c.values[k]) for k in _CELL_FIELDS},
+            **{k: ("glacier", v) for k, v in glacier_vars.items()},
+            **{k: ("scene", v) for k, v in scene_vars.items()},
+            "scene_px": (("scene", "glacier"), c.scene_px),
+            "scene_weight": (("scene", "glacier"), c.scene_weight),
+        },
+        coords={
+            "glacier": data.glacier,
+            "bin": data.bin_lower_m,
+            "scene": np.asarray(data.scene_ids, dtype=object),
+        },
+        attrs={
+            "key": keys.stats_key,
+            "results_key": keys.results_key,
+            "n_surfaces": c.n_surfaces,
+            "about": "mbcube aggregate: glacier statistics (scenes combined, per non-empty "
+            "glacier x bin x surface cell) and glacier results",
+        },
+    )
+    n_cells = max(1, min(CELL_CHUNK, len(c.glacier)))
+    encoding = {f"cell_{k}": {"chunks": (n_cells,)} for k in _CELL_FIELDS}
+    encoding |= {"cell_glacier": {"chunks": (n_cells,)}, "cell_index": {"chunks": (n_cells,)}}
+    try:
+        write_dataset(cache, store, group=CACHE_GROUP, mode="w", encoding=encoding)
+    except OSError as err:  # a read-only store: aggregate without the cache
+        log.info("could not cache the combined statistics in %s: %s", store, err)
 
 
 def _read_cache(
-    store: Path, key: str | None, glacier: np.ndarray, bins: np.ndarray, n_scenes: int
-) -> GlacierStats | None:
-    if key is None or not _has_group(store, CACHE_GROUP):
-        return None
-    cache = xr.open_zarr(str(store), group=CACHE_GROUP, chunks=None)
-    if (
-        cache.attrs.get("key") != key
-        or not np.array_equal(cache["glacier"].values, glacier)
-        or not np.array_equal(cache["bin"].values, bins)
-        or cache.sizes.get("scene", 0) != n_scenes
-    ):
-        return None
-    values = {name: cache[name].values.astype(float) for name in _CACHE_FIELDS}
-    return GlacierStats(
-        **values,
-        measured_px=cache["measured_px"].values.astype(float),
-        scene_px=cache["scene_px"].values.astype(float),
-        scene_weight=cache["scene_weight"].values.astype(float),
-        void_area_m2=cache["void_area_m2"].values.astype(float),
-        void_px=cache["void_px"].values.astype(float),
-    )
+    store: Path, state: dict[str, Any], study: StudyConfig, config: MassBalanceConfig, keys: _Keys
+) -> tuple[CellStats | None, StoredStats | None]:
+    """(the cached combined statistics if current, the whole StoredStats if its results are
+    current too); read with zarr alone (no xarray decoding: this is the fast path)."""
+    if keys.stats_key is None or not _has_group(store, CACHE_GROUP):
+        return None, None
+    g = zarr.open_group(str(store), path=CACHE_GROUP, mode="r")
+    if g.attrs.get("key") != keys.stats_key:
+        return None, None
 
+    def read(name: str) -> np.ndarray:
+        return _array(g, name)
 
-def _write_cache(
-    store: Path,
-    key: str,
-    combined: GlacierStats,
-    glacier: np.ndarray,
-    stats: xr.Dataset,
-    scenes: list[str],
-) -> None:
-    dims3 = ("glacier", "bin", "surface")
-    data: dict[str, Any] = {name: (dims3, getattr(combined, name)) for name in _CACHE_FIELDS}
-    data |= {
-        "measured_px": ("glacier", combined.measured_px),
-        "void_area_m2": ("glacier", combined.void_area),
-        "void_px": ("glacier", combined.void_pixels),
-        "scene_px": (("scene", "glacier"), combined.scene_px),
-        "scene_weight": (("scene", "glacier"), combined.scene_weight),
-    }
-    cache = xr.Dataset(
-        data,
-        coords={
-            "glacier": glacier,
-            "bin": stats["bin"].values,
-            "surface": stats["surface"].values,
-            "scene": np.array(scenes, dtype=object),
-        },
-        attrs={"key": key, "about": "mbcube aggregate: glacier statistics, scenes combined"},
+    measured = read("measured_px").astype(float)
+    bins = read("bin").astype(float)
+    cells = CellStats(
+        glacier=read("cell_glacier").astype(np.int64),
+        cell=read("cell_index").astype(np.int64),
+        values={k: read(f"cell_{k}").astype(float) for k in _CELL_FIELDS},
+        measured_px=measured,
+        void_area_m2=read("void_area_m2").astype(float),
+        void_px=read("void_px").astype(float),
+        scene_px=read("scene_px").astype(float).reshape(len(keys.scenes), len(measured)),
+        scene_weight=read("scene_weight").astype(float).reshape(len(keys.scenes), len(measured)),
+        n_bins=len(bins),
+        n_surfaces=int(str(g.attrs.get("n_surfaces", 2))),
     )
-    try:
-        write_dataset(cache, store, group=CACHE_GROUP, mode="w")
-    except OSError as err:  # a read-only store: aggregate without the cache
-        log.info("could not cache the combined statistics in %s: %s", store, err)
+    if g.attrs.get("results_key") != keys.results_key:
+        return cells, None
+    names = set(g.array_keys())
+    grid = grid_of(state)
+    data = StoredStats(
+        glacier=read("glacier"),
+        ids=_text(read("ids")),
+        surge=read("surge").astype(int),
+        surge_candidate=read("surge_candidate").astype(bool),
+        centroids_xy=np.column_stack([read("centroid_x_m"), read("centroid_y_m")]),
+        attributes={n[len("attr_") :]: _plain(read(n)) for n in names if n.startswith("attr_")},
+        cells=cells,
+        penetration_sigma_m=read("penetration_sigma_m"),
+        penetration_std_m=read("penetration_std_m") if "penetration_std_m" in names else None,
+        bin_lower_m=bins,
+        scene_ids=_text(read("scene")),
+        scene_dates=read("scene_date_ns").astype("datetime64[ns]"),
+        scene_years=read("scene_years").astype(float),
+        scene_month=read("scene_month").astype(int),
+        stable_sigma_m=read("stable_sigma_m").astype(float),
+        datum_sigma_m=read("datum_sigma_m").astype(float),
+        pixel_size_m=float(grid.res),
+        reference_date=study.reference_date,
+        crs=grid.crs,
+        ingest_regions=_recorded_file(state, "regions"),
+        regions_recorded="regions" in state.get("static", {}).get("inputs", {}),
+        outlines=_recorded_file(state, "glaciers", unchanged=True),
+        outlines_recorded="glaciers" in state.get("static", {}).get("inputs", {}),
+        id_column=study.glacier_id_column,
+        config=config,
+        results={k: read(f"result_{k}").astype(float) for k in RESULT_COLUMNS},
+        results_key=keys.results_key,
+    )
+    return cells, data
 
 
 def _plain(values: np.ndarray) -> np.ndarray:
@@ -394,50 +793,30 @@ def _plain(values: np.ndarray) -> np.ndarray:
     return np.array([str(v) for v in values], dtype=object)
 
 
-def _concat(blocks: list[GlacierStats], n_scenes: int, n_bins: int, n_surf: int) -> GlacierStats:
-    if not blocks:
-        empty = np.zeros((0, n_bins, n_surf))
-        return GlacierStats(
-            count=empty,
-            weight=empty,
-            rate_sum=empty,
-            dh_sum=empty,
-            area_m2=empty,
-            n_px=empty,
-            measured_px=np.zeros(0),
-            scene_px=np.zeros((n_scenes, 0)),
-            scene_weight=np.zeros((n_scenes, 0)),
-        )
-    fields = GlacierStats.__dataclass_fields__
-    values = {
-        name: np.concatenate(
-            [getattr(b, name) for b in blocks], axis=1 if name.startswith("scene_") else 0
-        )
-        for name in fields
-    }
-    return GlacierStats(**values)
-
-
 def _penetration_sigma(
-    table: xr.DataArray, stats: GlacierStats, region_index: np.ndarray, bins: xr.DataArray
+    table: xr.DataArray, cells: CellStats, region_index: np.ndarray, bins: np.ndarray
 ) -> np.ndarray:
     """Area-weighted value (m) of a penetration-table variable (region, surface, bin) over each
     glacier's bins and surfaces, from the glacier's region (index 1..R by centroid in the ingest's
     region polygons; 0 is the table's pooled region, used for glaciers outside every region).
     Bins beyond the table's range take its end bins (as the correction's lookup does)."""
     values = table.transpose("region", "bin", "surface").sortby("bin")
-    values = values.reindex(bin=bins.values, method="nearest")
+    values = values.reindex(bin=bins, method="nearest")
     regions = [int(r) for r in values["region"].values]
     pooled = values.sel(region=0) if 0 in regions else values.mean("region")
-    per_cell = np.empty(stats.area_m2.shape)
+    lookup = {}  # region index -> (B * F,) values
     for r in np.unique(region_index):
         own = values.sel(region=int(r)).fillna(pooled) if int(r) in regions else pooled
-        per_cell[region_index == r] = np.nan_to_num(own.values)
-    area = stats.area_m2
-    total = area.sum(axis=(1, 2))
-    return np.divide(
-        (per_cell * area).sum(axis=(1, 2)), total, out=np.zeros_like(total), where=total > 0
-    )
+        lookup[int(r)] = np.nan_to_num(own.values).reshape(-1)
+    per_cell = np.empty(len(cells.glacier))
+    cell_region = region_index[cells.glacier]
+    for r, table_r in lookup.items():
+        at = cell_region == r
+        per_cell[at] = table_r[cells.cell[at]]
+    area = cells.values["area_m2"]
+    total = cells.glacier_sum("area_m2")
+    weighted = np.bincount(cells.glacier, per_cell * area, minlength=cells.n_glaciers)
+    return np.divide(weighted, total, out=np.zeros_like(total), where=total > 0)
 
 
 def _results(
@@ -470,37 +849,28 @@ def _periods(data: StoredStats) -> np.ndarray:
     """Per glacier 'start/end' in ISO dates, oldest first: the reference date and the scene date;
     'ref/first..last' when the glacier's scenes have several dates (reversed for scenes older
     than the reference)."""
-    used = data.stats.scene_px > 0  # (S, G)
+    used = data.cells.scene_px > 0  # (S, G)
     dates = pd.to_datetime(data.scene_dates).strftime("%Y-%m-%d").to_numpy()
     ref = data.reference_date.isoformat()
     out = np.full(used.shape[1], "", dtype=object)
+    patterns: dict[bytes, str] = {}
     for g in np.flatnonzero(used.any(axis=0)):
-        own = sorted(set(dates[used[:, g]]))
-        scenes = own[0] if len(own) == 1 else f"{own[0]}..{own[-1]}"
-        out[g] = f"{ref}/{scenes}" if own[0] >= ref else f"{scenes}/{ref}"
+        key = used[:, g].tobytes()
+        if key not in patterns:
+            own = sorted(set(dates[used[:, g]]))
+            scenes = own[0] if len(own) == 1 else f"{own[0]}..{own[-1]}"
+            patterns[key] = f"{ref}/{scenes}" if own[0] >= ref else f"{scenes}/{ref}"
+        out[g] = patterns[key]
     return out
 
 
 def region_sets(data: StoredStats, regions: Path | None = None) -> list[RegionSet]:
     """The polygon regions (the file given, or the one recorded at ingest; first when present),
     then one set per glacier attribute of ATTRIBUTE_REGION_SETS."""
-    how = data.config.region_assignment
     sets: list[RegionSet] = []
     source = regions or data.ingest_regions
     if source is not None:
-        probe = read_polygons(source, data.crs, name_column=_name_column(source))
-        outlines = None
-        if how == "area_share":
-            outlines = _outlines(data)
-        sets.append(
-            from_polygons(
-                probe,
-                _name_column(source),
-                centroids_xy=data.centroids_xy,
-                outlines=outlines,
-                how=how,
-            )
-        )
+        sets.append(_polygon_set(data, source))
     elif data.regions_recorded:
         warnings.warn(
             "the region file recorded at ingest is gone and no other was given: "
@@ -512,6 +882,20 @@ def region_sets(data: StoredStats, regions: Path | None = None) -> list[RegionSe
         if attribute in data.attributes:
             sets.append(from_attribute(data.attributes[attribute]))
     return sets
+
+
+def _polygon_set(data: StoredStats, source: Path) -> RegionSet:
+    """Glaciers assigned to the polygons of `source` by the configured rule."""
+    name_column = _name_column(source)
+    polygons = read_polygons(source, data.crs, name_column=name_column)
+    outlines = _outlines(data) if data.config.region_assignment == "area_share" else None
+    return from_polygons(
+        polygons,
+        name_column,
+        centroids_xy=data.centroids_xy,
+        outlines=outlines,
+        how=data.config.region_assignment,
+    )
 
 
 def _joined(data: StoredStats, sets: list[RegionSet]) -> RegionSet:
@@ -528,13 +912,13 @@ def _name_column(path: Path) -> str:
     return "name" if "name" in columns else (columns[0] if columns else "name")
 
 
-def _outlines(data: StoredStats) -> object:
+def _outlines(data: StoredStats) -> Any:
     import geopandas as gpd
 
     if data.outlines is None:
         raise StoreError(
             "region_assignment 'area_share' needs the glacier outlines recorded at ingest, "
-            "which are gone; use 'centroid' or restore the outline file."
+            "which are gone or changed; use 'centroid' or restore the outline file."
         )
     outlines = gpd.read_file(data.outlines).to_crs(data.crs)
     outlines = outlines[outlines.geometry.notna() & ~outlines.geometry.is_empty]
@@ -544,7 +928,7 @@ def _outlines(data: StoredStats) -> object:
 def glacier_table(data: StoredStats, regions: RegionSet | None = None) -> pd.DataFrame:
     """One row per glacier: the columns GLACIER_COLUMNS after the id column; `regions` names
     each glacier's region (column `region`, '' for none)."""
-    values = _results(data, data.stats, data.penetration_sigma_m, data.penetration_std_m)
+    values = data.glacier_results()
     region = (
         regions.region_of() if regions is not None and regions.names else np.full(len(data.ids), "")
     )
@@ -559,7 +943,7 @@ def glacier_table(data: StoredStats, regions: RegionSet | None = None) -> pd.Dat
     for name in GLACIER_COLUMNS:
         if name in values:
             table[name] = values[name]
-    table["n_scenes"] = (data.stats.scene_px > 0).sum(axis=0)
+    table["n_scenes"] = (data.cells.scene_px > 0).sum(axis=0)
     table["period"] = _periods(data)
     return table[[data.id_column, *GLACIER_COLUMNS]]
 
@@ -567,23 +951,27 @@ def glacier_table(data: StoredStats, regions: RegionSet | None = None) -> pd.Dat
 def region_table(
     data: StoredStats, regions: RegionSet, glaciers: pd.DataFrame | None = None
 ) -> pd.DataFrame:
-    """Rows 'all' and one per region, each for all glaciers and without surge-type ones."""
-    glaciers = glaciers if glaciers is not None else glacier_table(data, regions)
+    """Rows 'all' and one per region, each for all glaciers and without surge-type ones.
+
+    From the glaciers' cached cells (`sum_cells`) and glacier results (or the columns dh_m,
+    dhdt_m_yr, mb_mwe_yr of `glaciers` when given); no glacier balance is computed here."""
+    per_glacier = (
+        data.glacier_results()
+        if glaciers is None
+        else {k: glaciers[k].to_numpy(dtype=float) for k in ("dh_m", "dhdt_m_yr", "mb_mwe_yr")}
+    )
     regions = regions.with_all()
     keep = surge_free(data.surge)
     membership = np.vstack([regions.membership, regions.membership & keep[None, :]])
     labels = ["all"] * len(regions.names) + ["no_surge"] * len(regions.names)
     names = regions.names * 2
-    units = sum_units(data.stats, membership, data.config.min_px_per_bin)
-    area_g = data.stats.area_m2.sum(axis=(1, 2)) + data.stats.void_area
+    units = sum_cells(data.cells, membership, data.config.min_px_per_bin)
+    area_g = data.cells.glacier_sum("area_m2") + data.cells.void_area_m2
+    m = sparse.csr_array(membership.astype(float))
+    area_u = m @ area_g
 
-    def area_weighted_mean(per_glacier: np.ndarray) -> np.ndarray:
-        return np.divide(
-            membership @ (per_glacier * area_g),
-            membership @ area_g,
-            out=np.zeros(len(names)),
-            where=membership @ area_g > 0,
-        )
+    def area_weighted_mean(values: np.ndarray) -> np.ndarray:
+        return np.divide(m @ (values * area_g), area_u, out=np.zeros(len(names)), where=area_u > 0)
 
     pen_std = data.penetration_std_m
     values = _results(
@@ -592,13 +980,15 @@ def region_table(
         area_weighted_mean(data.penetration_sigma_m),
         None if pen_std is None else area_weighted_mean(pen_std),
     )
-    _void_areas_at_glacier_means(data, values, units, glaciers, membership)
-    mb_g = glaciers["mb_mwe_yr"].to_numpy()
-    measured = np.isfinite(mb_g)
-    weights = membership * (area_g * measured)[None, :]
-    total_w = weights.sum(axis=1)
+    _void_areas_at_glacier_means(data, values, units, per_glacier, membership)
+    mb_g = per_glacier["mb_mwe_yr"]
+    measured_area = area_g * np.isfinite(mb_g)
+    total_w = m @ measured_area
     area_weighted = np.divide(
-        weights @ np.nan_to_num(mb_g), total_w, out=np.full(len(names), np.nan), where=total_w > 0
+        m @ (measured_area * np.nan_to_num(mb_g)),
+        total_w,
+        out=np.full(len(names), np.nan),
+        where=total_w > 0,
     )
     table = pd.DataFrame({"name": names, "glaciers": labels, "n_glaciers": membership.sum(axis=1)})
     for name in REGION_COLUMNS[3:]:
@@ -611,7 +1001,7 @@ def _void_areas_at_glacier_means(
     data: StoredStats,
     values: dict[str, np.ndarray],
     units: GlacierStats,
-    glaciers: pd.DataFrame,
+    per_glacier: dict[str, np.ndarray],
     membership: np.ndarray,
 ) -> None:
     """Give each glacier's void area its own mean in the region values (in place)."""
@@ -620,8 +1010,8 @@ def _void_areas_at_glacier_means(
         values[column] = with_void_area(
             values[column],
             binned,
-            glaciers[column].to_numpy(dtype=float),
-            data.stats.void_area,
+            np.asarray(per_glacier[column], dtype=float),
+            data.cells.void_area_m2,
             membership,
         )
     c = data.config
@@ -633,6 +1023,9 @@ def _void_areas_at_glacier_means(
     values["mb_sigma_mwe_yr"] = quadrature(*(values[k] for k in SIGMA_COLUMNS))
 
 
+# ---------------------------------------------------------------------------------- the command
+
+
 def aggregate(
     store: Path,
     out: Path,
@@ -640,23 +1033,130 @@ def aggregate(
     regions: Path | None = None,
     config: MassBalanceConfig | None = None,
 ) -> tuple[Path, Path]:
-    """Write out/glaciers.csv and out/regions.csv (and .parquet) from the stored statistics.
+    """Write out/glaciers.csv and out/regions.csv (and .parquet; glaciers.gpkg) from the stored
+    statistics. Reads no pixel.
 
-    `regions`: polygons (column `name`) to aggregate into instead of the study's regions.
-    `config`: mass-balance parameters (default: those recorded in the store). Reads no pixel.
-    """
+    `regions`: polygons (column `name`) to aggregate into instead of the study's regions (then
+    also out/region_members.csv). `config`: mass-balance parameters (default: those recorded in
+    the store). The glacier tables are rewritten only when the statistics, parameters or
+    static inputs changed since they were written (see TABLES_RECORD)."""
     data = load_stats(store, config)
-    sets = region_sets(data, Path(regions) if regions is not None else None)
-    polygons = sets[0] if sets and (regions is not None or data.ingest_regions) else None
-    glaciers = glacier_table(data, polygons)
-    table = region_table(data, _joined(data, sets), glaciers)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    glaciers.to_csv(out / "glaciers.csv", index=False)
+    if not _tables_current(out, data):
+        _write_glacier_tables(data, out)
+    given = _polygon_set(data, Path(regions)) if regions is not None else None
+    sets = region_sets(data) if given is None else [given, *region_sets_attributes(data)]
+    table = region_table(data, _joined(data, sets))
     table.to_csv(out / "regions.csv", index=False)
-    glaciers.to_parquet(out / "glaciers.parquet", index=False)
     table.to_parquet(out / "regions.parquet", index=False)
+    members = out / "region_members.csv"
+    if given is not None:
+        _write_rows(
+            members, [data.id_column, "region"], zip(data.ids, given.region_of(), strict=True)
+        )
+    elif members.exists():
+        members.unlink()
     return out / "glaciers.csv", out / "regions.csv"
+
+
+def region_sets_attributes(data: StoredStats) -> list[RegionSet]:
+    """The region sets from glacier attributes (ATTRIBUTE_REGION_SETS) alone."""
+    return [
+        from_attribute(data.attributes[a]) for a in ATTRIBUTE_REGION_SETS if a in data.attributes
+    ]
+
+
+def _write_rows(path: Path, header: list[str], rows: Any) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+_GLACIER_FILES = ("glaciers.csv", "glaciers.parquet")
+
+
+def _fingerprints(out: Path, names: list[str]) -> dict[str, list[int]]:
+    found = {}
+    for name in names:
+        path = out / name
+        if path.is_file():
+            stat = path.stat()
+            found[name] = [stat.st_size, stat.st_mtime_ns]
+    return found
+
+
+def tables_record(out: Path | str) -> dict[str, Any]:
+    """What the glacier tables in `out` were made from ({} when unknown): results_key,
+    files (name -> [size, mtime_ns]) and gpkg ('written' or why not)."""
+    path = Path(out) / TABLES_RECORD
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _tables_current(out: Path, data: StoredStats) -> bool:
+    """The glacier tables in `out` were written from these statistics and parameters, and are
+    unchanged since (sizes and mtimes as recorded); glaciers.gpkg is there iff it can be."""
+    record = tables_record(out)
+    if data.results_key is None or record.get("results_key") != data.results_key:
+        return False
+    names = [*_GLACIER_FILES, *(["glaciers.gpkg"] if record.get("gpkg") == "written" else [])]
+    if (data.outlines is not None) != (record.get("gpkg") == "written"):
+        return False
+    return record.get("files") == _fingerprints(out, names) and len(record["files"]) == len(names)
+
+
+def _write_glacier_tables(data: StoredStats, out: Path) -> None:
+    polygons = None
+    if data.ingest_regions is not None:
+        polygons = _polygon_set(data, data.ingest_regions)
+    glaciers = glacier_table(data, polygons)
+    glaciers.to_csv(out / "glaciers.csv", index=False)
+    glaciers.to_parquet(out / "glaciers.parquet", index=False)
+    gpkg = _write_gpkg(data, glaciers, out / "glaciers.gpkg")
+    names = [*_GLACIER_FILES, *(["glaciers.gpkg"] if gpkg == "written" else [])]
+    record = {
+        "results_key": data.results_key,
+        "files": _fingerprints(out, names),
+        "gpkg": gpkg,
+    }
+    (out / TABLES_RECORD).write_text(json.dumps(record, indent=1))
+
+
+def _write_gpkg(data: StoredStats, glaciers: pd.DataFrame, path: Path) -> str:
+    """glaciers.gpkg: the outlines recorded at ingest (file order, their CRS and id column)
+    with the glacier table's columns. Returns 'written', or why it was not written."""
+    import geopandas as gpd
+
+    path.unlink(missing_ok=True)
+    if data.outlines is None:
+        if data.outlines_recorded:
+            why = "not written: the glacier outline file recorded at ingest is gone or changed"
+            warnings.warn(f"{path.name} {why}", MbcubeWarning, stacklevel=3)
+        else:
+            why = "not written: the ingest recorded no glacier outline file"
+            log.warning("%s %s", path.name, why)
+        return why
+    outlines = gpd.read_file(data.outlines)
+    outlines = outlines[outlines.geometry.notna() & ~outlines.geometry.is_empty]
+    outlines = outlines.reset_index(drop=True)
+    id_column = data.id_column
+    ids = outlines[id_column].astype(str).to_numpy() if id_column in outlines else None
+    if ids is None or len(ids) != len(glaciers) or not np.array_equal(ids, data.ids.astype(str)):
+        why = f"not written: the outlines in {data.outlines} do not match the cube's glaciers"
+        warnings.warn(f"{path.name} {why}", MbcubeWarning, stacklevel=3)
+        return why
+    frame = gpd.GeoDataFrame(
+        glaciers.assign(**{id_column: outlines[id_column].to_numpy()}),
+        geometry=outlines.geometry.to_numpy(),
+        crs=outlines.crs,
+    )
+    frame.to_file(path, driver="GPKG", layer="glaciers", engine="pyogrio")
+    return "written"
 
 
 def mass_balance_dataset(store: Path | str, config: MassBalanceConfig | None = None) -> xr.Dataset:
@@ -703,7 +1203,7 @@ def regions_dataset(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", MbcubeWarning)
             sets = region_sets(data, None if regions is None else Path(regions))
-    table = region_table(data, _joined(data, sets), glacier_table(data))
+    table = region_table(data, _joined(data, sets))
     names = list(dict.fromkeys(table["name"]))
     table = table.set_index(["name", "glaciers"])
     ds = xr.Dataset(

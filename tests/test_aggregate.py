@@ -298,16 +298,24 @@ def test_new_region_file_and_area_share(synthetic: Synthetic, tmp_path: Path) ->
     path = tmp_path / "halves.gpkg"
     halves.to_file(path, driver="GPKG")
     _, regions_csv = aggregate(synthetic.store, tmp_path / "a", regions=path)
-    table = pd.read_csv(tmp_path / "a" / "glaciers.csv")
+    members = pd.read_csv(tmp_path / "a" / "region_members.csv")
     north = cube["glacier_centroid_y_m"].values > mid
-    np.testing.assert_array_equal(table["region"].to_numpy(), np.where(north, "north", "south"))
+    np.testing.assert_array_equal(members["region"].to_numpy(), np.where(north, "north", "south"))
+    # the glacier table keeps the study's own regions (it does not change with the region set)
+    table = pd.read_csv(tmp_path / "a" / "glaciers.csv")
+    study = pd.read_csv(aggregate(synthetic.store, tmp_path / "study")[0])
+    pd.testing.assert_frame_equal(table, study)
+    assert not (tmp_path / "study" / "region_members.csv").exists()
     regions = pd.read_csv(regions_csv)
     assert {"north", "south", "Upper Indus", "Upper Tarim"} <= set(regions["name"])
+    assert "Western Pamir" not in set(regions["name"])
+    n_north = regions.set_index(["name", "glaciers"]).loc[("north", "all"), "n_glaciers"]
+    assert n_north == north.sum()
     share = MassBalanceConfig(region_assignment="area_share")
     aggregate(synthetic.store, tmp_path / "b", regions=path, config=share)
-    by_share = pd.read_csv(tmp_path / "b" / "glaciers.csv")
+    by_share = pd.read_csv(tmp_path / "b" / "region_members.csv")
     # small glaciers lie almost wholly on their centroid's side
-    assert (by_share["region"] == table["region"]).mean() >= 0.9
+    assert (by_share["region"] == members["region"]).mean() >= 0.9
 
 
 def test_aggregate_reads_no_pixel(synthetic: Synthetic, tmp_path: Path) -> None:
