@@ -53,7 +53,7 @@ import xarray as xr
 import zarr
 from dask.delayed import Delayed
 
-from mbcube.cluster import compute
+from mbcube.cluster import SceneJob, compute, compute_scenes
 from mbcube.config import MassBalanceConfig
 from mbcube.errors import StoreError
 from mbcube.store import (
@@ -864,7 +864,7 @@ def bin_cube(
     _ensure_stats_group(store, axis, n_glaciers, hyps_token)
     binned = _open_group(store, "stats")["binned"].values
     index = scene_index(store)
-    done = []
+    jobs = []
     for scene_id in wanted:
         record = {
             "params": {"bin_width_m": cfg.bin_width_m},
@@ -874,24 +874,38 @@ def bin_cube(
         i = index[scene_id]
         if not force and binned[i] == 1 and is_current(store, "bin", scene_id, record):
             continue
+        jobs.append(_scene_job(store, cube, axis, n_glaciers, scene_id, i, record, say))
+    return compute_scenes(jobs)
+
+
+def _scene_job(
+    store: Path,
+    cube: xr.Dataset,
+    axis: BinAxis,
+    n_glaciers: int,
+    scene_id: str,
+    index: int,
+    record: dict[str, Any],
+    say: Callable[[str], None],
+) -> SceneJob:
+    """Binning one scene: its statistics written at its index, then flagged binned and recorded
+    (a scene killed half-written stays flagged 0 and is binned again)."""
+
+    def build() -> list[Any]:
         say(f"binning scene {scene_id}")
         dh = cube["dh_m"].sel(scene=scene_id).transpose("y", "x").data
         ds = _scene_graph(dh, cube, axis, n_glaciers, scene_id, 8, scene_id)
-        _write_scene_stats(store, ds, i, scene_id)
+        ds = ds.drop_vars(list(ds.coords))
+        region = {str(d): slice(None) for d in ds.dims}
+        region["scene"] = slice(index, index + 1)
+        _set_binned(store, index, 0)
+        return [write_dataset(ds, store, group="stats", region=region, compute=False)]
+
+    def finish() -> None:
+        _set_binned(store, index, 1)
         record_step(store, "bin", scene_id, record)
-        done.append(scene_id)
-    return done
 
-
-def _write_scene_stats(store: Path, ds: xr.Dataset, index: int, scene_id: str) -> None:
-    """Write one scene's statistics at its index (one compute), then flag it binned."""
-    ds = ds.drop_vars(list(ds.coords))
-    region = {str(d): slice(None) for d in ds.dims}
-    region["scene"] = slice(index, index + 1)
-    _set_binned(store, index, 0)
-    writing = write_dataset(ds, store, group="stats", region=region, compute=False)
-    compute(writing, label=f"bin scene {scene_id}")
-    _set_binned(store, index, 1)
+    return SceneJob(scene_id, f"bin scene {scene_id}", build, finish)
 
 
 def _set_binned(store: Path, index: int, value: int) -> None:

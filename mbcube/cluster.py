@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import contextvars
+import math
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +24,10 @@ from mbcube.errors import StudyError
 
 #: When True, `compute` shows no progress bar (scripts, `--quiet`).
 _QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("mbcube_quiet", default=False)
+#: Scenes a step computes at once on a cluster (None: see `scenes_in_flight`).
+_IN_FLIGHT: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "mbcube_scenes_in_flight", default=None
+)
 
 
 @contextmanager
@@ -35,6 +41,10 @@ def quiet(enabled: bool = True) -> Iterator[None]:
 
 
 def _active_client() -> Any | None:
+    """The default distributed client, unless dask.config's `scheduler` names another one (as
+    `dask.compute` does: `dask.config.set(scheduler="threads")` computes in threads)."""
+    if dask.config.get("scheduler", None) not in (None, "dask.distributed", "distributed"):
+        return None
     try:
         from distributed import default_client
     except ImportError:  # pragma: no cover - distributed is a dependency
@@ -65,6 +75,95 @@ def compute(*collections: Any, label: str) -> tuple[Any, ...]:
     futures = client.compute(list(collections))
     progress(futures)
     return tuple(client.gather(futures))
+
+
+@dataclass(frozen=True)
+class SceneJob:
+    """One scene's work in a step: `build()` returns its lazy writes (dask collections), built
+    when the job starts; `finish()` runs in this process once they are all written (it records
+    the step for the scene, so a scene is recorded only after its last byte is on disk)."""
+
+    scene_id: str
+    label: str  # progress text, e.g. 'bin scene T1'
+    build: Callable[[], Sequence[Any]]
+    finish: Callable[[], None]
+
+
+def scenes_in_flight(client: Any) -> int:
+    """How many scenes a step keeps submitted at once on `client`'s cluster: the profile's
+    `scenes-in-flight`, else 2 (the next scene's graph is built and queued while one computes,
+    so workers do not idle between scenes), or one per 4 worker threads on larger clusters (a
+    scene of a few tiles cannot keep many workers busy on its own)."""
+    configured = _IN_FLIGHT.get()
+    if configured is not None:
+        return configured
+    threads = sum(client.nthreads().values())
+    return max(2, math.ceil(threads / 4))
+
+
+def compute_scenes(jobs: Iterable[SceneJob]) -> list[str]:
+    """Run the jobs; return the scene ids of those finished, in the order they finished.
+
+    Without a distributed client: one after another, each with `compute` (progress bar). With
+    one: up to `scenes_in_flight` jobs submitted at once, each finished as soon as its writes are
+    done. If a job fails, the jobs already submitted still run to the end and are finished (their
+    results are complete and recorded), none is started after it, and the first error is raised."""
+    client = _active_client()
+    finished: list[str] = []
+    if client is None:
+        for job in jobs:
+            compute(*job.build(), label=job.label)
+            job.finish()
+            finished.append(job.scene_id)
+        return finished
+    from distributed import as_completed
+
+    limit = scenes_in_flight(client)
+    pending = iter(jobs)
+    owner: dict[Any, int] = {}  # future -> index of its job in `left`
+    left: list[int] = []  # per submitted job: its futures not yet done (-1: failed)
+    submitted: list[SceneJob] = []
+    queue = as_completed()
+
+    def submit() -> None:
+        """Start the next job with something to compute (a job without any is finished here)."""
+        while (job := next(pending, None)) is not None:
+            collections = list(job.build())
+            if not collections:
+                job.finish()
+                finished.append(job.scene_id)
+                continue
+            if not _QUIET.get():
+                print(f"{job.label} (dashboard: {client.dashboard_link})", flush=True)
+            submitted.append(job)
+            left.append(len(collections))
+            for future in client.compute(collections):
+                owner[future] = len(submitted) - 1
+                queue.add(future)
+            return
+
+    for _ in range(limit):
+        submit()
+    error: BaseException | None = None
+    for future in queue:
+        i = owner.pop(future)
+        try:
+            future.result()
+        except Exception as err:  # keep the first; let the submitted ones finish
+            error = error or err
+            left[i] = -1
+            continue
+        if left[i] < 0:
+            continue
+        left[i] -= 1
+        if left[i] == 0:
+            submitted[i].finish()
+            finished.append(submitted[i].scene_id)
+            if error is None:
+                submit()
+    if error is not None:
+        raise error
+    return finished
 
 
 # ---------------------------------------------------------------- cluster profiles
@@ -106,6 +205,9 @@ class ClusterSpec(BaseModel):
     wait_for_workers: int = Field(1, ge=0, description="block until this many workers joined")
     timeout_s: float = Field(300.0, gt=0, description="... or fail after this long (s)")
     security: Literal["none", "config", "temporary"] = "none"
+    scenes_in_flight: int | None = Field(
+        None, ge=1, description="scenes a step computes at once; None: 2, or threads / 4"
+    )
 
 
 def cluster_dir() -> Path:
@@ -232,7 +334,11 @@ def cluster_client(profile: str) -> Iterator[Any]:
                 wanted = min(wanted, spec.adaptive.minimum)
             if spec.kind == "slurm" and wanted:
                 _wait_for_workers(client, cluster, wanted, spec.timeout_s)
-        yield client
+        token = _IN_FLIGHT.set(spec.scenes_in_flight)
+        try:
+            yield client
+        finally:
+            _IN_FLIGHT.reset(token)
 
 
 def _start_cluster(spec: ClusterSpec, security: Any) -> Any:

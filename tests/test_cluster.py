@@ -24,7 +24,16 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from mbcube.cluster import ClusterProfileError, cluster_client, cluster_dir, compute, load_profile
+from mbcube.cluster import (
+    ClusterProfileError,
+    SceneJob,
+    cluster_client,
+    cluster_dir,
+    compute,
+    compute_scenes,
+    load_profile,
+    scenes_in_flight,
+)
 from mbcube.ingest import ingest
 from mbcube.store import open_cube
 from mbcube.synth import generate_study
@@ -220,6 +229,53 @@ def test_connect_to_a_running_scheduler_by_address(local_client: Any, tiny_cube:
         (sums,) = compute(_slow_block_sums(tiny_cube, 0.0), label="sums")
     np.testing.assert_allclose(sums, _oracle_sums(tiny_cube), rtol=1e-9)
     assert local_client.status == "running"  # leaving the block did not stop the cluster
+
+
+def _slow_value(i: int, fail: bool) -> int:
+    time.sleep(0.05 if fail else 0.6)  # a failing job fails before its neighbour finishes
+    if fail:
+        raise ValueError(f"job {i} fails")
+    return i
+
+
+def _jobs(n: int, failing: int, log: list[str]) -> list[SceneJob]:
+    def job(i: int) -> SceneJob:
+        def build() -> list[Any]:
+            log.append(f"build {i}")
+            return [dask.delayed(_slow_value)(i, i == failing)]
+
+        return SceneJob(f"S{i}", f"job {i}", build, lambda: log.append(f"finish {i}"))
+
+    return [job(i) for i in range(n)]
+
+
+def test_compute_scenes_keeps_two_scenes_in_flight_and_finishes_the_submitted_one(
+    local_client: Any,
+) -> None:
+    """2 workers: 2 scenes in flight (both built before either finished). Job 1 fails: every
+    other job that was started runs to the end and is recorded, and the error reaches the
+    caller. (Which later jobs start before the failure is seen depends on timing.)"""
+    assert scenes_in_flight(local_client) == 2
+    log: list[str] = []
+    with pytest.raises(ValueError, match="job 1 fails"):
+        compute_scenes(_jobs(6, failing=1, log=log))
+    assert log[:2] == ["build 0", "build 1"]
+    built = {e.split()[1] for e in log if e.startswith("build")}
+    finished = {e.split()[1] for e in log if e.startswith("finish")}
+    assert finished == built - {"1"}, log
+    assert len(built) < 6, log  # the failure stopped the submissions
+
+    log.clear()
+    assert compute_scenes(_jobs(3, failing=-1, log=log)) in (["S0", "S1", "S2"], ["S1", "S0", "S2"])
+
+
+def test_compute_scenes_without_a_cluster_runs_one_scene_after_another(
+    local_client: Any,
+) -> None:
+    log: list[str] = []
+    with dask.config.set(scheduler="threads"), pytest.raises(ValueError, match="job 1 fails"):
+        compute_scenes(_jobs(3, failing=1, log=log))
+    assert log == ["build 0", "finish 0", "build 1"]
 
 
 def test_worker_sigkilled_mid_computation_does_not_change_the_result(

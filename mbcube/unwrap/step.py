@@ -15,7 +15,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from mbcube.cluster import compute
+from mbcube.cluster import SceneJob, compute_scenes
 from mbcube.config import UnwrapConfig
 from mbcube.errors import StoreError
 from mbcube.store import (
@@ -110,7 +110,7 @@ def unwrap_cube(
     if unknown:
         raise StoreError(f"{store}: no complete scene(s) {unknown}; scenes: {ids}")
     index = scene_index(store)
-    done = []
+    jobs = []
     for scene_id in wanted:
         if kinds[scene_id] != "insar":
             say(f"unwrap {scene_id}: {kinds[scene_id]} scene, nothing to unwrap")
@@ -122,9 +122,20 @@ def unwrap_cube(
         if not force and is_current(store, STEP, scene_id, record):
             say(f"unwrap {scene_id}: up to date")
             continue
+        jobs.append(_scene_job(store, scene_id, index[scene_id], config, record))
+    return compute_scenes(jobs)
+
+
+def _scene_job(
+    store: Path, scene_id: str, index: int, config: UnwrapConfig, record: dict[str, Any]
+) -> SceneJob:
+    """Unwrapping one scene: its layers written at its index, then the step recorded."""
+
+    def build() -> list[Any]:
         graph = scene_graph(store, scene_id, config)
-        write = write_scene_region(store, graph, index[scene_id], compute=False)
-        compute(write, label=f"unwrap scene {scene_id}")
+        return [write_scene_region(store, graph, index, compute=False)]
+
+    def finish() -> None:
         record_step(store, STEP, scene_id, record)
-        done.append(scene_id)
-    return done
+
+    return SceneJob(scene_id, f"unwrap scene {scene_id}", build, finish)
