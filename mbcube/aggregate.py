@@ -152,7 +152,7 @@ GLACIER_BLOCK = 4096
 #: The store group caching the glacier-level statistics and results.
 CACHE_GROUP = "massbalance_cache"
 #: Layout version of the cache (a cache of another layout is recomputed).
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 #: Cells per chunk of the cache (8 bytes x 2^18 = 2 MiB per field and chunk).
 CELL_CHUNK = 1 << 18
 #: The output folder's record of the glacier tables it holds.
@@ -281,16 +281,25 @@ def sum_cells(cells: CellStats, membership: np.ndarray, min_px_per_bin: int = 10
     valid = v["count"] >= min_px_per_bin
     area = np.where(valid, v["area_m2"], 0.0)
 
-    def summed(per_cell: np.ndarray) -> np.ndarray:
-        per_glacier = sparse.csr_array(
-            (per_cell, (cells.glacier, cells.cell)), shape=(n_glaciers, width)
-        )
-        return np.asarray((m @ per_glacier).toarray()).reshape(n_units, *shape)
-
-    def area_weighted(sums: np.ndarray) -> np.ndarray:
-        mean = np.divide(sums, v["weight"], out=np.zeros(sums.shape), where=valid)
-        return summed(area * mean)
-
+    mean_rate = np.divide(v["rate_sum"], v["weight"], out=np.zeros(len(area)), where=valid)
+    mean_dh = np.divide(v["dh_sum"], v["weight"], out=np.zeros(len(area)), where=valid)
+    columns = [
+        np.where(valid, v["count"], 0.0),
+        area,
+        area * mean_rate,
+        area * mean_dh,
+        v["area_m2"],
+        v["n_px"],
+    ]
+    # one sparse (G, 6 x B x F) matrix of all six fields (cells are sorted by glacier)
+    k = len(columns)
+    indptr = np.zeros(n_glaciers + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum(np.bincount(cells.glacier, minlength=n_glaciers)) * k
+    indices = (cells.cell[:, None] + width * np.arange(k)[None, :]).ravel()
+    per_glacier = sparse.csr_array(
+        (np.column_stack(columns).ravel(), indices, indptr), shape=(n_glaciers, k * width)
+    )
+    summed = np.asarray((m @ per_glacier).toarray()).reshape(n_units, k, *shape)
     area_g = cells.glacier_sum("area_m2")
     area_u = m @ area_g
     weighted = np.asarray(m @ (cells.scene_weight * area_g[None, :]).T).T
@@ -298,12 +307,12 @@ def sum_cells(cells: CellStats, membership: np.ndarray, min_px_per_bin: int = 10
         weighted, area_u[None, :], out=np.zeros_like(weighted), where=area_u[None, :] > 0
     )
     return GlacierStats(
-        count=summed(np.where(valid, v["count"], 0.0)),
-        weight=summed(area),
-        rate_sum=area_weighted(v["rate_sum"]),
-        dh_sum=area_weighted(v["dh_sum"]),
-        area_m2=summed(v["area_m2"]),
-        n_px=summed(v["n_px"]),
+        count=summed[:, 0],
+        weight=summed[:, 1],
+        rate_sum=summed[:, 2],
+        dh_sum=summed[:, 3],
+        area_m2=summed[:, 4],
+        n_px=summed[:, 5],
         measured_px=m @ cells.measured_px,
         scene_px=np.asarray(m @ cells.scene_px.T).T,
         scene_weight=scene_weight,
@@ -664,41 +673,61 @@ def _chunk_along(array: xr.DataArray, dim: str) -> int | None:
     return int(chunks) if chunks else None
 
 
+#: Columns of the cache's per-glacier table `glacier_values` (then f"result_{RESULT_COLUMNS}").
+_GLACIER_VALUES = (
+    "measured_px",
+    "void_area_m2",
+    "void_px",
+    "surge",
+    "surge_candidate",
+    "centroid_x_m",
+    "centroid_y_m",
+    "penetration_sigma_m",
+    "penetration_std_m",
+)
+#: Columns of the cache's per-scene table `scene_values`.
+_SCENE_VALUES = ("date_days", "years", "month", "stable_sigma_m", "datum_sigma_m")
+
+
 def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
-    """The combined statistics and the glacier results, in the store's CACHE_GROUP."""
+    """The combined statistics and the glacier results in the store's CACHE_GROUP, packed in a
+    few arrays (the fast path opens few arrays): `cells` (cell, glacier | cell index | the cell
+    fields), `glacier_values` (glacier, _GLACIER_VALUES + results), `scene_values`,
+    `scene_glacier` (scene_px, scene_weight), `ids` and the outline attributes."""
     c = data.cells
     results = data.glacier_results()
-    glacier_vars: dict[str, Any] = {
-        "measured_px": c.measured_px,
-        "void_area_m2": c.void_area_m2,
-        "void_px": c.void_px,
-        "ids": data.ids.astype(object),
-        "surge": data.surge.astype(np.int8),
-        "surge_candidate": data.surge_candidate.astype(np.int8),
-        "centroid_x_m": data.centroids_xy[:, 0],
-        "centroid_y_m": data.centroids_xy[:, 1],
-        "penetration_sigma_m": data.penetration_sigma_m,
-        **{f"attr_{k}": v for k, v in data.attributes.items()},
-        **{f"result_{k}": results[k] for k in RESULT_COLUMNS},
-    }
-    if data.penetration_std_m is not None:
-        glacier_vars["penetration_std_m"] = data.penetration_std_m
-    scene_vars = {
-        "scene_date_ns": np.asarray(data.scene_dates, dtype="datetime64[ns]").astype(np.int64),
-        "scene_years": data.scene_years,
-        "scene_month": data.scene_month,
-        "stable_sigma_m": data.stable_sigma_m,
-        "datum_sigma_m": data.datum_sigma_m,
-    }
+    pen_std = data.penetration_std_m
+    per_glacier = [
+        c.measured_px,
+        c.void_area_m2,
+        c.void_px,
+        data.surge.astype(float),
+        data.surge_candidate.astype(float),
+        data.centroids_xy[:, 0],
+        data.centroids_xy[:, 1],
+        data.penetration_sigma_m,
+        np.full(len(data.glacier), np.nan) if pen_std is None else pen_std,
+        *(results[k] for k in RESULT_COLUMNS),
+    ]
+    dates = np.asarray(data.scene_dates, dtype="datetime64[ns]").astype("datetime64[D]")
+    per_scene = [
+        dates.astype(np.int64).astype(float),
+        data.scene_years,
+        data.scene_month.astype(float),
+        data.stable_sigma_m,
+        data.datum_sigma_m,
+    ]
+    cells = np.column_stack(
+        [c.glacier.astype(float), c.cell.astype(float), *(c.values[k] for k in _CELL_FIELDS)]
+    )
     cache = xr.Dataset(
         {
-            "cell_glacier": ("cell", c.glacier.astype(np.int32)),
-            "cell_index": ("cell", c.cell.astype(np.int32)),
-            **{f"cell_{k}": ("cell", c.values[k]) for k in _CELL_FIELDS},
-            **{k: ("glacier", v) for k, v in glacier_vars.items()},
-            **{k: ("scene", v) for k, v in scene_vars.items()},
-            "scene_px": (("scene", "glacier"), c.scene_px),
-            "scene_weight": (("scene", "glacier"), c.scene_weight),
+            "cells": (("cell", "cell_column"), cells.reshape(-1, 2 + len(_CELL_FIELDS))),
+            "glacier_values": (("glacier", "glacier_column"), np.column_stack(per_glacier)),
+            "scene_values": (("scene", "scene_column"), np.column_stack(per_scene)),
+            "scene_glacier": (("kind", "scene", "glacier"), np.stack([c.scene_px, c.scene_weight])),
+            "ids": ("glacier", data.ids.astype(object)),
+            **{f"attr_{k}": ("glacier", v) for k, v in data.attributes.items()},
         },
         coords={
             "glacier": data.glacier,
@@ -709,13 +738,16 @@ def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
             "key": keys.stats_key,
             "results_key": keys.results_key,
             "n_surfaces": c.n_surfaces,
+            "penetration_std": pen_std is not None,
+            "cell_columns": ["glacier", "cell", *_CELL_FIELDS],
+            "glacier_columns": [*_GLACIER_VALUES, *(f"result_{k}" for k in RESULT_COLUMNS)],
+            "scene_columns": list(_SCENE_VALUES),
             "about": "mbcube aggregate: glacier statistics (scenes combined, per non-empty "
             "glacier x bin x surface cell) and glacier results",
         },
     )
     n_cells = max(1, min(CELL_CHUNK, len(c.glacier)))
-    encoding = {f"cell_{k}": {"chunks": (n_cells,)} for k in _CELL_FIELDS}
-    encoding |= {"cell_glacier": {"chunks": (n_cells,)}, "cell_index": {"chunks": (n_cells,)}}
+    encoding = {"cells": {"chunks": (n_cells, cells.shape[1] if cells.ndim == 2 else 8)}}
     try:
         write_dataset(cache, store, group=CACHE_GROUP, mode="w", encoding=encoding)
     except OSError as err:  # a read-only store: aggregate without the cache
@@ -730,47 +762,49 @@ def _read_cache(
     if keys.stats_key is None or not _has_group(store, CACHE_GROUP):
         return None, None
     g = zarr.open_group(str(store), path=CACHE_GROUP, mode="r")
-    if g.attrs.get("key") != keys.stats_key:
+    attrs: dict[str, Any] = dict(g.attrs.asdict())
+    if attrs.get("key") != keys.stats_key or attrs.get("glacier_columns") is None:
         return None, None
-
-    def read(name: str) -> np.ndarray:
-        return _array(g, name)
-
-    measured = read("measured_px").astype(float)
-    bins = read("bin").astype(float)
+    per_cell = _array(g, "cells")
+    per_glacier = dict(zip(attrs["glacier_columns"], _array(g, "glacier_values").T, strict=True))
+    scene_glacier = _array(g, "scene_glacier").astype(float)
+    bins = _array(g, "bin").astype(float)
     cells = CellStats(
-        glacier=read("cell_glacier").astype(np.int64),
-        cell=read("cell_index").astype(np.int64),
-        values={k: read(f"cell_{k}").astype(float) for k in _CELL_FIELDS},
-        measured_px=measured,
-        void_area_m2=read("void_area_m2").astype(float),
-        void_px=read("void_px").astype(float),
-        scene_px=read("scene_px").astype(float).reshape(len(keys.scenes), len(measured)),
-        scene_weight=read("scene_weight").astype(float).reshape(len(keys.scenes), len(measured)),
+        glacier=per_cell[:, 0].astype(np.int64),
+        cell=per_cell[:, 1].astype(np.int64),
+        values={k: np.ascontiguousarray(per_cell[:, 2 + i]) for i, k in enumerate(_CELL_FIELDS)},
+        measured_px=per_glacier["measured_px"],
+        void_area_m2=per_glacier["void_area_m2"],
+        void_px=per_glacier["void_px"],
+        scene_px=scene_glacier[0],
+        scene_weight=scene_glacier[1],
         n_bins=len(bins),
-        n_surfaces=int(str(g.attrs.get("n_surfaces", 2))),
+        n_surfaces=int(attrs.get("n_surfaces", 2)),
     )
-    if g.attrs.get("results_key") != keys.results_key:
+    if attrs.get("results_key") != keys.results_key:
         return cells, None
+    per_scene = dict(zip(attrs["scene_columns"], _array(g, "scene_values").T, strict=True))
     names = set(g.array_keys())
     grid = grid_of(state)
     data = StoredStats(
-        glacier=read("glacier"),
-        ids=_text(read("ids")),
-        surge=read("surge").astype(int),
-        surge_candidate=read("surge_candidate").astype(bool),
-        centroids_xy=np.column_stack([read("centroid_x_m"), read("centroid_y_m")]),
-        attributes={n[len("attr_") :]: _plain(read(n)) for n in names if n.startswith("attr_")},
+        glacier=_array(g, "glacier"),
+        ids=_text(_array(g, "ids")),
+        surge=per_glacier["surge"].astype(int),
+        surge_candidate=per_glacier["surge_candidate"].astype(bool),
+        centroids_xy=np.column_stack([per_glacier["centroid_x_m"], per_glacier["centroid_y_m"]]),
+        attributes={
+            n[len("attr_") :]: _plain(_array(g, n)) for n in sorted(names) if n.startswith("attr_")
+        },
         cells=cells,
-        penetration_sigma_m=read("penetration_sigma_m"),
-        penetration_std_m=read("penetration_std_m") if "penetration_std_m" in names else None,
+        penetration_sigma_m=per_glacier["penetration_sigma_m"],
+        penetration_std_m=per_glacier["penetration_std_m"] if attrs["penetration_std"] else None,
         bin_lower_m=bins,
-        scene_ids=_text(read("scene")),
-        scene_dates=read("scene_date_ns").astype("datetime64[ns]"),
-        scene_years=read("scene_years").astype(float),
-        scene_month=read("scene_month").astype(int),
-        stable_sigma_m=read("stable_sigma_m").astype(float),
-        datum_sigma_m=read("datum_sigma_m").astype(float),
+        scene_ids=_text(_array(g, "scene")),
+        scene_dates=per_scene["date_days"].astype("int64").astype("datetime64[D]"),
+        scene_years=per_scene["years"],
+        scene_month=per_scene["month"].astype(int),
+        stable_sigma_m=per_scene["stable_sigma_m"],
+        datum_sigma_m=per_scene["datum_sigma_m"],
         pixel_size_m=float(grid.res),
         reference_date=study.reference_date,
         crs=grid.crs,
@@ -780,7 +814,7 @@ def _read_cache(
         outlines_recorded="glaciers" in state.get("static", {}).get("inputs", {}),
         id_column=study.glacier_id_column,
         config=config,
-        results={k: read(f"result_{k}").astype(float) for k in RESULT_COLUMNS},
+        results={k: per_glacier[f"result_{k}"] for k in RESULT_COLUMNS},
         results_key=keys.results_key,
     )
     return cells, data

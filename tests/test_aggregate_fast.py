@@ -1,0 +1,259 @@
+"""The aggregation fast path: per-cell statistics (against the dense oracle), the store cache,
+the glacier tables' record, a new region set from the cache alone, glaciers.gpkg, and the
+scene statistics combined chunk by chunk."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pytest
+import shapely
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mbcube.aggregate import (
+    CACHE_GROUP,
+    TABLES_RECORD,
+    CellStats,
+    aggregate,
+    load_stats,
+    sum_cells,
+)
+from mbcube.config import MassBalanceConfig
+from mbcube.massbalance import GlacierStats, sum_units
+from mbcube.store import open_cube, read_state, record_step, write_dataset
+from tests.test_aggregate import Synthetic, _pixel_stats
+
+
+@pytest.fixture(scope="module")
+def recorded(
+    tiny_cube: Path, tiny_study: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Synthetic:
+    """Statistics from known pixels, each scene recorded as binned (so they are cacheable)."""
+    store = tmp_path_factory.mktemp("fast") / "cube.zarr"
+    shutil.copytree(tiny_cube, store)
+    syn = _pixel_stats(store, tiny_study, seed=3)
+    for scene in open_cube(store)["scene"].values:
+        record_step(store, "bin", str(scene), {"params": {"bin_width_m": 50.0}})
+    return syn
+
+
+def _random_stats(seed: int, n_glaciers: int, n_scenes: int) -> GlacierStats:
+    rng = np.random.default_rng(seed)
+    shape = (n_glaciers, 7, 2)
+    present = rng.random(shape) < 0.4
+    count = np.where(present, rng.integers(0, 30, shape), 0).astype(float)
+    area = np.where(present | (rng.random(shape) < 0.2), rng.uniform(1e3, 1e5, shape), 0.0)
+    scene_px = rng.integers(0, 50, (n_scenes, n_glaciers)).astype(float)
+    weight = rng.random((n_scenes, n_glaciers))
+    return GlacierStats(
+        count=count,
+        weight=count,
+        rate_sum=count * rng.normal(-0.5, 1.0, shape),
+        dh_sum=count * rng.normal(-5.0, 3.0, shape),
+        area_m2=area,
+        n_px=np.round(area / 900.0),
+        measured_px=rng.integers(0, 500, n_glaciers).astype(float),
+        scene_px=scene_px,
+        scene_weight=weight / weight.sum(axis=0, keepdims=True),
+        void_area_m2=rng.uniform(0, 1e4, n_glaciers),
+        void_px=rng.integers(0, 10, n_glaciers).astype(float),
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n_glaciers=st.integers(1, 25),
+    n_units=st.integers(1, 6),
+    min_px=st.integers(1, 20),
+)
+def test_sum_cells_equals_dense_sum_units(
+    seed: int, n_glaciers: int, n_units: int, min_px: int
+) -> None:
+    """Region sums from the non-empty cells equal massbalance.sum_units on the dense arrays,
+    field by field and bin by bin; the cells hold the dense statistics exactly."""
+    dense = _random_stats(seed, n_glaciers, 3)
+    cells = CellStats.from_dense(dense)
+    back = cells.dense()
+    for name in ("count", "weight", "rate_sum", "dh_sum", "area_m2", "n_px", "scene_weight"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(dense, name))
+    membership = np.random.default_rng(seed + 1).random((n_units, n_glaciers)) < 0.5
+    want = sum_units(dense, membership, min_px)
+    got = sum_cells(cells, membership, min_px)
+    for name in ("count", "weight", "rate_sum", "dh_sum", "area_m2", "n_px", "measured_px"):
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(got.scene_weight, want.scene_weight, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got.void_area, want.void_area, rtol=1e-12)
+
+
+def _strips(store: Path, path: Path, n: int) -> Path:
+    cube = open_cube(store)
+    x, y = cube["x"].values, cube["y"].values
+    edges = np.linspace(x.min() - 50, x.max() + 50, n + 1)
+    gpd.GeoDataFrame(
+        {"name": [f"strip {i}" for i in range(n)]},
+        geometry=[
+            shapely.box(a, y.min() - 50, b, y.max() + 50) for a, b in itertools.pairwise(edges)
+        ],
+        crs="EPSG:32643",
+    ).to_file(path, driver="GPKG")
+    return path
+
+
+def _lock(store: Path, group: str | None = None, coords: bool = True) -> int:
+    """Corrupt every chunk of the (y, x) arrays, or of the per-glacier arrays of `group`."""
+    locked = 0
+    root = store / group if group else store
+    for meta in root.glob("*/zarr.json"):
+        dims = json.loads(meta.read_text()).get("dimension_names") or []
+        if not coords and dims == [meta.parent.name]:
+            continue
+        if ("glacier" in dims) if group else ("y" in dims and "x" in dims):
+            for chunk in (meta.parent / "c").rglob("*"):
+                if chunk.is_file():
+                    chunk.write_bytes(b"locked: not a chunk")
+                    locked += 1
+    return locked
+
+
+def test_new_region_set_from_the_cache_alone(recorded: Synthetic, tmp_path: Path) -> None:
+    """After one aggregate, a new region file is aggregated with the pixels AND the scene
+    statistics and hypsometry locked: only the cache is read, the glacier tables stay as they
+    are, and the region table equals the one computed from the statistics."""
+    store = tmp_path / "cube.zarr"
+    shutil.copytree(recorded.store, store)
+    strips = _strips(store, tmp_path / "strips.gpkg", 3)
+    want_glaciers, want_regions = aggregate(recorded.store, tmp_path / "want", regions=strips)
+    out = tmp_path / "out"
+    aggregate(store, out)  # writes the cache and the glacier tables
+    assert (store / CACHE_GROUP / "zarr.json").exists()
+    before = (out / "glaciers.csv").stat().st_mtime_ns
+    assert _lock(store) > 10
+    assert _lock(store, "stats") > 3
+    assert _lock(store, "hypsometry") > 1
+    glaciers_csv, regions_csv = aggregate(store, out, regions=strips)
+    assert (out / "glaciers.csv").stat().st_mtime_ns == before  # not rewritten
+    pd.testing.assert_frame_equal(pd.read_csv(regions_csv), pd.read_csv(want_regions))
+    pd.testing.assert_frame_equal(pd.read_csv(glaciers_csv), pd.read_csv(want_glaciers))
+    members = pd.read_csv(out / "region_members.csv")
+    assert set(members["region"]) <= {"strip 0", "strip 1", "strip 2"}
+    table = pd.read_csv(regions_csv).set_index(["name", "glaciers"])
+    counts = members["region"].value_counts()
+    for name, n in counts.items():
+        assert table.loc[(name, "all"), "n_glaciers"] == n
+
+
+def test_parameters_change_the_results_not_the_combination(
+    recorded: Synthetic, tmp_path: Path
+) -> None:
+    """Another density reuses the cached cells (the scene statistics locked) and gives the same
+    glacier table as a store without cache; the tables in the folder are rewritten."""
+    store = tmp_path / "cube.zarr"
+    shutil.copytree(recorded.store, store)
+    out = tmp_path / "out"
+    aggregate(store, out)
+    key = read_state(store)  # the cache's key is unchanged by parameters
+    assert _lock(store, "stats", coords=False) >= 3  # count, sum_dh_m, sumsq_dh_m2
+    dense = MassBalanceConfig(density_kg_m3=900.0)
+    glaciers_csv, _ = aggregate(store, out, config=dense)
+    assert json.loads((out / TABLES_RECORD).read_text())["results_key"] is not None
+    fresh = tmp_path / "fresh.zarr"
+    shutil.copytree(recorded.store, fresh)
+    shutil.rmtree(fresh / CACHE_GROUP, ignore_errors=True)
+    want, _ = aggregate(fresh, tmp_path / "want", config=dense)
+    pd.testing.assert_frame_equal(pd.read_csv(glaciers_csv), pd.read_csv(want))
+    got = pd.read_csv(glaciers_csv)
+    ratio = got["mb_mwe_yr"] / got["dhdt_m_yr"]
+    np.testing.assert_allclose(ratio[np.isfinite(ratio)], 0.9)
+    assert read_state(store) == key
+
+
+def test_rebinned_scene_recombines(recorded: Synthetic, tmp_path: Path) -> None:
+    """A scene binned again (new token) invalidates the cache: the glacier tables follow."""
+    store = tmp_path / "cube.zarr"
+    shutil.copytree(recorded.store, store)
+    first = pd.read_csv(aggregate(store, tmp_path / "a")[0])
+    scene = str(open_cube(store)["scene"].values[0])
+    stats = load_stats(store)
+    # the scene's statistics doubled (same rate per scene x 2 = double dh) and re-recorded
+    import xarray as xr
+
+    ds = xr.open_zarr(str(store), group="stats").load()
+    ds["sum_dh_m"].loc[{"scene": scene}] = ds["sum_dh_m"].sel(scene=scene) * 2
+    write_dataset(ds, store, group="stats", mode="w")
+    record_step(store, "bin", scene, {"params": {"bin_width_m": 50.0}, "again": True})
+    again = pd.read_csv(aggregate(store, tmp_path / "a")[0])
+    assert not np.allclose(first["dhdt_m_yr"], again["dhdt_m_yr"], equal_nan=True)
+    assert load_stats(store).results_key != stats.results_key
+
+
+def test_combination_does_not_depend_on_the_stats_chunks(
+    recorded: Synthetic, tmp_path: Path
+) -> None:
+    """Statistics chunked along glacier (5 per chunk) give the same tables as one chunk."""
+    import xarray as xr
+
+    store = tmp_path / "cube.zarr"
+    shutil.copytree(recorded.store, store)
+    ds = xr.open_zarr(str(store), group="stats").load()
+    big = [v for v in ds.data_vars if "glacier" in ds[v].dims]
+    encoding = {v: {"chunks": (1, 5, ds.sizes["bin"], 2)} for v in big}
+    write_dataset(
+        ds.transpose("scene", "glacier", "bin", "surface"),
+        store,
+        group="stats",
+        mode="w",
+        encoding=encoding,
+    )
+    zarr_meta = json.loads((store / "stats" / "count" / "zarr.json").read_text())
+    assert zarr_meta["chunk_grid"]["configuration"]["chunk_shape"][1] == 5
+    got = pd.read_csv(aggregate(store, tmp_path / "a")[0])
+    want = pd.read_csv(aggregate(recorded.store, tmp_path / "b")[0])
+    pd.testing.assert_frame_equal(got, want)
+
+
+def test_glaciers_gpkg_joins_outlines_and_table(recorded: Synthetic, tmp_path: Path) -> None:
+    """glaciers.gpkg: the study's outlines (file order, CRS, id column) with the table."""
+    out = tmp_path / "out"
+    glaciers_csv, _ = aggregate(recorded.store, out)
+    table = pd.read_csv(glaciers_csv)
+    frame = gpd.read_file(out / "glaciers.gpkg")
+    outlines = gpd.read_file(recorded.study / "glaciers.gpkg")
+    assert frame.crs == outlines.crs
+    assert list(frame.columns) == [*table.columns, "geometry"]
+    pd.testing.assert_frame_equal(
+        pd.DataFrame(frame.drop(columns="geometry")).fillna({"period": ""}),
+        table.fillna({"period": ""}),
+        check_dtype=False,
+    )
+    assert (frame["RGIId"].to_numpy() == outlines["RGIId"].to_numpy()).all()
+    assert all(a.equals(b) for a, b in zip(frame.geometry, outlines.geometry, strict=True))
+    assert json.loads((out / TABLES_RECORD).read_text())["gpkg"] == "written"
+
+
+def test_gpkg_not_written_when_the_outlines_are_gone(recorded: Synthetic, tmp_path: Path) -> None:
+    """Outlines recorded at ingest but changed since: a warning, the other tables written."""
+    store = tmp_path / "cube.zarr"
+    shutil.copytree(recorded.store, store)
+    study = tmp_path / "study"
+    shutil.copytree(recorded.study, study, ignore=shutil.ignore_patterns("scenes", "truth"))
+    state = read_state(store)
+    state["static"]["inputs"]["glaciers"]["path"] = str(study / "glaciers.gpkg")
+    state["static"]["inputs"]["glaciers"]["size"] = -1  # not the recorded file any more
+    from mbcube.errors import MbcubeWarning
+    from mbcube.store import write_state
+
+    write_state(store, state)
+    with pytest.warns(MbcubeWarning, match="glaciers.gpkg not written"):
+        aggregate(store, tmp_path / "out")
+    assert (tmp_path / "out" / "glaciers.csv").exists()
+    assert not (tmp_path / "out" / "glaciers.gpkg").exists()
+    record = json.loads((tmp_path / "out" / TABLES_RECORD).read_text())
+    assert record["gpkg"].startswith("not written")
