@@ -14,10 +14,17 @@ For each case (study kind x study shape x seed) a synthetic study is generated, 
                (the `penetration` group, looked up as the correction does);
     scene: the rest (datum/ramp residual, seasonal deviation, phase noise, unwrapping errors);
   each averaged over the glacier's measured pixels, divided by the scene's span, averaged over
-  scenes with the pixel counts as weights, in m w.e./yr. `sampling` is the glacier's actual error
-  minus the sum of the three: what hypsometric averaging and gap filling add or remove.
+  scenes with the pixel counts as weights, in m w.e./yr. `void` is what the glacier's area
+  without a reference DEM adds (it takes the glacier's mean): void share x (estimated rate -
+  the void's true rate) x density. `sampling` is the glacier's actual error minus the four:
+  what hypsometric averaging and gap filling of the binned area add or remove.
 
-Usage: python -m benchmarks.accuracy [--quick] [--work DIR] [--seeds 1 2 3]
+The tables are made by `mbcube.aggregate` with its `_results` calling
+`mbcube.massbalance.unit_results` (so the unmeasured-area term and the minimum measured share
+per bin are in): where aggregate.py does not do so yet, the child process applies that change
+(`proposed_aggregate`) before running the pipeline; `--as-is` measures aggregate.py unchanged.
+
+Usage: python -m benchmarks.accuracy [--work DIR] [--seeds 1 2 3] [--as-is] [--keep]
 Per-glacier rows go to WORK/glaciers.csv, the summary tables to stdout (markdown).
 """
 
@@ -61,12 +68,53 @@ class Case:
         return f"{self.kind}-{self.shape}-s{self.seed}"
 
 
+def proposed_aggregate() -> bool:
+    """Make `mbcube.aggregate` compute its results with `mbcube.massbalance.unit_results` (every
+    error term, including sigma_unmeasured_mwe_yr, as a column), as the change proposed for
+    aggregate.py does. Returns False when aggregate.py does so already. Only for this
+    benchmark's child processes and the accuracy test."""
+    from mbcube import aggregate as agg
+    from mbcube.massbalance import unit_results
+
+    if "sigma_unmeasured_mwe_yr" in agg.SIGMA_COLUMNS:
+        return False
+    lists = ("SIGMA_COLUMNS", "GLACIER_COLUMNS", "RESULT_COLUMNS", "REGION_COLUMNS")
+    for name in lists:
+        columns = getattr(agg, name, None)
+        if isinstance(columns, list) and "sigma_density_mwe_yr" in columns:
+            columns.insert(columns.index("sigma_density_mwe_yr"), "sigma_unmeasured_mwe_yr")
+
+    def results(data: Any, units: Any, pen_sigma: Any, pen_std: Any) -> dict[str, np.ndarray]:
+        return unit_results(
+            units,
+            data.bin_lower_m,
+            data.scene_years,
+            data.scene_month,
+            data.stable_sigma_m,
+            data.datum_sigma_m,
+            data.pixel_size_m,
+            pen_sigma,
+            pen_std,
+            data.config,
+        )
+
+    agg._results = results
+    return True
+
+
 def run_case(
-    case: Case, work: Path, keep: bool = False, overrides: dict[str, Any] | None = None
+    case: Case,
+    work: Path,
+    keep: bool = False,
+    overrides: dict[str, Any] | None = None,
+    as_is: bool = False,
 ) -> pd.DataFrame:
     """Generate, run and evaluate one case (in this process); per-glacier rows."""
     from mbcube.pipeline import load_pipeline, run
     from mbcube.synth import generate_study
+
+    if not as_is:
+        proposed_aggregate()
 
     warnings.filterwarnings("ignore", message="penetration.*pooled table")
     root = work / case.name
@@ -103,7 +151,12 @@ def evaluate(study: Path, store: Path, out: Path) -> pd.DataFrame:
     both["error_mwe_yr"] = both["mb_mwe_yr"] - both["mb_mwe_yr_true"]
     parts = decompose(study, store)
     both = both.merge(parts, left_on="RGIId", right_index=True, how="left")
-    known = both[["ref_mwe_yr", "pen_mwe_yr", "scene_mwe_yr"]].sum(axis=1, min_count=3)
+    both["void_mwe_yr"] = (
+        both["void_frac"] * (both["dhdt_m_yr"] - both["void_true_m_yr"]).fillna(0.0) * DENSITY
+    )
+    known = both[["ref_mwe_yr", "pen_mwe_yr", "scene_mwe_yr", "void_mwe_yr"]].sum(
+        axis=1, min_count=4
+    )
     both["sampling_mwe_yr"] = both["error_mwe_yr"] - known
     keep = [
         "RGIId",
@@ -118,10 +171,12 @@ def evaluate(study: Path, store: Path, out: Path) -> pd.DataFrame:
         "sigma_penetration_mwe_yr",
         "sigma_datum_mwe_yr",
         "sigma_seasonal_mwe_yr",
+        "sigma_unmeasured_mwe_yr",
         "sigma_density_mwe_yr",
         "ref_mwe_yr",
         "pen_mwe_yr",
         "scene_mwe_yr",
+        "void_mwe_yr",
         "sampling_mwe_yr",
         "ref_all_mwe_yr",
     ]
@@ -131,7 +186,8 @@ def evaluate(study: Path, store: Path, out: Path) -> pd.DataFrame:
 def decompose(study: Path, store: Path) -> pd.DataFrame:
     """Per glacier (index RGIId): the mean reference, penetration and scene error of its measured
     pixels, in m w.e./yr (module docstring); `ref_all_mwe_yr` is the reference error over ALL its
-    pixels divided by the mean span (what a perfect method would still carry)."""
+    pixels divided by the mean span (what a perfect method would still carry); `void_frac` its
+    share of pixels without a reference DEM and `void_true_m_yr` their true mean rate."""
     import rasterio
     import xarray as xr
 
@@ -185,7 +241,10 @@ def decompose(study: Path, store: Path) -> pd.DataFrame:
     with np.errstate(invalid="ignore", divide="ignore"):
         out = {k: DENSITY * acc[k] / acc["w"] for k in ("ref", "pen", "scene")}
     all_px = np.bincount(glacier.ravel(), minlength=n)
+    void = (glacier > 0) & ~np.isfinite(ref_dem)
+    void_px = np.bincount(glacier[void], minlength=n)
     with np.errstate(invalid="ignore", divide="ignore"):
+        void_true = np.bincount(glacier[void], weights=rate[void], minlength=n) / void_px
         ref_all = np.bincount(glacier.ravel(), weights=-ref_err.ravel(), minlength=n) / all_px
     ref_all = DENSITY * ref_all / np.mean(np.abs(years))
     ids = xr.DataArray(cube["glacier_rgi_id"].values, dims="glacier")
@@ -196,6 +255,8 @@ def decompose(study: Path, store: Path) -> pd.DataFrame:
             "pen_mwe_yr": out["pen"][index],
             "scene_mwe_yr": out["scene"][index],
             "ref_all_mwe_yr": ref_all[index],
+            "void_frac": (void_px / np.maximum(all_px, 1))[index],
+            "void_true_m_yr": void_true[index],
         },
         index=pd.Index([str(v) for v in ids.values], name="RGIId"),
     )
@@ -221,15 +282,21 @@ def evaluate_regions(study: Path, out: Path) -> pd.DataFrame:
     ]
 
 
-def _child(case: Case, work: Path, keep: bool, overrides: dict[str, Any], queue: Any) -> None:
+def _child(
+    case: Case, work: Path, keep: bool, overrides: dict[str, Any], as_is: bool, queue: Any
+) -> None:
     try:
-        queue.put(("ok", run_case(case, work, keep, overrides)))
+        queue.put(("ok", run_case(case, work, keep, overrides, as_is)))
     except Exception as err:  # reported by the parent with the case's name
         queue.put(("error", f"{type(err).__name__}: {err}"))
 
 
 def run_all(
-    cases: list[Case], work: Path, keep: bool = False, overrides: dict[str, Any] | None = None
+    cases: list[Case],
+    work: Path,
+    keep: bool = False,
+    overrides: dict[str, Any] | None = None,
+    as_is: bool = False,
 ) -> pd.DataFrame:
     """Each case in a fresh child process (bounded memory), one at a time."""
     work.mkdir(parents=True, exist_ok=True)
@@ -241,7 +308,7 @@ def run_all(
             frames.append(pd.read_csv(done))
             continue
         queue = ctx.Queue()
-        proc = ctx.Process(target=_child, args=(case, work, keep, overrides or {}, queue))
+        proc = ctx.Process(target=_child, args=(case, work, keep, overrides or {}, as_is, queue))
         t0 = time.perf_counter()
         proc.start()
         status, payload = queue.get()
@@ -289,10 +356,15 @@ def summary(glaciers: pd.DataFrame) -> pd.DataFrame:
                     "rms_ref": _rms(sub["ref_mwe_yr"]),
                     "rms_pen": _rms(sub["pen_mwe_yr"]),
                     "rms_scene": _rms(sub["scene_mwe_yr"]),
+                    "rms_void": _rms(sub["void_mwe_yr"]),
                     "rms_sampling": _rms(sub["sampling_mwe_yr"]),
                     "rms_ref_all_px": _rms(sub["ref_all_mwe_yr"]),
                     "median_sigma_random": sub["sigma_random_mwe_yr"].median(),
                     "median_sigma_pen": sub["sigma_penetration_mwe_yr"].median(),
+                    "median_sigma_unmeasured": sub["sigma_unmeasured_mwe_yr"].median()
+                    if "sigma_unmeasured_mwe_yr" in sub
+                    else np.nan,
+                    "rms_z": _rms(sub["error_mwe_yr"] / sub["mb_sigma_mwe_yr"]),
                 }
             )
     return pd.DataFrame(rows)
@@ -308,7 +380,7 @@ def region_summary(regions: pd.DataFrame) -> pd.DataFrame:
     r["abs_err"] = r["error_mwe_yr"].abs()
     r["in1"] = r["abs_err"] <= r["mb_sigma_mwe_yr"]
     return (
-        r.groupby(["kind", "shape"])
+        r.groupby(["kind", "shape", "glaciers"])
         .agg(
             n=("abs_err", "size"),
             median_abs_err=("abs_err", "median"),
@@ -340,6 +412,9 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=list(KINDS))
     parser.add_argument("--keep", action="store_true", help="keep the studies and cubes")
     parser.add_argument(
+        "--as-is", action="store_true", help="aggregate.py unchanged (see the module docstring)"
+    )
+    parser.add_argument(
         "--override",
         type=json.loads,
         default={},
@@ -349,7 +424,7 @@ def main() -> None:
     cases = [Case(k, s, seed) for s in args.shapes for k in args.kinds for seed in args.seeds]
     t0 = time.perf_counter()
     load0 = os.getloadavg()
-    glaciers = run_all(cases, args.work, args.keep, args.override)
+    glaciers = run_all(cases, args.work, args.keep, args.override, args.as_is)
     glaciers.to_csv(args.work / "glaciers.csv", index=False)
     region_files = [args.work / f"{c.name}.regions.csv" for c in cases]
     regions = pd.concat([pd.read_csv(p) for p in region_files if p.exists()], ignore_index=True)

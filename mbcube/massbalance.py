@@ -39,27 +39,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from scipy import sparse
 
+from mbcube.config import MassBalanceConfig
+
 if TYPE_CHECKING:
     import xarray as xr
 
-    from mbcube.config import MassBalanceConfig
-
 __all__ = [
+    "MIN_MEASURED_FRAC",
     "PREFERRED_MIN_COVERAGE",
     "GlacierStats",
+    "Profile",
     "balance",
     "combine_scenes",
     "fill_along_elevation",
     "filled_profile",
     "filled_profiles",
+    "hypsometric_profile",
     "mass_balance_dataset",
+    "representative_cells",
     "select_scenes",
     "sum_units",
+    "unit_results",
     "with_void_area",
 ]
 
@@ -67,6 +72,8 @@ __all__ = [
 #: fraction of its area (bins with enough measurements); otherwise all its scenes.
 PREFERRED_MIN_COVERAGE = 0.5
 PREFERRED_MONTHS = (1, 2, 3)
+#: Default of MassBalanceConfig.min_measured_frac_per_bin (see `representative_cells`).
+MIN_MEASURED_FRAC: float = MassBalanceConfig.model_fields["min_measured_frac_per_bin"].default
 
 SceneRule = Literal["count_weighted", "prefer_jan_mar"]
 
@@ -89,9 +96,17 @@ class GlacierStats:
     scene_weight: np.ndarray  #: (S, U) weight of each scene in the unit's mean (sums to 1)
     void_area_m2: np.ndarray | None = None  #: (U,) glacier area without a reference DEM (m2)
     void_px: np.ndarray | None = None  #: (U,) its pixels
+    #: (U, B, F) pixels of each cell the unit's mean stands for: glaciers, the pixels of a
+    #: measured cell the best-covering scene measured (<= n_px; 0 in unmeasured cells); regions,
+    #: their glaciers' sum. None: min(count, n_px) of the measured cells (overlapping scenes then
+    #: count twice, so it can overstate what was measured).
+    measured_bin_px: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = self.count.shape[0]
+        if self.measured_bin_px is None:
+            measured = np.where(self.count > 0, np.minimum(self.count, self.n_px), 0.0)
+            object.__setattr__(self, "measured_bin_px", measured)
         if self.void_area_m2 is None:
             object.__setattr__(self, "void_area_m2", np.zeros(n))
         if self.void_px is None:
@@ -99,11 +114,21 @@ class GlacierStats:
 
     def __getitem__(self, index: slice | np.ndarray) -> GlacierStats:
         """The units at `index` (a slice or integer/boolean array)."""
-        values = {}
+        values: dict[str, Any] = {}
         for f in fields(self):
             arr = getattr(self, f.name)
-            values[f.name] = arr[:, index] if f.name.startswith("scene_") else arr[index]
+            if arr is None:
+                values[f.name] = None
+            else:
+                values[f.name] = arr[:, index] if f.name.startswith("scene_") else arr[index]
         return GlacierStats(**values)
+
+    @property
+    def measured_bin_px_or_zero(self) -> np.ndarray:
+        """(U, B, F) measured pixels per cell (see `measured_bin_px`)."""
+        if self.measured_bin_px is None:  # set in __post_init__; for the type checker
+            return np.zeros(self.count.shape)
+        return self.measured_bin_px
 
     @property
     def void_area(self) -> np.ndarray:
@@ -164,12 +189,16 @@ def combine_scenes(
     min_px_per_bin: int = 10,
     void_area_m2: np.ndarray | None = None,
     void_px: np.ndarray | None = None,
+    min_frac: float = MIN_MEASURED_FRAC,
 ) -> GlacierStats:
     """Combine the used scenes of each glacier into one set of statistics.
 
     count, sum_dh_m: (S, G, B, F); scene_years (S,) years since the reference date; area_m2,
     n_px: (G, B, F) hypsometry; use: (S, G) bool from `select_scenes`; void_area_m2, void_px
     (G,): glacier area without a reference DEM (no bin; it takes the glacier's mean rate).
+    Cells that are not `representative_cells` (too few measurements, or measured on less than
+    `min_frac` of their pixels by every scene) are dropped here, so they are filled along
+    elevation by `balance` and a region (`sum_units`) never uses them.
     """
     years = np.asarray(scene_years, dtype=float)
     if np.any(~np.isfinite(years) | (years == 0)):
@@ -179,12 +208,16 @@ def combine_scenes(
         )
     used = use[:, :, None, None]
     count_s = np.where(used, count, 0).astype(float)
-    sum_s = np.where(used & (count > 0), sum_dh_m, 0.0)
+    n_px = np.asarray(n_px, dtype=float)
+    best = count_s.max(axis=0) if len(years) else np.zeros(count_s.shape[1:])
+    measured_bin = np.minimum(best, n_px)
+    measured_px = measured_bin.sum(axis=(1, 2))
+    keep = representative_cells(count_s.sum(axis=0), measured_bin, n_px, min_px_per_bin, min_frac)
+    count_s = np.where(keep[None], count_s, 0.0)
+    sum_s = np.where(used & (count > 0) & keep[None], sum_dh_m, 0.0)
     total = count_s.sum(axis=0)
     rate_sum = np.einsum("s,sgbf->gbf", 1.0 / years, sum_s)
     dh_sum = sum_s.sum(axis=0)
-    best = count_s.max(axis=0) if len(years) else np.zeros_like(total)
-    measured_px = np.minimum(best, n_px).sum(axis=(1, 2))
     scene_px = count_s.sum(axis=(2, 3))
     # each scene's share of the unit's hypsometric mean: over measured cells, area x its share
     valid = total >= min_px_per_bin
@@ -206,13 +239,37 @@ def combine_scenes(
         rate_sum=rate_sum,
         dh_sum=dh_sum,
         area_m2=np.asarray(area_m2, dtype=float),
-        n_px=np.asarray(n_px, dtype=float),
+        n_px=n_px,
         measured_px=measured_px,
         scene_px=scene_px,
         scene_weight=scene_weight,
         void_area_m2=None if void_area_m2 is None else np.asarray(void_area_m2, dtype=float),
         void_px=None if void_px is None else np.asarray(void_px, dtype=float),
+        measured_bin_px=np.where(valid, measured_bin, 0.0),
     )
+
+
+def representative_cells(
+    count: np.ndarray,
+    measured_bin_px: np.ndarray,
+    n_px: np.ndarray,
+    min_px_per_bin: int = 10,
+    min_frac: float = MIN_MEASURED_FRAC,
+) -> np.ndarray:
+    """Which (unit, bin, surface) cells keep their measurements: (U, B, F) bool.
+
+    A cell is kept when its best-covering scene measured at least `min_frac` of its pixels
+    (``measured_bin_px >= min_frac * n_px``): a bin seen on a small part of its area is not a
+    sample of the bin (the part seen is one side of the glacier, or its margin), so it is filled
+    along elevation instead. A unit none of whose cells has both that share and >= min_px_per_bin
+    measurements keeps every cell (its best available data). Kept cells with >= min_px_per_bin
+    measurements count as measured (`balance`).
+    """
+    if not 0.0 <= min_frac <= 1.0:
+        raise ValueError(f"min_frac must be within [0, 1], got {min_frac}")
+    share_ok = measured_bin_px >= min_frac * n_px
+    usable = share_ok & (count >= min_px_per_bin)
+    return np.where(usable.any(axis=(1, 2), keepdims=True), share_ok, True)
 
 
 def sum_units(
@@ -257,6 +314,7 @@ def sum_units(
         scene_weight=scene_weight,
         void_area_m2=m @ stats.void_area,
         void_px=m @ stats.void_pixels,
+        measured_bin_px=summed(np.where(valid, stats.measured_bin_px_or_zero, 0.0)),
     )
 
 
@@ -338,26 +396,56 @@ def filled_profiles(
     return outs, valid
 
 
-def balance(
+@dataclass(frozen=True)
+class Profile:
+    """The hypsometric profile of U units (`hypsometric_profile`)."""
+
+    rate_m_yr: np.ndarray  #: (U, B, F) per-cell rate, measured or filled (NaN: none)
+    dh_m: np.ndarray  #: (U, B, F) per-cell dh over the scenes' spans (m)
+    valid: np.ndarray  #: (U, B, F) measured cells (the others are filled)
+    measured_frac: np.ndarray  #: (U, B, F) share of each cell's pixels measured (0 if filled)
+
+
+def hypsometric_profile(
     stats: GlacierStats,
     bin_lower_m: np.ndarray,
     bin_width_m: float = 50.0,
     min_px_per_bin: int = 10,
-    density_kg_m3: float = 850.0,
-) -> dict[str, np.ndarray]:
-    """Hypsometric mass balance of each unit. Returns arrays (U,) keyed by table column:
-
-    area_km2 (binned area + void area), coverage_frac (measured pixels / all pixels, voids
-    included), filled_frac (share of the binned area in bins filled by interpolation), dh_m (mean elevation change over the scenes' spans, m),
-    dhdt_m_yr, mb_mwe_yr, volume_km3_yr, mass_gt_yr. Units without any bin of
-    >= min_px_per_bin measurements get NaN.
-    """
+) -> Profile:
+    """Per-cell mean rate and dh of each unit, cells without >= min_px_per_bin measurements
+    filled along elevation (`filled_profiles`), and the measured share of each cell."""
     z_m = np.asarray(bin_lower_m, dtype=float) + 0.5 * bin_width_m
     if z_m.size > 1 and np.any(np.diff(z_m) <= 0):
         raise ValueError("bins must be increasing elevations")
     (rate, dh), valid = filled_profiles(
         (stats.rate_sum, stats.dh_sum), stats.count, z_m, min_px_per_bin, stats.weight
     )
+    n_px = stats.n_px
+    measured = np.divide(
+        stats.measured_bin_px_or_zero, n_px, out=np.zeros(n_px.shape), where=valid & (n_px > 0)
+    )
+    return Profile(rate, dh, valid, np.clip(measured, 0.0, 1.0))
+
+
+def balance(
+    stats: GlacierStats,
+    bin_lower_m: np.ndarray,
+    bin_width_m: float = 50.0,
+    min_px_per_bin: int = 10,
+    density_kg_m3: float = 850.0,
+    profile: Profile | None = None,
+) -> dict[str, np.ndarray]:
+    """Hypsometric mass balance of each unit. Returns arrays (U,) keyed by table column:
+
+    area_km2 (binned area + void area), coverage_frac (measured pixels / all pixels, voids
+    included), filled_frac (share of the binned area in bins filled by interpolation),
+    dh_m (mean elevation change over the scenes' spans, m), dhdt_m_yr, mb_mwe_yr,
+    volume_km3_yr, mass_gt_yr. Units without any bin of >= min_px_per_bin measurements get NaN.
+    `profile`: the units' `hypsometric_profile` when already computed.
+    """
+    if profile is None:
+        profile = hypsometric_profile(stats, bin_lower_m, bin_width_m, min_px_per_bin)
+    rate, dh, valid = profile.rate_m_yr, profile.dh_m, profile.valid
     area = stats.area_m2
     total = area.sum(axis=(1, 2))
     measured = valid.any(axis=(1, 2)) & (total > 0)
@@ -383,6 +471,56 @@ def balance(
         "volume_km3_yr": dhdt * glacier_area / 1e9,
         "mass_gt_yr": mb * glacier_area / 1e9,
     }
+
+
+def unit_results(
+    stats: GlacierStats,
+    bin_lower_m: np.ndarray,
+    scene_years: np.ndarray,
+    scene_month: np.ndarray,
+    stable_sigma_m: np.ndarray,
+    scene_datum_sigma_m: np.ndarray,
+    pixel_size_m: float,
+    penetration_sigma_m: np.ndarray,
+    penetration_std_m: np.ndarray | None = None,
+    config: MassBalanceConfig | None = None,
+) -> dict[str, np.ndarray]:
+    """Mass balance (`balance`) and every error term (`mbcube.uncertainty.unit_uncertainty`,
+    with the unmeasured-area term) of U units, keyed by table column; parameters from `config`
+    (default: MassBalanceConfig()). Per scene (S,): scene_years, scene_month, stable_sigma_m
+    (stable-ground spread, m), scene_datum_sigma_m (m); per unit (U,): penetration_sigma_m
+    (table error, m), penetration_std_m (between-glacier spread, m; None: unknown)."""
+    from mbcube.uncertainty import unit_uncertainty, unmeasured_sigma_m_yr
+
+    c = config or MassBalanceConfig()
+    profile = hypsometric_profile(stats, bin_lower_m, c.bin_width_m, c.min_px_per_bin)
+    out = balance(
+        stats, bin_lower_m, c.bin_width_m, c.min_px_per_bin, c.density_kg_m3, profile=profile
+    )
+    unmeasured = unmeasured_sigma_m_yr(
+        stats.area_m2, profile.measured_frac, profile.rate_m_yr, stats.void_area
+    )
+    errors = unit_uncertainty(
+        out["dhdt_m_yr"],
+        stats.scene_weight,
+        stats.scene_px,
+        stats.measured_px,
+        penetration_sigma_m,
+        scene_years,
+        scene_month,
+        stable_sigma_m,
+        scene_datum_sigma_m,
+        pixel_size_m,
+        penetration_std_m=penetration_std_m,
+        unmeasured_m_yr=unmeasured,
+        density_kg_m3=c.density_kg_m3,
+        density_sigma_kg_m3=c.density_sigma_kg_m3,
+        autocorrelation_m=c.autocorrelation_m,
+        autocorrelation_penetration_m=c.autocorrelation_penetration_m,
+        seasonal_sigma_m_per_month=c.seasonal_sigma_m_per_month,
+        reference_sigma_m=c.reference_sigma_m,
+    )
+    return out | errors
 
 
 def with_void_area(

@@ -1,28 +1,60 @@
 """Uncertainty of glacier and region mass balance (1 sigma), term by term, from small tables.
 
-All terms are first elevation-change-rate errors (m/yr), converted with the density to m w.e./yr,
-and reported separately; the total is their quadrature sum (the terms are taken as independent).
-For a unit (a glacier, or a region = its glaciers' summed statistics) with scene weights w_s
-(each scene's share of the unit's mean, see `mbcube.massbalance`) and time spans T_s (yr):
+Every term is first an error of the elevation-change rate (m/yr), then converted with the
+density rho (kg/m3) to m w.e./yr (x rho / 1000), and reported as its own column; the total
+`mb_sigma_mwe_yr` is their quadrature sum (the terms are independent). A unit (a glacier, or a
+region = its glaciers' summed statistics) uses scenes s with weights w_s (each scene's share of
+the unit's mean, summing to 1, see `mbcube.massbalance`) and spans T_s (yr, absolute).
 
-- random: ``sqrt(sum_s (w_s sigma_stable_s / T_s)^2 / N_eff_s)``, sigma_stable_s the standard
-  deviation of the scene's corrected dh on stable ground, ``N_eff = N px * pixel size / (2 d)``
-  (Bolch et al. 2011), N the pixels scene s measured on the unit, d = `autocorrelation_m` (500 m).
-  Scenes are independent; within a scene, errors decorrelate beyond d, so a region's random error
-  is computed from its total measured pixels (smaller than its glaciers' errors).
-- penetration: two parts, in quadrature, each divided by the span (``* sum_s w_s / T_s``):
-  the table error sigma_table (the standard error of each (region, surface, bin) entry of the
-  C/X penetration table, `penetration_sigma_m`, area-weighted over the unit; fully correlated over
-  bins and over the glaciers of a region, so it does not average down), and, when the table's
-  pixel spread std_pen is stored (`penetration_std_m`), how far the unit's own penetration may
-  differ from the regional table: ``std_pen / sqrt(N_eff)`` with d = `autocorrelation_penetration_m`
-  (2000 m, the decorrelation length of SRTM C minus X) and the unit's measured pixels.
-- datum: per scene ``sqrt(mean_stable^2 + sigma_stable^2 / N_eff_stable)`` (the bias left on stable
-  ground plus the standard error of the offset estimate). Fully correlated across all glaciers of a
-  scene (it does not average out over a region); independent between scenes.
-- seasonal: ``seasonal_sigma_m_per_month`` (0.15 m) x months between the scene's month and February;
-  fully correlated within a scene, independent between scenes (as the datum term).
-- density: ``|dh/dt| * density_sigma / 1000`` (fully correlated everywhere).
+**Spatial averaging** (Rolstad et al. 2009; Hugonnet et al. 2022 sum such terms for variograms of
+several ranges): an error field of standard deviation sigma (m), correlated with a spherical
+variogram of range a (m), averaged over an area A (m2) taken as a disc of radius
+L = sqrt(A / pi), keeps the variance sigma^2 * rho(A, a) with
+
+    rho = 1 - L/a + L^3 / (5 a^3)     for L <= a,
+    rho = a^2 / (5 L^2)               for L >  a,
+
+so the area holds N_eff = 1 / rho independent samples (`n_eff`; at least 1, at most its number of
+pixels). With a = 500 m a 1 km2 glacier holds N_eff ~ 6 (Bolch et al.'s N px x res / 2a counted 33).
+
+**Terms** (A_u the unit's measured area = measured pixels x res^2; A_su what scene s measured):
+
+- random: the DEMs' elevation error, from the spread sigma_s (m) of each scene's corrected dh on
+  stable ground (NMAD), correlated over d = `autocorrelation_m` (500 m). Part of it is the
+  reference DEM's error, the SAME field in every scene, which does not average out over scenes:
+  that common part is at most sigma_c = min_s sigma_s over the unit's scenes (each scene's spread
+  is the reference's plus its own), or `reference_sigma_m` when known. Then
+
+      sigma_random^2 = sigma_c^2 rho(A_u, d) (sum_s w_s / T_s)^2
+                       + sum_s (w_s / T_s)^2 (sigma_s^2 - sigma_c^2) rho(A_su, d).
+
+  With one scene this is the usual sigma_s sqrt(rho(A, d)) / T.
+- penetration: the C/X penetration table's error sigma_table (m; the standard error of its
+  (region, surface, bin) entries, area-weighted over the unit), the same for every glacier of a
+  region and every scene, so it does not average down; and, where the table's between-glacier
+  spread sigma_spread (m) is known, how far the unit's own penetration may differ from its
+  region's table, an error correlated over d_pen = `autocorrelation_penetration_m` (2000 m):
+
+      sigma_pen = sqrt(sigma_table^2 + sigma_spread^2 rho(A_u, d_pen)) * sum_s w_s / T_s.
+
+- datum: per scene delta_s = sqrt(mean_s^2 + sigma_s^2 rho(A_stable_s, d)) (m), the bias left on
+  stable ground plus the standard error of the offset fitted there; fully correlated over all
+  glaciers of a scene, independent between scenes: sigma_datum^2 = sum_s (w_s delta_s / T_s)^2.
+- seasonal: 0.15 m per month (`seasonal_sigma_m_per_month`) x months m_s between the scene's month
+  and February, correlated within a scene: sigma_seasonal^2 = sum_s (w_s 0.15 m_s / T_s)^2.
+- unmeasured: the area the unit's mean stands for without a measurement: cells (bin x surface)
+  filled along elevation, the unmeasured part of partly measured cells, and the glacier area
+  without a reference DEM (voids, which take the unit's mean). Such a part may differ from the
+  value it is given by as much as the unit's rates differ among themselves, so its error is
+  the spread sigma_u (m/yr, the area-weighted standard deviation of the unit's cell rates about
+  its mean); independent between cells (different bins are different parts of the glacier):
+
+      sigma_unmeasured = sigma_u sqrt(sum_c (A_c (1 - f_c))^2 + A_void^2) / (sum_c A_c + A_void)
+
+  f_c the measured fraction of cell c (its best-covering scene's pixels / its pixels; 0 for a
+  filled cell). A void in one piece is thus counted whole (linearly); on the synthetic studies
+  its error is void share x (glacier mean - void's true mean), which this matches.
+- density: |dh/dt| x density_sigma / 1000 (60 kg/m3; fully correlated everywhere).
 """
 
 from __future__ import annotations
@@ -34,8 +66,11 @@ __all__ = [
     "months_from_february",
     "n_eff",
     "quadrature",
+    "random_sigma_m_yr",
+    "spatial_variance_ratio",
     "stable_moments",
     "unit_uncertainty",
+    "unmeasured_sigma_m_yr",
 ]
 
 
@@ -45,10 +80,25 @@ def months_from_february(month: np.ndarray) -> np.ndarray:
     return np.abs((m - 2 + 6) % 12 - 6)
 
 
+def spatial_variance_ratio(area_m2: np.ndarray, range_m: float) -> np.ndarray:
+    """rho(A, a): variance of the mean over an area A (m2) of an error field with a spherical
+    variogram of range a (m), relative to the field's variance (Rolstad et al. 2009, area as a
+    disc of radius L = sqrt(A / pi)): 1 - L/a + L^3 / (5 a^3) for L <= a, a^2 / (5 L^2) beyond.
+    1 for A = 0."""
+    if range_m <= 0:
+        raise ValueError(f"the correlation range must be positive, got {range_m} m")
+    r = np.sqrt(np.maximum(np.asarray(area_m2, dtype=float), 0.0) / np.pi) / range_m
+    inside = 1.0 - r + r**3 / 5.0
+    beyond = 1.0 / (5.0 * np.maximum(r, 1.0) ** 2)
+    return np.where(r <= 1.0, inside, beyond)
+
+
 def n_eff(n_px: np.ndarray, pixel_size_m: float, autocorrelation_m: float) -> np.ndarray:
-    """Effective number of independent measurements, ``n_px * pixel size / (2 d)``, at least 1."""
-    n = np.asarray(n_px, dtype=float) * pixel_size_m / (2.0 * autocorrelation_m)
-    return np.maximum(n, 1.0)
+    """Effective number of independent measurements among n_px pixels of pixel_size_m (m) with
+    errors correlated over autocorrelation_m (m): 1 / rho(n_px res^2, a), within [1, n_px]."""
+    n = np.asarray(n_px, dtype=float)
+    rho = spatial_variance_ratio(n * pixel_size_m**2, autocorrelation_m)
+    return np.clip(1.0 / rho, 1.0, np.maximum(n, 1.0))
 
 
 def stable_moments(
@@ -68,7 +118,8 @@ def datum_sigma_m(
     pixel_size_m: float,
     autocorrelation_m: float = 500.0,
 ) -> np.ndarray:
-    """Datum error per scene (m): residual stable-ground bias and the offset's standard error."""
+    """Datum error per scene (m): residual stable-ground bias and the offset's standard error,
+    sqrt(mean^2 + sigma^2 / N_eff) with N_eff of the stable pixels (`n_eff`)."""
     neff = n_eff(stable_count, pixel_size_m, autocorrelation_m)
     return np.sqrt(stable_mean_m**2 + stable_sigma_m**2 / neff)
 
@@ -76,6 +127,74 @@ def datum_sigma_m(
 def quadrature(*terms: np.ndarray) -> np.ndarray:
     """sqrt of the sum of squares."""
     return np.sqrt(sum(np.asarray(t, dtype=float) ** 2 for t in terms))
+
+
+def random_sigma_m_yr(
+    scene_weight: np.ndarray,
+    scene_px: np.ndarray,
+    measured_px: np.ndarray,
+    scene_years: np.ndarray,
+    stable_sigma_m: np.ndarray,
+    pixel_size_m: float,
+    autocorrelation_m: float = 500.0,
+    reference_sigma_m: float | None = None,
+) -> np.ndarray:
+    """The random term (m/yr) of U units (module docstring): the part common to all scenes
+    (the reference DEM's error; sigma_c = the smallest stable spread of the unit's scenes, or
+    `reference_sigma_m`) averaged over the unit's measured area only, the rest scene by scene.
+
+    scene_weight, scene_px (S, U); measured_px (U,); scene_years, stable_sigma_m (S,)."""
+    w = np.asarray(scene_weight, dtype=float)
+    per_year = w / np.abs(np.asarray(scene_years, dtype=float))[:, None]  # (S, U)
+    sigma = np.asarray(stable_sigma_m, dtype=float)[:, None] * np.ones_like(w)
+    used = (w > 0) & np.isfinite(sigma)
+    if reference_sigma_m is None:
+        common = np.where(used, sigma, np.inf).min(axis=0)
+        common = np.where(np.isfinite(common), common, 0.0)
+    else:
+        common = np.full(w.shape[1], float(reference_sigma_m))
+    own_var = np.where(used, np.maximum(np.nan_to_num(sigma) ** 2 - common**2, 0.0), 0.0)
+    area_u = np.asarray(measured_px, dtype=float) * pixel_size_m**2
+    area_s = np.asarray(scene_px, dtype=float) * pixel_size_m**2
+    rho_u = spatial_variance_ratio(area_u, autocorrelation_m)
+    rho_s = spatial_variance_ratio(area_s, autocorrelation_m)
+    common_var = common**2 * rho_u * np.where(used, per_year, 0.0).sum(axis=0) ** 2
+    return np.sqrt(common_var + (per_year**2 * own_var * rho_s).sum(axis=0))
+
+
+def unmeasured_sigma_m_yr(
+    area_m2: np.ndarray,
+    measured_frac: np.ndarray,
+    rate_m_yr: np.ndarray,
+    void_area_m2: np.ndarray | None = None,
+) -> np.ndarray:
+    """The unmeasured-area term (m/yr) of U units (module docstring):
+    sigma_u sqrt(sum_c (A_c (1 - f_c))^2 + A_void^2) / (sum_c A_c + A_void), with sigma_u the
+    area-weighted standard deviation of the unit's cell rates about its mean (its spread).
+
+    area_m2, measured_frac (0 = filled), rate_m_yr (the filled profile) (U, B, F); void_area_m2
+    (U,) area without a reference DEM (m2). Units without a profile get 0."""
+    area = np.asarray(area_m2, dtype=float)
+    rate = np.asarray(rate_m_yr, dtype=float)
+    known = (area > 0) & np.isfinite(rate)
+    weight = np.where(known, area, 0.0)
+    total_w = weight.sum(axis=(1, 2))
+    r = np.where(known, rate, 0.0)
+    mean = np.divide(
+        (weight * r).sum(axis=(1, 2)), total_w, out=np.zeros(len(area)), where=total_w > 0
+    )
+    var = np.divide(
+        (weight * (r - mean[:, None, None]) ** 2).sum(axis=(1, 2)),
+        total_w,
+        out=np.zeros(len(area)),
+        where=total_w > 0,
+    )
+    void = np.zeros(len(area)) if void_area_m2 is None else np.asarray(void_area_m2, dtype=float)
+    unmeasured = area * (1.0 - np.clip(np.asarray(measured_frac, dtype=float), 0.0, 1.0))
+    spread_area = np.sqrt((unmeasured**2).sum(axis=(1, 2)) + void**2)
+    total = area.sum(axis=(1, 2)) + void
+    share = np.divide(spread_area, total, out=np.zeros(len(area)), where=total > 0)
+    return share * np.sqrt(var)
 
 
 def unit_uncertainty(
@@ -91,32 +210,43 @@ def unit_uncertainty(
     pixel_size_m: float,
     *,
     penetration_std_m: np.ndarray | None = None,
+    unmeasured_m_yr: np.ndarray | None = None,
     density_kg_m3: float = 850.0,
     density_sigma_kg_m3: float = 60.0,
     autocorrelation_m: float = 500.0,
     autocorrelation_penetration_m: float = 2000.0,
     seasonal_sigma_m_per_month: float = 0.15,
+    reference_sigma_m: float | None = None,
 ) -> dict[str, np.ndarray]:
     """The error terms (m w.e./yr, 1 sigma) of U units; keys are the table's column names.
 
-    dhdt_m_yr (U,); scene_weight, scene_px (S, U); measured_px, penetration_sigma_m (table
-    error, m), penetration_std_m (spread, m; None: unknown) (U,); scene_years, scene_month,
-    stable_sigma_m, scene_datum_sigma_m (S,) per scene.
-    Units without a measurement get NaN.
+    dhdt_m_yr (U,); scene_weight, scene_px (S, U); measured_px (U,); penetration_sigma_m
+    (sigma_table, m) and penetration_std_m (sigma_spread, m; None: unknown) (U,); scene_years,
+    scene_month, stable_sigma_m, scene_datum_sigma_m (S,) per scene; unmeasured_m_yr (U,): the
+    unmeasured-area term in m/yr (`unmeasured_sigma_m_yr`; None: no such column). Units without
+    a measurement get NaN.
     """
     w = np.asarray(scene_weight, dtype=float)
     years = np.abs(np.asarray(scene_years, dtype=float))[:, None]  # spans (scenes may be older)
     to_mwe = density_kg_m3 / 1000.0
-    stable = np.nan_to_num(np.asarray(stable_sigma_m, dtype=float))[:, None]
     datum = np.nan_to_num(np.asarray(scene_datum_sigma_m, dtype=float))[:, None]
     seasonal = seasonal_sigma_m_per_month * months_from_february(scene_month)[:, None]
-    neff = n_eff(scene_px, pixel_size_m, autocorrelation_m)
-    random = np.sqrt((((w * stable / years) ** 2) / neff).sum(axis=0))
+    random = random_sigma_m_yr(
+        w,
+        scene_px,
+        measured_px,
+        scene_years,
+        stable_sigma_m,
+        pixel_size_m,
+        autocorrelation_m,
+        reference_sigma_m,
+    )
     per_year = (w / years).sum(axis=0)
+    area_u = np.asarray(measured_px, dtype=float) * pixel_size_m**2
     spread = np.zeros_like(per_year) if penetration_std_m is None else penetration_std_m
-    neff_pen = n_eff(measured_px, pixel_size_m, autocorrelation_penetration_m)
+    rho_pen = spatial_variance_ratio(area_u, autocorrelation_penetration_m)
     penetration = (
-        quadrature(np.nan_to_num(penetration_sigma_m), np.nan_to_num(spread) / np.sqrt(neff_pen))
+        np.sqrt(np.nan_to_num(penetration_sigma_m) ** 2 + np.nan_to_num(spread) ** 2 * rho_pen)
         * per_year
     )
     datum_term = np.sqrt(((w * datum / years) ** 2).sum(axis=0))
@@ -127,7 +257,9 @@ def unit_uncertainty(
         "sigma_penetration_mwe_yr": penetration * to_mwe,
         "sigma_datum_mwe_yr": datum_term * to_mwe,
         "sigma_seasonal_mwe_yr": seasonal_term * to_mwe,
-        "sigma_density_mwe_yr": np.abs(dhdt_m_yr) * density_sigma_kg_m3 / 1000.0,
     }
+    if unmeasured_m_yr is not None:
+        terms["sigma_unmeasured_mwe_yr"] = np.asarray(unmeasured_m_yr, dtype=float) * to_mwe
+    terms["sigma_density_mwe_yr"] = np.abs(dhdt_m_yr) * density_sigma_kg_m3 / 1000.0
     terms = {k: np.where(measured, v, np.nan) for k, v in terms.items()}
     return {"mb_sigma_mwe_yr": quadrature(*terms.values())} | terms

@@ -19,16 +19,21 @@ from mbcube.massbalance import (
     combine_scenes,
     fill_along_elevation,
     filled_profile,
+    hypsometric_profile,
     select_scenes,
     sum_units,
+    unit_results,
 )
 from mbcube.regions import RegionSet, from_attribute, from_ids, surge_free
 from mbcube.uncertainty import (
     datum_sigma_m,
     months_from_february,
     n_eff,
+    random_sigma_m_yr,
+    spatial_variance_ratio,
     stable_moments,
     unit_uncertainty,
+    unmeasured_sigma_m_yr,
 )
 
 # ------------------------------------------------------------------ oracles (slow, per row / bin)
@@ -277,7 +282,13 @@ def test_months_and_neff() -> None:
     np.testing.assert_array_equal(
         months_from_february(np.array([2, 1, 3, 10, 8, 12, 4])), [0, 1, 1, 4, 6, 2, 2]
     )
-    np.testing.assert_allclose(n_eff(np.array([1000, 1]), 30.0, 500.0), [30.0, 1.0])
+    # 1000 px of 30 m = 0.9 km2, a disc of radius L = 535 m > a = 500 m: rho = a^2 / (5 L^2)
+    radius = np.sqrt(0.9e6 / np.pi)
+    want = 5 * radius**2 / 500.0**2  # ~5.7 independent samples (Bolch's N px res / 2a: 30)
+    np.testing.assert_allclose(n_eff(np.array([1000, 1]), 30.0, 500.0), [want, 1.0])
+    # 100 px = 0.09 km2, L = 169 m < a: rho = 1 - L/a + (L/a)^3 / 5
+    r = np.sqrt(0.09e6 / np.pi) / 500.0
+    np.testing.assert_allclose(n_eff(np.array([100]), 30.0, 500.0), [1 / (1 - r + r**3 / 5)])
 
 
 def test_stable_moments_and_datum() -> None:
@@ -287,11 +298,19 @@ def test_stable_moments_and_datum() -> None:
     assert mean[0] == pytest.approx(dh.mean())
     assert sd[0] == pytest.approx(dh.std())
     got = datum_sigma_m(np.array([5000]), mean, sd, 30.0, 500.0)
-    assert got[0] == pytest.approx(np.sqrt(dh.mean() ** 2 + dh.std() ** 2 / 150.0))
+    neff = 5 * (5000 * 900 / np.pi) / 500.0**2  # 4.5 km2: L = 1197 m > 500 m
+    assert got[0] == pytest.approx(np.sqrt(dh.mean() ** 2 + dh.std() ** 2 / neff))
+
+
+def rho_by_hand(area_m2: float, a_m: float) -> float:
+    """Rolstad et al. (2009): variance ratio of the mean over a disc of area A."""
+    r = np.sqrt(area_m2 / np.pi) / a_m
+    return 1 - r + r**3 / 5 if r <= 1 else 1 / (5 * r**2)
 
 
 def test_unit_uncertainty_by_hand() -> None:
-    """Two scenes (Oct, Feb) with weights 0.25 / 0.75 on one glacier."""
+    """Two scenes (Oct, Feb) with weights 0.25 / 0.75 on one glacier; stable spreads 3 and 2 m,
+    so 2 m is taken as common to both (the reference DEM's) and sqrt(9 - 4) m as scene 0's own."""
     w = np.array([[0.25], [0.75]])
     px = np.array([[4000.0], [10000.0]])
     years = np.array([10.0, 12.0])
@@ -307,12 +326,14 @@ def test_unit_uncertainty_by_hand() -> None:
         np.array([0.2, 0.1]),
         30.0,
         penetration_std_m=np.array([1.5]),
+        unmeasured_m_yr=np.array([0.02]),
     )
     k = 0.85
-    random = np.sqrt(
-        (0.25 * 3 / 10) ** 2 / (4000 * 30 / 1000) + (0.75 * 2 / 12) ** 2 / (10000 * 30 / 1000)
-    )
-    pen = np.hypot(0.8, 1.5 / np.sqrt(12000 * 30 / 4000)) * (0.25 / 10 + 0.75 / 12)
+    per_year = 0.25 / 10 + 0.75 / 12
+    common = 2.0**2 * rho_by_hand(12000 * 900, 500.0) * per_year**2
+    own = (0.25 / 10) ** 2 * (9.0 - 4.0) * rho_by_hand(4000 * 900, 500.0)
+    random = np.sqrt(common + own)
+    pen = np.sqrt(0.8**2 + 1.5**2 * rho_by_hand(12000 * 900, 2000.0)) * per_year
     datum = np.sqrt((0.25 * 0.2 / 10) ** 2 + (0.75 * 0.1 / 12) ** 2)
     seasonal = 0.25 * 0.15 * 4 / 10  # February: none
     density = 0.5 * 60 / 1000
@@ -320,9 +341,53 @@ def test_unit_uncertainty_by_hand() -> None:
     assert terms["sigma_penetration_mwe_yr"][0] == pytest.approx(pen * k)
     assert terms["sigma_datum_mwe_yr"][0] == pytest.approx(datum * k)
     assert terms["sigma_seasonal_mwe_yr"][0] == pytest.approx(seasonal * k)
+    assert terms["sigma_unmeasured_mwe_yr"][0] == pytest.approx(0.02 * k)
     assert terms["sigma_density_mwe_yr"][0] == pytest.approx(density)
-    total = np.sqrt(sum((x * k) ** 2 for x in (random, pen, datum, seasonal)) + density**2)
+    parts = (random, pen, datum, seasonal, 0.02)
+    total = np.sqrt(sum((x * k) ** 2 for x in parts) + density**2)
     assert terms["mb_sigma_mwe_yr"][0] == pytest.approx(total)
+    # a known reference error replaces the smallest stable spread as the common part
+    known = unit_uncertainty(
+        np.array([-0.5]),
+        w,
+        px,
+        np.array([12000.0]),
+        np.array([0.8]),
+        years,
+        np.array([10, 2]),
+        np.array([3.0, 2.0]),
+        np.array([0.2, 0.1]),
+        30.0,
+        reference_sigma_m=1.0,
+    )
+    common = 1.0 * rho_by_hand(12000 * 900, 500.0) * per_year**2
+    own = sum(
+        (wi / t) ** 2 * (s**2 - 1.0) * rho_by_hand(n * 900, 500.0)
+        for wi, t, s, n in ((0.25, 10, 3.0, 4000), (0.75, 12, 2.0, 10000))
+    )
+    assert known["sigma_random_mwe_yr"][0] == pytest.approx(np.sqrt(common + own) * k)
+    assert "sigma_unmeasured_mwe_yr" not in known
+
+
+def test_common_reference_error_does_not_average_over_scenes() -> None:
+    """Four scenes with the same stable spread over the same glacier: all of it may be the
+    reference DEM's, so the random error is that of one scene, not halved."""
+    one = random_sigma_m_yr(
+        np.ones((1, 1)), np.array([[5000.0]]), np.array([5000.0]), np.array([12.0]),
+        np.array([1.5]), 30.0,
+    )  # fmt: skip
+    four = random_sigma_m_yr(
+        np.full((4, 1), 0.25), np.full((4, 1), 5000.0), np.array([5000.0]), np.full(4, 12.0),
+        np.full(4, 1.5), 30.0,
+    )  # fmt: skip
+    assert four[0] == pytest.approx(one[0])
+    assert one[0] == pytest.approx(1.5 * np.sqrt(rho_by_hand(5000 * 900, 500.0)) / 12.0)
+    # with the reference known to be error-free the four scenes' errors are independent
+    four_known = random_sigma_m_yr(
+        np.full((4, 1), 0.25), np.full((4, 1), 5000.0), np.array([5000.0]), np.full(4, 12.0),
+        np.full(4, 1.5), 30.0, reference_sigma_m=1e-9,
+    )  # fmt: skip
+    assert four_known[0] == pytest.approx(one[0] / 2)
 
 
 def test_random_error_shrinks_for_a_region() -> None:
@@ -426,3 +491,188 @@ def test_end_to_end_dem_study_recovers_the_truth(tiny_dem_study: Path, tmp_path:
     record_step(store, "bin", scene, record)
     with pytest.raises(RuntimeError):
         aggregate(store, tmp_path / "stale")
+
+
+# ------------------------------------------------------------------ property tests (oracles)
+
+
+def oracle_variance_ratio(area_m2: float, a_m: float) -> float:
+    """Mean over a disc of the spherical correlation from its centre, by the trapezoid rule on
+    a fine radial grid: (2 / L^2) int_0^L C(h) h dh, C(h) = 1 - 1.5 h/a + 0.5 (h/a)^3 (h < a)."""
+    radius = np.sqrt(area_m2 / np.pi)
+    h = np.linspace(0.0, radius, 200_001)
+    corr = np.where(h < a_m, 1 - 1.5 * h / a_m + 0.5 * (h / a_m) ** 3, 0.0)
+    return float(2.0 / radius**2 * np.trapezoid(corr * h, h))
+
+
+@settings(max_examples=40, deadline=None)
+@given(area_km2=st.floats(0.01, 500.0), a_m=st.floats(50.0, 5000.0))
+def test_variance_ratio_matches_integral(area_km2: float, a_m: float) -> None:
+    got = spatial_variance_ratio(np.array([area_km2 * 1e6]), a_m)[0]
+    assert got == pytest.approx(oracle_variance_ratio(area_km2 * 1e6, a_m), rel=1e-6, abs=1e-9)
+
+
+def oracle_random(
+    w: np.ndarray, px: np.ndarray, measured: np.ndarray, years: np.ndarray, sigma: np.ndarray
+) -> np.ndarray:
+    """Unit by unit, scene by scene (30 m pixels, a = 500 m)."""
+    out = np.zeros(w.shape[1])
+    for u in range(w.shape[1]):
+        used = [s for s in range(w.shape[0]) if w[s, u] > 0]
+        if not used:
+            continue
+        common = min(sigma[s] for s in used)
+        per_year = sum(w[s, u] / abs(years[s]) for s in used)
+        var = common**2 * rho_by_hand(measured[u] * 900.0, 500.0) * per_year**2
+        for s in used:
+            own = sigma[s] ** 2 - common**2
+            var += (w[s, u] / abs(years[s])) ** 2 * own * rho_by_hand(px[s, u] * 900.0, 500.0)
+        out[u] = np.sqrt(var)
+    return out
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_scenes=st.integers(1, 5), n_units=st.integers(1, 6))
+def test_random_term_matches_oracle(seed: int, n_scenes: int, n_units: int) -> None:
+    rng = np.random.default_rng(seed)
+    w = rng.random((n_scenes, n_units)) * (rng.random((n_scenes, n_units)) < 0.7)
+    w = np.divide(w, w.sum(axis=0), out=np.zeros_like(w), where=w.sum(axis=0) > 0)
+    px = np.where(w > 0, rng.integers(1, 50_000, w.shape), 0).astype(float)
+    measured = px.max(axis=0) * rng.uniform(1.0, 1.5, n_units)
+    years = rng.choice([-1, 1], n_scenes) * rng.uniform(3, 20, n_scenes)
+    sigma = rng.uniform(0.2, 5.0, n_scenes)
+    got = random_sigma_m_yr(w, px, measured, years, sigma, 30.0, 500.0)
+    np.testing.assert_allclose(got, oracle_random(w, px, measured, years, sigma), rtol=1e-10)
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_unmeasured_term_matches_oracle(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    units, bins = 3, 6
+    area = rng.uniform(0, 1e6, (units, bins, 2)) * (rng.random((units, bins, 2)) < 0.8)
+    frac = np.where(rng.random(area.shape) < 0.3, 0.0, rng.random(area.shape))
+    rate = rng.normal(-0.5, 1.0, area.shape)
+    void = rng.uniform(0, 5e5, units) * (rng.random(units) < 0.5)
+    got = unmeasured_sigma_m_yr(area, frac, rate, void)
+    for u in range(units):
+        cells = [(b, f) for b in range(bins) for f in range(2) if area[u, b, f] > 0]
+        total = sum(area[u, b, f] for b, f in cells)
+        mean = sum(area[u, b, f] * rate[u, b, f] for b, f in cells) / total
+        spread = np.sqrt(sum(area[u, b, f] * (rate[u, b, f] - mean) ** 2 for b, f in cells) / total)
+        gaps = [area[u, b, f] * (1 - frac[u, b, f]) for b, f in cells] + [void[u]]
+        want = spread * np.sqrt(sum(g**2 for g in gaps)) / (total + void[u])
+        assert got[u] == pytest.approx(want, rel=1e-10, abs=1e-12)
+
+
+def oracle_glacier_balance(
+    count: np.ndarray,
+    sums: np.ndarray,
+    years: np.ndarray,
+    area: np.ndarray,
+    n_px: np.ndarray,
+    z: np.ndarray,
+    min_px: int,
+    min_frac: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Glacier by glacier, cell by cell: a cell keeps its measurements when one scene measured
+    >= min_frac of its pixels (a glacier without such a cell of >= min_px measurements keeps
+    all); kept cells with >= min_px measurements are measured and hold the pixel-weighted mean
+    of dh / years; the others are interpolated in elevation (np.interp) within their surface,
+    or, for a surface without a measured cell, from both surfaces' kept cells pooled per bin;
+    dh/dt is the area-weighted mean. Returns (dhdt (G,), filled profile)."""
+    n_s, n_g, n_b, n_f = count.shape
+    profile = np.full((n_g, n_b, n_f), np.nan)
+    dhdt = np.full(n_g, np.nan)
+    for g in range(n_g):
+        enough = count[:, g].sum(axis=0) >= min_px
+        share = np.minimum(count[:, g].max(axis=0), n_px[g]) >= min_frac * n_px[g]
+        kept = share if (share & enough).any() else np.ones_like(share)
+        ok = kept & enough
+        rate_sum = np.zeros((n_b, n_f))  # sum of dh / years over the kept cells' measurements
+        for b in range(n_b):
+            for f in range(n_f):
+                if kept[b, f]:
+                    rate_sum[b, f] = sum(sums[s, g, b, f] / years[s] for s in range(n_s))
+        rate = np.divide(rate_sum, count[:, g].sum(axis=0), out=np.zeros((n_b, n_f)), where=ok)
+        pooled = None
+        pooled_n = [
+            sum(count[:, g, b, f].sum() for f in range(n_f) if kept[b, f]) for b in range(n_b)
+        ]
+        pooled_ok = [b for b in range(n_b) if pooled_n[b] >= min_px]
+        if pooled_ok:
+            means = [rate_sum[b][kept[b]].sum() / pooled_n[b] for b in pooled_ok]
+            pooled = np.interp(z, z[pooled_ok], means)
+        for f in range(n_f):
+            good = ok[:, f]
+            if good.any():
+                profile[g, :, f] = np.interp(z, z[good], rate[good, f])
+            elif pooled is not None:
+                profile[g, :, f] = pooled
+        if ok.any():
+            dhdt[g] = (profile[g] * area[g]).sum() / area[g].sum()
+    return dhdt, profile
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    min_frac=st.sampled_from([0.0, 0.2, 0.5, 0.8]),
+    min_px=st.integers(1, 6),
+)
+def test_combination_and_fill_match_oracle_bin_by_bin(
+    seed: int, min_frac: float, min_px: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    n_s, n_g, n_b = 3, 4, 7
+    z = 4000.0 + 50.0 * np.arange(n_b) + 25.0
+    n_px = rng.integers(1, 40, (n_g, n_b, 2)).astype(float)
+    seen = rng.random((n_s, n_g, n_b, 2)) < 0.6
+    count = np.floor(n_px[None] * rng.random((n_s, n_g, n_b, 2)) * seen)
+    years = np.array([11.0, -3.0, 14.0])
+    sums = count * rng.normal(-1.0, 2.0, count.shape) * years[:, None, None, None]
+    area = n_px * 900.0
+    use = np.ones((n_s, n_g), bool)
+    stats = combine_scenes(count, sums, years, area, n_px, use, min_px, min_frac=min_frac)
+    bins = z - 25.0
+    profile = hypsometric_profile(stats, bins, 50.0, min_px)
+    got = balance(stats, bins, 50.0, min_px, profile=profile)["dhdt_m_yr"]
+    want, want_profile = oracle_glacier_balance(count, sums, years, area, n_px, z, min_px, min_frac)
+    np.testing.assert_allclose(profile.rate_m_yr, want_profile, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_partly_measured_bin_is_filled_and_recorded() -> None:
+    """Bin 5050 measured on 20 of its 100 pixels (by one scene) is filled from its neighbours
+    when min_frac = 0.5, and its unmeasured part (all of it) enters the unmeasured term."""
+    count = np.zeros((1, 1, 3, 1))
+    count[0, 0, :, 0] = [100, 20, 100]
+    rate = np.array([-2.0, 5.0, 0.0])
+    sums = count * (rate * 10.0)[None, None, :, None]
+    n_px = np.full((1, 3, 1), 100.0)
+    area = n_px * 900.0
+    bins = np.array([5000.0, 5050.0, 5100.0])
+    use = np.ones((1, 1), bool)
+    kept = combine_scenes(count, sums, np.array([10.0]), area, n_px, use, 10, min_frac=0.0)
+    dropped = combine_scenes(count, sums, np.array([10.0]), area, n_px, use, 10, min_frac=0.5)
+    assert balance(kept, bins)["dhdt_m_yr"][0] == pytest.approx(1.0)
+    out = balance(dropped, bins)
+    assert out["dhdt_m_yr"][0] == pytest.approx(-1.0)  # (-2 + -1 + 0) / 3
+    assert out["filled_frac"][0] == pytest.approx(1 / 3)
+    assert out["coverage_frac"][0] == pytest.approx(220 / 300)  # what was measured
+    results = unit_results(
+        dropped, bins, np.array([10.0]), np.array([2]), np.array([1.0]), np.array([0.0]),
+        30.0, np.array([0.0]),
+    )  # fmt: skip
+    spread = np.sqrt(np.mean((np.array([-2.0, -1.0, 0.0]) + 1.0) ** 2))
+    assert results["sigma_unmeasured_mwe_yr"][0] == pytest.approx(0.85 * spread / 3)
+    profile = hypsometric_profile(kept, bins)
+    np.testing.assert_allclose(profile.measured_frac[0, :, 0], [1.0, 0.2, 1.0])
+    kept_results = unit_results(
+        kept, bins, np.array([10.0]), np.array([2]), np.array([1.0]), np.array([0.0]),
+        30.0, np.array([0.0]),
+    )  # fmt: skip
+    spread_kept = np.sqrt(np.mean((rate - 1.0) ** 2))
+    assert kept_results["sigma_unmeasured_mwe_yr"][0] == pytest.approx(0.85 * spread_kept * 0.8 / 3)
+    with pytest.raises(ValueError, match="min_frac"):
+        combine_scenes(count, sums, np.array([10.0]), area, n_px, use, 10, min_frac=1.5)
