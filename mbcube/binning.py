@@ -909,5 +909,5 @@ def _scene_job(
 
 
 def _set_binned(store: Path, index: int, value: int) -> None:
-    flag = xr.Dataset({"binned": ("scene", np.array([value], dtype=np.uint8))})
-    write_dataset(flag, store, group="stats", region={"scene": slice(index, index + 1)})
+    """Flag scene `index` binned (1) or not (0): one chunk of `stats/binned` (one per scene)."""
+    zarr.open_array(str(store / "stats" / "binned"), mode="r+")[index] = value
