@@ -152,7 +152,7 @@ GLACIER_BLOCK = 4096
 #: The store group caching the glacier-level statistics and results.
 CACHE_GROUP = "massbalance_cache"
 #: Layout version of the cache (a cache of another layout is recomputed).
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 #: Cells per chunk of the cache (8 bytes x 2^18 = 2 MiB per field and chunk).
 CELL_CHUNK = 1 << 18
 #: The output folder's record of the glacier tables it holds.
@@ -420,12 +420,13 @@ class _Keys:
 
 
 def _keys(store: Path, state: dict[str, Any], config: MassBalanceConfig) -> _Keys:
-    root = zarr.open_group(str(store), mode="r")
-    ids = _text(_array(root, "scene")) if "scene" in root else np.zeros(0, dtype=object)
-    done = _array(root, "scene_state") == 1 if "scene_state" in root else np.ones(len(ids), bool)
-    stats = zarr.open_group(str(store), path="stats", mode="r")
-    binned_ids = _text(_array(stats, "scene"))
-    binned = _array(stats, "binned") if "binned" in stats else np.ones(len(binned_ids))
+    # arrays opened by path: opening a group through zarr parses all its members' metadata
+    ids = _text(_read(store / "scene")) if _is_array(store / "scene") else np.zeros(0, object)
+    state_path = store / "scene_state"
+    done = _read(state_path) == 1 if _is_array(state_path) else np.ones(len(ids), bool)
+    binned_ids = _text(_read(store / "stats" / "scene"))
+    flags = store / "stats" / "binned"
+    binned = _read(flags) if _is_array(flags) else np.ones(len(binned_ids))
     have = {s for s, b in zip(binned_ids, binned, strict=True) if b == 1}
     scenes = [str(s) for s, ok in zip(ids, done, strict=True) if ok and str(s) in have]
     records = state.get("steps", {}).get("bin", {})
@@ -449,12 +450,23 @@ def _keys(store: Path, state: dict[str, Any], config: MassBalanceConfig) -> _Key
     return _Keys(scenes, stats_key, _digest(results))
 
 
-def _array(group: zarr.Group, name: str) -> np.ndarray:
-    """A whole array of a zarr group, as numpy."""
-    found = group[name]
-    if not isinstance(found, zarr.Array):
-        raise StoreError(f"{group.store_path}/{name}: expected an array, found a group")
+def _is_array(path: Path) -> bool:
+    return (path / "zarr.json").is_file()
+
+
+def _read(path: Path) -> np.ndarray:
+    """A whole zarr array, opened by its path (no group metadata parsed)."""
+    found = zarr.open_array(str(path), mode="r")
     return np.asarray(found[...])
+
+
+def _group_attrs(path: Path) -> dict[str, Any]:
+    """A zarr group's attributes, straight from its zarr.json."""
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return {}
+    return attrs if isinstance(attrs, dict) else {}
 
 
 def _digest(value: object) -> str:
@@ -467,6 +479,8 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
     From the store's cache when it is current (no scene statistics read), else from the `stats`
     and `hypsometry` groups (then cached)."""
     store = Path(store)
+    if not (store / "zarr.json").exists():
+        open_cube(store)  # raises the store's own error
     state = read_state(store)
     if state.get("schema_version") != SCHEMA_VERSION:
         open_cube(store)  # raises the store's own error (no cube, or another schema)
@@ -747,7 +761,14 @@ def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
         },
     )
     n_cells = max(1, min(CELL_CHUNK, len(c.glacier)))
-    encoding = {"cells": {"chunks": (n_cells, cells.shape[1] if cells.ndim == 2 else 8)}}
+    # no compression: the cache is read on every aggregate, decoding would cost more than the
+    # bytes (mostly incompressible float64; ~70 bytes per glacier cell)
+    raw = {"compressors": None}
+    encoding = {
+        "cells": {"chunks": (n_cells, cells.shape[1] if cells.ndim == 2 else 8)} | raw,
+        "glacier_values": raw,
+        "scene_glacier": raw,
+    }
     try:
         write_dataset(cache, store, group=CACHE_GROUP, mode="w", encoding=encoding)
     except OSError as err:  # a read-only store: aggregate without the cache
@@ -761,14 +782,16 @@ def _read_cache(
     current too); read with zarr alone (no xarray decoding: this is the fast path)."""
     if keys.stats_key is None or not _has_group(store, CACHE_GROUP):
         return None, None
-    g = zarr.open_group(str(store), path=CACHE_GROUP, mode="r")
-    attrs: dict[str, Any] = dict(g.attrs.asdict())
+    group = store / CACHE_GROUP
+    attrs = _group_attrs(group)
     if attrs.get("key") != keys.stats_key or attrs.get("glacier_columns") is None:
         return None, None
-    per_cell = _array(g, "cells")
-    per_glacier = dict(zip(attrs["glacier_columns"], _array(g, "glacier_values").T, strict=True))
-    scene_glacier = _array(g, "scene_glacier").astype(float)
-    bins = _array(g, "bin").astype(float)
+    per_cell = _read(group / "cells")
+    per_glacier = dict(
+        zip(attrs["glacier_columns"], _read(group / "glacier_values").T, strict=True)
+    )
+    scene_glacier = _read(group / "scene_glacier").astype(float)
+    bins = _read(group / "bin").astype(float)
     cells = CellStats(
         glacier=per_cell[:, 0].astype(np.int64),
         cell=per_cell[:, 1].astype(np.int64),
@@ -783,23 +806,25 @@ def _read_cache(
     )
     if attrs.get("results_key") != keys.results_key:
         return cells, None
-    per_scene = dict(zip(attrs["scene_columns"], _array(g, "scene_values").T, strict=True))
-    names = set(g.array_keys())
+    per_scene = dict(zip(attrs["scene_columns"], _read(group / "scene_values").T, strict=True))
+    names = {p.name for p in group.iterdir() if _is_array(p)}
     grid = grid_of(state)
     data = StoredStats(
-        glacier=_array(g, "glacier"),
-        ids=_text(_array(g, "ids")),
+        glacier=_read(group / "glacier"),
+        ids=_text(_read(group / "ids")),
         surge=per_glacier["surge"].astype(int),
         surge_candidate=per_glacier["surge_candidate"].astype(bool),
         centroids_xy=np.column_stack([per_glacier["centroid_x_m"], per_glacier["centroid_y_m"]]),
         attributes={
-            n[len("attr_") :]: _plain(_array(g, n)) for n in sorted(names) if n.startswith("attr_")
+            n[len("attr_") :]: _plain(_read(group / n))
+            for n in sorted(names)
+            if n.startswith("attr_")
         },
         cells=cells,
         penetration_sigma_m=per_glacier["penetration_sigma_m"],
         penetration_std_m=per_glacier["penetration_std_m"] if attrs["penetration_std"] else None,
         bin_lower_m=bins,
-        scene_ids=_text(_array(g, "scene")),
+        scene_ids=_text(_read(group / "scene")),
         scene_dates=per_scene["date_days"].astype("int64").astype("datetime64[D]"),
         scene_years=per_scene["years"],
         scene_month=per_scene["month"].astype(int),

@@ -157,14 +157,28 @@ def aggregate(
         Path | None, typer.Option(help="Region polygons (column `name`) to aggregate into.")
     ] = None,
 ) -> None:
-    """Glacier and region tables from the stored statistics (reads no pixel)."""
-    from mbcube.aggregate import aggregate as run_aggregate
+    """Glacier and region tables from the stored statistics (reads no pixel).
 
+    With --regions into a folder whose glacier tables are current, only the region tables
+    (regions.csv, regions.parquet, region_members.csv) are computed and written."""
+    import time
+
+    from mbcube.aggregate import aggregate as run_aggregate
+    from mbcube.aggregate import tables_record
+
+    start = time.perf_counter()
     try:
         run_aggregate(store, out, regions=regions)
     except (StudyError, StoreError) as err:
         _fail(err)
+    seconds = time.perf_counter() - start
     _print_results(out, quiet=False, figures=False)
+    gpkg = tables_record(out).get("gpkg", "")
+    if gpkg and gpkg != "written":
+        typer.echo(f"glaciers.gpkg {gpkg}")
+    if regions is not None:
+        typer.echo(f"glacier regions in {regions.name}: {out / 'region_members.csv'}")
+    typer.echo(f"aggregate: {seconds:.2f} s")
 
 
 @app.command()

@@ -124,10 +124,11 @@ def from_attribute(values: Sequence[object] | np.ndarray) -> RegionSet:
     """One region per distinct value of a glacier attribute (e.g. a basin column), sorted by name;
     empty / missing values belong to none."""
     text = np.array(["" if _missing(v) else str(v) for v in values], dtype=object)
-    names = sorted({t for t in text if t})
-    return RegionSet(
-        names, np.array([text == n for n in names], dtype=bool).reshape(len(names), -1)
-    )
+    names, index = np.unique(text.astype(str), return_inverse=True)  # sorted
+    keep = names != ""
+    position = np.cumsum(keep) - 1  # each distinct value's row, empty excluded
+    rows = np.where(keep[index], position[index], -1)
+    return RegionSet([str(n) for n in names[keep]], _one_hot(rows, int(keep.sum())))
 
 
 def from_ids(groups: Mapping[str, Sequence[str]], glacier_ids: Sequence[str]) -> RegionSet:
