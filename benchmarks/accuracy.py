@@ -130,9 +130,28 @@ def run_case(
         pipeline = dataclasses.replace(pipeline, overrides=overrides)
     run(pipeline)
     t2 = time.perf_counter()
-    rows = evaluate(study, pipeline.store, pipeline.out)
-    regions = evaluate_regions(study, pipeline.out)
-    rows = rows.assign(kind=case.kind, shape=case.shape, seed=case.seed)
+    rows = evaluate(study, pipeline.store, pipeline.out).assign(model="default")
+    regions = evaluate_regions(study, pipeline.out).assign(model="default")
+    # the same statistics with the reference error bounded by SRTM-C minus SRTM-X on stable
+    # ground (what aggregate passes once the corrections store that spread)
+    bound = reference_bound_m(pipeline.store)
+    if np.isfinite(bound):
+        from mbcube.aggregate import aggregate
+        from mbcube.store import recorded_config
+
+        config = recorded_config(pipeline.store).massbalance
+        config = config.model_copy(update={"reference_sigma_m": bound})
+        out_cx = pipeline.out.parent / "results_cx_bound"
+        aggregate(pipeline.store, out_cx, regions=pipeline.regions, config=config)
+        rows = pd.concat(
+            [rows, evaluate(study, pipeline.store, out_cx).assign(model="cx_bound")],
+            ignore_index=True,
+        )
+        regions = pd.concat(
+            [regions, evaluate_regions(study, out_cx).assign(model="cx_bound")],
+            ignore_index=True,
+        )
+    rows = rows.assign(kind=case.kind, shape=case.shape, seed=case.seed, cx_bound_m=bound)
     regions = regions.assign(kind=case.kind, shape=case.shape, seed=case.seed)
     regions.to_csv(work / f"{case.name}.regions.csv", index=False)
     (work / f"{case.name}.time.json").write_text(
@@ -141,6 +160,21 @@ def run_case(
     if not keep:
         shutil.rmtree(root)
     return rows
+
+
+def reference_bound_m(store: Path) -> float:
+    """NMAD (m) of SRTM-X minus SRTM-C on the cube's stable ground: sqrt(sigma_C^2 + sigma_X^2),
+    an upper bound of the reference DEM's error measured from the data (NaN without SRTM-X)."""
+    from mbcube.store import open_cube
+
+    cube = open_cube(store)
+    if "ref_dem_x_m" not in cube:
+        return float("nan")
+    diff = (cube["ref_dem_x_m"] - cube["ref_dem_m"]).values
+    diff = diff[(cube["stable"].values == 1) & np.isfinite(diff)]
+    if diff.size < 100:
+        return float("nan")
+    return float(1.4826 * np.median(np.abs(diff - np.median(diff))))
 
 
 def evaluate(study: Path, store: Path, out: Path) -> pd.DataFrame:
@@ -337,7 +371,9 @@ def summary(glaciers: pd.DataFrame) -> pd.DataFrame:
     g["in1"] = g["abs_err"] <= g["mb_sigma_mwe_yr"]
     g["in2"] = g["abs_err"] <= 2 * g["mb_sigma_mwe_yr"]
     rows = []
-    for kind, part in g.groupby("kind"):
+    if "model" not in g:
+        g["model"] = "default"
+    for (model, kind), part in g.groupby(["model", "kind"]):
         for label, sub in [("all", part)] + [
             (lab, part[part["size"] == lab]) for *_, lab in SIZE_CLASSES
         ]:
@@ -345,6 +381,7 @@ def summary(glaciers: pd.DataFrame) -> pd.DataFrame:
                 continue
             rows.append(
                 {
+                    "model": model,
                     "kind": kind,
                     "size": label,
                     "n": len(sub),
@@ -379,13 +416,17 @@ def region_summary(regions: pd.DataFrame) -> pd.DataFrame:
     r = regions.dropna(subset=["error_mwe_yr"]).copy()
     r["abs_err"] = r["error_mwe_yr"].abs()
     r["in1"] = r["abs_err"] <= r["mb_sigma_mwe_yr"]
+    r["in2"] = r["abs_err"] <= 2 * r["mb_sigma_mwe_yr"]
+    if "model" not in r:
+        r["model"] = "default"
     return (
-        r.groupby(["kind", "shape", "glaciers"])
+        r.groupby(["model", "kind", "shape", "glaciers"])
         .agg(
             n=("abs_err", "size"),
             median_abs_err=("abs_err", "median"),
             max_abs_err=("abs_err", "max"),
             cover_1sigma=("in1", "mean"),
+            cover_2sigma=("in2", "mean"),
             median_sigma=("mb_sigma_mwe_yr", "median"),
         )
         .reset_index()

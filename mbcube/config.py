@@ -131,8 +131,10 @@ class MassBalanceConfig(_Strict):
     reference_sigma_m: float | None = Field(
         None,
         gt=0,
-        description="1-sigma error (m) of the reference DEM, common to all scenes. None: the "
-        "smallest stable-ground spread among a glacier's scenes (an upper bound).",
+        description="Upper bound (m, 1 sigma) of the reference DEM's error, the part of the "
+        "random error common to all scenes, e.g. the spread of SRTM-C minus SRTM-X on stable "
+        "ground. None: the smallest stable-ground spread among a glacier's scenes (also an upper "
+        "bound; loose for InSAR scenes, whose spread is mostly white phase noise).",
     )
     seasonal_sigma_m_per_month: float = Field(0.15, ge=0)
     scene_rule: Literal["count_weighted", "prefer_jan_mar"] = "count_weighted"

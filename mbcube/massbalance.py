@@ -484,12 +484,16 @@ def unit_results(
     penetration_sigma_m: np.ndarray,
     penetration_std_m: np.ndarray | None = None,
     config: MassBalanceConfig | None = None,
+    reference_sigma_m: float | None = None,
 ) -> dict[str, np.ndarray]:
     """Mass balance (`balance`) and every error term (`mbcube.uncertainty.unit_uncertainty`,
     with the unmeasured-area term) of U units, keyed by table column; parameters from `config`
     (default: MassBalanceConfig()). Per scene (S,): scene_years, scene_month, stable_sigma_m
     (stable-ground spread, m), scene_datum_sigma_m (m); per unit (U,): penetration_sigma_m
-    (table error, m), penetration_std_m (between-glacier spread, m; None: unknown)."""
+    (table error, m), penetration_std_m (between-glacier spread, m; None: unknown).
+    reference_sigma_m: a bound (m) of the reference DEM's error measured in the store (e.g. the
+    stable-ground spread of SRTM-C minus SRTM-X); the smaller of it and the configured one is
+    used."""
     from mbcube.uncertainty import unit_uncertainty, unmeasured_sigma_m_yr
 
     c = config or MassBalanceConfig()
@@ -518,9 +522,13 @@ def unit_results(
         autocorrelation_m=c.autocorrelation_m,
         autocorrelation_penetration_m=c.autocorrelation_penetration_m,
         seasonal_sigma_m_per_month=c.seasonal_sigma_m_per_month,
-        reference_sigma_m=c.reference_sigma_m,
+        reference_sigma_m=_smaller(c.reference_sigma_m, reference_sigma_m),
     )
     return out | errors
+
+
+def _smaller(a: float | None, b: float | None) -> float | None:
+    return b if a is None else (a if b is None else min(a, b))
 
 
 def with_void_area(

@@ -23,7 +23,10 @@ pixels). With a = 500 m a 1 km2 glacier holds N_eff ~ 6 (Bolch et al.'s N px x r
   stable ground (NMAD), correlated over d = `autocorrelation_m` (500 m). Part of it is the
   reference DEM's error, the SAME field in every scene, which does not average out over scenes:
   that common part is at most sigma_c = min_s sigma_s over the unit's scenes (each scene's spread
-  is the reference's plus its own), or `reference_sigma_m` when known. Then
+  is the reference's plus its own), or `reference_sigma_m` where that is smaller: a known bound
+  of the reference's error, e.g. the spread of SRTM-C minus SRTM-X on stable ground
+  (sqrt(sigma_C^2 + sigma_X^2) >= sigma_C). InSAR scenes need it: their stable spread is mostly
+  white phase noise, which averages out over a glacier, not the reference's error. Then
 
       sigma_random^2 = sigma_c^2 rho(A_u, d) (sum_s w_s / T_s)^2
                        + sum_s (w_s / T_s)^2 (sigma_s^2 - sigma_c^2) rho(A_su, d).
@@ -141,18 +144,18 @@ def random_sigma_m_yr(
 ) -> np.ndarray:
     """The random term (m/yr) of U units (module docstring): the part common to all scenes
     (the reference DEM's error; sigma_c = the smallest stable spread of the unit's scenes, or
-    `reference_sigma_m`) averaged over the unit's measured area only, the rest scene by scene.
+    `reference_sigma_m` (m), an upper bound of the reference DEM's error, where smaller)
+    averaged over the unit's measured area only, the rest scene by scene.
 
     scene_weight, scene_px (S, U); measured_px (U,); scene_years, stable_sigma_m (S,)."""
     w = np.asarray(scene_weight, dtype=float)
     per_year = w / np.abs(np.asarray(scene_years, dtype=float))[:, None]  # (S, U)
     sigma = np.asarray(stable_sigma_m, dtype=float)[:, None] * np.ones_like(w)
     used = (w > 0) & np.isfinite(sigma)
-    if reference_sigma_m is None:
-        common = np.where(used, sigma, np.inf).min(axis=0)
-        common = np.where(np.isfinite(common), common, 0.0)
-    else:
-        common = np.full(w.shape[1], float(reference_sigma_m))
+    common = np.where(used, sigma, np.inf).min(axis=0)
+    if reference_sigma_m is not None:
+        common = np.minimum(common, float(reference_sigma_m))
+    common = np.where(np.isfinite(common), common, 0.0)
     own_var = np.where(used, np.maximum(np.nan_to_num(sigma) ** 2 - common**2, 0.0), 0.0)
     area_u = np.asarray(measured_px, dtype=float) * pixel_size_m**2
     area_s = np.asarray(scene_px, dtype=float) * pixel_size_m**2
