@@ -901,7 +901,7 @@ def _scene_job(
         _set_binned(store, index, 0)
         return [write_dataset(ds, store, group="stats", region=region, compute=False)]
 
-    def finish() -> None:
+    def finish(_: list[Any]) -> None:
         _set_binned(store, index, 1)
         record_step(store, "bin", scene_id, record)
 

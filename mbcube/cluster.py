@@ -79,14 +79,15 @@ def compute(*collections: Any, label: str) -> tuple[Any, ...]:
 
 @dataclass(frozen=True)
 class SceneJob:
-    """One scene's work in a step: `build()` returns its lazy writes (dask collections), built
-    when the job starts; `finish()` runs in this process once they are all written (it records
-    the step for the scene, so a scene is recorded only after its last byte is on disk)."""
+    """One scene's work in a step: `build()` returns its lazy writes (dask collections, e.g.
+    delayed writes and small reductions), built when the job starts; `finish(results)` runs in
+    this process with their computed values, in order, once they are all done (it records the
+    step for the scene, so a scene is recorded only after its last byte is on disk)."""
 
     scene_id: str
     label: str  # progress text, e.g. 'bin scene T1'
     build: Callable[[], Sequence[Any]]
-    finish: Callable[[], None]
+    finish: Callable[[list[Any]], None]
 
 
 def scenes_in_flight(client: Any) -> int:
@@ -112,17 +113,14 @@ def compute_scenes(jobs: Iterable[SceneJob]) -> list[str]:
     finished: list[str] = []
     if client is None:
         for job in jobs:
-            compute(*job.build(), label=job.label)
-            job.finish()
+            job.finish(list(compute(*job.build(), label=job.label)))
             finished.append(job.scene_id)
         return finished
     from distributed import as_completed
 
     limit = scenes_in_flight(client)
     pending = iter(jobs)
-    owner: dict[Any, int] = {}  # future -> index of its job in `left`
-    left: list[int] = []  # per submitted job: its futures not yet done (-1: failed)
-    submitted: list[SceneJob] = []
+    running: dict[Any, SceneJob] = {}  # future of a job's values -> the job
     queue = as_completed()
 
     def submit() -> None:
@@ -130,37 +128,31 @@ def compute_scenes(jobs: Iterable[SceneJob]) -> list[str]:
         while (job := next(pending, None)) is not None:
             collections = list(job.build())
             if not collections:
-                job.finish()
+                job.finish([])
                 finished.append(job.scene_id)
                 continue
             if not _QUIET.get():
                 print(f"{job.label} (dashboard: {client.dashboard_link})", flush=True)
-            submitted.append(job)
-            left.append(len(collections))
-            for future in client.compute(collections):
-                owner[future] = len(submitted) - 1
-                queue.add(future)
+            # one future for the list of their values (small ones: writes and reductions)
+            future = client.compute(dask.delayed(collections))
+            running[future] = job
+            queue.add(future)
             return
 
     for _ in range(limit):
         submit()
     error: BaseException | None = None
     for future in queue:
-        i = owner.pop(future)
+        job = running.pop(future)
         try:
-            future.result()
+            values = future.result()
         except Exception as err:  # keep the first; let the submitted ones finish
             error = error or err
-            left[i] = -1
             continue
-        if left[i] < 0:
-            continue
-        left[i] -= 1
-        if left[i] == 0:
-            submitted[i].finish()
-            finished.append(submitted[i].scene_id)
-            if error is None:
-                submit()
+        job.finish(list(values))
+        finished.append(job.scene_id)
+        if error is None:
+            submit()
     if error is not None:
         raise error
     return finished

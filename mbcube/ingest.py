@@ -35,6 +35,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 import mbcube
+from mbcube.cluster import SceneJob, compute_scenes
 from mbcube.config import STATIC_KEYS, StudyConfig
 from mbcube.errors import StoreError, StudyError
 from mbcube.grid import Grid
@@ -508,6 +509,7 @@ def ingest(
         write_dataset(placeholders, store, mode="a", append_dim="scene", compute=False)
     extend_scene_dim(store)  # layers of later steps: new scenes read as "not computed yet"
     existing = _existing_scenes(store)
+    jobs = []
     for scene in study.scenes:
         index, ingested = existing[scene.scene_id]
         inputs = {k: file_fingerprint(p) for k, p in scene.input_files().items()}
@@ -518,18 +520,53 @@ def ingest(
         if ingested == SCENE_INGESTED:
             _set_scene_state(store, index, SCENE_PENDING)  # its files changed: rewrite it
         (report.written if scene.scene_id in new_ids else report.resumed).append(scene.scene_id)
+        jobs.append(_scene_job(study, scene, store, index, inputs, say))
+    compute_scenes(jobs)
+    return report
+
+
+def _scene_job(
+    study: Study,
+    scene: SceneSpec,
+    store: Path,
+    index: int,
+    inputs: dict[str, Any],
+    say: Callable[[str], None],
+) -> SceneJob:
+    """Ingesting one scene: its tiles written and its coverage counted in the same pass (tiles
+    read once); then its record, and last its state flag (from then on the scene counts)."""
+
+    def build() -> list[Any]:
         say(f"ingesting scene {scene.scene_id} ({scene.kind}, {scene.date})")
-        coverage = _write_scene(study, scene, store, index)
+        layers = scene_layers(study, scene)
+        ds = xr.Dataset({name: (("scene", "y", "x"), arr[None]) for name, arr in layers.items()})
+        region = {"scene": slice(index, index + 1), "y": slice(None), "x": slice(None)}
+        writing = write_dataset(ds, store, region=region, compute=False)
+        covered = da.isfinite(layers["dem_m" if scene.kind == "dem" else "phase_rad"])
+        on_glacier = xr.open_zarr(str(store))["glacier_id"].data > 0
+        return [
+            writing,
+            covered.sum(),
+            (covered & on_glacier).sum(),
+            on_glacier.sum(),
+            covered.size,
+        ]
+
+    def finish(values: list[Any]) -> None:
+        _, covered_px, glacier_px, total_glacier_px, size = values
         state = read_state(store)
         state.setdefault("scenes", {})[scene.scene_id] = {
             "inputs": inputs,
             "row": scene.row,
             "kind": scene.kind,
             "ingested_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        } | coverage
+            "coverage_frac": float(covered_px) / size,
+            "glacier_coverage_frac": float(glacier_px) / max(int(total_glacier_px), 1),
+        }
         write_state(store, state)
-        _set_scene_state(store, index, SCENE_INGESTED)  # last: the scene now counts
-    return report
+        _set_scene_state(store, index, SCENE_INGESTED)
+
+    return SceneJob(scene.scene_id, f"ingest scene {scene.scene_id}", build, finish)
 
 
 def _create(study: Study, store: Path, fingerprints: dict[str, Any]) -> None:
@@ -578,23 +615,6 @@ def _existing_scenes(store: Path) -> dict[str, tuple[int, int]]:
     """scene id -> (index along scene, scene_state) of the scenes in the store."""
     states = np.asarray(zarr.open_array(str(store / "scene_state"), mode="r")[:])
     return {sid: (i, int(states[i])) for sid, i in scene_index(store).items()}
-
-
-def _write_scene(study: Study, scene: SceneSpec, store: Path, index: int) -> dict[str, float]:
-    """Write one scene's tiles; return its coverage, computed in the same pass (tiles read once)."""
-    layers = scene_layers(study, scene)
-    ds = xr.Dataset({name: (("scene", "y", "x"), arr[None]) for name, arr in layers.items()})
-    region = {"scene": slice(index, index + 1), "y": slice(None), "x": slice(None)}
-    writing = write_dataset(ds, store, region=region, compute=False)
-    covered = da.isfinite(layers["dem_m" if scene.kind == "dem" else "phase_rad"])
-    on_glacier = xr.open_zarr(str(store))["glacier_id"].data > 0
-    _, covered_px, glacier_px, total_glacier_px = dask.compute(
-        writing, covered.sum(), (covered & on_glacier).sum(), on_glacier.sum()
-    )
-    return {
-        "coverage_frac": float(covered_px) / covered.size,
-        "glacier_coverage_frac": float(glacier_px) / max(int(total_glacier_px), 1),
-    }
 
 
 def _set_scene_state(store: Path, index: int, value: int) -> None:

@@ -244,7 +244,11 @@ def _jobs(n: int, failing: int, log: list[str]) -> list[SceneJob]:
             log.append(f"build {i}")
             return [dask.delayed(_slow_value)(i, i == failing)]
 
-        return SceneJob(f"S{i}", f"job {i}", build, lambda: log.append(f"finish {i}"))
+        def finish(values: list[Any]) -> None:
+            assert values == [i]
+            log.append(f"finish {i}")
+
+        return SceneJob(f"S{i}", f"job {i}", build, finish)
 
     return [job(i) for i in range(n)]
 

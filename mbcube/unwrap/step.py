@@ -135,7 +135,7 @@ def _scene_job(
         graph = scene_graph(store, scene_id, config)
         return [write_scene_region(store, graph, index, compute=False)]
 
-    def finish() -> None:
+    def finish(_: list[Any]) -> None:
         record_step(store, STEP, scene_id, record)
 
     return SceneJob(scene_id, f"unwrap scene {scene_id}", build, finish)
