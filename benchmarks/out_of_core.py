@@ -120,6 +120,11 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=100)
     parser.add_argument("--memory", default="3GiB", help="memory limit per worker")
     parser.add_argument("--keep", action="store_true", help="keep the cube")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the cube of an interrupted run: steps and scenes already done are skipped",
+    )
     args = parser.parse_args()
 
     root = WORK / f"ooc-run-{args.size}"
@@ -130,8 +135,9 @@ def main() -> None:
     input_gb = scene_input_bytes(study) / 1e9
     ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     store, out = root / "cube.zarr", root / "results"
-    shutil.rmtree(store, ignore_errors=True)
-    shutil.rmtree(out, ignore_errors=True)
+    if not args.resume:
+        shutil.rmtree(store, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
     profile = root / "profile.yaml"
     profile.write_text(
         "mbcube:\n  cluster: {kind: local, workers: 2, threads-per-worker: 1,\n"
@@ -168,7 +174,9 @@ def main() -> None:
         f"`mbcube run` on a DEM-kind study of {args.scenes} scenes x {args.size}^2 px (tiles "
         f"{args.tile}^2): {input_gb:.1f} GB of decoded scene input on a {ram_gb:.1f} GB machine; "
         f"cube on disk {cube_gb:.1f} GB; 2 local workers x 1 thread, memory limit {args.memory} "
-        f"each; load average {load:.1f} at start; study set-up {setup_s:.0f} s (not counted).\n\n"
+        f"each; load average {load:.1f} at start; study set-up {setup_s:.0f} s (not counted)"
+        f"{'; resumed an interrupted run (steps done before are up to date here)' if args.resume else ''}"
+        ".\n\n"
         "| step | wall s | scene Mpx/s | peak RSS per worker (MiB, VmHWM) |\n|---|---|---|---|\n"
         + "\n".join(rows)
         + "\n"
