@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numba
 import numpy as np
 import pandas as pd
 
@@ -179,7 +180,7 @@ def _lookup(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.n
     return idx, sorted_keys[idx] == keys
 
 
-def _per_group(sorted_keys: np.ndarray, values: np.ndarray, block_keys: np.ndarray) -> np.ndarray:
+def per_group(sorted_keys: np.ndarray, values: np.ndarray, block_keys: np.ndarray) -> np.ndarray:
     """values[k] for each block key found in sorted_keys, NaN for the others."""
     idx, found = _lookup(sorted_keys, block_keys)
     out = np.full(block_keys.size, np.nan)
@@ -193,8 +194,8 @@ def zhist_block(
     """Histogram of z = (dh - mean) / std per group present in the block, as counts of the
     non-empty (key * N_CODES + z bin) codes; z bin 0 is the underflow (z < -Z_MAX), N_CODES - 1
     the overflow. Groups without a finite std are left out."""
-    mean = _per_group(stats.keys, stats.mean, block_keys)
-    std = _per_group(stats.keys, stats.std, block_keys)
+    mean = per_group(stats.keys, stats.mean, block_keys)
+    std = per_group(stats.keys, stats.std, block_keys)
     sel = (codes >= 0) & np.isfinite(dh_m)
     c = codes[sel]
     sd = std[c]
@@ -203,6 +204,12 @@ def zhist_block(
     z = (dh_m[sel][ok] - mean[c]) / sd[ok]
     zb = np.clip(np.floor((z + Z_MAX) / Z_WIDTH), -1, N_Z_BINS).astype(np.int64) + 1
     local = c.astype(np.int64) * N_CODES + zb
+    return count_codes(local, block_keys)
+
+
+def count_codes(local: np.ndarray, block_keys: np.ndarray) -> SparseCounts:
+    """SparseCounts of local codes (local group index * N_CODES + z bin) as (key * N_CODES + z
+    bin, count) pairs of the non-empty ones, sorted."""
     if block_keys.size * N_CODES <= 4 * local.size:  # dense counts are cheaper than a sort
         counts = np.bincount(local)
         nz = np.flatnonzero(counts)
@@ -212,65 +219,187 @@ def zhist_block(
     return SparseCounts(block_keys[nz // N_CODES] * N_CODES + nz % N_CODES, counts.astype(np.int64))
 
 
+@numba.njit(nogil=True, cache=True)
+def _merge_sorted(
+    a: np.ndarray, ca: np.ndarray, b: np.ndarray, cb: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Union of two strictly increasing code arrays, their counts summed (one linear pass)."""
+    out = np.empty(a.size + b.size, np.int64)
+    cnt = np.empty(a.size + b.size, np.int64)
+    i = j = n = 0
+    while i < a.size or j < b.size:
+        if j == b.size or (i < a.size and a[i] < b[j]):
+            out[n], cnt[n] = a[i], ca[i]
+            i += 1
+        elif i == a.size or b[j] < a[i]:
+            out[n], cnt[n] = b[j], cb[j]
+            j += 1
+        else:
+            out[n], cnt[n] = a[i], ca[i] + cb[j]
+            i += 1
+            j += 1
+        n += 1
+    return out[:n], cnt[:n]
+
+
+def _strictly_increasing(codes: np.ndarray) -> bool:
+    return bool(codes.size < 2 or np.all(codes[1:] > codes[:-1]))
+
+
 def merge_counts(*parts: SparseCounts) -> SparseCounts:
-    """Sparse counts of several blocks, summed per code."""
+    """Sparse counts of several blocks, summed per code (sorted merges when each part's codes
+    are sorted and unique, as every producer here makes them; a sort otherwise)."""
+    if all(_strictly_increasing(p.codes) for p in parts):
+        codes = np.asarray(parts[0].codes, dtype=np.int64)
+        counts = np.asarray(parts[0].counts, dtype=np.int64)
+        for p in parts[1:]:
+            codes, counts = _merge_sorted(
+                codes, counts, np.asarray(p.codes, np.int64), np.asarray(p.counts, np.int64)
+            )
+        return SparseCounts(codes, counts)
     codes = np.concatenate([p.codes for p in parts])
     uniq, inv = np.unique(codes, return_inverse=True)
-    counts = np.bincount(
-        inv, weights=np.concatenate([p.counts for p in parts]), minlength=uniq.size
-    )
-    return SparseCounts(uniq, counts.round().astype(np.int64))
+    total = np.bincount(inv, weights=np.concatenate([p.counts for p in parts]), minlength=uniq.size)
+    return SparseCounts(uniq, total.round().astype(np.int64))
 
 
-def _cdf(
-    hist: SparseCounts, cum: np.ndarray, first: np.ndarray, keys: np.ndarray, z: np.ndarray
-) -> np.ndarray:
-    """Number of values of each group (keys, first = index of its first code) below z (the
-    underflow counted, the overflow not; linear within a z bin)."""
-    zc = np.clip(z, -Z_MAX, Z_MAX)
+# ----------------------------------------------- per-group robust statistics (numba kernel)
+
+
+@numba.njit(nogil=True, cache=True)
+def _cdf_at(under: float, cum: np.ndarray, c: np.ndarray, z: float) -> float:
+    """Values below z of a z histogram (underflow counted, overflow not, linear within bins)."""
+    zc = min(max(z, -Z_MAX), Z_MAX)
     pos = (zc + Z_MAX) / Z_WIDTH
-    k = np.minimum(np.floor(pos), N_Z_BINS - 1).astype(np.int64)
-    frac = pos - k
-    code = keys * N_CODES + k + 1
-    p = np.searchsorted(hist.codes, code)
-    below = cum[p] - cum[first]
-    pc = np.minimum(p, hist.codes.size - 1)
-    hit = hist.codes[pc] == code
-    return below + np.where(hit, frac * hist.counts[pc], 0.0)
+    k = min(int(np.floor(pos)), N_Z_BINS - 1)
+    return under + cum[k] + (pos - k) * c[k]
+
+
+@numba.njit(nogil=True, cache=True)
+def _group_stats(
+    hcodes: np.ndarray,
+    hcounts: np.ndarray,
+    gkeys: np.ndarray,
+    first: np.ndarray,
+    last: np.ndarray,
+    probs: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    n_groups, n_probs = gkeys.size, probs.size
+    quant = np.empty((n_groups, n_probs))
+    mad = np.empty(n_groups)
+    c = np.zeros(N_Z_BINS)
+    cum = np.zeros(N_Z_BINS + 1)
+    edges = -Z_MAX + Z_WIDTH * np.arange(N_Z_BINS + 1)
+    ts = np.empty(2 * N_Z_BINS + 4)
+    for g in range(n_groups):
+        c[:] = 0.0
+        under = 0.0
+        total = 0.0
+        base = gkeys[g] * N_CODES
+        for p in range(first[g], last[g]):
+            k = hcodes[p] - base
+            v = np.float64(hcounts[p])
+            total += v
+            if k == 0:
+                under += v
+            elif k <= N_Z_BINS:
+                c[k - 1] += v
+        for k in range(N_Z_BINS):
+            cum[k + 1] = cum[k] + c[k]
+        # quantiles: the smallest z in [-Z_MAX, Z_MAX] with cdf(z) >= p * total
+        for q in range(n_probs):
+            target = probs[q] * total
+            z = Z_MAX
+            if under >= target:
+                z = -Z_MAX
+            else:
+                for k in range(N_Z_BINS):
+                    below = under + cum[k]
+                    if below + c[k] >= target:
+                        z = edges[k] + Z_WIDTH * (target - below) / c[k]
+                        break
+            quant[g, q] = z
+        # MAD about the median (probs[0] must be 0.5): the smallest t in [0, 2 Z_MAX] with
+        # cdf(med + t) - cdf(med - t) >= total / 2; piecewise linear between the distances of
+        # the bin edges from the median, merged in increasing order
+        med, half = quant[g, 0], 0.5 * total
+        m = 0
+        ts[m] = 0.0
+        m += 1
+        right = 0
+        while right <= N_Z_BINS and edges[right] < med:
+            right += 1
+        left = right - 1
+        while left >= 0 or right <= N_Z_BINS:
+            dl = med - edges[left] if left >= 0 else np.inf
+            dr = edges[right] - med if right <= N_Z_BINS else np.inf
+            if dl <= dr:
+                ts[m] = dl
+                left -= 1
+            else:
+                ts[m] = dr
+                right += 1
+            m += 1
+        ts[m] = 2.0 * Z_MAX
+        m += 1
+        # (the cdf at a bin edge carries float rounding: a tolerance keeps exact ties exact)
+        tol = 1e-9 * max(total, 1.0)
+        t_prev, g_prev = 0.0, 0.0
+        t_star = 2.0 * Z_MAX
+        for k in range(m):
+            t = min(ts[k], 2.0 * Z_MAX)
+            gt = _cdf_at(under, cum, c, med + t) - _cdf_at(under, cum, c, med - t)
+            if gt >= half - tol:
+                if k == 0 or gt - g_prev <= tol:
+                    t_star = t
+                else:
+                    frac = min(max((half - g_prev) / (gt - g_prev), 0.0), 1.0)
+                    t_star = t_prev + (t - t_prev) * frac
+                break
+            t_prev, g_prev = t, gt
+        mad[g] = t_star
+    return quant, mad
+
+
+def group_z_stats(
+    hist_codes: np.ndarray,
+    hist_counts: np.ndarray,
+    group_keys: np.ndarray,
+    probs: tuple[float, ...] = (0.5,),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per group key, from the sparse z histograms (outliers.SparseCounts: codes key * N_CODES +
+    z bin, sorted): the z quantiles at `probs` (probs[0] = 0.5, the median) and the median
+    absolute deviation of z about the median, both read exactly off the piecewise-linear cdf
+    that outliers.thresholds bisects (underflow below -Z_MAX, overflow above Z_MAX, values
+    uniform within a bin). Returns (quantiles (groups, probs), mad (groups))."""
+    if probs[0] != 0.5:
+        raise ValueError("probs[0] must be 0.5 (the median, about which the MAD is taken)")
+    keys = np.asarray(group_keys, dtype=np.int64)
+    first = np.searchsorted(hist_codes, keys * N_CODES)
+    last = np.searchsorted(hist_codes, (keys + 1) * N_CODES)
+    return _group_stats(
+        np.asarray(hist_codes, dtype=np.int64),
+        np.asarray(hist_counts, dtype=np.int64),
+        keys,
+        first,
+        last,
+        np.asarray(probs, dtype=np.float64),
+    )
 
 
 def thresholds(
     hist: SparseCounts, stats: GroupStats, k_nmad: float, min_px: int = 20
 ) -> Thresholds:
     """Lower and upper dh thresholds (m) per group: median -+ k_nmad * NMAD (NMAD at least one z
-    bin), NaN (not filtered) for groups with fewer than `min_px` values or no spread."""
+    bin), NaN (not filtered) for groups with fewer than `min_px` values or no spread. The median
+    and NMAD are read off the group's z histogram (group_z_stats)."""
     lower = np.full(stats.keys.size, np.nan)
     upper = np.full(stats.keys.size, np.nan)
     use = np.flatnonzero((stats.n >= min_px) & np.isfinite(stats.std))
     if use.size and hist.codes.size:
-        keys = stats.keys[use]
-        first = np.searchsorted(hist.codes, keys * N_CODES)
-        last = np.searchsorted(hist.codes, (keys + 1) * N_CODES)
-        cum = np.concatenate([[0.0], np.cumsum(hist.counts, dtype=np.float64)])
-        half = 0.5 * (cum[last] - cum[first])
-
-        def cdf(z: np.ndarray) -> np.ndarray:
-            return _cdf(hist, cum, first, keys, z)
-
-        # median: smallest z with half the values below (bisection on the piecewise-linear cdf)
-        lo, hi = np.full(keys.size, -Z_MAX), np.full(keys.size, Z_MAX)
-        for _ in range(48):
-            mid = 0.5 * (lo + hi)
-            up = cdf(mid) >= half
-            hi, lo = np.where(up, mid, hi), np.where(up, lo, mid)
-        med = hi
-        # median absolute deviation: smallest t with half the values within med +- t
-        lo, hi = np.zeros(keys.size), np.full(keys.size, 2.0 * Z_MAX)
-        for _ in range(48):
-            t = 0.5 * (lo + hi)
-            up = cdf(med + t) - cdf(med - t) >= half
-            hi, lo = np.where(up, t, hi), np.where(up, lo, t)
-        nmad = np.maximum(NMAD_FACTOR * hi, Z_WIDTH)
+        quant, mad = group_z_stats(hist.codes, hist.counts, stats.keys[use])
+        med = quant[:, 0]
+        nmad = np.maximum(NMAD_FACTOR * mad, Z_WIDTH)
         mean, std = stats.mean[use], stats.std[use]
         lower[use] = mean + std * (med - k_nmad * nmad)
         upper[use] = mean + std * (med + k_nmad * nmad)
@@ -279,8 +408,8 @@ def thresholds(
 
 def keep(dh_m: np.ndarray, codes: np.ndarray, block_keys: np.ndarray, th: Thresholds) -> np.ndarray:
     """True where dh is finite and within its group's thresholds (or its group has none)."""
-    lo = _per_group(th.keys, th.lower, block_keys)
-    hi = _per_group(th.keys, th.upper, block_keys)
+    lo = per_group(th.keys, th.lower, block_keys)
+    hi = per_group(th.keys, th.upper, block_keys)
     out = np.isfinite(dh_m)
     has = codes >= 0
     c = codes[has]

@@ -27,11 +27,10 @@ from dask.delayed import Delayed
 from mbcube import store as st
 from mbcube.cluster import compute
 from mbcube.config import CorrectionsConfig
-from mbcube.corrections import coregister, outliers, penetration, ramp, robust
+from mbcube.corrections import coregister, kernels, outliers, penetration, ramp, robust
 from mbcube.corrections.bins import ELEV_MIN_M, bin_index, n_bins
 from mbcube.corrections.datum import datum_from_histogram
 from mbcube.corrections.errors import CorrectionsError
-from mbcube.corrections.masks import validity
 from mbcube.corrections.seasonal import seasonal_offset_m
 
 STEP = "correct"
@@ -66,7 +65,8 @@ COREG_TOLERANCE_PX = 0.01
 
 
 def _task(where: str, func: Callable[..., Any], *args: Any) -> Delayed:
-    return dask.delayed(_run, pure=True)(where, func, *args)
+    # pure=False: keys without tokenizing the arguments (graph building stays cheap)
+    return dask.delayed(_run, pure=False)(where, func, *args)
 
 
 def _sum(*parts: np.ndarray) -> np.ndarray:
@@ -82,35 +82,17 @@ def _tree(parts: list[Delayed], merge: Callable[..., Any], fan_in: int = 8) -> D
     """merge(*parts) as a tree of `fan_in`-way merges (bounded task memory)."""
     while len(parts) > 1:
         parts = [
-            dask.delayed(merge, pure=True)(*parts[i : i + fan_in])
+            dask.delayed(merge, pure=False)(*parts[i : i + fan_in])
             for i in range(0, len(parts), fan_in)
         ]
     return parts[0]
 
 
 # ------------------------------------------------------------------------------ tile kernels
+# Each runs one fused kernel (mbcube.corrections.kernels) over a tile. A tile's dh is kept as
+# DhTile = (dh (m), quantile row of its stable-ground values) between the passes.
 
-
-def _dh_block(
-    kind: str,
-    src: np.ndarray,
-    ref: np.ndarray,
-    void: np.ndarray,
-    radar: np.ndarray | None,
-    coh: np.ndarray | None,
-    shift_m: np.ndarray | None,
-    halo: int,
-    res_m: float,
-    coherence_min: float,
-) -> np.ndarray:
-    """dh (m) of a tile, NaN where invalid (masks.validity); dem scenes resampled at p + shift."""
-    if kind == "dem":
-        src = coregister.shifted(src, halo, np.zeros(2) if shift_m is None else shift_m, res_m)
-        dh = src - ref
-    else:
-        dh = src.astype(np.float32)
-    ok = validity(dh, ref, void, radar, coh, coherence_min)
-    return np.where(ok, dh, np.nan)
+DhTile = tuple[np.ndarray, np.ndarray]
 
 
 def _stable_only(dh: np.ndarray, stable: np.ndarray) -> np.ndarray:
@@ -119,6 +101,50 @@ def _stable_only(dh: np.ndarray, stable: np.ndarray) -> np.ndarray:
 
 def _quantiles(dh: np.ndarray, stable: np.ndarray) -> np.ndarray:
     return robust.block_quantiles(_stable_only(dh, stable))
+
+
+def _dem_q(
+    dem_h: np.ndarray,
+    ref: np.ndarray,
+    void: np.ndarray,
+    stable: np.ndarray,
+    shift_m: np.ndarray,
+    halo: int,
+    res_m: float,
+) -> np.ndarray:
+    """Quantile row of the stable-ground dh of a DEM tile at p + shift."""
+    _, values = kernels.dem_dh(
+        dem_h, ref, void, stable, halo, kernels.shift_weights(shift_m, res_m, halo), False
+    )
+    return kernels.quantile_row(values)
+
+
+def _dem_dh(
+    dem_h: np.ndarray,
+    ref: np.ndarray,
+    void: np.ndarray,
+    stable: np.ndarray,
+    shift_m: np.ndarray,
+    halo: int,
+    res_m: float,
+) -> DhTile:
+    dh, values = kernels.dem_dh(
+        dem_h, ref, void, stable, halo, kernels.shift_weights(shift_m, res_m, halo)
+    )
+    return dh, kernels.quantile_row(values)
+
+
+def _insar_dh(
+    raw: np.ndarray,
+    ref: np.ndarray,
+    void: np.ndarray,
+    radar: np.ndarray,
+    coh: np.ndarray,
+    stable: np.ndarray,
+    coherence_min: float,
+) -> DhTile:
+    dh, values = kernels.insar_dh(raw, ref, void, radar, coh, stable, coherence_min)
+    return dh, kernels.quantile_row(values)
 
 
 def _coreg_ne(
@@ -135,68 +161,52 @@ def _coreg_ne(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if converged and previous is not None:  # the shift stopped moving: this pass is skipped
         return previous
-    h = halo
-    ref = ref_h[h:-h, h:-h]
-    dh = _dh_block("dem", dem_h, ref, void, None, None, shift_m, halo, res_m, 0.0)
-    gx, gy = coregister.gradient(ref_h, res_m)
-    centre, clip = stats[0], stats[1]
-    ata, atb = coregister.normal_equations(
-        dh, gx[h:-h, h:-h], gy[h:-h, h:-h], stable == 1, centre, clip
+    sw = kernels.shift_weights(shift_m, res_m, halo)
+    ata, atb, values = kernels.coreg_pass(
+        dem_h, ref_h, void, stable, halo, sw, res_m, stats[0], stats[1]
     )
-    return ata, atb, _quantiles(dh, stable)  # the quantiles seed the next iteration's clip
-
-
-def _dh_q(
-    dem_h: np.ndarray,
-    ref: np.ndarray,
-    void: np.ndarray,
-    stable: np.ndarray,
-    shift_m: np.ndarray,
-    halo: int,
-    res_m: float,
-) -> np.ndarray:
-    dh = _dh_block("dem", dem_h, ref, void, None, None, shift_m, halo, res_m, 0.0)
-    return _quantiles(dh, stable)
+    return ata, atb, kernels.quantile_row(values)  # the quantiles seed the next clip
 
 
 def _ramp_ne(
-    dh: np.ndarray,
+    dhq: DhTile,
     stable: np.ndarray,
     xk: np.ndarray,
     yk: np.ndarray,
     model: np.ndarray,
     stats: tuple[float, float, float],
 ) -> tuple[np.ndarray, np.ndarray]:
-    return ramp.normal_equations(dh, stable == 1, xk, yk, model, stats[0], stats[1])
+    return kernels.ramp_normal_equations(dhq[0], stable, xk, yk, model, stats[0], stats[1])
 
 
 def _resid_hist(
-    dh: np.ndarray,
+    dhq: DhTile,
     stable: np.ndarray,
     xk: np.ndarray,
     yk: np.ndarray,
     model: np.ndarray,
     hrange: tuple[float, float],
 ) -> np.ndarray:
-    resid = _stable_only(dh, stable) - ramp.evaluate(model, xk, yk)
-    return robust.histogram(resid, hrange[0], hrange[1])
+    return kernels.residual_histogram(
+        dhq[0], stable, xk, yk, model, hrange[0], hrange[1], robust.N_HIST_BINS
+    )
 
 
 def _resid_clipped(
-    dh: np.ndarray,
+    dhq: DhTile,
     stable: np.ndarray,
     xk: np.ndarray,
     yk: np.ndarray,
     model: np.ndarray,
-    centre: float,
-    half: float,
+    centre_half: tuple[float, float],
 ) -> np.ndarray:
-    resid = _stable_only(dh, stable) - ramp.evaluate(model, xk, yk)
-    return robust.clipped_sum(resid, centre, half)
+    return kernels.residual_clipped_sum(
+        dhq[0], stable, xk, yk, model, centre_half[0], centre_half[1]
+    )
 
 
-def _corrected(
-    dh: np.ndarray,
+def _corr_groups(
+    dhq: DhTile,
     xk: np.ndarray,
     yk: np.ndarray,
     params: dict[str, Any],
@@ -204,46 +214,56 @@ def _corrected(
     region: np.ndarray,
     surface: np.ndarray,
     ref: np.ndarray,
-) -> np.ndarray:
-    """dh - datum - ramp, then on glacier pixels - penetration - seasonal (m)."""
+    glacier: np.ndarray,
+    width: float,
+) -> kernels.CorrectedTile:
+    """dh - datum - ramp, then on glacier pixels - penetration - seasonal (m), as float32, with
+    each pixel's outlier group (per glacier, surface and bin on glaciers, per region, surface
+    and bin elsewhere) and the groups' moments; made once, kept for the outlier passes."""
     tilt = params["ramp_coef"].copy()
     tilt[0] = 0.0
-    out = dh - params["datum_offset_m"] - ramp.evaluate(tilt, xk, yk)
-    pen_field = penetration.lookup(
-        pen.penetration_m, pen.bin_lo_m, pen.width_m, region, surface, ref
+    return kernels.corrected_groups(
+        dhq[0],
+        xk,
+        yk,
+        tilt,
+        params["datum_offset_m"],
+        pen.penetration_m,
+        float(pen.bin_lo_m[0]),
+        pen.width_m,
+        params["seasonal_offset_applied_m"],
+        region,
+        surface,
+        ref,
+        glacier,
+        width,
+        n_bins(width),
     )
-    return out - np.where(surface > 0, pen_field + params["seasonal_offset_applied_m"], 0.0)
 
 
-CorrGroups = tuple[np.ndarray, np.ndarray, np.ndarray]  # dh (m), group codes, block's keys
+def _merge_moments(*parts: kernels.CorrectedTile | outliers.Moments) -> outliers.Moments:
+    return outliers.merge_moments(
+        *(
+            outliers.Moments(p.keys, p.n, p.s, p.ss) if isinstance(p, kernels.CorrectedTile) else p
+            for p in parts
+        )
+    )
 
 
-def _corr_groups(corr_args: tuple[Any, ...], glacier_id: np.ndarray, width: float) -> CorrGroups:
-    """The corrected tile (float32) and its outlier groups (outliers.block_groups: per glacier,
-    surface and bin on glaciers, per region, surface and bin elsewhere), made once and kept for
-    the outlier reductions and the final tile."""
-    corr = _corrected(*corr_args).astype(np.float32)
-    region, surface, ref = corr_args[5], corr_args[6], corr_args[7]
-    keys = outliers.group_keys(glacier_id, region, surface, bin_index(ref, width), n_bins(width))
-    codes, block_keys = outliers.block_groups(corr, keys)
-    return corr, codes, block_keys
-
-
-def _moments(cg: CorrGroups) -> outliers.Moments:
-    return outliers.moments_block(*cg)
-
-
-def _zhist(cg: CorrGroups, stats: outliers.GroupStats) -> outliers.SparseCounts:
-    return outliers.zhist_block(*cg, stats)
+def _zhist(ct: kernels.CorrectedTile, stats: outliers.GroupStats) -> outliers.SparseCounts:
+    mean = outliers.per_group(stats.keys, stats.mean, ct.keys)
+    std = outliers.per_group(stats.keys, stats.std, ct.keys)
+    return outliers.SparseCounts(*kernels.z_histogram(ct.dh_m, ct.codes, ct.keys, mean, std))
 
 
 def _final(
-    cg: CorrGroups, th: outliers.Thresholds
+    ct: kernels.CorrectedTile, th: outliers.Thresholds
 ) -> tuple[np.ndarray, np.ndarray, outliers.SparseCounts]:
-    corr, codes, block_keys = cg
-    ok = outliers.keep(corr, codes, block_keys, th)
-    rejected = outliers.rejected_block(ok, codes, block_keys)
-    return np.where(ok, corr, np.nan).astype(np.float32)[None], ok.astype(np.uint8)[None], rejected
+    lower = outliers.per_group(th.keys, th.lower, ct.keys)
+    upper = outliers.per_group(th.keys, th.upper, ct.keys)
+    out, ok, rejected = kernels.keep_final(ct.dh_m, ct.codes, lower, upper)
+    nz = np.flatnonzero(rejected)
+    return out[None], ok[None], outliers.SparseCounts(ct.keys[nz], rejected[nz])
 
 
 # ------------------------------------------------------------------------- small global steps
@@ -357,6 +377,40 @@ class SceneInputs:
     month: int
 
 
+@dataclass(frozen=True)
+class StaticBlocks:
+    """The delayed blocks of the cube's static layers (object arrays over the tiles), made once
+    per run and shared by the scenes' graphs (their read tasks are the same)."""
+
+    ref: np.ndarray
+    ref_h: np.ndarray  # haloed by `halo` px (NaN beyond the grid), for the co-registration
+    void: np.ndarray
+    stable: np.ndarray
+    surface: np.ndarray
+    region: np.ndarray
+    glacier: np.ndarray
+    halo: int
+
+
+def static_blocks(ds: xr.Dataset, halo: int) -> StaticBlocks:
+    """StaticBlocks of the cube `ds` (open_cube). Nothing is computed."""
+
+    def blocks(arr: da.Array) -> np.ndarray:
+        return np.asarray(arr.to_delayed())
+
+    ref = ds.ref_dem_m.data
+    return StaticBlocks(
+        blocks(ref),
+        blocks(da.overlap.overlap(ref, {0: halo, 1: halo}, np.nan)),
+        blocks(ds.ref_void.data),
+        blocks(ds.stable.data),
+        blocks(ds.surface.data),
+        blocks(ds.region_id.data),
+        blocks(ds.glacier_id.data),
+        halo,
+    )
+
+
 def scene_graph(
     ds: xr.Dataset,
     scene: SceneInputs,
@@ -375,9 +429,11 @@ def scene_graphs(
     config: CorrectionsConfig,
     table: penetration.Table,
     opts: Options = Options(),
+    static: StaticBlocks | None = None,
 ) -> tuple[xr.Dataset, Delayed]:
     """`scene_graph`'s Dataset and the delayed outlier table of the scene (a small Dataset along
-    `outlier_group`, see `_outlier_dataset`), sharing one graph. Nothing is computed."""
+    `outlier_group`, see `_outlier_dataset`), sharing one graph. Nothing is computed. `static`:
+    the static layers' blocks (static_blocks), made here when not given."""
     sid = scene.scene_id
     seasonal_m = seasonal_offset_m(scene.month, config.seasonal_offset_m, sid)
     res = float(abs(ds.x.values[1] - ds.x.values[0]))
@@ -386,20 +442,17 @@ def scene_graphs(
     xk_all, yk_all = (xs - x0) / 1000.0, (ys - y0) / 1000.0
     k_clip = config.ramp_sigma_clip
     halo = opts.coreg_halo_px
+    if static is None or static.halo != halo:
+        static = static_blocks(ds, halo)
     one = ds.sel(scene=[sid])
-
-    def blocks(var: str, scene_var: bool = True) -> np.ndarray:
-        arr = one[var].data[0] if scene_var else ds[var].data
-        return np.asarray(arr.to_delayed())
-
-    ref_arr = ds.ref_dem_m.data
-    chunks = ref_arr.chunks
+    chunks = ds.ref_dem_m.data.chunks
     rows = np.concatenate([[0], np.cumsum(chunks[0])])
     cols = np.concatenate([[0], np.cumsum(chunks[1])])
-    ref_b, void_b = blocks("ref_dem_m", False), blocks("ref_void", False)
-    stable_b, surf_b = blocks("stable", False), blocks("surface", False)
-    reg_b, glac_b = blocks("region_id", False), blocks("glacier_id", False)
+    sb = static
     tiles = [(i, j) for i in range(len(chunks[0])) for j in range(len(chunks[1]))]
+
+    def blocks(var: str) -> np.ndarray:
+        return np.asarray(one[var].data[0].to_delayed())
 
     def where(i: int, j: int) -> str:
         return f"scene {sid} tile ({i}, {j})"
@@ -410,31 +463,33 @@ def scene_graphs(
     def yk(i: int) -> np.ndarray:
         return yk_all[rows[i] : rows[i + 1]]
 
+    def delayed(func: Callable[..., Any], *args: Any) -> Delayed:
+        return dask.delayed(func, pure=False)(*args)
+
     shift: Any = np.zeros(2)
     if scene.kind == "dem":
         if "dem_m" not in one:
             raise CorrectionsError(f"scene {sid} is of kind 'dem' but the cube has no dem_m")
-        depth = {0: halo, 1: halo}
-        dem_h = np.asarray(da.overlap.overlap(one.dem_m.data[0], depth, np.nan).to_delayed())
-        ref_h = np.asarray(da.overlap.overlap(ref_arr, depth, np.nan).to_delayed())
-        n_iter = opts.coreg_iterations if config.coregister_dem_scenes else 0
-        q = [
-            _task(
-                where(i, j),
-                _dh_q,
-                dem_h[i, j],
-                ref_b[i, j],
-                void_b[i, j],
-                stable_b[i, j],
-                shift,
-                halo,
-                res,
-            )
-            for i, j in tiles
-        ]
-        stats = dask.delayed(_stats_from_quantiles, pure=True)(
-            f"scene {sid}", k_clip, opts.min_stable_px, *q
+        dem_h = np.asarray(
+            da.overlap.overlap(one.dem_m.data[0], {0: halo, 1: halo}, np.nan).to_delayed()
         )
+        n_iter = opts.coreg_iterations if config.coregister_dem_scenes else 0
+        if n_iter:
+            q = [
+                _task(
+                    where(i, j),
+                    _dem_q,
+                    dem_h[i, j],
+                    sb.ref[i, j],
+                    sb.void[i, j],
+                    sb.stable[i, j],
+                    shift,
+                    halo,
+                    res,
+                )
+                for i, j in tiles
+            ]
+            stats = delayed(_stats_from_quantiles, f"scene {sid}", k_clip, opts.min_stable_px, *q)
         # Iterations run in one static graph; once the shift stops moving, the later ones
         # return their blocks' previous sums without reading or resampling anything.
         converged: Any = False
@@ -445,9 +500,9 @@ def scene_graphs(
                     where(i, j),
                     _coreg_ne,
                     dem_h[i, j],
-                    ref_h[i, j],
-                    void_b[i, j],
-                    stable_b[i, j],
+                    sb.ref_h[i, j],
+                    sb.void[i, j],
+                    sb.stable[i, j],
                     shift,
                     stats,
                     halo,
@@ -458,33 +513,29 @@ def scene_graphs(
                 for k, (i, j) in enumerate(tiles)
             ]
             before = shift
-            shift = dask.delayed(_add_shift, pure=True)(
+            shift = delayed(
+                _add_shift,
                 shift,
-                dask.delayed(_sum_ne, pure=True)(*ne),
+                delayed(_sum_ne, *ne),
                 halo,
                 res,
                 f"scene {sid} (co-registration iteration {it + 1})",
                 converged,
             )
-            converged = dask.delayed(_converged, pure=True)(before, shift, res)
+            converged = delayed(_converged, before, shift, res)
             previous = ne
-            stats = dask.delayed(_stats_from_ne, pure=True)(
-                f"scene {sid}", k_clip, opts.min_stable_px, *ne
-            )
+            stats = delayed(_stats_from_ne, f"scene {sid}", k_clip, opts.min_stable_px, *ne)
         dh = {
             (i, j): _task(
                 where(i, j),
-                _dh_block,
-                "dem",
+                _dem_dh,
                 dem_h[i, j],
-                ref_b[i, j],
-                void_b[i, j],
-                None,
-                None,
+                sb.ref[i, j],
+                sb.void[i, j],
+                sb.stable[i, j],
                 shift,
                 halo,
                 res,
-                0.0,
             )
             for i, j in tiles
         }
@@ -497,101 +548,102 @@ def scene_graphs(
         dh = {
             (i, j): _task(
                 where(i, j),
-                _dh_block,
-                "insar",
+                _insar_dh,
                 raw_b[i, j],
-                ref_b[i, j],
-                void_b[i, j],
+                sb.ref[i, j],
+                sb.void[i, j],
                 radar_b[i, j],
                 coh_b[i, j],
-                None,
-                0,
-                res,
+                sb.stable[i, j],
                 config.coherence_min,
             )
             for i, j in tiles
         }
 
     # ramp (with its constant) by iterated sigma-clipped least squares, then the robust datum
-    q = [_task(where(i, j), _quantiles, dh[i, j], stable_b[i, j]) for i, j in tiles]
-    stats = dask.delayed(_stats_from_quantiles, pure=True)(
-        f"scene {sid}", k_clip, opts.min_stable_px, *q
-    )
+    q = [delayed(operator.getitem, dh[t], 1) for t in tiles]
+    stats = delayed(_stats_from_quantiles, f"scene {sid}", k_clip, opts.min_stable_px, *q)
     model: Any = np.zeros(ramp.N_COEF)
     for _ in range(config.ramp_iterations):
         ne = [
-            _task(where(i, j), _ramp_ne, dh[i, j], stable_b[i, j], xk(j), yk(i), model, stats)
+            _task(where(i, j), _ramp_ne, dh[i, j], sb.stable[i, j], xk(j), yk(i), model, stats)
             for i, j in tiles
         ]
-        model = dask.delayed(_solve_ramp, pure=True)(
-            dask.delayed(_sum_ne, pure=True)(*ne), config.ramp_order
-        )
-        hrange = dask.delayed(_hist_range, pure=True)(stats, 0.0)
+        model = delayed(_solve_ramp, delayed(_sum_ne, *ne), config.ramp_order)
+        hrange = delayed(_hist_range, stats, 0.0)
         hist = _tree_sum(
             [
                 _task(
-                    where(i, j), _resid_hist, dh[i, j], stable_b[i, j], xk(j), yk(i), model, hrange
+                    where(i, j), _resid_hist, dh[i, j], sb.stable[i, j], xk(j), yk(i), model, hrange
                 )
                 for i, j in tiles
             ]
         )
-        stats = dask.delayed(_stats_from_hist, pure=True)(hist, hrange, k_clip)
-    tilt = dask.delayed(_zero_constant, pure=True)(model)
-    hrange = dask.delayed(_centred_range, pure=True)(model, stats)
+        stats = delayed(_stats_from_hist, hist, hrange, k_clip)
+    tilt = delayed(_zero_constant, model)
+    hrange = delayed(_centred_range, model, stats)
     counts = _tree_sum(
         [
-            _task(where(i, j), _resid_hist, dh[i, j], stable_b[i, j], xk(j), yk(i), tilt, hrange)
+            _task(where(i, j), _resid_hist, dh[i, j], sb.stable[i, j], xk(j), yk(i), tilt, hrange)
             for i, j in tiles
         ]
     )
     clipped = None
     if config.datum_estimator == "nmad_mean":
-        centre_half = dask.delayed(_centre_half, pure=True)(counts, hrange)
+        centre_half = delayed(_centre_half, counts, hrange)
         clipped = _tree_sum(
             [
                 _task(
                     where(i, j),
                     _resid_clipped,
                     dh[i, j],
-                    stable_b[i, j],
+                    sb.stable[i, j],
                     xk(j),
                     yk(i),
                     tilt,
-                    centre_half[0],
-                    centre_half[1],
+                    centre_half,
                 )
                 for i, j in tiles
             ]
         )
-    n_stable = dask.delayed(_count, pure=True)(counts)
-    params = dask.delayed(_params, pure=True)(
-        model, counts, hrange, clipped, config.datum_estimator, seasonal_m, shift, n_stable
+    n_stable = delayed(_count, counts)
+    params = delayed(
+        _params, model, counts, hrange, clipped, config.datum_estimator, seasonal_m, shift, n_stable
     )
 
     # penetration + seasonal; outliers per (glacier, surface, bin) on glaciers and (region,
     # surface, bin) elsewhere, by sparse per-block reductions merged by group key; final tiles
-    def corr_args(i: int, j: int) -> tuple[Any, ...]:
-        return (dh[i, j], xk(j), yk(i), params, table, reg_b[i, j], surf_b[i, j], ref_b[i, j])
-
+    width = opts.bin_width_m
     cg = {
-        (i, j): _task(where(i, j), _corr_groups, corr_args(i, j), glac_b[i, j], opts.bin_width_m)
+        (i, j): _task(
+            where(i, j),
+            _corr_groups,
+            dh[i, j],
+            xk(j),
+            yk(i),
+            params,
+            table,
+            sb.region[i, j],
+            sb.surface[i, j],
+            sb.ref[i, j],
+            sb.glacier[i, j],
+            width,
+        )
         for i, j in tiles
     }
-    mom = _tree([_task(where(i, j), _moments, cg[i, j]) for i, j in tiles], outliers.merge_moments)
-    gstats = dask.delayed(outliers.mean_std, pure=True)(mom)
+    mom = _tree([cg[t] for t in tiles], _merge_moments)
+    gstats = delayed(outliers.mean_std, mom)
     zh = _tree(
         [_task(where(i, j), _zhist, cg[i, j], gstats) for i, j in tiles], outliers.merge_counts
     )
-    th = dask.delayed(outliers.thresholds, pure=True)(
-        zh, gstats, config.outlier_nmad, opts.outlier_min_px
-    )
+    th = delayed(outliers.thresholds, zh, gstats, config.outlier_nmad, opts.outlier_min_px)
     finals = {(i, j): _task(where(i, j), _final, cg[i, j], th) for i, j in tiles}
     rejected = _tree(
-        [dask.delayed(operator.getitem, pure=True)(finals[t], 2) for t in tiles],
+        [delayed(operator.getitem, finals[t], 2) for t in tiles],
         outliers.merge_counts,
     )
-    outlier_table = dask.delayed(_outlier_dataset, pure=True)(
-        th, rejected, opts.bin_width_m, sid, config.outlier_nmad, opts.outlier_min_px
+    outlier_table = delayed(
+        _outlier_dataset, th, rejected, width, sid, config.outlier_nmad, opts.outlier_min_px
     )
 
     def assemble(k: int, dtype: Any) -> da.Array:
@@ -599,7 +651,7 @@ def scene_graphs(
             [
                 [
                     da.from_delayed(
-                        dask.delayed(operator.getitem, pure=True)(finals[i, j], k),
+                        delayed(operator.getitem, finals[i, j], k),
                         (1, chunks[0][i], chunks[1][j]),
                         dtype=dtype,
                     )
@@ -610,7 +662,7 @@ def scene_graphs(
         )
 
     def param(name: str, shape: tuple[int, ...], dtype: Any = np.float64) -> da.Array:
-        value = dask.delayed(_param_array, pure=True)(params, name, shape)
+        value = delayed(_param_array, params, name, shape)
         return da.from_delayed(value, (1, *shape), dtype=dtype)
 
     out = xr.Dataset(
@@ -1035,6 +1087,7 @@ def correct_cube(
         inputs.append((SceneInputs(sid, i, kind, month), upstream))
     table_token = penetration_table(store, config, opts, force=force, progress=progress)
     table = read_table(store)
+    static: StaticBlocks | None = None
     done = []
     for scene, upstream in inputs:
         record = {
@@ -1046,7 +1099,8 @@ def correct_cube(
             continue
         if progress:
             progress(f"correct scene {scene.scene_id}")
-        out, outlier_ds = scene_graphs(ds, scene, config, table, opts)
+        static = static or static_blocks(ds, opts.coreg_halo_px)
+        out, outlier_ds = scene_graphs(ds, scene, config, table, opts, static)
         write = st.write_scene_region(store, out, scene.index, compute=False)
         group = outlier_group_name(scene.scene_id, scene.index)
         write_table = dask.delayed(_write_outlier_table, pure=True)(store, group, outlier_ds)
