@@ -258,3 +258,30 @@ def test_merge_counts_equals_a_dense_sum(seed: int, n_parts: int) -> None:
     again = outliers.merge_counts(*shuffled)  # unsorted parts: the sorting path
     assert np.array_equal(again.codes, merged.codes)
     assert np.array_equal(again.counts, merged.counts)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=stn.integers(0, 10_000),
+    shape=shapes,
+    n_region=stn.integers(0, 4),
+    width=stn.sampled_from([30.0, 50.0]),
+)
+def test_penetration_passes_match_numpy(
+    seed: int, shape: tuple[int, int], n_region: int, width: float
+) -> None:
+    t = _tile(seed, *shape)
+    rng = np.random.default_rng(seed)
+    ref_x = (t["ref"] + rng.normal(1.0, 0.5, shape)).astype(np.float32)
+    diff = kernels.xc_difference(t["ref"], ref_x, t["void"])
+    expect = np.where(t["void"] == 0, ref_x.astype(np.float64) - t["ref"], np.nan)
+    assert np.array_equal(diff, expect, equal_nan=True)
+    surface = rng.integers(0, 4, shape).astype(np.int8)  # 3: not a glacier surface
+    np.testing.assert_array_equal(
+        kernels.penetration_sums(
+            diff, t["region"], surface, t["ref"], n_region, width, n_bins(width)
+        ),
+        penetration.sums_block(diff, t["region"], surface, t["ref"], n_region, width),
+    )
+    values = kernels.stable_values(diff, t["stable"])
+    assert np.array_equal(values, diff[(t["stable"] == 1) & np.isfinite(diff)])

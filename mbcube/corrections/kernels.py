@@ -837,3 +837,78 @@ def keep_final(
     """(dh float32 with NaN where rejected or invalid, valid uint8, rejected pixels per local
     code): outliers.keep and outliers.rejected_block with the thresholds of each local code."""
     return _keep_final(corr, codes, lower, upper)
+
+
+# ------------------------------------------------------------------ penetration (static)
+
+
+@numba.njit(nogil=True, cache=True)
+def _xc_diff(c: np.ndarray, x: np.ndarray, void: np.ndarray) -> np.ndarray:
+    ny, nx = c.shape
+    out = np.empty((ny, nx), np.float64)
+    for i in range(ny):
+        for j in range(nx):
+            d = np.float64(x[i, j]) - np.float64(c[i, j])
+            out[i, j] = d if void[i, j] == 0 else np.nan
+    return out
+
+
+def xc_difference(ref_c: np.ndarray, ref_x: np.ndarray, void: np.ndarray) -> np.ndarray:
+    """ref_dem_x_m - ref_dem_m (m, float64), NaN on reference voids."""
+    return _xc_diff(ref_c, ref_x, void)
+
+
+def stable_values(dh: np.ndarray, stable: np.ndarray) -> np.ndarray:
+    """The finite values of `dh` on stable ground (stable == 1), in raster order."""
+    return _stable_values(dh, stable)
+
+
+@numba.njit(nogil=True, cache=True)
+def _pen_sums(
+    diff: np.ndarray,
+    region: np.ndarray,
+    surface: np.ndarray,
+    ref: np.ndarray,
+    n_region: int,
+    width: np.float32,
+    bins: int,
+) -> np.ndarray:
+    ny, nx = diff.shape
+    out = np.zeros((3, n_region + 1, 2, bins))
+    elev_min = np.float32(ELEV_MIN_M)
+    for i in range(ny):
+        for j in range(nx):
+            d = diff[i, j]
+            s = np.int64(surface[i, j])
+            z = ref[i, j]
+            if not np.isfinite(d) or s < 1 or s > 2 or not np.isfinite(z):
+                continue
+            b = int(min(max(np.floor((z - elev_min) / width), -1.0), bins - 1.0))
+            if b < 0:
+                continue
+            v = np.float64(d)
+            out[0, 0, s - 1, b] += 1.0
+            out[1, 0, s - 1, b] += v
+            out[2, 0, s - 1, b] += v * v
+            r = np.int64(region[i, j])
+            if 0 < r <= n_region:
+                out[0, r, s - 1, b] += 1.0
+                out[1, r, s - 1, b] += v
+                out[2, r, s - 1, b] += v * v
+    return out
+
+
+def penetration_sums(
+    diff_m: np.ndarray,
+    region_id: np.ndarray,
+    surface: np.ndarray,
+    ref_dem_m: np.ndarray,
+    n_region: int,
+    width_m: float,
+    bins: int,
+) -> np.ndarray:
+    """penetration.sums_block in one loop: (3, n_region + 1, 2, bins) count, sum and sum of
+    squares of diff_m on the glacier pixels per (region, surface, bin); region 0 pools all."""
+    return _pen_sums(
+        diff_m, region_id, surface, ref_dem_m, int(n_region), np.float32(width_m), int(bins)
+    )

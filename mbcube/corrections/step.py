@@ -10,10 +10,12 @@ is a static reduction, computed once per parameter set and stored in the group `
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import operator
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,14 +95,6 @@ def _tree(parts: list[Delayed], merge: Callable[..., Any], fan_in: int = 8) -> D
 # DhTile = (dh (m), quantile row of its stable-ground values) between the passes.
 
 DhTile = tuple[np.ndarray, np.ndarray]
-
-
-def _stable_only(dh: np.ndarray, stable: np.ndarray) -> np.ndarray:
-    return np.where(stable == 1, dh, np.nan)
-
-
-def _quantiles(dh: np.ndarray, stable: np.ndarray) -> np.ndarray:
-    return robust.block_quantiles(_stable_only(dh, stable))
 
 
 def _dem_q(
@@ -826,12 +820,19 @@ def outlier_table(store: Path, scene_id: str) -> xr.Dataset:
 
 
 def _diff_block(c: np.ndarray, x: np.ndarray, void: np.ndarray) -> np.ndarray:
-    d = x.astype(np.float64) - c
-    return np.where(void == 0, d, np.nan)
+    return kernels.xc_difference(c, x, void)
+
+
+def _diff_quantiles(diff: np.ndarray, stable: np.ndarray) -> np.ndarray:
+    return kernels.quantile_row(kernels.stable_values(diff, stable))
 
 
 def _pen_hist(diff: np.ndarray, stable: np.ndarray, hrange: tuple[float, float]) -> np.ndarray:
-    return robust.histogram(_stable_only(diff, stable), *hrange)
+    # the residual histogram about a zero ramp is the histogram of the values themselves
+    zeros_y, zeros_x = np.zeros(diff.shape[0]), np.zeros(diff.shape[1])
+    return kernels.residual_histogram(
+        diff, stable, zeros_x, zeros_y, np.zeros(ramp.N_COEF), *hrange, robust.N_HIST_BINS
+    )
 
 
 def _pen_sums(
@@ -842,7 +843,7 @@ def _pen_sums(
     n_region: int,
     width: float,
 ) -> np.ndarray:
-    return penetration.sums_block(diff, region, surface, ref, n_region, width)
+    return kernels.penetration_sums(diff, region, surface, ref, n_region, width, n_bins(width))
 
 
 def _offset(
@@ -870,7 +871,7 @@ def _xband_graph(ds: xr.Dataset, n_region: int, width: float) -> tuple[Delayed, 
         return f"penetration table, tile {t}"
 
     diff = {t: _task(where(t), _diff_block, c[t], x[t], void[t]) for t in tiles}
-    q = [_task(where(t), _quantiles, diff[t], stable[t]) for t in tiles]
+    q = [_task(where(t), _diff_quantiles, diff[t], stable[t]) for t in tiles]
     stats = dask.delayed(_quantile_stats, pure=True)(*q)
     hrange = dask.delayed(_hist_range, pure=True)(stats)
     counts = _tree_sum([_task(where(t), _pen_hist, diff[t], stable[t], hrange) for t in tiles])
@@ -1088,23 +1089,46 @@ def correct_cube(
     table_token = penetration_table(store, config, opts, force=force, progress=progress)
     table = read_table(store)
     static: StaticBlocks | None = None
-    done = []
-    for scene, upstream in inputs:
-        record = {
-            "params": config.model_dump(mode="json") | {"options": _options_record(opts)},
-            "upstream": upstream,
-            "penetration": table_token,
-        }
-        if not force and st.is_current(store, STEP, scene.scene_id, record):
-            continue
-        if progress:
-            progress(f"correct scene {scene.scene_id}")
-        static = static or static_blocks(ds, opts.coreg_halo_px)
-        out, outlier_ds = scene_graphs(ds, scene, config, table, opts, static)
-        write = st.write_scene_region(store, out, scene.index, compute=False)
-        group = outlier_group_name(scene.scene_id, scene.index)
-        write_table = dask.delayed(_write_outlier_table, pure=True)(store, group, outlier_ds)
-        compute(write, write_table, label=f"correct scene {scene.scene_id}")
-        st.record_step(store, STEP, scene.scene_id, record)
-        done.append(scene.scene_id)
+    done: list[str] = []
+    # One compute per scene; the next scene's graph is built while the previous one computes
+    # (graph building and the write setup are serial Python work that would leave the
+    # workers idle). A failure stops the loop; the scene computing then still finishes.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mbcube-correct") as pool:
+        running: Future[None] | None = None
+        for scene, upstream in inputs:
+            record = {
+                "params": config.model_dump(mode="json") | {"options": _options_record(opts)},
+                "upstream": upstream,
+                "penetration": table_token,
+            }
+            if not force and st.is_current(store, STEP, scene.scene_id, record):
+                continue
+            if progress:
+                progress(f"correct scene {scene.scene_id}")
+            static = static or static_blocks(ds, opts.coreg_halo_px)
+            out, outlier_ds = scene_graphs(ds, scene, config, table, opts, static)
+            write = st.write_scene_region(store, out, scene.index, compute=False)
+            group = outlier_group_name(scene.scene_id, scene.index)
+            write_table = dask.delayed(_write_outlier_table, pure=True)(store, group, outlier_ds)
+            if running is not None:
+                running.result()
+            running = pool.submit(
+                contextvars.copy_context().run,  # keeps cluster.quiet() and other context
+                _compute_and_record,
+                store,
+                scene.scene_id,
+                record,
+                (write, write_table),
+                done,
+            )
+        if running is not None:
+            running.result()
     return done
+
+
+def _compute_and_record(
+    store: Path, scene_id: str, record: dict[str, Any], writes: tuple[Any, ...], done: list[str]
+) -> None:
+    compute(*writes, label=f"correct scene {scene_id}")
+    st.record_step(store, STEP, scene_id, record)
+    done.append(scene_id)
