@@ -44,6 +44,7 @@ import csv
 import datetime as dt
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import warnings
@@ -71,6 +72,7 @@ from mbcube.regions import (
     RegionSet,
     from_attribute,
     from_polygons,
+    name_column_of,
     read_polygons,
     surge_free,
 )
@@ -278,28 +280,39 @@ def sum_cells(cells: CellStats, membership: np.ndarray, min_px_per_bin: int = 10
     shape = (cells.n_bins, cells.n_surfaces)
     width = cells.n_bins * cells.n_surfaces
     v = cells.values
-    valid = v["count"] >= min_px_per_bin
-    area = np.where(valid, v["area_m2"], 0.0)
 
-    mean_rate = np.divide(v["rate_sum"], v["weight"], out=np.zeros(len(area)), where=valid)
-    mean_dh = np.divide(v["dh_sum"], v["weight"], out=np.zeros(len(area)), where=valid)
-    columns = [
-        np.where(valid, v["count"], 0.0),
-        area,
-        area * mean_rate,
-        area * mean_dh,
-        v["area_m2"],
-        v["n_px"],
-    ]
-    # one sparse (G, 6 x B x F) matrix of all six fields (cells are sorted by glacier)
-    k = len(columns)
-    indptr = np.zeros(n_glaciers + 1, dtype=np.int64)
-    indptr[1:] = np.cumsum(np.bincount(cells.glacier, minlength=n_glaciers)) * k
-    indices = (cells.cell[:, None] + width * np.arange(k)[None, :]).ravel()
-    per_glacier = sparse.csr_array(
-        (np.column_stack(columns).ravel(), indices, indptr), shape=(n_glaciers, k * width)
-    )
-    summed = np.asarray((m @ per_glacier).toarray()).reshape(n_units, k, *shape)
+    # glacier blocks of ~CELL_CHUNK cells at a time (bounded temporaries), sums accumulated
+    k = 6
+    summed = np.zeros((n_units, k * width))
+    bounds = np.searchsorted(cells.glacier, np.arange(n_glaciers + 1))  # first cell of each
+    starts = [0]
+    while starts[-1] < n_glaciers:
+        nxt = int(np.searchsorted(bounds, bounds[starts[-1]] + CELL_CHUNK, side="right")) - 1
+        starts.append(min(max(nxt, starts[-1] + 1), n_glaciers))
+    for g0, g1 in itertools.pairwise(starts):
+        lo, hi = int(bounds[g0]), int(bounds[g1])
+        part = slice(lo, hi)
+        valid = v["count"][part] >= min_px_per_bin
+        area = np.where(valid, v["area_m2"][part], 0.0)
+        weight = v["weight"][part]
+        mean_rate = np.divide(v["rate_sum"][part], weight, out=np.zeros(hi - lo), where=valid)
+        mean_dh = np.divide(v["dh_sum"][part], weight, out=np.zeros(hi - lo), where=valid)
+        columns = np.empty((hi - lo, k))
+        columns[:, 0] = np.where(valid, v["count"][part], 0.0)
+        columns[:, 1] = area
+        columns[:, 2] = area * mean_rate
+        columns[:, 3] = area * mean_dh
+        columns[:, 4] = v["area_m2"][part]
+        columns[:, 5] = v["n_px"][part]
+        # one sparse (block glaciers, 6 x B x F) matrix of the six fields (cells sorted by glacier)
+        indptr = np.zeros(g1 - g0 + 1, dtype=np.int64)
+        indptr[1:] = np.cumsum(np.bincount(cells.glacier[part] - g0, minlength=g1 - g0)) * k
+        indices = (cells.cell[part, None] + width * np.arange(k)[None, :]).ravel()
+        per_glacier = sparse.csr_array(
+            (columns.ravel(), indices, indptr), shape=(g1 - g0, k * width)
+        )
+        summed += (m[:, g0:g1] @ per_glacier).toarray()
+    summed = summed.reshape(n_units, k, *shape)
     area_g = cells.glacier_sum("area_m2")
     area_u = m @ area_g
     weighted = np.asarray(m @ (cells.scene_weight * area_g[None, :]).T).T
@@ -795,7 +808,7 @@ def _read_cache(
     cells = CellStats(
         glacier=per_cell[:, 0].astype(np.int64),
         cell=per_cell[:, 1].astype(np.int64),
-        values={k: np.ascontiguousarray(per_cell[:, 2 + i]) for i, k in enumerate(_CELL_FIELDS)},
+        values={k: per_cell[:, 2 + i] for i, k in enumerate(_CELL_FIELDS)},  # views: no copy
         measured_px=per_glacier["measured_px"],
         void_area_m2=per_glacier["void_area_m2"],
         void_px=per_glacier["void_px"],
@@ -945,8 +958,8 @@ def region_sets(data: StoredStats, regions: Path | None = None) -> list[RegionSe
 
 def _polygon_set(data: StoredStats, source: Path) -> RegionSet:
     """Glaciers assigned to the polygons of `source` by the configured rule."""
-    name_column = _name_column(source)
-    polygons = read_polygons(source, data.crs, name_column=name_column)
+    polygons = read_polygons(source, data.crs, name_column=None)
+    name_column = name_column_of(polygons)
     outlines = _outlines(data) if data.config.region_assignment == "area_share" else None
     return from_polygons(
         polygons,
@@ -962,13 +975,6 @@ def _joined(data: StoredStats, sets: list[RegionSet]) -> RegionSet:
     for s in sets:
         out = out + s
     return out
-
-
-def _name_column(path: Path) -> str:
-    import pyogrio
-
-    columns = list(pyogrio.read_info(path)["fields"])
-    return "name" if "name" in columns else (columns[0] if columns else "name")
 
 
 def _outlines(data: StoredStats) -> Any:

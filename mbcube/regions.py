@@ -31,6 +31,7 @@ __all__ = [
     "from_attribute",
     "from_ids",
     "from_polygons",
+    "name_column_of",
     "read_polygons",
     "surge_free",
 ]
@@ -149,13 +150,17 @@ def surge_free(surge: np.ndarray) -> np.ndarray:
     return np.asarray(surge) != 1
 
 
-def read_polygons(path: Path, crs: str, name_column: str = "name") -> gpd.GeoDataFrame:
-    """Region polygons from a vector file, in `crs`, valid geometries (StudyError if unusable)."""
+def read_polygons(path: Path, crs: str, name_column: str | None = "name") -> gpd.GeoDataFrame:
+    """Region polygons from a vector file, in `crs`, valid geometries (StudyError if unusable).
+
+    name_column None: the file's `name` column, else its first attribute column (see
+    `name_column_of`)."""
     if not Path(path).exists():
         raise StudyError(f"{path}: region file not found.")
     polygons = gpd.read_file(path)
     if polygons.crs is None:
         raise StudyError(f"{path}: no CRS.")
+    name_column = name_column or name_column_of(polygons)
     if name_column not in polygons.columns:
         raise StudyError(
             f"{path}: no column '{name_column}' naming the regions "
@@ -164,6 +169,12 @@ def read_polygons(path: Path, crs: str, name_column: str = "name") -> gpd.GeoDat
     polygons = polygons[polygons.geometry.notna() & ~polygons.geometry.is_empty].to_crs(crs)
     polygons["geometry"] = polygons.geometry.make_valid()
     return polygons.reset_index(drop=True)
+
+
+def name_column_of(polygons: gpd.GeoDataFrame) -> str:
+    """The column naming the regions: `name`, else the first attribute column."""
+    columns = [str(c) for c in polygons.columns if c != polygons.geometry.name]
+    return "name" if "name" in columns or not columns else columns[0]
 
 
 def _missing(value: object) -> bool:

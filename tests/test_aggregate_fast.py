@@ -17,6 +17,7 @@ import shapely
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import mbcube.aggregate as aggregate_module
 from mbcube.aggregate import (
     CACHE_GROUP,
     TABLES_RECORD,
@@ -73,12 +74,14 @@ def _random_stats(seed: int, n_glaciers: int, n_scenes: int) -> GlacierStats:
     n_glaciers=st.integers(1, 25),
     n_units=st.integers(1, 6),
     min_px=st.integers(1, 20),
+    chunk=st.sampled_from([1, 7, 1 << 18]),
 )
 def test_sum_cells_equals_dense_sum_units(
-    seed: int, n_glaciers: int, n_units: int, min_px: int
+    seed: int, n_glaciers: int, n_units: int, min_px: int, chunk: int
 ) -> None:
-    """Region sums from the non-empty cells equal massbalance.sum_units on the dense arrays,
-    field by field and bin by bin; the cells hold the dense statistics exactly."""
+    """Region sums from the non-empty cells (summed `chunk` cells at a time) equal
+    massbalance.sum_units on the dense arrays, field by field and bin by bin; the cells hold the
+    dense statistics exactly."""
     dense = _random_stats(seed, n_glaciers, 3)
     cells = CellStats.from_dense(dense)
     back = cells.dense()
@@ -86,7 +89,12 @@ def test_sum_cells_equals_dense_sum_units(
         np.testing.assert_array_equal(getattr(back, name), getattr(dense, name))
     membership = np.random.default_rng(seed + 1).random((n_units, n_glaciers)) < 0.5
     want = sum_units(dense, membership, min_px)
-    got = sum_cells(cells, membership, min_px)
+    saved = aggregate_module.CELL_CHUNK
+    aggregate_module.CELL_CHUNK = chunk
+    try:
+        got = sum_cells(cells, membership, min_px)
+    finally:
+        aggregate_module.CELL_CHUNK = saved
     for name in ("count", "weight", "rate_sum", "dh_sum", "area_m2", "n_px", "measured_px"):
         np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(got.scene_weight, want.scene_weight, rtol=1e-12, atol=1e-15)
