@@ -473,6 +473,17 @@ def _read(path: Path) -> np.ndarray:
     return np.asarray(found[...])
 
 
+def _read_by_chunk(path: Path) -> np.ndarray:
+    """A whole zarr array read one chunk of rows at a time into one array (peak memory: the
+    array and one chunk, where a single read holds decoded chunks and the result at once)."""
+    found = zarr.open_array(str(path), mode="r")
+    out = np.empty(found.shape, dtype=found.dtype)
+    step = int(found.chunks[0]) if found.ndim else 1
+    for start in range(0, found.shape[0] if found.ndim else 0, max(step, 1)):
+        out[start : start + step] = found[start : start + step]
+    return out
+
+
 def _group_attrs(path: Path) -> dict[str, Any]:
     """A zarr group's attributes, straight from its zarr.json."""
     try:
@@ -642,20 +653,25 @@ def _combine(
     stat_scenes = [str(s) for s in stats["scene"].values]
     slab = _chunk_along(stats["count"], "glacier") or stats.sizes["glacier"]
     sparse_scenes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    key_type = np.int32 if n_g * width < 2**31 else np.int64
     for scene in scenes:
         s = stat_scenes.index(scene)
         flat, count, total = [], [], []
         for start in range(0, stats.sizes["glacier"], max(slab, 1)):
             part = slice(start, start + slab)
-            c = np.nan_to_num(stats["count"].isel(scene=s, glacier=part).values).reshape(-1, width)
-            d = np.nan_to_num(stats["sum_dh_m"].isel(scene=s, glacier=part).values).reshape(
-                -1, width
-            )
+            # fresh arrays from the store: NaN replaced in place (no copies of the slab)
+            c = np.nan_to_num(stats["count"].isel(scene=s, glacier=part).values, copy=False)
+            d = np.nan_to_num(stats["sum_dh_m"].isel(scene=s, glacier=part).values, copy=False)
+            c, d = c.reshape(-1, width), d.reshape(-1, width)
             rows, cols = np.nonzero((c != 0) & (to_cube[part][:, None] >= 0))
-            flat.append(to_cube[part][rows] * width + cols)
-            count.append(c[rows, cols].astype(np.float64))
+            flat.append((to_cube[part][rows] * width + cols).astype(key_type))
+            # counts are whole numbers: exact in float32 below 2^24 (else kept as float64)
+            found = c[rows, cols]
+            exact = found.size == 0 or float(found.max()) < 2**24
+            count.append(found.astype(np.float32 if exact else np.float64))
             total.append(d[rows, cols].astype(np.float64))
-        keys = np.concatenate(flat) if flat else np.zeros(0, np.int64)
+            del c, d, rows, cols
+        keys = np.concatenate(flat) if flat else np.zeros(0, key_type)
         sort = np.argsort(keys, kind="stable")
         sparse_scenes.append((keys[sort], np.concatenate(count)[sort], np.concatenate(total)[sort]))
     hyps = xr.open_zarr(str(store), group="hypsometry", chunks=None)
@@ -671,7 +687,7 @@ def _combine(
         sum_b = np.zeros((len(scenes), n, width))
         for s, (keys, cnt, tot) in enumerate(sparse_scenes):
             lo, hi = np.searchsorted(keys, [start * width, stop * width])
-            rows, cols = np.divmod(keys[lo:hi] - start * width, width)
+            rows, cols = np.divmod(keys[lo:hi].astype(np.int64) - start * width, width)
             count_b[s, rows, cols] = cnt[lo:hi]
             sum_b[s, rows, cols] = tot[lo:hi]
         shape = (len(scenes), n, n_b, n_f)
@@ -799,7 +815,7 @@ def _read_cache(
     attrs = _group_attrs(group)
     if attrs.get("key") != keys.stats_key or attrs.get("glacier_columns") is None:
         return None, None
-    per_cell = _read(group / "cells")
+    per_cell = _read_by_chunk(group / "cells")
     per_glacier = dict(
         zip(attrs["glacier_columns"], _read(group / "glacier_values").T, strict=True)
     )
