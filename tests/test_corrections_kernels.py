@@ -285,3 +285,40 @@ def test_penetration_passes_match_numpy(
     )
     values = kernels.stable_values(diff, t["stable"])
     assert np.array_equal(values, diff[(t["stable"] == 1) & np.isfinite(diff)])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=stn.integers(0, 10_000),
+    rows=stn.lists(stn.integers(8, 20), min_size=1, max_size=4),
+    cols=stn.lists(stn.integers(8, 20), min_size=1, max_size=4),
+    halo=stn.integers(1, 8),
+)
+def test_haloed_blocks_equal_dask_overlap(
+    seed: int, rows: list[int], cols: list[int], halo: int
+) -> None:
+    """The step's halo builder (one task per tile from its 3 x 3 neighbours) equals
+    dask.array.overlap with NaN beyond the grid, for tiles of uneven size."""
+    import dask.array as da
+
+    from mbcube.corrections.step import _haloed
+
+    rng = np.random.default_rng(seed)
+    full = rng.normal(0, 1, (sum(rows), sum(cols))).astype(np.float32)
+    arr = da.from_array(full, chunks=(tuple(rows), tuple(cols)))
+    expect = np.asarray(
+        da.overlap.overlap(arr, {0: halo, 1: halo}, np.nan).to_delayed(), dtype=object
+    )
+    r0 = np.concatenate([[0], np.cumsum(rows)])
+    c0 = np.concatenate([[0], np.cumsum(cols)])
+
+    def block(i: int, j: int) -> np.ndarray | None:
+        if 0 <= i < len(rows) and 0 <= j < len(cols):
+            return full[r0[i] : r0[i + 1], c0[j] : c0[j + 1]][None]  # with a scene axis
+        return None
+
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            nine = [block(i + di, j + dj) for di in (-1, 0, 1) for dj in (-1, 0, 1)]
+            got = _haloed(halo, *nine)
+            assert np.array_equal(got, expect[i, j].compute(), equal_nan=True), (i, j)

@@ -14,9 +14,10 @@ import contextvars
 import hashlib
 import json
 import operator
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,7 @@ def _insar_dh(
     stable: np.ndarray,
     coherence_min: float,
 ) -> DhTile:
+    raw, radar, coh = (a[0] if a.ndim == 3 else a for a in (raw, radar, coh))  # scene blocks
     dh, values = kernels.insar_dh(raw, ref, void, radar, coh, stable, coherence_min)
     return dh, kernels.quantile_row(values)
 
@@ -371,37 +373,102 @@ class SceneInputs:
     month: int
 
 
-@dataclass(frozen=True)
-class StaticBlocks:
-    """The delayed blocks of the cube's static layers (object arrays over the tiles), made once
-    per run and shared by the scenes' graphs (their read tasks are the same)."""
+def _haloed(halo: int, *blocks: np.ndarray | None) -> np.ndarray:
+    """The centre block of a 3 x 3 neighbourhood (row-major: NW N NE W C E SW S SE; None
+    beyond the grid; blocks may carry a leading length-1 scene axis) with a halo of `halo` px
+    taken from its neighbours, NaN beyond the grid (or where a neighbour is narrower than
+    the halo)."""
+    nb = [None if b is None else (b[0] if b.ndim == 3 else b) for b in blocks]
+    centre = nb[4]
+    if centre is None:
+        raise ValueError("the centre block of a halo neighbourhood is missing")
+    ny, nx = centre.shape
+    h = halo
+    out = np.full((ny + 2 * h, nx + 2 * h), np.nan, dtype=np.result_type(centre.dtype, np.float32))
+    rows = (slice(0, h), slice(h, h + ny), slice(h + ny, h + ny + h))
+    cols = (slice(0, h), slice(h, h + nx), slice(h + nx, h + nx + h))
+    for k, b in enumerate(nb):
+        if b is None:
+            continue
+        r, c = divmod(k, 3)
+        # the part of the neighbour next to the centre: its last / all / first h rows, cols
+        rs = (
+            slice(max(b.shape[0] - h, 0), None)
+            if r == 0
+            else (slice(None) if r == 1 else slice(0, h))
+        )
+        cs = (
+            slice(max(b.shape[1] - h, 0), None)
+            if c == 0
+            else (slice(None) if c == 1 else slice(0, h))
+        )
+        part = b[rs, cs]
+        tr, tc = rows[r], cols[c]
+        # a neighbour narrower than the halo fills the part of the strip next to the centre
+        r0 = tr.start if r != 0 else h - part.shape[0]
+        c0 = tc.start if c != 0 else h - part.shape[1]
+        out[r0 : r0 + part.shape[0], c0 : c0 + part.shape[1]] = part
+    return out
 
+
+def _halo_tasks(blocks: np.ndarray, halo: int, where: str) -> np.ndarray:
+    """One task per tile building its haloed block from the 3 x 3 neighbourhood of `blocks`
+    (an object array of delayed blocks over the tiles)."""
+    n_i, n_j = blocks.shape
+    out = np.empty((n_i, n_j), dtype=object)
+    for i in range(n_i):
+        for j in range(n_j):
+            nine = [
+                blocks[i + di, j + dj] if 0 <= i + di < n_i and 0 <= j + dj < n_j else None
+                for di in (-1, 0, 1)
+                for dj in (-1, 0, 1)
+            ]
+            out[i, j] = _task(f"{where} tile ({i}, {j})", _haloed, halo, *nine)
+    return out
+
+
+@dataclass
+class CubeBlocks:
+    """The delayed blocks of the cube's layers (object arrays over the tiles), made once per
+    run and shared by the scenes' graphs: the static layers, the reference with a halo (for
+    the co-registration's gradients), and the scene layers over (scene, tiles)."""
+
+    ds: xr.Dataset
+    halo: int
     ref: np.ndarray
-    ref_h: np.ndarray  # haloed by `halo` px (NaN beyond the grid), for the co-registration
+    ref_h: np.ndarray
     void: np.ndarray
     stable: np.ndarray
     surface: np.ndarray
     region: np.ndarray
     glacier: np.ndarray
-    halo: int
+    scene_layers: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def scene_blocks(self, var: str, scene_id: str) -> np.ndarray:
+        """The delayed (1, ny, nx) blocks of a scene layer for one scene."""
+        if var not in self.scene_layers:
+            self.scene_layers[var] = np.asarray(self.ds[var].data.to_delayed())
+        pos = int(np.flatnonzero(self.ds.scene.values == scene_id)[0])
+        return self.scene_layers[var][pos]
 
 
-def static_blocks(ds: xr.Dataset, halo: int) -> StaticBlocks:
-    """StaticBlocks of the cube `ds` (open_cube). Nothing is computed."""
+def cube_blocks(ds: xr.Dataset, halo: int) -> CubeBlocks:
+    """CubeBlocks of the cube `ds` (open_cube). Nothing is computed."""
 
     def blocks(arr: da.Array) -> np.ndarray:
         return np.asarray(arr.to_delayed())
 
-    ref = ds.ref_dem_m.data
-    return StaticBlocks(
-        blocks(ref),
-        blocks(da.overlap.overlap(ref, {0: halo, 1: halo}, np.nan)),
+    ref = blocks(ds.ref_dem_m.data)
+    return CubeBlocks(
+        ds,
+        halo,
+        ref,
+        _halo_tasks(ref, halo, "reference halo"),
         blocks(ds.ref_void.data),
         blocks(ds.stable.data),
         blocks(ds.surface.data),
         blocks(ds.region_id.data),
         blocks(ds.glacier_id.data),
-        halo,
     )
 
 
@@ -423,11 +490,11 @@ def scene_graphs(
     config: CorrectionsConfig,
     table: penetration.Table,
     opts: Options = Options(),
-    static: StaticBlocks | None = None,
+    static: CubeBlocks | None = None,
 ) -> tuple[xr.Dataset, Delayed]:
     """`scene_graph`'s Dataset and the delayed outlier table of the scene (a small Dataset along
     `outlier_group`, see `_outlier_dataset`), sharing one graph. Nothing is computed. `static`:
-    the static layers' blocks (static_blocks), made here when not given."""
+    the cube's blocks (cube_blocks), made here when not given."""
     sid = scene.scene_id
     seasonal_m = seasonal_offset_m(scene.month, config.seasonal_offset_m, sid)
     res = float(abs(ds.x.values[1] - ds.x.values[0]))
@@ -437,8 +504,7 @@ def scene_graphs(
     k_clip = config.ramp_sigma_clip
     halo = opts.coreg_halo_px
     if static is None or static.halo != halo:
-        static = static_blocks(ds, halo)
-    one = ds.sel(scene=[sid])
+        static = cube_blocks(ds, halo)
     chunks = ds.ref_dem_m.data.chunks
     rows = np.concatenate([[0], np.cumsum(chunks[0])])
     cols = np.concatenate([[0], np.cumsum(chunks[1])])
@@ -446,7 +512,7 @@ def scene_graphs(
     tiles = [(i, j) for i in range(len(chunks[0])) for j in range(len(chunks[1]))]
 
     def blocks(var: str) -> np.ndarray:
-        return np.asarray(one[var].data[0].to_delayed())
+        return sb.scene_blocks(var, sid)
 
     def where(i: int, j: int) -> str:
         return f"scene {sid} tile ({i}, {j})"
@@ -462,11 +528,9 @@ def scene_graphs(
 
     shift: Any = np.zeros(2)
     if scene.kind == "dem":
-        if "dem_m" not in one:
+        if "dem_m" not in ds:
             raise CorrectionsError(f"scene {sid} is of kind 'dem' but the cube has no dem_m")
-        dem_h = np.asarray(
-            da.overlap.overlap(one.dem_m.data[0], {0: halo, 1: halo}, np.nan).to_delayed()
-        )
+        dem_h = _halo_tasks(blocks("dem_m"), halo, f"scene {sid}")
         n_iter = opts.coreg_iterations if config.coregister_dem_scenes else 0
         if n_iter:
             q = [
@@ -534,7 +598,7 @@ def scene_graphs(
             for i, j in tiles
         }
     else:
-        if "dh_raw_m" not in one:
+        if "dh_raw_m" not in ds:
             raise CorrectionsError(
                 f"scene {sid}: the cube has no dh_raw_m; run the unwrap step first (`mbcube unwrap`)."
             )
@@ -806,8 +870,15 @@ def outlier_group_name(scene_id: str, index: int) -> str:
     return f"{OUTLIER_GROUP}/{scene_id if safe else f'scene_{index}'}"
 
 
+#: Held around the store calls this module makes from two threads at once (the next scene's
+#: write setup, the computing scene's outlier table): both enter warnings.catch_warnings,
+#: which is not thread-safe.
+_STORE_LOCK = threading.Lock()
+
+
 def _write_outlier_table(store: Path, group: str, table: xr.Dataset) -> None:
-    st.write_dataset(table, store, group=group, mode="w")
+    with _STORE_LOCK:
+        st.write_dataset(table, store, group=group, mode="w")
 
 
 def outlier_table(store: Path, scene_id: str) -> xr.Dataset:
@@ -1088,7 +1159,7 @@ def correct_cube(
         inputs.append((SceneInputs(sid, i, kind, month), upstream))
     table_token = penetration_table(store, config, opts, force=force, progress=progress)
     table = read_table(store)
-    static: StaticBlocks | None = None
+    static: CubeBlocks | None = None
     done: list[str] = []
     # One compute per scene; the next scene's graph is built while the previous one computes
     # (graph building and the write setup are serial Python work that would leave the
@@ -1105,9 +1176,10 @@ def correct_cube(
                 continue
             if progress:
                 progress(f"correct scene {scene.scene_id}")
-            static = static or static_blocks(ds, opts.coreg_halo_px)
+            static = static or cube_blocks(ds, opts.coreg_halo_px)
             out, outlier_ds = scene_graphs(ds, scene, config, table, opts, static)
-            write = st.write_scene_region(store, out, scene.index, compute=False)
+            with _STORE_LOCK:
+                write = st.write_scene_region(store, out, scene.index, compute=False)
             group = outlier_group_name(scene.scene_id, scene.index)
             write_table = dask.delayed(_write_outlier_table, pure=True)(store, group, outlier_ds)
             if running is not None:
