@@ -38,6 +38,7 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,11 +69,12 @@ class Case:
         return f"{self.kind}-{self.shape}-s{self.seed}"
 
 
-def proposed_aggregate() -> bool:
+def proposed_aggregate(setattr_: Callable[[Any, str, Any], None] = setattr) -> bool:
     """Make `mbcube.aggregate` compute its results with `mbcube.massbalance.unit_results` (every
     error term, including sigma_unmeasured_mwe_yr, as a column), as the change proposed for
     aggregate.py does. Returns False when aggregate.py does so already. Only for this
-    benchmark's child processes and the accuracy test."""
+    benchmark's child processes and the accuracy test (which passes pytest's
+    `monkeypatch.setattr`, so the module is restored afterwards)."""
     from mbcube import aggregate as agg
     from mbcube.massbalance import unit_results
 
@@ -82,7 +84,8 @@ def proposed_aggregate() -> bool:
     for name in lists:
         columns = getattr(agg, name, None)
         if isinstance(columns, list) and "sigma_density_mwe_yr" in columns:
-            columns.insert(columns.index("sigma_density_mwe_yr"), "sigma_unmeasured_mwe_yr")
+            at = columns.index("sigma_density_mwe_yr")
+            setattr_(agg, name, [*columns[:at], "sigma_unmeasured_mwe_yr", *columns[at:]])
 
     def results(data: Any, units: Any, pen_sigma: Any, pen_std: Any) -> dict[str, np.ndarray]:
         return unit_results(
@@ -98,7 +101,7 @@ def proposed_aggregate() -> bool:
             data.config,
         )
 
-    agg._results = results
+    setattr_(agg, "_results", results)
     return True
 
 
