@@ -359,7 +359,7 @@ def make_store(path: Path, n_glaciers: int, n_scenes: int, n_bins: int = 100) ->
 
 
 _CHILD = """
-import json, resource, sys, time, warnings
+import json, sys, time, warnings
 from pathlib import Path
 from mbcube.aggregate import aggregate
 from mbcube.errors import MbcubeWarning
@@ -368,14 +368,21 @@ store, out, regions = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 start, cpu = time.perf_counter(), time.process_time()
 aggregate(store, out, regions=None if regions == "-" else Path(regions))
 wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"wall": wall, "cpu": cpu, "rss_mib": rss}))
+print(json.dumps({"wall": wall, "cpu": cpu, "rss_mib": peak_rss_mib()}))
+"""
+#: Peak RSS of this process image (VmHWM). Not getrusage's ru_maxrss: Linux keeps that across
+#: fork + exec, so a child would report its parent's peak (e.g. while making the store).
+_PEAK = """
+def peak_rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
 """
 
 
 def _child(store: Path, out: Path, regions: Path | None) -> dict[str, float]:
     done = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(store), str(out), str(regions or "-")],
+        [sys.executable, "-c", _PEAK + _CHILD, str(store), str(out), str(regions or "-")],
         check=True,
         capture_output=True,
         text=True,
@@ -384,7 +391,7 @@ def _child(store: Path, out: Path, regions: Path | None) -> dict[str, float]:
 
 
 def _baseline_rss() -> float:
-    code = "import resource, mbcube.aggregate; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    code = _PEAK + "import mbcube.aggregate; print(peak_rss_mib())"
     done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return float(done.stdout.strip())
 

@@ -32,8 +32,9 @@ study's bins), chunked along cells, so the cache is small and read in bounded me
   glacier balance, no scene statistics, no pixel;
 - another density / uncertainty parameter: glacier results from the cached cells;
 - a re-binned scene or another scene rule: the scene statistics are combined again, read one
-  stored chunk (scene x glacier slab) at a time and kept per cell, then GLACIER_BLOCK glaciers at
-  a time are combined (memory bounded by the non-empty cells, not by scenes x glaciers x bins).
+  stored chunk (scene x glacier slab) at a time and kept per cell, then blocks of glaciers
+  (~256 MB of dense scene statistics) are combined: memory bounded by the non-empty cells and one
+  stored chunk, not by scenes x glaciers x bins (the bin step stores one chunk per scene today).
 
 Statistics written without bin step records are never cached.
 """
@@ -149,7 +150,7 @@ REGION_COLUMNS = [
 log = logging.getLogger(__name__)
 #: Glacier attributes (outline columns) that define a region set of their own.
 ATTRIBUTE_REGION_SETS = ("basin",)
-#: Glaciers combined / balanced per block (bounds memory: S x block x B x F float64 per array).
+#: Glaciers balanced per block (glacier results, surge candidates): block x B x F float64 arrays.
 GLACIER_BLOCK = 4096
 #: The store group caching the glacier-level statistics and results.
 CACHE_GROUP = "massbalance_cache"
