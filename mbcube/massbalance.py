@@ -14,9 +14,14 @@ step here is a sum or a ratio of sums, and region results are glacier results su
 
 2. **Scene combination** (`combine_scenes`): each scene's own time span (years since the reference
    date; negative for a scene older than the reference DEM, whose dh = scene - reference is then
-   minus the change, so dh / years is the rate either way) turns its dh into a rate, then rates are averaged over the measurements of the used scenes:
+   minus the change, so dh / years is the rate either way) turns its dh into a rate, then rates
+   are averaged over the measurements of the used scenes:
    ``rate_sum = sum_s sum_dh_s / years_s``, ``count = sum_s count_s`` per (glacier, bin, surface).
-   The result (`GlacierStats`) is small and additive over glaciers.
+   The result (`GlacierStats`) is small and additive over glaciers. Partly measured bins
+   (`representative_cells`): a (bin, surface) cell whose best-covering scene measured less than
+   `min_frac` (MassBalanceConfig.min_measured_frac_per_bin, default 0.2) of its pixels loses its
+   measurements and is filled in step 3 (a measured sliver is one side or the margin of the bin).
+   Each kept cell records the pixels its best scene measured (`measured_bin_px`).
 
 3. **Hypsometric mean** (`balance`): per bin and surface the mean rate, where at least
    min_px_per_bin measurements; other bins are filled by linear interpolation along the bin
@@ -26,7 +31,9 @@ step here is a sum or a ratio of sums, and region results are glacier results su
    glacier's pixels per bin and surface). Rate (m/yr) x density / 1000 = mass balance (m w.e./yr);
    volume change (km3/yr) = rate x area; mass change (Gt/yr) = mass balance x area x 1000 kg/m3.
    Glacier pixels without a reference DEM (voids: no elevation, so no bin) count in the area and
-   take the glacier's mean.
+   take the glacier's mean. `hypsometric_profile` gives the filled profile and each cell's
+   measured share; `unit_results` adds every error term (`mbcube.uncertainty`), including the
+   unmeasured-area term from that profile (filled cells, unmeasured parts of cells, voids).
 
 4. **Regions** (`sum_units`): region-level hypsometric averaging over the summed statistics of the
    member glaciers, with each glacier's bin mean weighted by its area in that bin (not by its
