@@ -11,6 +11,7 @@ is a static reduction, computed once per parameter set and stored in the group `
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import hashlib
 import json
 import operator
@@ -469,6 +470,46 @@ def cube_blocks(ds: xr.Dataset, halo: int) -> CubeBlocks:
         blocks(ds.surface.data),
         blocks(ds.region_id.data),
         blocks(ds.glacier_id.data),
+    )
+
+
+#: The static layers (reference, masks, labels, and the haloed reference) are read once and
+#: kept in memory across the scenes of a run when they take at most this many bytes (in the
+#: threads of the local scheduler, or on the workers of a cluster); larger cubes read them
+#: again for each scene, so memory stays bounded by tiles x workers.
+STATIC_CACHE_BYTES = 2**30
+
+
+def static_nbytes(ds: xr.Dataset, halo: int) -> int:
+    """Bytes of the static layers a run keeps in memory (CubeBlocks.persist)."""
+    names = ("ref_dem_m", "ref_void", "stable", "surface", "region_id", "glacier_id")
+    chunks = ds.ref_dem_m.data.chunks
+    haloed = sum((a + 2 * halo) * (b + 2 * halo) for a in chunks[0] for b in chunks[1])
+    return int(sum(ds[n].nbytes for n in names) + haloed * ds.ref_dem_m.dtype.itemsize)
+
+
+def persist_static(blocks: CubeBlocks) -> CubeBlocks:
+    """`blocks` with its static layers computed and kept in memory (dask.persist: in the local
+    scheduler's process, or on a cluster's workers), read once for all scenes."""
+    names = ("ref", "ref_h", "void", "stable", "surface", "region", "glacier")
+    arrays = [getattr(blocks, n) for n in names]
+    flat = dask.persist(*(d for a in arrays for d in a.ravel()))
+    kept, k = [], 0
+    for a in arrays:
+        block = np.empty(a.shape, dtype=object)
+        block.ravel()[:] = flat[k : k + a.size]
+        kept.append(block)
+        k += a.size
+    ref, ref_h, void, stable, surface, region, glacier = kept
+    return dataclasses.replace(
+        blocks,
+        ref=ref,
+        ref_h=ref_h,
+        void=void,
+        stable=stable,
+        surface=surface,
+        region=region,
+        glacier=glacier,
     )
 
 
@@ -1176,7 +1217,10 @@ def correct_cube(
                 continue
             if progress:
                 progress(f"correct scene {scene.scene_id}")
-            static = static or cube_blocks(ds, opts.coreg_halo_px)
+            if static is None:
+                static = cube_blocks(ds, opts.coreg_halo_px)
+                if static_nbytes(ds, opts.coreg_halo_px) <= STATIC_CACHE_BYTES:
+                    static = persist_static(static)
             out, outlier_ds = scene_graphs(ds, scene, config, table, opts, static)
             with _STORE_LOCK:
                 write = st.write_scene_region(store, out, scene.index, compute=False)
