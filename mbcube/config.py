@@ -92,6 +92,41 @@ class CorrectionsConfig(_Strict):
         3.0, gt=0, description="Reject dh beyond this many NMAD of the bin."
     )
     coregister_dem_scenes: bool = Field(True, description="Nuth & Kaab shift for DEM-kind scenes.")
+    coreg_iterations: int = Field(
+        3,
+        ge=1,
+        description="Most Nuth & Kaab iterations (each resamples the scene at the shift found so "
+        "far); they stop earlier once the shift moves by less than 0.01 px.",
+    )
+    coreg_halo_px: int = Field(
+        8,
+        ge=2,
+        description="Halo of the tiles for the co-registration (px): the largest shift applied is "
+        "coreg_halo_px - 1 pixels; a larger shift refuses the scene.",
+    )
+    min_stable_px: int = Field(
+        100,
+        ge=1,
+        description="Fewest valid stable-ground pixels a scene needs (fewer: the scene is refused "
+        "with a message naming it).",
+    )
+    bin_width_m: float = Field(
+        50.0,
+        gt=0,
+        description="Elevation bin width (m) of the penetration table and of the outlier groups.",
+    )
+    outlier_min_px: int = Field(
+        20,
+        ge=1,
+        description="Outlier groups (glacier or region x surface x elevation bin) with fewer valid "
+        "pixels are not filtered.",
+    )
+    penetration_corr_m: float = Field(
+        500.0,
+        gt=0,
+        description="Correlation length (m) of the C-X difference's errors, for the standard error "
+        "of each penetration-table bin (Rolstad et al. 2009).",
+    )
 
     @field_validator("seasonal_offset_m")
     @classmethod

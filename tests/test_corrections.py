@@ -635,3 +635,45 @@ def test_coregistration_iterations_stop_once_the_shift_stops_moving() -> None:
         previous,
     )
     assert got is previous
+
+
+def test_corrections_parameters_live_in_the_config_with_defaults() -> None:
+    """The former step options are CorrectionsConfig fields: a recorded config without them
+    (made before they were fields) loads with the paper defaults; bad values fail naming the
+    key; study.yaml may set them."""
+    from pydantic import ValidationError
+
+    from mbcube.config import StudyConfig
+
+    old = CorrectionsConfig().model_dump(mode="json")
+    for key in (
+        "bin_width_m",
+        "coreg_iterations",
+        "coreg_halo_px",
+        "min_stable_px",
+        "outlier_min_px",
+        "penetration_corr_m",
+    ):
+        old.pop(key)
+    cfg = CorrectionsConfig.model_validate(old)
+    assert (cfg.bin_width_m, cfg.coreg_iterations, cfg.coreg_halo_px) == (50.0, 3, 8)
+    assert (cfg.min_stable_px, cfg.outlier_min_px, cfg.penetration_corr_m) == (100, 20, 500.0)
+    with pytest.raises(ValidationError, match="coreg_halo_px"):
+        CorrectionsConfig(coreg_halo_px=1)
+    with pytest.raises(ValidationError, match="bin_widht_m"):
+        CorrectionsConfig.model_validate({"bin_widht_m": 25.0})
+    study = StudyConfig.model_validate({"corrections": {"bin_width_m": 25.0}})
+    assert study.corrections.bin_width_m == 25.0
+
+
+def test_outlier_bin_width_from_the_config(corrected: Path, tmp_path: Path) -> None:
+    """corrections.bin_width_m sets the outlier groups' bins (recorded in the outlier table)."""
+    store = tmp_path / "cube.zarr"
+    shutil.copytree(corrected.with_name("raw.zarr"), store)
+    sid = str(open_cube(store).scene.values[0])
+    with quiet(), pytest.warns(MbcubeWarning, match="pooled table"):
+        correct_cube(store, CorrectionsConfig(bin_width_m=100.0), scenes=[sid])
+    tab = outlier_table(store, sid)
+    assert tab.attrs["bin_width_m"] == 100.0
+    assert np.all(np.mod(tab.bin_lower_m.values - ELEV_MIN_M, 100.0) == 0)
+    assert read_table(store).width_m == 100.0

@@ -3,6 +3,6 @@ penetration, seasonal offset and outliers; each a numpy function of a block, wit
 `correct_cube` on top."""
 
 from mbcube.corrections.errors import CorrectionsError
-from mbcube.corrections.step import Options, correct_cube, penetration_table, read_table
+from mbcube.corrections.step import correct_cube, penetration_table, read_table
 
-__all__ = ["CorrectionsError", "Options", "correct_cube", "penetration_table", "read_table"]
+__all__ = ["CorrectionsError", "correct_cube", "penetration_table", "read_table"]

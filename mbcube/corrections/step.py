@@ -42,18 +42,6 @@ TABLE_ID = "_penetration_table"
 OUTLIER_GROUP = "outliers"  # per scene, outliers/<scene>: the outlier thresholds per group
 
 
-@dataclass(frozen=True)
-class Options:
-    """Parameters not (yet) in CorrectionsConfig, with their defaults."""
-
-    bin_width_m: float = 50.0  # elevation bins of the penetration table and outlier groups
-    coreg_iterations: int = 3
-    coreg_halo_px: int = 8  # largest shift applied: halo - 1 px
-    min_stable_px: int = 100  # fewer stable valid pixels: the scene is refused
-    outlier_min_px: int = 20  # groups with fewer pixels are not filtered
-    penetration_corr_m: float = 500.0  # error correlation length for the table's sigma
-
-
 def _run(where: str, func: Callable[..., Any], *args: Any) -> Any:
     """func(*args), re-raising any error with the scene and tile it happened in."""
     try:
@@ -518,11 +506,10 @@ def scene_graph(
     scene: SceneInputs,
     config: CorrectionsConfig,
     table: penetration.Table,
-    opts: Options = Options(),
 ) -> xr.Dataset:
     """The corrected scene as a lazy Dataset (dims starting with a length-1 `scene`), ready for
     `write_scene_region`. Nothing is computed. `ds` is the cube (open_cube)."""
-    return scene_graphs(ds, scene, config, table, opts)[0]
+    return scene_graphs(ds, scene, config, table)[0]
 
 
 def scene_graphs(
@@ -530,7 +517,6 @@ def scene_graphs(
     scene: SceneInputs,
     config: CorrectionsConfig,
     table: penetration.Table,
-    opts: Options = Options(),
     static: CubeBlocks | None = None,
 ) -> tuple[xr.Dataset, Delayed]:
     """`scene_graph`'s Dataset and the delayed outlier table of the scene (a small Dataset along
@@ -543,7 +529,7 @@ def scene_graphs(
     x0, y0 = 0.5 * (xs[0] + xs[-1]), 0.5 * (ys[0] + ys[-1])
     xk_all, yk_all = (xs - x0) / 1000.0, (ys - y0) / 1000.0
     k_clip = config.ramp_sigma_clip
-    halo = opts.coreg_halo_px
+    halo = config.coreg_halo_px
     if static is None or static.halo != halo:
         static = cube_blocks(ds, halo)
     chunks = ds.ref_dem_m.data.chunks
@@ -572,7 +558,7 @@ def scene_graphs(
         if "dem_m" not in ds:
             raise CorrectionsError(f"scene {sid} is of kind 'dem' but the cube has no dem_m")
         dem_h = _halo_tasks(blocks("dem_m"), halo, f"scene {sid}")
-        n_iter = opts.coreg_iterations if config.coregister_dem_scenes else 0
+        n_iter = config.coreg_iterations if config.coregister_dem_scenes else 0
         if n_iter:
             q = [
                 _task(
@@ -588,7 +574,7 @@ def scene_graphs(
                 )
                 for i, j in tiles
             ]
-            stats = delayed(_stats_from_quantiles, f"scene {sid}", k_clip, opts.min_stable_px, *q)
+            stats = delayed(_stats_from_quantiles, f"scene {sid}", k_clip, config.min_stable_px, *q)
         # Iterations run in one static graph; once the shift stops moving, the later ones
         # return their blocks' previous sums without reading or resampling anything.
         converged: Any = False
@@ -623,7 +609,7 @@ def scene_graphs(
             )
             converged = delayed(_converged, before, shift, res)
             previous = ne
-            stats = delayed(_stats_from_ne, f"scene {sid}", k_clip, opts.min_stable_px, *ne)
+            stats = delayed(_stats_from_ne, f"scene {sid}", k_clip, config.min_stable_px, *ne)
         dh = {
             (i, j): _task(
                 where(i, j),
@@ -661,7 +647,7 @@ def scene_graphs(
 
     # ramp (with its constant) by iterated sigma-clipped least squares, then the robust datum
     q = [delayed(operator.getitem, dh[t], 1) for t in tiles]
-    stats = delayed(_stats_from_quantiles, f"scene {sid}", k_clip, opts.min_stable_px, *q)
+    stats = delayed(_stats_from_quantiles, f"scene {sid}", k_clip, config.min_stable_px, *q)
     model: Any = np.zeros(ramp.N_COEF)
     for _ in range(config.ramp_iterations):
         ne = [
@@ -712,7 +698,7 @@ def scene_graphs(
 
     # penetration + seasonal; outliers per (glacier, surface, bin) on glaciers and (region,
     # surface, bin) elsewhere, by sparse per-block reductions merged by group key; final tiles
-    width = opts.bin_width_m
+    width = config.bin_width_m
     cg = {
         (i, j): _task(
             where(i, j),
@@ -735,14 +721,14 @@ def scene_graphs(
     zh = _tree(
         [_task(where(i, j), _zhist, cg[i, j], gstats) for i, j in tiles], outliers.merge_counts
     )
-    th = delayed(outliers.thresholds, zh, gstats, config.outlier_nmad, opts.outlier_min_px)
+    th = delayed(outliers.thresholds, zh, gstats, config.outlier_nmad, config.outlier_min_px)
     finals = {(i, j): _task(where(i, j), _final, cg[i, j], th) for i, j in tiles}
     rejected = _tree(
         [delayed(operator.getitem, finals[t], 2) for t in tiles],
         outliers.merge_counts,
     )
     outlier_table = delayed(
-        _outlier_dataset, th, rejected, width, sid, config.outlier_nmad, opts.outlier_min_px
+        _outlier_dataset, th, rejected, width, sid, config.outlier_nmad, config.outlier_min_px
     )
 
     def assemble(k: int, dtype: Any) -> da.Array:
@@ -1070,7 +1056,6 @@ def _static_token(store: Path) -> str:
 def penetration_table(
     store: Path,
     config: CorrectionsConfig,
-    opts: Options = Options(),
     *,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
@@ -1081,8 +1066,8 @@ def penetration_table(
             "penetration": config.penetration,
             "penetration_constant_m": config.penetration_constant_m,
             "penetration_min_px_per_bin": config.penetration_min_px_per_bin,
-            "bin_width_m": opts.bin_width_m,
-            "corr_m": opts.penetration_corr_m,
+            "bin_width_m": config.bin_width_m,
+            "corr_m": config.penetration_corr_m,
         },
         "upstream": _static_token(store),
     }
@@ -1099,7 +1084,7 @@ def penetration_table(
     n_region = int(region_ids.max()) if region_ids.size else 0
     region_ids = np.arange(1, n_region + 1)
     res = float(abs(ds.x.values[1] - ds.x.values[0]))
-    width = opts.bin_width_m
+    width = config.bin_width_m
     if progress:
         progress("correct: penetration table")
     table: penetration.Table | None = None
@@ -1134,7 +1119,7 @@ def penetration_table(
                     width,
                     config.penetration_min_px_per_bin,
                     res,
-                    opts.penetration_corr_m,
+                    config.penetration_corr_m,
                 )
                 source = f"xband (stable-ground offset X minus C {float(offset):.3f} m)"
     if table is None:
@@ -1154,9 +1139,10 @@ def penetration_table(
 # ------------------------------------------------------------------------------- the step
 
 
-def _options_record(opts: Options) -> dict[str, Any]:
-    # the outlier grouping is recorded so that scenes filtered with another grouping recompute
-    return dict(opts.__dict__) | {"outlier_groups": outliers.GROUPING}
+def _step_params(config: CorrectionsConfig) -> dict[str, Any]:
+    """What a scene's record holds of the parameters: the config, and the outlier grouping (so
+    that scenes filtered with another grouping recompute)."""
+    return config.model_dump(mode="json") | {"outlier_groups": outliers.GROUPING}
 
 
 def correct_cube(
@@ -1166,7 +1152,6 @@ def correct_cube(
     scenes: Sequence[str] | None = None,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
-    options: Options | None = None,
 ) -> list[str]:
     """Correct the scenes of the cube at `store` (all complete scenes by default), writing dh_m,
     valid and the per-scene parameters; skip scenes already corrected with the same parameters
@@ -1176,7 +1161,6 @@ def correct_cube(
     stops the step before anything is written."""
     store = Path(store)
     config = config or st.recorded_config(store).corrections
-    opts = options or Options()
     ds = st.open_cube(store)
     meta = xr.open_zarr(str(store), chunks=None)
     ids = [str(s) for s in ds.scene.values]
@@ -1198,7 +1182,7 @@ def correct_cube(
                 f"scene {sid}: step '{upstream_step}' has not finished it; run it first."
             )
         inputs.append((SceneInputs(sid, i, kind, month), upstream))
-    table_token = penetration_table(store, config, opts, force=force, progress=progress)
+    table_token = penetration_table(store, config, force=force, progress=progress)
     table = read_table(store)
     static: CubeBlocks | None = None
     done: list[str] = []
@@ -1209,7 +1193,7 @@ def correct_cube(
         running: Future[None] | None = None
         for scene, upstream in inputs:
             record = {
-                "params": config.model_dump(mode="json") | {"options": _options_record(opts)},
+                "params": _step_params(config),
                 "upstream": upstream,
                 "penetration": table_token,
             }
@@ -1218,10 +1202,10 @@ def correct_cube(
             if progress:
                 progress(f"correct scene {scene.scene_id}")
             if static is None:
-                static = cube_blocks(ds, opts.coreg_halo_px)
-                if static_nbytes(ds, opts.coreg_halo_px) <= STATIC_CACHE_BYTES:
+                static = cube_blocks(ds, config.coreg_halo_px)
+                if static_nbytes(ds, config.coreg_halo_px) <= STATIC_CACHE_BYTES:
                     static = persist_static(static)
-            out, outlier_ds = scene_graphs(ds, scene, config, table, opts, static)
+            out, outlier_ds = scene_graphs(ds, scene, config, table, static)
             with _STORE_LOCK:
                 write = st.write_scene_region(store, out, scene.index, compute=False)
             group = outlier_group_name(scene.scene_id, scene.index)
