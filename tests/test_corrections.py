@@ -677,3 +677,23 @@ def test_outlier_bin_width_from_the_config(corrected: Path, tmp_path: Path) -> N
     assert tab.attrs["bin_width_m"] == 100.0
     assert np.all(np.mod(tab.bin_lower_m.values - ELEV_MIN_M, 100.0) == 0)
     assert read_table(store).width_m == 100.0
+
+
+def test_forcing_one_scene_leaves_the_others_current(corrected: Path, tmp_path: Path) -> None:
+    """`correct --force --scene X` rebuilds the penetration table; the same table (same content
+    digest) keeps the other scenes' records current, so the next run recomputes nothing. A
+    table with other content makes every scene stale."""
+    from mbcube.corrections.step import table_digest
+
+    store = tmp_path / "cube.zarr"
+    shutil.copytree(corrected, store)
+    ids = [str(s) for s in open_cube(store).scene.values]
+    digest = table_digest(read_table(store))
+    with quiet(), pytest.warns(MbcubeWarning, match="pooled table"):
+        assert correct_cube(store, scenes=[ids[0]], force=True) == [ids[0]]
+    assert table_digest(read_table(store)) == digest
+    with quiet():
+        assert correct_cube(store) == []
+    # another table (a constant instead of the X-band one): all scenes recompute
+    with quiet():
+        assert correct_cube(store, CorrectionsConfig(penetration="constant")) == ids

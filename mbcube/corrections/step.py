@@ -1048,6 +1048,17 @@ def read_table(store: Path) -> penetration.Table:
     )
 
 
+def table_digest(table: penetration.Table) -> str:
+    """A digest of the penetration table's content (bins, values, sigmas, counts, fills)."""
+    h = hashlib.sha1()
+    for a in (table.bin_lo_m, table.penetration_m, table.sigma_m, table.n_px, table.filled):
+        arr = np.ascontiguousarray(a)
+        h.update(str((arr.dtype.str, arr.shape)).encode())
+        h.update(arr.tobytes())
+    h.update(repr(float(table.width_m)).encode())
+    return h.hexdigest()
+
+
 def _static_token(store: Path) -> str:
     static = st.read_state(store).get("static", {})
     return hashlib.sha1(json.dumps(static, sort_keys=True).encode()).hexdigest()
@@ -1182,8 +1193,11 @@ def correct_cube(
                 f"scene {sid}: step '{upstream_step}' has not finished it; run it first."
             )
         inputs.append((SceneInputs(sid, i, kind, month), upstream))
-    table_token = penetration_table(store, config, force=force, progress=progress)
+    penetration_table(store, config, force=force, progress=progress)
     table = read_table(store)
+    # scenes depend on the table's content, not on when it was built: rebuilding the same
+    # table (e.g. `correct --force --scene X`) leaves the other scenes current
+    table_token = table_digest(table)
     static: CubeBlocks | None = None
     done: list[str] = []
     # One compute per scene; the next scene's graph is built while the previous one computes
