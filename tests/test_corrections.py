@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -371,7 +372,8 @@ def test_penetration_sums_and_lookup_match_oracle() -> None:
             assert pen[idx] == 0.0
             continue
         k = int((ref[idx] - table.bin_lo_m[0]) // width)
-        sel = (surface == surface[idx]) & (b == b[idx]) & np.isfinite(diff)
+        # smoothed along elevation: the mean of all pixels in the bin's 3-bin window
+        sel = (surface == surface[idx]) & (np.abs(b - b[idx]) <= 1) & np.isfinite(diff)
         sel &= (region == region[idx]) if region[idx] > 0 else True
         assert pen[idx] == pytest.approx(diff[sel].mean() - 0.2)
         assert table.bin_lo_m[k] == ELEV_MIN_M + width * b[idx]
@@ -697,3 +699,51 @@ def test_forcing_one_scene_leaves_the_others_current(corrected: Path, tmp_path: 
     # another table (a constant instead of the X-band one): all scenes recompute
     with quiet():
         assert correct_cube(store, CorrectionsConfig(penetration="constant")) == ids
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=stn.integers(0, 10_000), min_px=stn.integers(5, 60))
+def test_penetration_table_smoothing_and_filling_match_oracle(seed: int, min_px: int) -> None:
+    """Each bin of the table against a slow per-bin oracle: where its 3-bin window (the bin
+    and its neighbours, same region and surface) holds min_px pixels, the mean of the window's
+    pixels minus the stable-ground offset, with the standard error of that mean (Rolstad);
+    elsewhere a linear interpolation in elevation of those values; `filled` where the bin's own
+    count is below min_px."""
+    rng = np.random.default_rng(seed)
+    shape = (30, 40)
+    ref = rng.uniform(4000.0, 4000.0 + 50.0 * rng.integers(3, 9), shape)
+    ref[rng.random(shape) < 0.3] += 400.0  # a gap in elevation: bins filled by interpolation
+    region = rng.integers(0, 3, shape).astype(np.int16)
+    surface = rng.integers(0, 3, shape).astype(np.int8)
+    diff = 1.0 + 0.002 * (ref - 4000.0) + rng.normal(0, 0.5, shape)
+    width, offset, res, corr = 50.0, 0.3, 30.0, 500.0
+    sums = penetration.sums_block(diff, region, surface, ref, 2, width)
+    with warnings.catch_warnings():  # regions without a good bin copy the pooled table
+        warnings.simplefilter("ignore", MbcubeWarning)
+        table = penetration.finish_table(sums, offset, width, min_px, res, corr)
+    b = bin_index(ref, width)
+    k0 = int((table.bin_lo_m[0] - ELEV_MIN_M) // width)
+    centres = table.bin_lo_m + 0.5 * width
+    for r in range(3):
+        for s in (1, 2):
+            here = (surface == s) & ((region == r) if r else True)
+            if not here.any():
+                continue
+            value, sigma, ok = [], [], []
+            for k in range(table.bin_lo_m.size):
+                v = diff[here & (np.abs(b - (k0 + k)) <= 1)]
+                ok.append(v.size >= min_px)
+                value.append(v.mean() - offset if v.size else np.nan)
+                sd = v.std(ddof=1) if v.size > 1 else 0.0
+                sigma.append(penetration.sigma_of_mean_m(sd, np.array(v.size), res, corr))
+                own = int((here & (b == k0 + k)).sum())
+                assert table.n_px[r, s - 1, k] == own
+                assert table.filled[r, s - 1, k] == (own < min_px)
+            ok_a = np.array(ok)
+            if not ok_a.any():
+                continue  # copied from the pooled table (with a warning): not this oracle's
+            value_a, sigma_a = np.array(value), np.array(sigma, dtype=float)
+            expect = np.where(ok_a, value_a, np.interp(centres, centres[ok_a], value_a[ok_a]))
+            expect_sigma = np.where(ok_a, sigma_a, np.interp(centres, centres[ok_a], sigma_a[ok_a]))
+            np.testing.assert_allclose(table.penetration_m[r, s - 1], expect, atol=1e-9)
+            np.testing.assert_allclose(table.sigma_m[r, s - 1], expect_sigma, atol=1e-9)

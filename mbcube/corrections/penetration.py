@@ -70,6 +70,21 @@ def sigma_of_mean_m(std_m: np.ndarray, n: np.ndarray, res_m: float, corr_m: floa
     return std_m * np.minimum(factor, 1.0)
 
 
+#: Bins pooled on each side of a bin by the smoothing along elevation (1: a 3-bin window).
+SMOOTH_HALF_WIDTH = 1
+
+
+def window_sums(sums: np.ndarray, half: int = SMOOTH_HALF_WIDTH) -> np.ndarray:
+    """Count, sum and sum of squares pooled over the bins k - half .. k + half (along the last
+    axis, clipped at the ends): the moments of all pixels in each bin's elevation window."""
+    out = np.zeros_like(sums)
+    n = sums.shape[-1]
+    for shift in range(-half, half + 1):
+        lo, hi = max(0, -shift), min(n, n - shift)
+        out[..., lo:hi] += sums[..., lo + shift : hi + shift]
+    return out
+
+
 def finish_table(
     sums: np.ndarray,
     offset_m: float,
@@ -78,34 +93,44 @@ def finish_table(
     res_m: float,
     corr_m: float = 500.0,
 ) -> Table:
-    """The table from summed (count, sum, sumsq) of ref_dem_x_m - ref_dem_m: their datum offset
-    (the same difference on stable ground, `offset_m`) removed, bins with fewer than `min_px` pixels filled by linear interpolation in
-    elevation within the same region and surface, or from the pooled table (with a warning)."""
+    """The table from summed (count, sum, sumsq) of ref_dem_x_m - ref_dem_m, their datum offset
+    (the same difference on stable ground, `offset_m`) removed.
+
+    Smoothing along elevation: each bin's value is the mean of all pixels in its 3-bin window
+    (the bin and its neighbours of the same region and surface), i.e. the count-weighted mean
+    of the three bin means; its sigma is the standard error of that pooled mean (the pooled
+    spread, which includes the spread between the bins, over the pooled area; Rolstad et al.
+    2009). Filling: bins whose own count is below `min_px` are marked filled; they take the
+    window's value when the window holds `min_px` pixels, else a linear interpolation in
+    elevation of the other bins' values and sigmas within the same region and surface (the
+    nearest value beyond the ends), or the pooled table when the region has no such bin (with
+    a warning)."""
     count, total, total_sq = sums
     keep = np.flatnonzero(count[0].sum(axis=0) > 0)  # bins holding pooled glacier pixels
     if keep.size == 0:
         raise ValueError("no glacier pixel has both reference DEMs")
     sl = slice(keep[0], keep[-1] + 1)
-    count, total, total_sq = count[..., sl], total[..., sl], total_sq[..., sl]
+    count = count[..., sl]
+    w_count, w_total, w_sq = window_sums(np.stack([count, total[..., sl], total_sq[..., sl]]))
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = total / count
-        var = np.maximum(total_sq / count - mean**2, 0.0) * count / np.maximum(count - 1, 1)
+        mean = w_total / w_count
+        var = np.maximum(w_sq / w_count - mean**2, 0.0) * w_count / np.maximum(w_count - 1, 1)
     pen = mean - offset_m  # X surface above C surface: C penetrates deeper
-    sigma = sigma_of_mean_m(np.sqrt(var), count, res_m, corr_m)
+    sigma = sigma_of_mean_m(np.sqrt(var), w_count, res_m, corr_m)
     bin_lo = ELEV_MIN_M + width_m * np.arange(keep[0], keep[-1] + 1)
     centres = bin_lo + 0.5 * width_m
-    filled = np.zeros(pen.shape, dtype=bool)
+    filled = count < min_px
     order = [0, *range(1, pen.shape[0])]  # the pooled table first: others may copy it
     for r in order:
         for s in range(pen.shape[1]):
-            good = count[r, s] >= min_px
+            good = w_count[r, s] >= min_px
             if good.all():
                 continue
             if good.any():
                 bad = ~good
                 pen[r, s, bad] = np.interp(centres[bad], centres[good], pen[r, s, good])
                 sigma[r, s, bad] = np.interp(centres[bad], centres[good], sigma[r, s, good])
-            elif r > 0 and (count[0, s] >= min_px).any():
+            elif r > 0 and (w_count[0, s] >= min_px).any():
                 warnings.warn(
                     f"penetration: region index {r}, surface {SURFACES[s]} has no bin with "
                     f"{min_px} pixels of X-band reference; using the pooled table of all regions.",
@@ -113,9 +138,8 @@ def finish_table(
                     stacklevel=2,
                 )
                 pen[r, s], sigma[r, s] = pen[0, s], sigma[0, s]
-                bad = np.ones_like(good)
             else:
-                other = pen[0, 1 - s] if (count[0, 1 - s] >= min_px).any() else None
+                other = pen[0, 1 - s] if (w_count[0, 1 - s] >= min_px).any() else None
                 if other is None:
                     raise ValueError("too few glacier pixels with both reference DEMs")
                 warnings.warn(
@@ -125,8 +149,6 @@ def finish_table(
                     stacklevel=2,
                 )
                 pen[r, s], sigma[r, s] = other, sigma[0, 1 - s]
-                bad = np.ones_like(good)
-            filled[r, s] = bad
     return Table(bin_lo, pen, sigma, count.astype(np.int64), filled, width_m)
 
 
