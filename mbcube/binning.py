@@ -96,6 +96,9 @@ STABLE_HIST_WIDTH_M = 0.02
 STABLE_HIST_HALF_RANGE_M = 50.0
 N_STABLE_HIST = round(2 * STABLE_HIST_HALF_RANGE_M / STABLE_HIST_WIDTH_M)
 HYPSOMETRY_STEP = "hypsometry"
+#: Glaciers per stored chunk of the statistics (scene x glacier x bin x surface): 4096 glaciers x
+#: ~100 bins x 2 surfaces x 8 B = 6.5 MB, so reading some glaciers never loads all of them.
+GLACIER_CHUNK = 4096
 HYPSOMETRY_ALL = "_all"
 
 
@@ -765,10 +768,11 @@ def _ensure_hypsometry(
 
 
 def _placeholder_stats(scene_ids: list[str], axis: BinAxis, n_glaciers: int) -> xr.Dataset:
-    """Zero statistics (binned = 0) for these scenes, lazily, chunked one scene at a time."""
+    """Zero statistics (binned = 0) for these scenes, lazily, chunked one scene and up to
+    GLACIER_CHUNK glaciers at a time."""
     n = len(scene_ids)
     shape3 = (n, n_glaciers, axis.n_bins, 2)
-    chunks3 = (1, n_glaciers, axis.n_bins, 2)
+    chunks3 = (1, min(n_glaciers, GLACIER_CHUNK), axis.n_bins, 2)
     big = ("scene", "glacier", "bin", "surface")
     data: dict[str, Any] = {}
     for key, dtype in (("count", np.int64), ("sum_dh_m", np.float64), ("sumsq_dh_m2", np.float64)):
@@ -895,7 +899,7 @@ def _scene_job(
         say(f"binning scene {scene_id}")
         dh = cube["dh_m"].sel(scene=scene_id).transpose("y", "x").data
         ds = _scene_graph(dh, cube, axis, n_glaciers, scene_id, 8, scene_id)
-        ds = ds.drop_vars(list(ds.coords))
+        ds = ds.drop_vars(list(ds.coords)).chunk({"glacier": GLACIER_CHUNK})
         region = {str(d): slice(None) for d in ds.dims}
         region["scene"] = slice(index, index + 1)
         _set_binned(store, index, 0)
