@@ -153,6 +153,10 @@ class FigureInputs:
             extra = table.reindex(out["glacier_key"].to_numpy())
             extra.index = out.index
             out = out.join(extra)
+        members = self.table("region_members")  # regions of a `--regions FILE` run
+        if members is not None and key is not None and key in members.columns:
+            by_id = members.assign(**{key: members[key].astype(str)}).set_index(key)["region"]
+            out["region"] = by_id.reindex(out["glacier_key"].to_numpy()).to_numpy()
         if "region" not in out.columns or out["region"].isna().all():
             out["region"] = self._region_at_centroids(out)
         out["region"] = out["region"].astype(object).where(out["region"].notna(), None)

@@ -202,6 +202,23 @@ def test_coarsening_is_lazy_and_matches_numpy(results: Results) -> None:
     np.testing.assert_array_equal(ids.values, results.gid[1:318:3, 1:318:3])
 
 
+def test_regions_of_a_regions_file_run_come_from_region_members(
+    results: Results, tmp_path: Path
+) -> None:
+    """`aggregate --regions FILE` writes region_members.csv: the figures group by it."""
+    tables = tmp_path / "tables"
+    shutil.copytree(results.tables, tables)
+    ids = results.glaciers["RGIId"].astype(str)
+    halves = np.where(np.arange(len(ids)) % 2 == 0, "Even", "Odd")
+    pd.DataFrame({"RGIId": ids, "region": halves}).to_csv(
+        tables / "region_members.csv", index=False
+    )
+    inp = figures.FigureInputs(results.store, tables)
+    assert set(inp.regions) == {"Even", "Odd"}
+    numbers = {str(k): int(n) for n, k in inp.glaciers["glacier_key"].items()}
+    assert inp.regions["Odd"] == sorted(numbers[i] for i in ids[halves == "Odd"])
+
+
 def test_region_map_crops_to_its_glaciers(results: Results) -> None:
     inp = figures.FigureInputs(results.store, results.tables)
     region = results.regions["name"].iloc[0]
