@@ -115,6 +115,15 @@ class CorrectionsConfig(_Strict):
         gt=0,
         description="Elevation bin width (m) of the penetration table and of the outlier groups.",
     )
+    outlier_band_quantile: float = Field(
+        0.5,
+        ge=0.0,
+        le=0.5,
+        description="Outliers are dh beyond [q(p) - outlier_nmad NMAD, q(1 - p) + outlier_nmad "
+        "NMAD] of their group, q the group's quantiles: 0.5 is the median -+ outlier_nmad NMAD "
+        "rule; smaller p keeps groups with two modes or a long tail (a surging tongue beside "
+        "its margins, the thinning margin of a glacier) whole while far blunders still go.",
+    )
     outlier_min_px: int = Field(
         20,
         ge=1,

@@ -747,3 +747,30 @@ def test_penetration_table_smoothing_and_filling_match_oracle(seed: int, min_px:
             expect_sigma = np.where(ok_a, sigma_a, np.interp(centres, centres[ok_a], sigma_a[ok_a]))
             np.testing.assert_allclose(table.penetration_m[r, s - 1], expect, atol=1e-9)
             np.testing.assert_allclose(table.sigma_m[r, s - 1], expect_sigma, atol=1e-9)
+
+
+def test_outlier_band_keeps_a_second_mode_and_drops_blunders() -> None:
+    """A glacier bin with two real modes (70 % at -1 m, 30 % at +30 m, like a surging tongue
+    beside its margins) and 1 % blunders at +300 m: the median -+ 3 NMAD rule (band quantile
+    0.5) drops the second mode; the band from the 20th to the 80th percentile widened by 3 NMAD
+    keeps both modes and still drops every blunder."""
+    rng = np.random.default_rng(4)
+    n = 4000
+    dh = np.where(rng.random(n) < 0.7, rng.normal(-1.0, 0.3, n), rng.normal(30.0, 0.3, n))
+    blunder = rng.random(n) < 0.01
+    dh[blunder] = 300.0
+    dh = dh.reshape(40, 100)
+    blunder = blunder.reshape(40, 100)
+    keys = np.zeros(dh.shape, dtype=np.int64)  # one group
+    codes, block_keys = outliers.block_groups(dh, keys)
+    stats = outliers.mean_std(outliers.moments_block(dh, codes, block_keys))
+    hist = outliers.zhist_block(dh, codes, block_keys, stats)
+    second = (dh > 20) & ~blunder
+    classic = outliers.keep(dh, codes, block_keys, outliers.thresholds(hist, stats, 3.0))
+    assert not classic[second].any() and not classic[blunder].any()
+    band = outliers.keep(
+        dh, codes, block_keys, outliers.thresholds(hist, stats, 3.0, band_quantile=0.2)
+    )
+    assert band[~blunder].all() and not band[blunder].any()
+    with pytest.raises(ValueError, match="band_quantile"):
+        outliers.thresholds(hist, stats, 3.0, band_quantile=0.7)

@@ -388,21 +388,28 @@ def group_z_stats(
 
 
 def thresholds(
-    hist: SparseCounts, stats: GroupStats, k_nmad: float, min_px: int = 20
+    hist: SparseCounts,
+    stats: GroupStats,
+    k_nmad: float,
+    min_px: int = 20,
+    band_quantile: float = 0.5,
 ) -> Thresholds:
-    """Lower and upper dh thresholds (m) per group: median -+ k_nmad * NMAD (NMAD at least one z
-    bin), NaN (not filtered) for groups with fewer than `min_px` values or no spread. The median
-    and NMAD are read off the group's z histogram (group_z_stats)."""
+    """Lower and upper dh thresholds (m) per group: q(p) - k_nmad * NMAD and q(1 - p) + k_nmad *
+    NMAD, q the group's quantiles at p = band_quantile (0.5: median -+ k_nmad * NMAD) and NMAD
+    about the median (at least one z bin); NaN (not filtered) for groups with fewer than
+    `min_px` values or no spread. All read off the group's z histogram (group_z_stats)."""
+    if not 0.0 <= band_quantile <= 0.5:
+        raise ValueError(f"band_quantile must be within [0, 0.5], got {band_quantile}")
     lower = np.full(stats.keys.size, np.nan)
     upper = np.full(stats.keys.size, np.nan)
     use = np.flatnonzero((stats.n >= min_px) & np.isfinite(stats.std))
     if use.size and hist.codes.size:
-        quant, mad = group_z_stats(hist.codes, hist.counts, stats.keys[use])
-        med = quant[:, 0]
+        p = float(band_quantile)
+        quant, mad = group_z_stats(hist.codes, hist.counts, stats.keys[use], (0.5, p, 1.0 - p))
         nmad = np.maximum(NMAD_FACTOR * mad, Z_WIDTH)
         mean, std = stats.mean[use], stats.std[use]
-        lower[use] = mean + std * (med - k_nmad * nmad)
-        upper[use] = mean + std * (med + k_nmad * nmad)
+        lower[use] = mean + std * (quant[:, 1] - k_nmad * nmad)
+        upper[use] = mean + std * (quant[:, 2] + k_nmad * nmad)
     return Thresholds(stats.keys, stats.n, lower, upper)
 
 

@@ -721,14 +721,28 @@ def scene_graphs(
     zh = _tree(
         [_task(where(i, j), _zhist, cg[i, j], gstats) for i, j in tiles], outliers.merge_counts
     )
-    th = delayed(outliers.thresholds, zh, gstats, config.outlier_nmad, config.outlier_min_px)
+    th = delayed(
+        outliers.thresholds,
+        zh,
+        gstats,
+        config.outlier_nmad,
+        config.outlier_min_px,
+        config.outlier_band_quantile,
+    )
     finals = {(i, j): _task(where(i, j), _final, cg[i, j], th) for i, j in tiles}
     rejected = _tree(
         [delayed(operator.getitem, finals[t], 2) for t in tiles],
         outliers.merge_counts,
     )
     outlier_table = delayed(
-        _outlier_dataset, th, rejected, width, sid, config.outlier_nmad, config.outlier_min_px
+        _outlier_dataset,
+        th,
+        rejected,
+        width,
+        sid,
+        config.outlier_nmad,
+        config.outlier_min_px,
+        config.outlier_band_quantile,
     )
 
     def assemble(k: int, dtype: Any) -> da.Array:
@@ -840,6 +854,7 @@ def _outlier_dataset(
     scene_id: str,
     k_nmad: float,
     min_px: int,
+    band_quantile: float = 0.5,
 ) -> xr.Dataset:
     """The outlier thresholds of one scene as a table along `outlier_group` (the groups with
     finite dh in the scene)."""
@@ -880,10 +895,13 @@ def _outlier_dataset(
         attrs={
             "scene": scene_id,
             "outlier_nmad": k_nmad,
+            "outlier_band_quantile": band_quantile,
             "min_px": min_px,
             "bin_width_m": width,
-            "description": "dh outside [lower_m, upper_m] (median -+ outlier_nmad NMAD of the "
-            "group) was rejected; NaN thresholds: fewer than min_px pixels or no spread, the "
+            "description": "dh outside [lower_m, upper_m] (the group's quantiles at "
+            "outlier_band_quantile and 1 - outlier_band_quantile, widened by outlier_nmad NMAD; "
+            "0.5: median -+ outlier_nmad NMAD) was rejected; NaN thresholds: fewer than min_px "
+            "pixels or no spread, the "
             "group was not filtered",
         },
     )
