@@ -21,8 +21,9 @@ Both tables are also written as Parquet beside the CSV files.
 
 Cost. The glacier-level statistics (scenes combined by `scene_rule`; no scene dimension) and the
 glacier results are cached in the store's group `massbalance_cache`: the statistics keyed by the
-bin step's record of every scene and the combination parameters (scene_rule, min_px_per_bin), the
-results also by every mass-balance parameter and the ingest's static inputs. The statistics are
+bin step's record of every scene and the combination parameters (scene_rule, min_px_per_bin,
+min_measured_frac_per_bin), the results also by every mass-balance parameter and the ingest's
+static inputs. The statistics are
 kept per non-empty (glacier, bin, surface) cell (`CellStats`: a glacier covers a few of the
 study's bins), chunked along cells, so the cache is small and read in bounded memory. Then:
 
@@ -37,6 +38,12 @@ study's bins), chunked along cells, so the cache is small and read in bounded me
   stored chunk, not by scenes x glaciers x bins (the bin step stores one chunk per scene today).
 
 Statistics written without bin step records are never cached.
+
+Errors. Glacier and region results, every error term included, come from
+`mbcube.massbalance.unit_results` (the error model of `mbcube.uncertainty`): each term is a
+column (SIGMA_COLUMNS, m w.e./yr), `mb_sigma_mwe_yr` their quadrature sum. The unmeasured-area
+term needs each cell's measured pixels (`measured_bin_px`, the pixels its best-covering scene
+measured), which the cells keep and a region sums over its glaciers' measured cells.
 """
 
 from __future__ import annotations
@@ -64,9 +71,9 @@ from mbcube.config import MassBalanceConfig, StudyConfig
 from mbcube.errors import MbcubeWarning, StoreError
 from mbcube.massbalance import (
     GlacierStats,
-    balance,
     combine_scenes,
     select_scenes,
+    unit_results,
     with_void_area,
 )
 from mbcube.regions import (
@@ -79,7 +86,7 @@ from mbcube.regions import (
 )
 from mbcube.store import SCHEMA_VERSION, grid_of, open_cube, read_state, write_dataset
 from mbcube.surge import effective_surge, surge_candidates
-from mbcube.uncertainty import datum_sigma_m, quadrature, stable_moments, unit_uncertainty
+from mbcube.uncertainty import datum_sigma_m, quadrature, stable_moments
 
 __all__ = [
     "GLACIER_COLUMNS",
@@ -101,6 +108,7 @@ SIGMA_COLUMNS = [
     "sigma_penetration_mwe_yr",
     "sigma_datum_mwe_yr",
     "sigma_seasonal_mwe_yr",
+    "sigma_unmeasured_mwe_yr",
     "sigma_density_mwe_yr",
 ]
 GLACIER_COLUMNS = [
@@ -155,12 +163,12 @@ GLACIER_BLOCK = 4096
 #: The store group caching the glacier-level statistics and results.
 CACHE_GROUP = "massbalance_cache"
 #: Layout version of the cache (a cache of another layout is recomputed).
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 #: Cells per chunk of the cache (8 bytes x 2^18 = 2 MiB per field and chunk).
 CELL_CHUNK = 1 << 18
 #: The output folder's record of the glacier tables it holds.
 TABLES_RECORD = ".mbcube-tables.json"
-_CELL_FIELDS = ("count", "weight", "rate_sum", "dh_sum", "area_m2", "n_px")
+_CELL_FIELDS = ("count", "weight", "rate_sum", "dh_sum", "area_m2", "n_px", "measured_bin_px")
 
 
 # ----------------------------------------------------------------- statistics per non-empty cell
@@ -172,7 +180,8 @@ class CellStats:
 
     glacier (C,) glacier position 0..G-1 (non-decreasing), cell (C,) bin x n_surfaces + surface
     position; values: the per-cell fields of GlacierStats (count, weight, rate_sum (m/yr x
-    weight), dh_sum (m x weight), area_m2 (m2), n_px) as (C,) float64; per glacier (G,)
+    weight), dh_sum (m x weight), area_m2 (m2), n_px, measured_bin_px (pixels the best-covering
+    scene measured; 0 in unmeasured cells)) as (C,) float64; per glacier (G,)
     measured_px, void_area_m2 (m2), void_px; per scene and glacier (S, G) scene_px, scene_weight.
     """
 
@@ -195,7 +204,7 @@ class CellStats:
     def from_dense(cls, stats: GlacierStats) -> CellStats:
         """The non-empty cells of `stats` (a cell is kept when any field is non-zero)."""
         n, n_bins, n_surf = stats.count.shape
-        flat = {k: np.asarray(getattr(stats, k), dtype=float).reshape(n, -1) for k in _CELL_FIELDS}
+        flat = {k: _cell_field(stats, k).reshape(n, -1) for k in _CELL_FIELDS}
         keep = np.zeros(flat["count"].shape, dtype=bool)
         for v in flat.values():
             keep |= v != 0
@@ -274,7 +283,8 @@ def sum_cells(cells: CellStats, membership: np.ndarray, min_px_per_bin: int = 10
     """`mbcube.massbalance.sum_units` on per-cell statistics: the statistics of units (regions)
     made of glaciers, membership (U, G) 0/1. Region-level hypsometric averaging: per (bin,
     surface) the area-weighted mean of the member glaciers' means over the glaciers measured
-    there (>= min_px_per_bin); pixel sums summed; scene weights area-weighted means. Only the
+    there (>= min_px_per_bin); pixel sums summed (measured_bin_px over those measured cells);
+    scene weights area-weighted means. Only the
     non-empty cells are touched: cost ~ cells x regions per glacier, not glaciers x bins."""
     m = sparse.csr_array(np.asarray(membership, dtype=float))
     n_units, n_glaciers = m.shape
@@ -283,7 +293,7 @@ def sum_cells(cells: CellStats, membership: np.ndarray, min_px_per_bin: int = 10
     v = cells.values
 
     # glacier blocks of ~CELL_CHUNK cells at a time (bounded temporaries), sums accumulated
-    k = 6
+    k = 7
     summed = np.zeros((n_units, k * width))
     bounds = np.searchsorted(cells.glacier, np.arange(n_glaciers + 1))  # first cell of each
     starts = [0]
@@ -305,7 +315,8 @@ def sum_cells(cells: CellStats, membership: np.ndarray, min_px_per_bin: int = 10
         columns[:, 3] = area * mean_dh
         columns[:, 4] = v["area_m2"][part]
         columns[:, 5] = v["n_px"][part]
-        # one sparse (block glaciers, 6 x B x F) matrix of the six fields (cells sorted by glacier)
+        columns[:, 6] = np.where(valid, v["measured_bin_px"][part], 0.0)
+        # one sparse (block glaciers, k x B x F) matrix of the k fields (cells sorted by glacier)
         indptr = np.zeros(g1 - g0 + 1, dtype=np.int64)
         indptr[1:] = np.cumsum(np.bincount(cells.glacier[part] - g0, minlength=g1 - g0)) * k
         indices = (cells.cell[part, None] + width * np.arange(k)[None, :]).ravel()
@@ -332,7 +343,15 @@ def sum_cells(cells: CellStats, membership: np.ndarray, min_px_per_bin: int = 10
         scene_weight=scene_weight,
         void_area_m2=m @ cells.void_area_m2,
         void_px=m @ cells.void_px,
+        measured_bin_px=summed[:, 6],
     )
+
+
+def _cell_field(stats: GlacierStats, name: str) -> np.ndarray:
+    """A per-cell field of `stats` as float64 (measured_bin_px: set by GlacierStats itself)."""
+    if name == "measured_bin_px":
+        return np.asarray(stats.measured_bin_px_or_zero, dtype=float)
+    return np.asarray(getattr(stats, name), dtype=float)
 
 
 # ---------------------------------------------------------------------------- stored statistics
@@ -453,6 +472,7 @@ def _keys(store: Path, state: dict[str, Any], config: MassBalanceConfig) -> _Key
         "tokens": tokens,
         "scene_rule": config.scene_rule,
         "min_px_per_bin": config.min_px_per_bin,
+        "min_measured_frac_per_bin": config.min_measured_frac_per_bin,
     }
     stats_key = _digest(combination)
     results = {
@@ -703,7 +723,15 @@ def _combine(
             if name in hyps
         }
         combined = combine_scenes(
-            count_b, sum_b, years, area, n_px, use, config.min_px_per_bin, **void
+            count_b,
+            sum_b,
+            years,
+            area,
+            n_px,
+            use,
+            config.min_px_per_bin,
+            min_frac=config.min_measured_frac_per_bin,
+            **void,
         )
         parts.append(CellStats.from_dense(combined))
     return CellStats.concat(parts, len(scenes), n_b, n_f)
@@ -795,7 +823,7 @@ def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
     # bytes (mostly incompressible float64; ~70 bytes per glacier cell)
     raw = {"compressors": None}
     encoding = {
-        "cells": {"chunks": (n_cells, cells.shape[1] if cells.ndim == 2 else 8)} | raw,
+        "cells": {"chunks": (n_cells, 2 + len(_CELL_FIELDS))} | raw,
         "glacier_values": raw,
         "scene_glacier": raw,
     }
@@ -911,27 +939,20 @@ def _penetration_sigma(
 def _results(
     data: StoredStats, units: GlacierStats, pen_sigma: np.ndarray, pen_std: np.ndarray | None
 ) -> dict[str, np.ndarray]:
-    c = data.config
-    out = balance(units, data.bin_lower_m, c.bin_width_m, c.min_px_per_bin, c.density_kg_m3)
-    errors = unit_uncertainty(
-        out["dhdt_m_yr"],
-        units.scene_weight,
-        units.scene_px,
-        units.measured_px,
-        pen_sigma,
+    """Balance and every error term of `units` (glaciers, or regions from `sum_cells`):
+    `mbcube.massbalance.unit_results` with the store's scene statistics and the config."""
+    return unit_results(
+        units,
+        data.bin_lower_m,
         data.scene_years,
         data.scene_month,
         data.stable_sigma_m,
         data.datum_sigma_m,
         data.pixel_size_m,
-        penetration_std_m=pen_std,
-        density_kg_m3=c.density_kg_m3,
-        density_sigma_kg_m3=c.density_sigma_kg_m3,
-        autocorrelation_m=c.autocorrelation_m,
-        autocorrelation_penetration_m=c.autocorrelation_penetration_m,
-        seasonal_sigma_m_per_month=c.seasonal_sigma_m_per_month,
+        pen_sigma,
+        pen_std,
+        data.config,
     )
-    return out | errors
 
 
 def _periods(data: StoredStats) -> np.ndarray:

@@ -364,9 +364,9 @@ def test_regions_dataset_from_id_list(synthetic: Synthetic) -> None:
     glacier = mass_balance_dataset(synthetic.store).sel(glacier=5)
     one = ds.sel(region="one", glaciers="all")
     assert float(one["mb_mwe_yr"]) == pytest.approx(float(glacier["mb_mwe_yr"]), abs=1e-12)
-    assert float(one["sigma_datum_mwe_yr"]) == pytest.approx(
-        float(glacier["sigma_datum_mwe_yr"]), rel=1e-9
-    )
+    # every error term too (the unmeasured one from the cells' measured pixels summed)
+    for column in [c for c in ds.data_vars if str(c).startswith("sigma_")]:
+        assert float(one[column]) == pytest.approx(float(glacier[column]), rel=1e-9), column
 
 
 def test_studies_without_region_polygons(synthetic: Synthetic) -> None:
@@ -379,3 +379,62 @@ def test_studies_without_region_polygons(synthetic: Synthetic) -> None:
     gone = dataclasses.replace(data, ingest_regions=None, regions_recorded=True)
     with pytest.warns(MbcubeWarning, match="gone"):
         region_sets(gone)
+
+
+@pytest.mark.parametrize("min_frac", [0.2, 0.9])
+def test_results_are_the_error_model_on_the_dense_combination(
+    synthetic: Synthetic, min_frac: float
+) -> None:
+    """Glacier rows and region 'all' equal `massbalance.unit_results` on the scenes combined
+    densely from the stored statistics (`combine_scenes` with the configured measured share):
+    every error term, the unmeasured-area term included, comes through the cached cells."""
+    from mbcube.massbalance import combine_scenes, select_scenes, sum_units, unit_results
+
+    config = MassBalanceConfig(min_measured_frac_per_bin=min_frac)
+    data = load_stats(synthetic.store, config)
+    stats = xr.open_zarr(str(synthetic.store), group="stats").load()
+    stats = stats.transpose("scene", "glacier", "bin", "surface")
+    hyps = xr.open_zarr(str(synthetic.store), group="hypsometry").load()
+    hyps = hyps.transpose("glacier", "bin", "surface")
+    count, sum_dh = stats["count"].values.astype(float), stats["sum_dh_m"].values
+    area, n_px = hyps["area_m2"].values.astype(float), hyps["n_px"].values.astype(float)
+    use = select_scenes(count, data.scene_month, area, config.scene_rule, config.min_px_per_bin)
+    combined = combine_scenes(
+        count,
+        sum_dh,
+        synthetic.years,
+        area,
+        n_px,
+        use,
+        config.min_px_per_bin,
+        hyps["void_area_m2"].values.astype(float),
+        hyps["void_px"].values.astype(float),
+        min_frac=min_frac,
+    )
+    inputs = (
+        data.bin_lower_m,
+        synthetic.years,
+        data.scene_month,
+        data.stable_sigma_m,
+        data.datum_sigma_m,
+        data.pixel_size_m,
+    )
+    pen = np.zeros(len(data.glacier))  # no penetration table in this cube
+    want = unit_results(combined, *inputs, pen, None, config)
+    table = glacier_table(data)
+    terms = [c for c in table.columns if c.startswith("sigma_")]
+    assert "sigma_unmeasured_mwe_yr" in terms
+    for column in ["dhdt_m_yr", "filled_frac", "mb_sigma_mwe_yr", *terms]:
+        np.testing.assert_allclose(table[column], want[column], rtol=1e-9, err_msg=column)
+    assert (table["sigma_unmeasured_mwe_yr"] > 0.001).sum() >= 3
+
+    everything = np.ones((1, len(data.glacier)), dtype=bool)
+    region = unit_results(sum_units(combined, everything), *inputs, pen[:1], None, config)
+    row = region_table(data, RegionSet([], np.zeros((0, len(data.glacier)), bool))).iloc[0]
+    assert row["name"] == "all"
+    for column in terms:
+        if column != "sigma_density_mwe_yr":  # of the rate with voids at their glacier's mean
+            assert row[column] == pytest.approx(region[column][0], rel=1e-9), column
+    assert row["sigma_unmeasured_mwe_yr"] > 0
+    total = np.sqrt(sum(row[c] ** 2 for c in terms))
+    assert row["mb_sigma_mwe_yr"] == pytest.approx(total, rel=1e-12)

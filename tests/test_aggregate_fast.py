@@ -53,18 +53,22 @@ def _random_stats(seed: int, n_glaciers: int, n_scenes: int) -> GlacierStats:
     area = np.where(present | (rng.random(shape) < 0.2), rng.uniform(1e3, 1e5, shape), 0.0)
     scene_px = rng.integers(0, 50, (n_scenes, n_glaciers)).astype(float)
     weight = rng.random((n_scenes, n_glaciers))
+    n_px = np.round(area / 900.0)
+    # the best scene's pixels: at most the cell's pixels and its count, 0 where nothing measured
+    measured_bin_px = np.floor(np.minimum(count, n_px) * rng.uniform(0.3, 1.0, shape))
     return GlacierStats(
         count=count,
         weight=count,
         rate_sum=count * rng.normal(-0.5, 1.0, shape),
         dh_sum=count * rng.normal(-5.0, 3.0, shape),
         area_m2=area,
-        n_px=np.round(area / 900.0),
+        n_px=n_px,
         measured_px=rng.integers(0, 500, n_glaciers).astype(float),
         scene_px=scene_px,
         scene_weight=weight / weight.sum(axis=0, keepdims=True),
         void_area_m2=rng.uniform(0, 1e4, n_glaciers),
         void_px=rng.integers(0, 10, n_glaciers).astype(float),
+        measured_bin_px=measured_bin_px,
     )
 
 
@@ -85,7 +89,8 @@ def test_sum_cells_equals_dense_sum_units(
     dense = _random_stats(seed, n_glaciers, 3)
     cells = CellStats.from_dense(dense)
     back = cells.dense()
-    for name in ("count", "weight", "rate_sum", "dh_sum", "area_m2", "n_px", "scene_weight"):
+    fields = ("count", "weight", "rate_sum", "dh_sum", "area_m2", "n_px", "measured_bin_px")
+    for name in (*fields, "scene_weight"):
         np.testing.assert_array_equal(getattr(back, name), getattr(dense, name))
     membership = np.random.default_rng(seed + 1).random((n_units, n_glaciers)) < 0.5
     want = sum_units(dense, membership, min_px)
@@ -95,7 +100,7 @@ def test_sum_cells_equals_dense_sum_units(
         got = sum_cells(cells, membership, min_px)
     finally:
         aggregate_module.CELL_CHUNK = saved
-    for name in ("count", "weight", "rate_sum", "dh_sum", "area_m2", "n_px", "measured_px"):
+    for name in (*fields, "measured_px"):
         np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(got.scene_weight, want.scene_weight, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(got.void_area, want.void_area, rtol=1e-12)
@@ -265,3 +270,28 @@ def test_gpkg_not_written_when_the_outlines_are_gone(recorded: Synthetic, tmp_pa
     assert not (tmp_path / "out" / "glaciers.gpkg").exists()
     record = json.loads((tmp_path / "out" / TABLES_RECORD).read_text())
     assert record["gpkg"].startswith("not written")
+
+
+def test_measured_share_rule_is_part_of_the_cache_key(recorded: Synthetic, tmp_path: Path) -> None:
+    """Another min_measured_frac_per_bin combines the scenes again (cells measured on less than
+    that share are dropped at combination): the cache's key changes and the tables equal those of
+    a store without cache; the rule matters here (more of the area is filled)."""
+    store = tmp_path / "cube.zarr"
+    shutil.copytree(recorded.store, store)
+
+    def cache_key() -> str:
+        meta = json.loads((store / CACHE_GROUP / "zarr.json").read_text())
+        return str(meta["attributes"]["key"])
+
+    loose = pd.read_csv(aggregate(store, tmp_path / "a")[0])
+    first = cache_key()
+    strict = MassBalanceConfig(min_measured_frac_per_bin=0.9)
+    got = pd.read_csv(aggregate(store, tmp_path / "b", config=strict)[0])
+    assert cache_key() != first
+    fresh = tmp_path / "fresh.zarr"
+    shutil.copytree(recorded.store, fresh)
+    shutil.rmtree(fresh / CACHE_GROUP, ignore_errors=True)
+    want = pd.read_csv(aggregate(fresh, tmp_path / "want", config=strict)[0])
+    pd.testing.assert_frame_equal(got, want)
+    assert (got["filled_frac"] > loose["filled_frac"] + 1e-9).any()
+    assert (got["filled_frac"] >= loose["filled_frac"] - 1e-12).all()
