@@ -19,12 +19,11 @@ For each case (study kind x study shape x seed) a synthetic study is generated, 
   the void's true rate) x density. `sampling` is the glacier's actual error minus the four:
   what hypsometric averaging and gap filling of the binned area add or remove.
 
-The tables are made by `mbcube.aggregate` with its `_results` calling
-`mbcube.massbalance.unit_results` (so the unmeasured-area term and the minimum measured share
-per bin are in): where aggregate.py does not do so yet, the child process applies that change
-(`proposed_aggregate`) before running the pipeline; `--as-is` measures aggregate.py unchanged.
+The tables are made by `mbcube.aggregate` as the pipeline runs it (its results come from
+`mbcube.massbalance.unit_results`: every error term, the unmeasured-area term included, and the
+minimum measured share per bin).
 
-Usage: python -m benchmarks.accuracy [--work DIR] [--seeds 1 2 3] [--as-is] [--keep]
+Usage: python -m benchmarks.accuracy [--work DIR] [--seeds 1 2 3] [--keep] [--override JSON]
 Per-glacier rows go to WORK/glaciers.csv, the summary tables to stdout (markdown).
 """
 
@@ -38,7 +37,6 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,55 +67,15 @@ class Case:
         return f"{self.kind}-{self.shape}-s{self.seed}"
 
 
-def proposed_aggregate(setattr_: Callable[[Any, str, Any], None] = setattr) -> bool:
-    """Make `mbcube.aggregate` compute its results with `mbcube.massbalance.unit_results` (every
-    error term, including sigma_unmeasured_mwe_yr, as a column), as the change proposed for
-    aggregate.py does. Returns False when aggregate.py does so already. Only for this
-    benchmark's child processes and the accuracy test (which passes pytest's
-    `monkeypatch.setattr`, so the module is restored afterwards)."""
-    from mbcube import aggregate as agg
-    from mbcube.massbalance import unit_results
-
-    if "sigma_unmeasured_mwe_yr" in agg.SIGMA_COLUMNS:
-        return False
-    lists = ("SIGMA_COLUMNS", "GLACIER_COLUMNS", "RESULT_COLUMNS", "REGION_COLUMNS")
-    for name in lists:
-        columns = getattr(agg, name, None)
-        if isinstance(columns, list) and "sigma_density_mwe_yr" in columns:
-            at = columns.index("sigma_density_mwe_yr")
-            setattr_(agg, name, [*columns[:at], "sigma_unmeasured_mwe_yr", *columns[at:]])
-
-    def results(data: Any, units: Any, pen_sigma: Any, pen_std: Any) -> dict[str, np.ndarray]:
-        return unit_results(
-            units,
-            data.bin_lower_m,
-            data.scene_years,
-            data.scene_month,
-            data.stable_sigma_m,
-            data.datum_sigma_m,
-            data.pixel_size_m,
-            pen_sigma,
-            pen_std,
-            data.config,
-        )
-
-    setattr_(agg, "_results", results)
-    return True
-
-
 def run_case(
     case: Case,
     work: Path,
     keep: bool = False,
     overrides: dict[str, Any] | None = None,
-    as_is: bool = False,
 ) -> pd.DataFrame:
     """Generate, run and evaluate one case (in this process); per-glacier rows."""
     from mbcube.pipeline import load_pipeline, run
     from mbcube.synth import generate_study
-
-    if not as_is:
-        proposed_aggregate()
 
     warnings.filterwarnings("ignore", message="penetration.*pooled table")
     root = work / case.name
@@ -319,11 +277,9 @@ def evaluate_regions(study: Path, out: Path) -> pd.DataFrame:
     ]
 
 
-def _child(
-    case: Case, work: Path, keep: bool, overrides: dict[str, Any], as_is: bool, queue: Any
-) -> None:
+def _child(case: Case, work: Path, keep: bool, overrides: dict[str, Any], queue: Any) -> None:
     try:
-        queue.put(("ok", run_case(case, work, keep, overrides, as_is)))
+        queue.put(("ok", run_case(case, work, keep, overrides)))
     except Exception as err:  # reported by the parent with the case's name
         queue.put(("error", f"{type(err).__name__}: {err}"))
 
@@ -333,7 +289,6 @@ def run_all(
     work: Path,
     keep: bool = False,
     overrides: dict[str, Any] | None = None,
-    as_is: bool = False,
 ) -> pd.DataFrame:
     """Each case in a fresh child process (bounded memory), one at a time."""
     work.mkdir(parents=True, exist_ok=True)
@@ -345,7 +300,7 @@ def run_all(
             frames.append(pd.read_csv(done))
             continue
         queue = ctx.Queue()
-        proc = ctx.Process(target=_child, args=(case, work, keep, overrides or {}, as_is, queue))
+        proc = ctx.Process(target=_child, args=(case, work, keep, overrides or {}, queue))
         t0 = time.perf_counter()
         proc.start()
         status, payload = queue.get()
@@ -456,9 +411,6 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=list(KINDS))
     parser.add_argument("--keep", action="store_true", help="keep the studies and cubes")
     parser.add_argument(
-        "--as-is", action="store_true", help="aggregate.py unchanged (see the module docstring)"
-    )
-    parser.add_argument(
         "--override",
         type=json.loads,
         default={},
@@ -468,7 +420,7 @@ def main() -> None:
     cases = [Case(k, s, seed) for s in args.shapes for k in args.kinds for seed in args.seeds]
     t0 = time.perf_counter()
     load0 = os.getloadavg()
-    glaciers = run_all(cases, args.work, args.keep, args.override, args.as_is)
+    glaciers = run_all(cases, args.work, args.keep, args.override)
     glaciers.to_csv(args.work / "glaciers.csv", index=False)
     region_files = [args.work / f"{c.name}.regions.csv" for c in cases]
     regions = pd.concat([pd.read_csv(p) for p in region_files if p.exists()], ignore_index=True)
