@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,17 +106,15 @@ def scenes_in_flight(client: Any) -> int:
 def compute_scenes(jobs: Iterable[SceneJob]) -> list[str]:
     """Run the jobs; return the scene ids of those finished, in the order they finished.
 
-    Without a distributed client: one after another, each with `compute` (progress bar). With
-    one: up to `scenes_in_flight` jobs submitted at once, each finished as soon as its writes are
-    done. If a job fails, the jobs already submitted still run to the end and are finished (their
+    Without a distributed client: one after another, each with `compute` (progress bar), the next
+    job's graph built while the previous one computes. With one: up to `scenes_in_flight` jobs
+    submitted at once, each finished as soon as its writes are done. `build` and `finish` always
+    run in this thread, one at a time (they write the store's metadata and state). If a job fails, the jobs already submitted still run to the end and are finished (their
     results are complete and recorded), none is started after it, and the first error is raised."""
     client = _active_client()
     finished: list[str] = []
     if client is None:
-        for job in jobs:
-            job.finish(list(compute(*job.build(), label=job.label)))
-            finished.append(job.scene_id)
-        return finished
+        return _compute_scenes_in_turn(jobs)
     from distributed import as_completed
 
     limit = scenes_in_flight(client)
@@ -155,6 +154,27 @@ def compute_scenes(jobs: Iterable[SceneJob]) -> list[str]:
             submit()
     if error is not None:
         raise error
+    return finished
+
+
+def _compute_scenes_in_turn(jobs: Iterable[SceneJob]) -> list[str]:
+    """One compute at a time, in a helper thread, so that this thread builds the next job's
+    graph meanwhile (serial Python work that would otherwise leave the threads idle)."""
+    finished: list[str] = []
+    running: tuple[SceneJob, Future[tuple[Any, ...]]] | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mbcube-compute") as pool:
+        for job in jobs:
+            collections = list(job.build())
+            if running is not None:
+                previous, future = running
+                previous.finish(list(future.result()))
+                finished.append(previous.scene_id)
+            context = contextvars.copy_context()  # keeps quiet() for the helper thread
+            running = job, pool.submit(context.run, compute, *collections, label=job.label)
+        if running is not None:
+            last, future = running
+            last.finish(list(future.result()))
+            finished.append(last.scene_id)
     return finished
 
 

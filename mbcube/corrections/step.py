@@ -10,14 +10,12 @@ is a static reduction, computed once per parameter set and stored in the group `
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import hashlib
 import json
 import operator
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ import xarray as xr
 from dask.delayed import Delayed
 
 from mbcube import store as st
-from mbcube.cluster import compute
+from mbcube.cluster import SceneJob, compute, compute_scenes
 from mbcube.config import CorrectionsConfig
 from mbcube.corrections import coregister, kernels, outliers, penetration, ramp, robust
 from mbcube.corrections.bins import ELEV_MIN_M, bin_index, n_bins
@@ -916,14 +914,15 @@ def outlier_group_name(scene_id: str, index: int) -> str:
 
 
 #: Held around the store calls this module makes from two threads at once (the next scene's
-#: write setup, the computing scene's outlier table): both enter warnings.catch_warnings,
-#: which is not thread-safe.
+#: write setup while the previous scene computes its outlier table, see
+#: cluster.compute_scenes): both enter warnings.catch_warnings, which is not thread-safe.
 _STORE_LOCK = threading.Lock()
 
 
 def _write_outlier_table(store: Path, group: str, table: xr.Dataset) -> None:
     with _STORE_LOCK:
-        st.write_dataset(table, store, group=group, mode="w")
+        # not consolidated: that would rewrite the root zarr.json (the store's state) from a task
+        st.write_dataset(table, store, group=group, mode="w", consolidated=False)
 
 
 def outlier_table(store: Path, scene_id: str) -> xr.Dataset:
@@ -1216,51 +1215,45 @@ def correct_cube(
     # scenes depend on the table's content, not on when it was built: rebuilding the same
     # table (e.g. `correct --force --scene X`) leaves the other scenes current
     table_token = table_digest(table)
-    static: CubeBlocks | None = None
-    done: list[str] = []
-    # One compute per scene; the next scene's graph is built while the previous one computes
-    # (graph building and the write setup are serial Python work that would leave the
-    # workers idle). A failure stops the loop; the scene computing then still finishes.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mbcube-correct") as pool:
-        running: Future[None] | None = None
-        for scene, upstream in inputs:
-            record = {
-                "params": _step_params(config),
-                "upstream": upstream,
-                "penetration": table_token,
-            }
-            if not force and st.is_current(store, STEP, scene.scene_id, record):
-                continue
-            if progress:
-                progress(f"correct scene {scene.scene_id}")
-            if static is None:
-                static = cube_blocks(ds, config.coreg_halo_px)
-                if static_nbytes(ds, config.coreg_halo_px) <= STATIC_CACHE_BYTES:
-                    static = persist_static(static)
-            out, outlier_ds = scene_graphs(ds, scene, config, table, static)
-            with _STORE_LOCK:
-                write = st.write_scene_region(store, out, scene.index, compute=False)
-            group = outlier_group_name(scene.scene_id, scene.index)
-            write_table = dask.delayed(_write_outlier_table, pure=True)(store, group, outlier_ds)
-            if running is not None:
-                running.result()
-            running = pool.submit(
-                contextvars.copy_context().run,  # keeps cluster.quiet() and other context
-                _compute_and_record,
-                store,
-                scene.scene_id,
-                record,
-                (write, write_table),
-                done,
-            )
-        if running is not None:
-            running.result()
-    return done
+    static: list[CubeBlocks] = []  # built by the first scene that needs them, then shared
+    jobs = []
+    for scene, upstream in inputs:
+        record = {"params": _step_params(config), "upstream": upstream, "penetration": table_token}
+        if not force and st.is_current(store, STEP, scene.scene_id, record):
+            continue
+        jobs.append(_scene_job(store, ds, scene, config, table, static, record, progress))
+    return compute_scenes(jobs)
 
 
-def _compute_and_record(
-    store: Path, scene_id: str, record: dict[str, Any], writes: tuple[Any, ...], done: list[str]
-) -> None:
-    compute(*writes, label=f"correct scene {scene_id}")
-    st.record_step(store, STEP, scene_id, record)
-    done.append(scene_id)
+def _scene_job(
+    store: Path,
+    ds: xr.Dataset,
+    scene: SceneInputs,
+    config: CorrectionsConfig,
+    table: Any,
+    static: list[CubeBlocks],
+    record: dict[str, Any],
+    progress: Callable[[str], None] | None,
+) -> SceneJob:
+    """Correcting one scene: dh_m, valid, its parameters and its outlier table written, then the
+    step recorded."""
+
+    def build() -> list[Any]:
+        if progress:
+            progress(f"correct scene {scene.scene_id}")
+        if not static:
+            blocks = cube_blocks(ds, config.coreg_halo_px)
+            if static_nbytes(ds, config.coreg_halo_px) <= STATIC_CACHE_BYTES:
+                blocks = persist_static(blocks)
+            static.append(blocks)
+        out, outlier_ds = scene_graphs(ds, scene, config, table, static[0])
+        with _STORE_LOCK:
+            write = st.write_scene_region(store, out, scene.index, compute=False)
+        group = outlier_group_name(scene.scene_id, scene.index)
+        write_table = dask.delayed(_write_outlier_table, pure=True)(store, group, outlier_ds)
+        return [write, write_table]
+
+    def finish(_: list[Any]) -> None:
+        st.record_step(store, STEP, scene.scene_id, record)
+
+    return SceneJob(scene.scene_id, f"correct scene {scene.scene_id}", build, finish)
