@@ -401,9 +401,10 @@ def test_ingest_killed_mid_scene_resumes_on_slurm_to_the_same_cube(
         if line.startswith("ingesting scene"):
             started.append(line.split()[2])
         if len(started) == 2:
-            # kill as soon as the second scene's first chunk is on disk: in the middle of its writes
+            # kill as soon as the second scene's first tile is on disk: in the middle of its writes
+            # (its graph is built while the first scene computes; its tiles are written after)
             deadline = time.monotonic() + 60
-            while not list(store.glob("*/c/1/*")) and time.monotonic() < deadline:
+            while not list(store.glob("phase_rad/c/1/*/*")) and time.monotonic() < deadline:
                 time.sleep(0.002)
             proc.send_signal(signal.SIGKILL)
             break

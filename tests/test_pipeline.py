@@ -115,7 +115,8 @@ def test_added_scene_recomputes_only_that_scene(
 
 def _run_killed_at(study: Path, store: Path, out: Path, step_line: str, nth: int) -> None:
     """`mbcube run` in a child process, SIGKILLed just after it says `step_line` for its nth scene
-    (the step is then writing that scene: the scenes before it are done and recorded)."""
+    (it says so while building that scene's graph, as the scene before it computes: the scenes
+    before those two are done and recorded)."""
     code = "import sys; from mbcube.cli import app; sys.argv[0] = 'mbcube'; app()"
     args = ["run", str(study), "--store", str(store), "--out", str(out), "--cluster", "threads"]
     proc = subprocess.Popen(
@@ -148,7 +149,8 @@ def test_run_killed_in_correct_then_in_bin_resumes_to_the_uninterrupted_result(
     scenes = [str(s) for s in xr.open_zarr(finished.store)["scene"].values]
     assert report.recomputed["ingest"] == []
     assert report.recomputed["correct"] == []  # finished by the second run
-    assert report.recomputed["bin"] == scenes[2:], report.recomputed
+    # the first scene was binned before the kill; the second may have been computing
+    assert report.recomputed["bin"] in (scenes[1:], scenes[2:]), report.recomputed
 
     killed, reference = open_cube(store).load(), open_cube(finished.store).load()
     xr.testing.assert_identical(killed.drop_attrs(), reference.drop_attrs())
