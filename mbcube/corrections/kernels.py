@@ -734,6 +734,18 @@ def corrected_groups(
 
 
 @numba.njit(nogil=True, cache=True)
+def _z_slot(value: float, mean: float, sd: float) -> int:
+    """Slot 0..N_Z_BINS + 1 of a pixel's z = (value - mean) / sd: its z bin + 1, clipped (the
+    two outer slots hold everything beyond -+Z_MAX)."""
+    zb = np.floor(((np.float64(value) - mean) / sd + Z_MAX) / Z_WIDTH)
+    if zb < -1.0:
+        zb = -1.0
+    elif zb > N_Z_BINS:
+        zb = N_Z_BINS
+    return int(zb) + 1
+
+
+@numba.njit(nogil=True, cache=True)
 def _z_codes(
     corr: np.ndarray, codes: np.ndarray, mean: np.ndarray, std: np.ndarray
 ) -> tuple[np.ndarray, int]:
@@ -748,13 +760,7 @@ def _z_codes(
             sd = std[c]
             if not np.isfinite(sd):
                 continue
-            z = (np.float64(corr[i, j]) - mean[c]) / sd
-            zb = np.floor((z + Z_MAX) / Z_WIDTH)
-            if zb < -1.0:
-                zb = -1.0
-            elif zb > N_Z_BINS:
-                zb = N_Z_BINS
-            out[n] = np.int64(c) * N_CODES + int(zb) + 1
+            out[n] = np.int64(c) * N_CODES + _z_slot(corr[i, j], mean[c], sd)
             n += 1
     return out, n
 
@@ -778,13 +784,7 @@ def _z_counts(corr: np.ndarray, codes: np.ndarray, mean: np.ndarray, std: np.nda
             sd = std[c]
             if not np.isfinite(sd):
                 continue
-            z = (np.float64(corr[i, j]) - mean[c]) / sd
-            zb = np.floor((z + Z_MAX) / Z_WIDTH)
-            if zb < -1.0:
-                zb = -1.0
-            elif zb > N_Z_BINS:
-                zb = N_Z_BINS
-            counts[np.int64(c) * N_CODES + int(zb) + 1] += 1
+            counts[np.int64(c) * N_CODES + _z_slot(corr[i, j], mean[c], sd)] += 1
     return counts
 
 
