@@ -542,11 +542,19 @@ def scene_graphs(
     def where(i: int, j: int) -> str:
         return f"scene {sid} tile ({i}, {j})"
 
-    def xk(j: int) -> np.ndarray:
-        return xk_all[cols[j] : cols[j + 1]]
+    # Arrays the tile tasks share go into the graph once (a key each), not into every task:
+    # an 8192^2 scene's graph was ~10 MiB of repeated coordinates and tables.
+    xk_once = [dask.delayed(xk_all[cols[j] : cols[j + 1]].copy()) for j in range(len(cols) - 1)]
+    yk_once = [dask.delayed(yk_all[rows[i] : rows[i + 1]].copy()) for i in range(len(rows) - 1)]
+    table_once = dask.delayed(table)
 
-    def yk(i: int) -> np.ndarray:
-        return yk_all[rows[i] : rows[i + 1]]
+    def xk(j: int) -> Delayed:
+        """The tile column's x coordinates (km from the grid centre), shared by its tasks."""
+        return xk_once[j]
+
+    def yk(i: int) -> Delayed:
+        """The tile row's y coordinates (km from the grid centre), shared by its tasks."""
+        return yk_once[i]
 
     def delayed(func: Callable[..., Any], *args: Any) -> Delayed:
         return dask.delayed(func, pure=False)(*args)
@@ -705,7 +713,7 @@ def scene_graphs(
             xk(j),
             yk(i),
             params,
-            table,
+            table_once,
             sb.region[i, j],
             sb.surface[i, j],
             sb.ref[i, j],
