@@ -344,6 +344,16 @@ def _ramp_rows(model: np.ndarray, yk: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 @numba.njit(nogil=True, cache=True)
+def _ramp_at(row: float, slope: float, e: float, x: float) -> float:
+    """The ramp (m) at x (km) on a row, given that row's `_ramp_rows` terms and the x^2
+    coefficient e (the order-2 ramp; 0 for the bilinear one)."""
+    m = row + slope * x
+    if e != 0.0:
+        m = m + e * x * x
+    return m
+
+
+@numba.njit(nogil=True, cache=True)
 def _ramp_ne(
     dh: np.ndarray,
     stable: np.ndarray,
@@ -370,9 +380,7 @@ def _ramp_ne(
                 continue
             v = np.float64(dh[i, j])
             x = xk[j]
-            m = ri + si * x
-            if e != 0.0:
-                m = m + e * x * x
+            m = _ramp_at(ri, si, e, x)
             if not abs(v - m - centre) <= clip:
                 continue
             x2 = x * x
@@ -448,9 +456,7 @@ def _resid_hist(
             if stable[i, j] != 1:
                 continue
             x = xk[j]
-            m = row[i] + slope[i] * x
-            if e != 0.0:
-                m = m + e * x * x
+            m = _ramp_at(row[i], slope[i], e, x)
             r = np.float64(dh[i, j]) - m
             if not np.isfinite(r):
                 continue
@@ -505,9 +511,7 @@ def _resid_clipped(
             if stable[i, j] != 1:
                 continue
             x = xk[j]
-            m = row[i] + slope[i] * x
-            if e != 0.0:
-                m = m + e * x * x
+            m = _ramp_at(row[i], slope[i], e, x)
             r = np.float64(dh[i, j]) - m
             if np.isfinite(r) and abs(r - centre) <= half:
                 out[0] += 1.0
@@ -634,9 +638,7 @@ def _corrected(
     for i in range(ny):
         for j in range(nx):
             x = xk[j]
-            t = row[i] + slope[i] * x
-            if e != 0.0:
-                t = t + e * x * x
+            t = _ramp_at(row[i], slope[i], e, x)
             v = np.float64(dh[i, j] - datum_t) - t
             s = np.int64(surface[i, j])
             z = ref[i, j]
