@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mbcube.aggregate import SIGMA_COLUMNS
+
 DENSITY = 0.85  # the generator's density (850 kg/m3) in m w.e. per m
 
 #: Study shapes: glacier sizes are log-uniform from 0.3 km2 up to (span in km)^2 / 12, so the
@@ -162,12 +164,7 @@ def evaluate(study: Path, store: Path, out: Path) -> pd.DataFrame:
         "mb_mwe_yr_true",
         "error_mwe_yr",
         "mb_sigma_mwe_yr",
-        "sigma_random_mwe_yr",
-        "sigma_penetration_mwe_yr",
-        "sigma_datum_mwe_yr",
-        "sigma_seasonal_mwe_yr",
-        "sigma_unmeasured_mwe_yr",
-        "sigma_density_mwe_yr",
+        *SIGMA_COLUMNS,
         "ref_mwe_yr",
         "pen_mwe_yr",
         "scene_mwe_yr",
