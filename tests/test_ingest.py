@@ -29,15 +29,25 @@ from tests.conftest import raise_if_dask_computes
 
 
 def _chunk_files(store: Path, var: str) -> dict[str, tuple[int, int]]:
-    """Chunk files of a variable: relative path -> (inode, mtime_ns)."""
+    """Chunk files of a variable: relative path -> (inode, mtime_ns).
+
+    Zarr writes each chunk to a ``*.partial`` file and renames it; those temporary files (which
+    may vanish between listing and stat while a writer runs) are not chunks and are skipped.
+    """
     root = store / var / "c"
     if not root.exists():
         return {}
-    return {
-        str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns)
-        for p in root.rglob("*")
-        if p.is_file()
-    }
+    files = {}
+    for p in root.rglob("*"):
+        if p.name.endswith(".partial"):
+            continue
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        if p.is_file():
+            files[str(p.relative_to(root))] = (st.st_ino, st.st_mtime_ns)
+    return files
 
 
 def test_static_layers_match_truth(tiny_study: Path, tiny_cube: Path) -> None:
