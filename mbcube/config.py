@@ -64,6 +64,21 @@ class UnwrapConfig(_Strict):
     min_stable_px_to_tie: int = Field(
         200, ge=1, description="A component needs this many stable pixels to be tied."
     )
+    min_edge_px: int = Field(
+        8, ge=1, description="A stitching edge between tiles needs this many shared pixels."
+    )
+    min_edge_agreement: float = Field(
+        0.9,
+        gt=0.5,
+        le=1,
+        description="... and this fraction of its shared pixels agreeing on the cycle offset.",
+    )
+    min_component_px: int = Field(
+        32,
+        ge=1,
+        description="Stitched components smaller than this (px) are left out (component 0): "
+        "speckle fragments between masked pixels whose cycle cannot be known.",
+    )
 
 
 class CorrectionsConfig(_Strict):

@@ -267,6 +267,7 @@ def test_stitching_recovers_global_regions_and_tie_matches_median(
         [edge_stats(results[a], results[b]) for a, b in pairs],
         min_stable_px_to_tie=5,
         min_edge_px=1,
+        min_edge_agreement=0.9,
         min_component_px=1,
     )
     phase = np.full((n, n), np.nan)

@@ -37,14 +37,6 @@ from mbcube.unwrap.tiles import (
     unwrap_tile,
 )
 
-#: Stitching edges need this many agreeing shared pixels ...
-MIN_EDGE_PX = 8
-#: ... and this fraction of their shared pixels agreeing on the cycle offset.
-MIN_EDGE_AGREEMENT = 0.9
-#: Stitched components smaller than this (px) are speckle fragments between masked pixels:
-#: their cycle cannot be known, so they are left out (component 0, not unwrapped).
-MIN_COMPONENT_PX = 32
-
 QUALITY_VARIABLES: dict[str, tuple[str, str]] = {
     "unwrap_valid_frac": ("float32", "fraction of the scene's pixels unwrapped"),
     "unwrap_n_components": ("int32", "number of stitched components"),
@@ -78,9 +70,9 @@ def solve_scene(
     edges: list[EdgeStats],
     *,
     min_stable_px_to_tie: int,
-    min_edge_px: int = MIN_EDGE_PX,
-    min_edge_agreement: float = MIN_EDGE_AGREEMENT,
-    min_component_px: int = MIN_COMPONENT_PX,
+    min_edge_px: int,
+    min_edge_agreement: float,
+    min_component_px: int,
 ) -> SceneSolution:
     """Stitch (max spanning forest over the tile-region graph), number the components of at
     least min_component_px pixels (1..N by decreasing size; smaller ones get 0), tie them."""
@@ -325,6 +317,9 @@ def unwrap_scene(
         pairs,
         edges,
         min_stable_px_to_tie=config.min_stable_px_to_tie,
+        min_edge_px=config.min_edge_px,
+        min_edge_agreement=config.min_edge_agreement,
+        min_component_px=config.min_component_px,
         dask_key_name=f"unwrap-solve-{token}",
     )
     blocks: list[list[list[Any]]] = [[[None] * len(grid[0]) for _ in grid] for _ in range(3)]
