@@ -93,12 +93,25 @@ class CorrectionsConfig(_Strict):
     )
     ramp_sigma_clip: float = Field(3.0, gt=0, description="Clip at this many NMAD when fitting.")
     ramp_iterations: int = Field(3, ge=1)
-    penetration: Literal["xband", "constant", "none"] = Field(
+    penetration: Literal["xband", "xband_glacier", "constant", "none"] = Field(
         "xband",
-        description="'xband': table from SRTM-C minus SRTM-X; 'constant': penetration_constant_m.",
+        description="'xband': table per (region, surface, 50 m bin) from SRTM-X minus SRTM-C; "
+        "'xband_glacier': the table, plus on each glacier (x surface) with enough SRTM-X pixels "
+        "(penetration_min_px_per_bin, penetration_glacier_min_x_share) its own mean deviation "
+        "from the table weighted by an empirical-Bayes k in [0, 1] (this also takes out most of "
+        "the glacier's SRTM-C error, which that deviation carries as dh does; stored per glacier "
+        "in the penetration group); 'constant': penetration_constant_m; 'none': 0.",
     )
     penetration_constant_m: float = Field(0.0, description="Used when penetration='constant'.")
     penetration_min_px_per_bin: int = Field(100, ge=1)
+    penetration_glacier_min_x_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="penetration='xband_glacier': a glacier (x surface) is refined only when "
+        "SRTM-X covers at least this share of its pixels with a C-band reference (and "
+        "penetration_min_px_per_bin pixels); elsewhere the table alone.",
+    )
     seasonal_offset_m: dict[int, float] = Field(
         default_factory=lambda: dict(SEASONAL_OFFSET_M),
         description="Surface offset relative to February (m), by month 1-12.",

@@ -60,6 +60,9 @@ class Table:
     n_px: np.ndarray
     filled: np.ndarray
     width_m: float
+    #: (glacier index 0..G, surface) added to the table on each glacier (penetration
+    #: 'xband_glacier', `GlacierAdjustment.offset_m`); None: the table alone
+    glacier_offset_m: np.ndarray | None = None
 
 
 def sigma_of_mean_m(std_m: np.ndarray, n: np.ndarray, res_m: float, corr_m: float) -> np.ndarray:
@@ -181,3 +184,390 @@ def lookup(
     r = np.clip(region_id.astype(np.int64), 0, table_m.shape[0] - 1)
     s = np.clip(surface.astype(np.int64) - 1, 0, 1)
     return np.where(surface > 0, table_m[r, s, b], 0.0)
+
+
+# --------------------------------------------------------------- per-glacier statistics
+
+
+#: Share of the variance of X minus C noise that is SRTM-X's own: the SRTM mission's relative
+#: height accuracies (90 %) are 10 m for C band and 6 m for X band, 6^2 / (10^2 + 6^2) = 0.26.
+X_NOISE_VARIANCE_SHARE = 0.26
+
+#: Largest relative between-glacier spread: where a surface's table is near 0 (debris) the
+#: factor is ill-determined and its estimate unbounded; beyond +-100 % is not physical.
+MAX_KAPPA = 1.0
+
+#: Fewest glaciers with X-band pixels in a (region, surface) to estimate its own between-glacier
+#: spread; fewer: the pooled table's (region 0) spread is used.
+MIN_GLACIERS_FOR_SPREAD = 3
+
+
+@dataclass(frozen=True)
+class GlacierMoments:
+    """Moments of ref_dem_x_m - ref_dem_m (m) per (glacier, region, surface, bin) cell, sparse:
+    `keys` encode the cell (see `encode_cells`); `values` (4, K) hold the count of pixels with
+    both references (n_x), their sum and sum of squares (m, m^2), and the count of the cell's
+    pixels with a C-band reference (n_ref, with or without X)."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    n_region: int
+    bins: int
+
+    def cells(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(glacier, region, surface index 0..1, bin) of each key."""
+        return decode_cells(self.keys, self.n_region, self.bins)
+
+
+def encode_cells(
+    glacier: np.ndarray,
+    region: np.ndarray,
+    surface_idx: np.ndarray,
+    b: np.ndarray,
+    n_region: int,
+    bins: int,
+) -> np.ndarray:
+    """Flat int64 key of (glacier, region 0..n_region, surface index 0..1, bin 0..bins - 1)."""
+    g = glacier.astype(np.int64)
+    return ((g * (n_region + 1) + region.astype(np.int64)) * 2 + surface_idx) * bins + b
+
+
+def decode_cells(
+    keys: np.ndarray, n_region: int, bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(glacier, region, surface index, bin) of `encode_cells` keys."""
+    b = keys % bins
+    rest = keys // bins
+    s = rest % 2
+    rest = rest // 2
+    return rest // (n_region + 1), rest % (n_region + 1), s, b
+
+
+def glacier_moments_block(
+    diff_m: np.ndarray,
+    glacier_id: np.ndarray,
+    region_id: np.ndarray,
+    surface: np.ndarray,
+    ref_dem_m: np.ndarray,
+    n_region: int,
+    width_m: float,
+) -> GlacierMoments:
+    """`GlacierMoments` of one block: glacier pixels (glacier_id > 0, surface 1 or 2) with a
+    finite reference elevation; `diff_m` is ref_dem_x_m - ref_dem_m (NaN without X band or on a
+    void). Regions outside 0..n_region count as 0."""
+    bins = n_bins(width_m)
+    b = bin_index(ref_dem_m, width_m)
+    on = (glacier_id > 0) & (surface > 0) & (surface <= 2) & (b >= 0)
+    region = region_id.astype(np.int64)
+    region = np.where((region >= 0) & (region <= n_region), region, 0)
+    surface_idx = surface[on].astype(np.int64) - 1
+    keys = encode_cells(glacier_id[on], region[on], surface_idx, b[on], n_region, bins)
+    d = diff_m[on].astype(np.float64)
+    has_x = np.isfinite(d)
+    uniq, inv = np.unique(keys, return_inverse=True)
+    values = np.zeros((4, uniq.size))
+    values[0] = np.bincount(inv, weights=has_x.astype(np.float64), minlength=uniq.size)
+    dz = np.where(has_x, d, 0.0)
+    values[1] = np.bincount(inv, weights=dz, minlength=uniq.size)
+    values[2] = np.bincount(inv, weights=dz * dz, minlength=uniq.size)
+    values[3] = np.bincount(inv, minlength=uniq.size)
+    return GlacierMoments(uniq, values, n_region, bins)
+
+
+def merge_glacier_moments(*parts: GlacierMoments) -> GlacierMoments:
+    """Sum of `GlacierMoments` (of the same n_region and bins) by cell."""
+    if not parts:
+        raise ValueError("no glacier moments to merge")
+    keys = np.concatenate([p.keys for p in parts])
+    values = np.concatenate([p.values for p in parts], axis=1)
+    uniq, inv = np.unique(keys, return_inverse=True)
+    out = np.zeros((4, uniq.size))
+    for k in range(4):
+        out[k] = np.bincount(inv, weights=values[k], minlength=uniq.size)
+    return GlacierMoments(uniq, out, parts[0].n_region, parts[0].bins)
+
+
+def variance_ratio(area_m2: np.ndarray, corr_m: float) -> np.ndarray:
+    """Share of a pixel error's variance left in its mean over an area (Rolstad et al. 2009;
+    spherical correlation of range corr_m, area taken as a disc of radius L = sqrt(A / pi)):
+    1 - L/a + L^3 / (5 a^3) for L <= a, a^2 / (5 L^2) beyond."""
+    radius = np.sqrt(np.maximum(np.asarray(area_m2, dtype=np.float64), 0.0) / np.pi)
+    q = radius / corr_m
+    with np.errstate(divide="ignore"):
+        far = 1.0 / (5.0 * np.maximum(q, 1e-12) ** 2)
+    return np.where(q <= 1.0, 1.0 - q + q**3 / 5.0, far)
+
+
+#: Block sizes (px) of the stable-ground noise curve (`block_moments`).
+BLOCK_PX = (1, 2, 4, 8, 16, 32, 64)
+#: A block counts when at least this share of its pixels are stable with both references.
+MIN_BLOCK_FILL = 0.5
+#: Fewest blocks of a size for its variance to enter the noise curve.
+MIN_BLOCKS = 10
+
+
+def block_moments(
+    diff_m: np.ndarray, stable: np.ndarray, block_px: tuple[int, ...] = BLOCK_PX
+) -> np.ndarray:
+    """(len(block_px), 4) per block size k: number of k x k blocks of the tile (aligned to its
+    corner, partial blocks at the far edges left out) holding at least MIN_BLOCK_FILL x k^2
+    stable pixels with a finite `diff_m` (X minus C, m); the sum of their means (m), of their
+    squared means (m^2), and of their pixels."""
+    ok = (stable == 1) & np.isfinite(diff_m)
+    values = np.where(ok, diff_m, 0.0).astype(np.float64)
+    out = np.zeros((len(block_px), 4))
+    for i, k in enumerate(block_px):
+        ny, nx = (diff_m.shape[0] // k) * k, (diff_m.shape[1] // k) * k
+        if ny == 0 or nx == 0:
+            continue
+        cnt = ok[:ny, :nx].reshape(ny // k, k, nx // k, k).sum(axis=(1, 3))
+        tot = values[:ny, :nx].reshape(ny // k, k, nx // k, k).sum(axis=(1, 3))
+        use = cnt >= MIN_BLOCK_FILL * k * k
+        mean = tot[use] / cnt[use]
+        out[i] = (use.sum(), mean.sum(), (mean * mean).sum(), cnt[use].sum())
+    return out
+
+
+@dataclass(frozen=True)
+class NoiseCurve:
+    """Variance (m^2) of the mean of X minus C noise over an area (m^2), measured on stable
+    ground from the spread of block means (the multi-scale approach of Hugonnet et al. 2022):
+    it holds the white and the correlated parts at the scales that matter, with no assumed
+    correlation length."""
+
+    area_m2: np.ndarray  #: (K,) mean area of the blocks of each size, increasing
+    var_m2: np.ndarray  #: (K,) variance of their means, non-increasing
+    n_blocks: np.ndarray  #: (K,) blocks behind each variance
+    measured: bool  #: False: a Rolstad curve from an assumed correlation (too little ground)
+
+    def variance(self, area_m2: np.ndarray | float) -> np.ndarray:
+        """Noise variance (m^2) of a mean over `area_m2`: log-log interpolation between the
+        measured sizes; below the smallest, its variance; beyond the largest, the decay of the
+        last two sizes (slope clipped to [-1, 0], -1 being uncorrelated blocks) continued."""
+        a = np.maximum(np.asarray(area_m2, dtype=np.float64), self.area_m2[0])
+        la, lv = np.log(self.area_m2), np.log(np.maximum(self.var_m2, 1e-12))
+        inside = np.interp(np.log(a), la, lv)
+        if la.size >= 2:
+            slope = float(np.clip((lv[-1] - lv[-2]) / (la[-1] - la[-2]), -1.0, 0.0))
+        else:
+            slope = -1.0
+        beyond = lv[-1] + slope * (np.log(a) - la[-1])
+        return np.exp(np.where(a > self.area_m2[-1], beyond, inside))
+
+
+def rolstad_curve(sigma_m: float, corr_m: float, res_m: float) -> NoiseCurve:
+    """A `NoiseCurve` from a pixel spread and an assumed spherical correlation (Rolstad et al.
+    2009, `variance_ratio`): the fallback where stable ground holds too few blocks."""
+    area = res_m * res_m * 4.0 ** np.arange(12)
+    var = sigma_m**2 * np.maximum(variance_ratio(area, corr_m), 1.0 / 4.0 ** np.arange(12))
+    return NoiseCurve(area, var, np.zeros(area.size, dtype=np.int64), False)
+
+
+def noise_curve(
+    blocks: np.ndarray,
+    res_m: float,
+    fallback_sigma_m: float,
+    fallback_corr_m: float,
+    block_px: tuple[int, ...] = BLOCK_PX,
+    min_blocks: int = MIN_BLOCKS,
+) -> NoiseCurve:
+    """The `NoiseCurve` from summed `block_moments`: per block size with at least `min_blocks`
+    blocks, the variance of the block means about their mean (made non-increasing with size:
+    a mean over more ground cannot be noisier). Fewer than two sizes: `rolstad_curve`."""
+    n, total, total_sq, px = blocks.T
+    keep = n >= min_blocks
+    if keep.sum() < 2:
+        return rolstad_curve(fallback_sigma_m, fallback_corr_m, res_m)
+    n, total, total_sq, px = n[keep], total[keep], total_sq[keep], px[keep]
+    var = np.maximum(total_sq / n - (total / n) ** 2, 0.0) * n / np.maximum(n - 1, 1)
+    var = np.minimum.accumulate(var)
+    area = px / n * res_m * res_m
+    return NoiseCurve(area, var, n.astype(np.int64), True)
+
+
+def _table_bin(table: Table, b: np.ndarray) -> np.ndarray:
+    """Index into the table's bins of absolute bin indices (clamped to the table's range)."""
+    first = round((float(table.bin_lo_m[0]) - ELEV_MIN_M) / table.width_m)
+    return np.clip(b - first, 0, table.bin_lo_m.size - 1)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Between-glacier spread of the penetration table (m) and how it was estimated."""
+
+    std_m: np.ndarray  #: (region index 0..R, surface, bin): kappa x |table value|
+    kappa: np.ndarray  #: (region index 0..R, surface): relative spread of glacier factors
+    n_glaciers: np.ndarray  #: (region index 0..R, surface): glaciers with X band used
+    own: np.ndarray  #: (region index 0..R, surface): kappa estimated from the region itself
+
+
+def between_glacier_spread(
+    moments: GlacierMoments,
+    table: Table,
+    offset_m: float,
+    noise: NoiseCurve,
+    res_m: float,
+    min_glaciers: int = MIN_GLACIERS_FOR_SPREAD,
+) -> Spread:
+    """The spread between glaciers of their mean X minus C penetration in each table cell,
+    without the part that is the DEMs' noise (a method-of-moments estimate, as in random-effects
+    meta-analysis).
+
+    In a cell (region, surface, bin) glacier g holds n_g pixels with mean m_g; N = sum n_g,
+    M = sum n_g m_g / N. Q = sum n_g (m_g - M)^2 has the expectation
+    tau^2 (N - sum n_g^2 / N) + sum n_g v_g (1 - n_g / N), with tau the spread of the glaciers'
+    true means and v_g = noise.variance(n_g res^2) the noise variance of m_g (X minus C on
+    stable ground, `NoiseCurve`). A cell holds a few
+    glaciers, too few to estimate tau alone, so glaciers are taken to differ by a factor
+    (tau = kappa |table value|: the same snow and firn penetrate in proportion on one glacier):
+    kappa^2 = (sum Q - sum noise) / sum (N - sum n_g^2 / N) table^2 over the bins of a
+    (region, surface), in [0, MAX_KAPPA]. Regions with fewer than `min_glaciers` glaciers with X band
+    in a surface take the pooled estimate (region index 0)."""
+    glacier, region, s_idx, b = moments.cells()
+    n_x, total = moments.values[0], moments.values[1]
+    n_reg = table.penetration_m.shape[0]
+    kappa = np.zeros((n_reg, 2))
+    n_glaciers = np.zeros((n_reg, 2), dtype=np.int64)
+    own = np.zeros((n_reg, 2), dtype=bool)
+    has = n_x > 0
+    kt = _table_bin(table, b)
+    stride = int(glacier.max(initial=0)) + 1
+    for r in range(n_reg):
+        for s in range(2):
+            sel = has & (s_idx == s) & ((region == r) if r > 0 else True)
+            if not sel.any():
+                continue
+            # one entry per (glacier, bin): pooled over regions for region index 0
+            uniq, inv = np.unique(kt[sel] * stride + glacier[sel], return_inverse=True)
+            n = np.bincount(inv, weights=n_x[sel])
+            m = np.bincount(inv, weights=total[sel] - n_x[sel] * offset_m) / n
+            g_of, k_of = uniq % stride, uniq // stride
+            n_glaciers[r, s] = np.unique(g_of).size
+            v = noise.variance(n * res_m * res_m)
+            big_n = np.bincount(k_of, weights=n)
+            mean = np.bincount(k_of, weights=n * m) / np.where(big_n > 0, big_n, 1)
+            q = np.bincount(k_of, weights=n * (m - mean[k_of]) ** 2)
+            noise_q = np.bincount(k_of, weights=n * v * (1.0 - n / big_n[k_of]))
+            sum_n2 = np.bincount(k_of, weights=n * n)
+            t = table.penetration_m[r, s, : big_n.size]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                denom = np.where(big_n > 0, big_n - sum_n2 / big_n, 0.0) * t**2
+            d = float(np.sum(denom))
+            if d > 0:
+                k2 = max(float(np.sum(q) - np.sum(noise_q)), 0.0) / d
+                kappa[r, s] = min(np.sqrt(k2), MAX_KAPPA)
+            own[r, s] = n_glaciers[r, s] >= min_glaciers
+    for r in range(1, n_reg):
+        for s in range(2):
+            if not own[r, s]:
+                kappa[r, s] = kappa[0, s]
+    std = kappa[:, :, None] * np.abs(table.penetration_m)
+    return Spread(std, kappa, n_glaciers, own)
+
+
+@dataclass(frozen=True)
+class GlacierAdjustment:
+    """Per (glacier index 0..G, surface 1..2) refinement of the table from the glacier's own
+    X-band pixels (index 0: off glacier, all zero). Lengths in m."""
+
+    offset_m: np.ndarray  #: weight x raw_m: added to the table's penetration on the glacier
+    raw_m: np.ndarray  #: mean of (X - C - datum offset - table value) over its X-band pixels
+    weight: np.ndarray  #: the empirical-Bayes weight k in [0, 1] (0: not covered well enough)
+    x_share: np.ndarray  #: share of its pixels with a C-band reference that have X band
+    n_x_px: np.ndarray  #: its pixels with both references
+    noise_sigma_m: np.ndarray  #: sqrt(v): noise of raw_m (X and C errors over its X pixels)
+    prior_sigma_m: np.ndarray  #: tau: between-glacier spread of its mean penetration
+    sigma_table_m: np.ndarray  #: reference + penetration error of its mean with the table alone
+    sigma_m: np.ndarray  #: the same with the adjustment (what the error model should use)
+
+
+def glacier_adjustment(
+    moments: GlacierMoments,
+    table: Table,
+    offset_m: float,
+    spread: Spread,
+    noise: NoiseCurve,
+    res_m: float,
+    n_glaciers: int,
+    min_share: float,
+    min_px: int,
+    x_variance_share: float = X_NOISE_VARIANCE_SHARE,
+) -> GlacierAdjustment:
+    """Per glacier and surface, how much its own X-band pixels move the table's penetration.
+
+    A glacier's dh carries, besides its true change, e = (P - T) - eC: its true mean penetration
+    P minus the table's T, and the C-band reference's error eC (both over the same pixels, both
+    biasing dh the same way). Its X-band pixels measure raw = mean(X - C - offset - T) =
+    (P - T) - eC_x + eX_x over the covered part (share c). Subtracting k raw leaves
+    e_k = (1 - k)(P - T) - (c - k) eC_x - (1 - c) eC_u - k eX_x, of variance
+    (1 - k)^2 tau^2 + [(c - k)^2 (1 - s) + k^2 s] v + (1 - c)^2 (1 - s) v_u,
+    with tau^2 = (kappa T_mean)^2 the spread between glaciers (`between_glacier_spread`),
+    v = noise.variance(A_x) the variance of the X minus C noise averaged over the covered area
+    A_x (`NoiseCurve`), s = x_variance_share the share of that variance
+    that is X band's own, v_u the same over the uncovered area. The k minimising it is the
+    empirical-Bayes (best linear) weight k = (tau^2 + c (1 - s) v) / (tau^2 + v): unlike a
+    shrinkage of P - T alone (tau^2 / (tau^2 + v)), it counts the C-band error that raw carries
+    as signal, since the glacier's dh carries the same error; with full cover (c = 1) the
+    glacier's reference error is replaced by the smaller X-band error. Glaciers (x surface) with
+    fewer than `min_px` X-band pixels or a share below `min_share` keep the table (k = 0)."""
+    glacier, region, s_idx, b = moments.cells()
+    n_x, total, n_ref = moments.values[0], moments.values[1], moments.values[3]
+    kt = _table_bin(table, b)
+    t = table.penetration_m[region, s_idx, kt]
+    shape = (n_glaciers + 1, 2)
+    flat = glacier * 2 + s_idx
+    size = shape[0] * shape[1]
+    nx_g = np.bincount(flat, weights=n_x, minlength=size).reshape(shape)
+    nref_g = np.bincount(flat, weights=n_ref, minlength=size).reshape(shape)
+    dev_g = np.bincount(flat, weights=total - n_x * (offset_m + t), minlength=size).reshape(shape)
+    tau_sum = np.bincount(
+        flat, weights=n_x * spread.kappa[region, s_idx] * np.abs(t), minlength=size
+    ).reshape(shape)
+    covered = nx_g > 0
+    safe_nx = np.where(covered, nx_g, 1.0)
+    raw = np.where(covered, dev_g / safe_nx, 0.0)
+    tau = np.where(covered, tau_sum / safe_nx, 0.0)
+    share = np.divide(nx_g, nref_g, out=np.zeros(shape), where=nref_g > 0)
+    px_area = res_m * res_m
+    v = np.where(covered, noise.variance(np.maximum(nx_g, 1.0) * px_area), 0.0)
+    v_u = noise.variance(np.maximum(nref_g - nx_g, 1.0) * px_area)
+    v_u = np.where(nref_g > nx_g, v_u, 0.0)
+    sx = x_variance_share
+    use = covered & (nx_g >= min_px) & (share >= min_share)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        k = np.where(use, (tau**2 + share * (1.0 - sx) * v) / (tau**2 + v), 0.0)
+    k = np.clip(np.nan_to_num(k), 0.0, 1.0)
+
+    def error_var(weight: np.ndarray) -> np.ndarray:
+        return (
+            (1.0 - weight) ** 2 * tau**2
+            + ((share - weight) ** 2 * (1.0 - sx) + weight**2 * sx) * v
+            + (1.0 - share) ** 2 * (1.0 - sx) * v_u
+        )
+
+    # without X band on the glacier: its whole reference error (1 - s) v over its pixels
+    v_all = noise.variance(np.maximum(nref_g, 1.0) * px_area)
+    base = np.where(covered, error_var(np.zeros(shape)), (1.0 - sx) * v_all)
+    post = np.where(covered, error_var(k), base)
+    zero_row = np.zeros(shape, dtype=bool)
+    zero_row[0] = True
+    return GlacierAdjustment(
+        offset_m=np.where(zero_row, 0.0, k * raw),
+        raw_m=np.where(zero_row, 0.0, raw),
+        weight=np.where(zero_row, 0.0, k),
+        x_share=share,
+        n_x_px=nx_g.astype(np.int64),
+        noise_sigma_m=np.sqrt(v),
+        prior_sigma_m=tau,
+        sigma_table_m=np.sqrt(base),
+        sigma_m=np.sqrt(post),
+    )
+
+
+def glacier_lookup(offset_m: np.ndarray, glacier_id: np.ndarray, surface: np.ndarray) -> np.ndarray:
+    """Per-glacier penetration adjustment (m) of each pixel of a block: offset_m[glacier, surface]
+    on glacier pixels (glacier_id 1..G, surface 1..2), 0 elsewhere."""
+    g = glacier_id.astype(np.int64)
+    s = surface.astype(np.int64)
+    on = (g > 0) & (g < offset_m.shape[0]) & (s >= 1) & (s <= 2)
+    return np.where(on, offset_m[np.where(on, g, 0), np.clip(s - 1, 0, 1)], 0.0)

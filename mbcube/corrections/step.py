@@ -205,8 +205,13 @@ def _corr_groups(
     and bin elsewhere) and the groups' moments; made once, kept for the outlier passes."""
     tilt = params["ramp_coef"].copy()
     tilt[0] = 0.0
+    dh = dhq[0]
+    if pen.glacier_offset_m is not None:  # 'xband_glacier': each glacier's own refinement
+        dh = dh - penetration.glacier_lookup(pen.glacier_offset_m, glacier, surface).astype(
+            dh.dtype
+        )
     return kernels.corrected_groups(
-        dhq[0],
+        dh,
         xk,
         yk,
         tilt,
@@ -969,10 +974,27 @@ def _pen_sums(
     return kernels.penetration_sums(diff, region, surface, ref, n_region, width, n_bins(width))
 
 
-def _offset(
+def _offset_nmad(
     stats: tuple[float, float, float], counts: np.ndarray, hrange: tuple[float, float]
-) -> float:
-    return robust.median_nmad(counts, *hrange)[0]
+) -> tuple[float, float]:
+    """Median (the datum offset of X minus C) and NMAD of X minus C on stable ground (m)."""
+    return robust.median_nmad(counts, *hrange)
+
+
+def _glacier_moments(
+    diff: np.ndarray,
+    glacier: np.ndarray,
+    region: np.ndarray,
+    surface: np.ndarray,
+    ref: np.ndarray,
+    n_region: int,
+    width: float,
+) -> penetration.GlacierMoments:
+    return penetration.glacier_moments_block(diff, glacier, region, surface, ref, n_region, width)
+
+
+def _block_moments(diff: np.ndarray, stable: np.ndarray) -> np.ndarray:
+    return penetration.block_moments(diff, stable)
 
 
 def _quantile_stats(*rows: np.ndarray) -> tuple[float, float, float]:
@@ -980,14 +1002,18 @@ def _quantile_stats(*rows: np.ndarray) -> tuple[float, float, float]:
     return centre, 3.0 * scale, scale  # (centre, clip, scale) like the scene statistics
 
 
-def _xband_graph(ds: xr.Dataset, n_region: int, width: float) -> tuple[Delayed, Delayed]:
-    """Delayed (stable-ground offset of X minus C (m), summed per-group moments)."""
+def _xband_graph(
+    ds: xr.Dataset, n_region: int, width: float
+) -> tuple[Delayed, Delayed, Delayed, Delayed]:
+    """Delayed ((stable-ground median, NMAD) of X minus C (m), summed per-group moments, the
+    per-(glacier, region, surface, bin) moments, the stable-ground block moments)."""
     c = np.asarray(ds.ref_dem_m.data.to_delayed())
     x = np.asarray(ds.ref_dem_x_m.data.to_delayed())
     void = np.asarray(ds.ref_void.data.to_delayed())
     stable = np.asarray(ds.stable.data.to_delayed())
     surf = np.asarray(ds.surface.data.to_delayed())
     reg = np.asarray(ds.region_id.data.to_delayed())
+    gla = np.asarray(ds.glacier_id.data.to_delayed())
     tiles = list(np.ndindex(c.shape))
 
     def where(t: tuple[int, ...]) -> str:
@@ -998,11 +1024,21 @@ def _xband_graph(ds: xr.Dataset, n_region: int, width: float) -> tuple[Delayed, 
     stats = dask.delayed(_quantile_stats, pure=True)(*q)
     hrange = dask.delayed(_hist_range, pure=True)(stats)
     counts = _tree_sum([_task(where(t), _pen_hist, diff[t], stable[t], hrange) for t in tiles])
-    offset = dask.delayed(_offset, pure=True)(stats, counts, hrange)
+    offset = dask.delayed(_offset_nmad, pure=True)(stats, counts, hrange)
     sums = _tree_sum(
         [_task(where(t), _pen_sums, diff[t], reg[t], surf[t], c[t], n_region, width) for t in tiles]
     )
-    return offset, sums
+    moments = _tree(
+        [
+            _task(
+                where(t), _glacier_moments, diff[t], gla[t], reg[t], surf[t], c[t], n_region, width
+            )
+            for t in tiles
+        ],
+        penetration.merge_glacier_moments,
+    )
+    blocks = _tree_sum([_task(where(t), _block_moments, diff[t], stable[t]) for t in tiles])
+    return offset, sums, moments, blocks
 
 
 def _glacier_bins_graph(ds: xr.Dataset, width: float) -> Delayed:
@@ -1021,48 +1057,150 @@ def _bin_counts(ref: np.ndarray, surface: np.ndarray, width: float) -> np.ndarra
     return np.bincount(b[(b >= 0) & (surface > 0)], minlength=n_bins(width)).astype(np.float64)
 
 
-def table_dataset(table: penetration.Table, region_ids: np.ndarray, source: str) -> xr.Dataset:
-    """The penetration table as the `penetration` group's Dataset."""
+def table_dataset(
+    table: penetration.Table,
+    region_ids: np.ndarray,
+    source: str,
+    *,
+    reference_sigma_m: float | None = None,
+    spread: penetration.Spread | None = None,
+    glacier: penetration.GlacierAdjustment | None = None,
+    noise: penetration.NoiseCurve | None = None,
+) -> xr.Dataset:
+    """The penetration table as the `penetration` group's Dataset; with the X-band statistics
+    when given: `reference_sigma_m` (scalar), `penetration_std_m` (region, surface, bin), the
+    per-glacier refinement `glacier_penetration_*` (glacier, surface) and the stable-ground
+    noise curve `xc_noise_var_m2` (noise_area_m2)."""
     dims = ("region", "surface", "bin")
-    return xr.Dataset(
-        {
-            "penetration_m": (
-                dims,
-                table.penetration_m.astype(np.float32),
-                {"long_name": "C minus X penetration (ref_dem_x_m - ref_dem_m)", "units": "m"},
+    data: dict[str, Any] = {
+        "penetration_m": (
+            dims,
+            table.penetration_m.astype(np.float32),
+            {"long_name": "C minus X penetration (ref_dem_x_m - ref_dem_m)", "units": "m"},
+        ),
+        "penetration_sigma_m": (
+            dims,
+            table.sigma_m.astype(np.float32),
+            {"long_name": "1-sigma uncertainty of penetration_m", "units": "m"},
+        ),
+        "penetration_n_px": (dims, table.n_px.astype(np.int64)),
+        "penetration_filled": (
+            dims,
+            table.filled.astype(np.uint8),
+            {"long_name": "1: too few pixels, value interpolated or copied"},
+        ),
+    }
+    coords: dict[str, Any] = {
+        "region": (
+            "region",
+            np.concatenate([[0], region_ids]).astype(np.int16),
+            {"long_name": "region_id; 0 = all regions pooled (used where region_id is 0)"},
+        ),
+        "surface": (
+            "surface",
+            np.array([1, 2], dtype=np.int8),
+            {"long_name": "1 clean ice, 2 debris"},
+        ),
+        "bin": ("bin", table.bin_lo_m, {"long_name": "elevation bin lower edge", "units": "m"}),
+    }
+    attrs: dict[str, Any] = {"source": source, "bin_width_m": table.width_m}
+    if reference_sigma_m is not None:
+        data["reference_sigma_m"] = (
+            (),
+            np.float64(reference_sigma_m),
+            {
+                "long_name": "NMAD of ref_dem_x_m - ref_dem_m on stable ground (after the datum "
+                "offset): a 1-sigma bound of the reference DEM's pixel error",
+                "units": "m",
+            },
+        )
+    if spread is not None:
+        data["penetration_std_m"] = (
+            dims,
+            spread.std_m.astype(np.float32),
+            {
+                "long_name": "between-glacier spread (1 sigma) of the mean penetration of a "
+                "glacier in the cell, DEM noise removed (penetration.between_glacier_spread): "
+                "kappa x |penetration_m|",
+                "units": "m",
+            },
+        )
+        data["penetration_spread_kappa"] = (
+            ("region", "surface"),
+            spread.kappa,
+            {"long_name": "relative between-glacier spread of penetration (1 sigma, ratio)"},
+        )
+        data["penetration_spread_n_glaciers"] = (
+            ("region", "surface"),
+            spread.n_glaciers,
+            {"long_name": "glaciers with X band the spread of the region was estimated from"},
+        )
+        data["penetration_spread_own"] = (
+            ("region", "surface"),
+            spread.own.astype(np.uint8),
+            {"long_name": "1: kappa estimated in the region; 0: the pooled (region 0) kappa"},
+        )
+    if noise is not None:
+        coords["noise_area_m2"] = (
+            "noise_area_m2",
+            noise.area_m2,
+            {"long_name": "mean area of the stable-ground blocks", "units": "m2"},
+        )
+        data["xc_noise_var_m2"] = (
+            "noise_area_m2",
+            noise.var_m2,
+            {
+                "long_name": "variance of the mean of X minus C over the area on stable ground "
+                "(penetration.NoiseCurve)",
+                "units": "m2",
+            },
+        )
+        data["xc_noise_n_blocks"] = ("noise_area_m2", noise.n_blocks)
+        attrs["xc_noise_measured"] = int(noise.measured)
+    if glacier is not None:
+        gdims = ("glacier", "surface")
+        n_g = glacier.offset_m.shape[0] - 1
+        coords["glacier"] = (
+            "glacier",
+            np.arange(1, n_g + 1, dtype=np.int32),
+            {"long_name": "glacier_id of the cube"},
+        )
+        described = {
+            "offset_m": ("penetration added to the table on the glacier (weight x raw)", "m"),
+            "raw_m": ("mean of X - C - datum offset - table over its X-band pixels", "m"),
+            "weight": ("empirical-Bayes weight k of raw (0: table alone)", "1"),
+            "x_share": ("share of its C-band pixels with X band", "1"),
+            "n_x_px": ("pixels with both references", "1"),
+            "noise_sigma_m": ("X - C noise of raw (1 sigma)", "m"),
+            "prior_sigma_m": ("between-glacier spread of its mean penetration (tau)", "m"),
+            "sigma_table_m": (
+                "error (1 sigma) of its mean reference + penetration with the table alone",
+                "m",
             ),
-            "penetration_sigma_m": (
-                dims,
-                table.sigma_m.astype(np.float32),
-                {"long_name": "1-sigma uncertainty of penetration_m", "units": "m"},
+            "sigma_m": (
+                "error (1 sigma) of its mean reference + penetration with offset_m applied",
+                "m",
             ),
-            "penetration_n_px": (dims, table.n_px.astype(np.int64)),
-            "penetration_filled": (
-                dims,
-                table.filled.astype(np.uint8),
-                {"long_name": "1: too few pixels, value interpolated or copied"},
-            ),
-        },
-        coords={
-            "region": (
-                "region",
-                np.concatenate([[0], region_ids]).astype(np.int16),
-                {"long_name": "region_id; 0 = all regions pooled (used where region_id is 0)"},
-            ),
-            "surface": (
-                "surface",
-                np.array([1, 2], dtype=np.int8),
-                {"long_name": "1 clean ice, 2 debris"},
-            ),
-            "bin": ("bin", table.bin_lo_m, {"long_name": "elevation bin lower edge", "units": "m"}),
-        },
-        attrs={"source": source, "bin_width_m": table.width_m},
-    )
+        }
+        for name, (text, units) in described.items():
+            values = np.asarray(getattr(glacier, name))[1:]
+            data[f"glacier_penetration_{name}"] = (
+                gdims,
+                values,
+                {"long_name": text, "units": units},
+            )
+        attrs["glacier_adjustment_applied"] = int(table.glacier_offset_m is not None)
+    return xr.Dataset(data, coords=coords, attrs=attrs)
 
 
 def read_table(store: Path) -> penetration.Table:
-    """The stored penetration table (read without dask)."""
+    """The stored penetration table (read without dask), with the per-glacier offsets when the
+    store applies them (penetration 'xband_glacier')."""
     tab = xr.open_zarr(str(store), group="penetration", chunks=None)
+    offsets = None
+    if int(tab.attrs.get("glacier_adjustment_applied", 0)):
+        stored = np.asarray(tab.glacier_penetration_offset_m.values, dtype=np.float64)
+        offsets = np.concatenate([np.zeros((1, stored.shape[1])), stored])
     return penetration.Table(
         np.asarray(tab.bin.values, dtype=np.float64),
         np.asarray(tab.penetration_m.values, dtype=np.float64),
@@ -1070,13 +1208,18 @@ def read_table(store: Path) -> penetration.Table:
         np.asarray(tab.penetration_n_px.values),
         np.asarray(tab.penetration_filled.values).astype(bool),
         float(tab.attrs["bin_width_m"]),
+        offsets,
     )
 
 
 def table_digest(table: penetration.Table) -> str:
-    """A digest of the penetration table's content (bins, values, sigmas, counts, fills)."""
+    """A digest of the penetration table's content (bins, values, sigmas, counts, fills, and the
+    per-glacier offsets when applied)."""
     h = hashlib.sha1()
-    for a in (table.bin_lo_m, table.penetration_m, table.sigma_m, table.n_px, table.filled):
+    arrays = [table.bin_lo_m, table.penetration_m, table.sigma_m, table.n_px, table.filled]
+    if table.glacier_offset_m is not None:
+        arrays.append(table.glacier_offset_m)
+    for a in arrays:
         arr = np.ascontiguousarray(a)
         h.update(str((arr.dtype.str, arr.shape)).encode())
         h.update(arr.tobytes())
@@ -1096,14 +1239,24 @@ def penetration_table(
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> str:
-    """Compute (once per parameter set) and store the penetration table; return its token."""
+    """Compute (once per parameter set) and store the penetration table; return its token.
+
+    With X band ('xband', 'xband_glacier') the group also holds `reference_sigma_m`,
+    `penetration_std_m` and the per-glacier refinement (`glacier_penetration_*`, applied to the
+    correction only with 'xband_glacier'); see `table_dataset`."""
+    noise_corr_m = st.recorded_config(store).massbalance.autocorrelation_m
     record = {
         "params": {
             "penetration": config.penetration,
             "penetration_constant_m": config.penetration_constant_m,
             "penetration_min_px_per_bin": config.penetration_min_px_per_bin,
+            "penetration_glacier_min_x_share": config.penetration_glacier_min_x_share,
             "bin_width_m": config.bin_width_m,
             "corr_m": config.penetration_corr_m,
+            "noise_corr_m": noise_corr_m,
+            "x_noise_variance_share": penetration.X_NOISE_VARIANCE_SHARE,
+            "min_glaciers_for_spread": penetration.MIN_GLACIERS_FOR_SPREAD,
+            "max_kappa": penetration.MAX_KAPPA,
         },
         "upstream": _static_token(store),
     }
@@ -1124,19 +1277,20 @@ def penetration_table(
     if progress:
         progress("correct: penetration table")
     table: penetration.Table | None = None
+    extras: dict[str, Any] = {}
     source: str = config.penetration
-    if config.penetration == "xband":
+    if config.penetration in ("xband", "xband_glacier"):
         if "ref_dem_x_m" not in ds:
             warnings.warn(
-                f"{store}: penetration='xband' but the study has no X-band reference DEM; "
-                f"using the constant {config.penetration_constant_m} m "
+                f"{store}: penetration='{config.penetration}' but the study has no X-band "
+                f"reference DEM; using the constant {config.penetration_constant_m} m "
                 "(corrections.penetration_constant_m).",
                 MbcubeWarning,
                 stacklevel=2,
             )
             source = "constant (no X-band reference)"
         else:
-            offset, sums = compute(
+            (offset, nmad), sums, moments, blocks = compute(
                 *_xband_graph(ds, n_region, width), label="correct: penetration table"
             )
             if not np.isfinite(offset) or sums[0].sum() < config.penetration_min_px_per_bin:
@@ -1157,7 +1311,37 @@ def penetration_table(
                     res,
                     config.penetration_corr_m,
                 )
-                source = f"xband (stable-ground offset X minus C {float(offset):.3f} m)"
+                noise = penetration.noise_curve(blocks, res, float(nmad), noise_corr_m)
+                spread = penetration.between_glacier_spread(
+                    moments, table, float(offset), noise, res
+                )
+                n_glaciers = int(ds.sizes["glacier"]) if "glacier" in ds.dims else 0
+                n_glaciers = max(n_glaciers, int(moments.cells()[0].max(initial=0)))
+                adjust = penetration.glacier_adjustment(
+                    moments,
+                    table,
+                    float(offset),
+                    spread,
+                    noise,
+                    res,
+                    n_glaciers,
+                    config.penetration_glacier_min_x_share,
+                    config.penetration_min_px_per_bin,
+                )
+                if config.penetration == "xband_glacier":
+                    table = dataclasses.replace(table, glacier_offset_m=adjust.offset_m)
+                else:  # stored for inspection, not applied
+                    zero = np.zeros_like(adjust.offset_m)
+                    adjust = dataclasses.replace(adjust, offset_m=zero, weight=zero)
+                extras = {
+                    "reference_sigma_m": float(nmad),
+                    "spread": spread,
+                    "glacier": adjust,
+                    "noise": noise,
+                }
+                source = (
+                    f"{config.penetration} (stable-ground offset X minus C {float(offset):.3f} m)"
+                )
     if table is None:
         (counts,) = compute(_glacier_bins_graph(ds, width), label="correct: glacier bins")
         keep = np.flatnonzero(counts > 0)
@@ -1166,9 +1350,10 @@ def penetration_table(
         bin_lo = ELEV_MIN_M + width * np.arange(keep[0], keep[-1] + 1)
         value = config.penetration_constant_m if config.penetration != "none" else 0.0
         table = penetration.constant_table(bin_lo, n_region, value, width)
-        if config.penetration != "xband":
+        if config.penetration not in ("xband", "xband_glacier"):
             source = config.penetration
-    st.write_dataset(table_dataset(table, region_ids, source), store, group="penetration", mode="w")
+    dataset = table_dataset(table, region_ids, source, **extras)
+    st.write_dataset(dataset, store, group="penetration", mode="w")
     return st.record_step(store, STEP, TABLE_ID, record)
 
 
