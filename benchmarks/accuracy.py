@@ -15,9 +15,10 @@ For each case (study kind x study shape x seed) a synthetic study is generated, 
     scene: the rest (datum/ramp residual, seasonal deviation, phase noise, unwrapping errors);
   each averaged over the glacier's measured pixels, divided by the scene's span, averaged over
   scenes with the pixel counts as weights, in m w.e./yr. `void` is what the glacier's area
-  without a reference DEM adds (it takes the glacier's mean): void share x (estimated rate -
-  the void's true rate) x density. `sampling` is the glacier's actual error minus the four:
-  what hypsometric averaging and gap filling of the binned area add or remove.
+  without any elevation (void in SRTM-C and SRTM-X) adds (it takes the glacier's mean): void
+  share x (estimated rate - the void's true rate) x density. SRTM-C voids binned by SRTM-X
+  (binning) take their bins' rates: what they add is in `sampling`, the glacier's actual error
+  minus the four: what hypsometric averaging and gap filling of the binned area add or remove.
 
 The tables are made by `mbcube.aggregate` as the pipeline runs it (its results come from
 `mbcube.massbalance.unit_results`: every error term, the unmeasured-area term included, and the
@@ -171,6 +172,8 @@ def evaluate(study: Path, store: Path, out: Path) -> pd.DataFrame:
         "void_mwe_yr",
         "sampling_mwe_yr",
         "ref_all_mwe_yr",
+        "void_frac",
+        "void_c_frac",
     ]
     return both[[k for k in keep if k in both]]
 
@@ -179,7 +182,8 @@ def decompose(study: Path, store: Path) -> pd.DataFrame:
     """Per glacier (index RGIId): the mean reference, penetration and scene error of its measured
     pixels, in m w.e./yr (module docstring); `ref_all_mwe_yr` is the reference error over ALL its
     pixels divided by the mean span (what a perfect method would still carry); `void_frac` its
-    share of pixels without a reference DEM and `void_true_m_yr` their true mean rate."""
+    share of pixels without any elevation (void in SRTM-C and SRTM-X; `void_c_frac` void in
+    SRTM-C) and `void_true_m_yr` their true mean rate."""
     import rasterio
     import xarray as xr
 
@@ -234,6 +238,9 @@ def decompose(study: Path, store: Path) -> pd.DataFrame:
         out = {k: DENSITY * acc[k] / acc["w"] for k in ("ref", "pen", "scene")}
     all_px = np.bincount(glacier.ravel(), minlength=n)
     void = (glacier > 0) & ~np.isfinite(ref_dem)
+    void_c_px = np.bincount(glacier[void], minlength=n)
+    if "ref_dem_x_m" in cube:  # binning bins SRTM-C voids by SRTM-X where it has a value
+        void &= ~np.isfinite(cube["ref_dem_x_m"].values)
     void_px = np.bincount(glacier[void], minlength=n)
     with np.errstate(invalid="ignore", divide="ignore"):
         void_true = np.bincount(glacier[void], weights=rate[void], minlength=n) / void_px
@@ -248,6 +255,7 @@ def decompose(study: Path, store: Path) -> pd.DataFrame:
             "scene_mwe_yr": out["scene"][index],
             "ref_all_mwe_yr": ref_all[index],
             "void_frac": (void_px / np.maximum(all_px, 1))[index],
+            "void_c_frac": (void_c_px / np.maximum(all_px, 1))[index],
             "void_true_m_yr": void_true[index],
         },
         index=pd.Index([str(v) for v in ids.values], name="RGIId"),

@@ -43,7 +43,12 @@ Errors. Glacier and region results, every error term included, come from
 `mbcube.massbalance.unit_results` (the error model of `mbcube.uncertainty`): each term is a
 column (SIGMA_COLUMNS, m w.e./yr), `mb_sigma_mwe_yr` their quadrature sum. The unmeasured-area
 term needs each cell's measured pixels (`measured_bin_px`, the pixels its best-covering scene
-measured), which the cells keep and a region sums over its glaciers' measured cells.
+measured), which the cells keep and a region sums over its glaciers' measured cells. Per scene,
+the stable-ground spread (stats: stable_nmad_dh_m) is split into a white and a correlated part
+with the stored block statistic (stats: stable_block_*, `white_correlated_split`); the bound of
+the reference DEM's error is the `penetration` group's scalar reference_sigma_m when stored
+(MassBalanceConfig.reference_sigma_m, when set, wins); the between-glacier penetration spread
+is its penetration_std_m (region x surface x bin, area-weighted per glacier) when stored.
 """
 
 from __future__ import annotations
@@ -86,7 +91,12 @@ from mbcube.regions import (
 )
 from mbcube.store import SCHEMA_VERSION, grid_of, open_cube, read_state, write_dataset
 from mbcube.surge import effective_surge, surge_candidates
-from mbcube.uncertainty import datum_sigma_m, quadrature, stable_moments
+from mbcube.uncertainty import (
+    datum_sigma_m,
+    quadrature,
+    stable_moments,
+    white_correlated_split,
+)
 
 __all__ = [
     "GLACIER_COLUMNS",
@@ -163,7 +173,7 @@ GLACIER_BLOCK = 4096
 #: The store group caching the glacier-level statistics and results.
 CACHE_GROUP = "massbalance_cache"
 #: Layout version of the cache (a cache of another layout is recomputed).
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 #: Cells per chunk of the cache (8 bytes x 2^18 = 2 MiB per field and chunk).
 CELL_CHUNK = 1 << 18
 #: The output folder's record of the glacier tables it holds.
@@ -391,6 +401,12 @@ class StoredStats:
     results_key: str | None = None
     #: the ingest recorded an outline file (`outlines` is None when it is gone or changed)
     outlines_recorded: bool = False
+    #: (S,) white part of stable_sigma_m (m; `mbcube.uncertainty.white_correlated_split` of the
+    #: stored block statistic); None: all of it correlated
+    stable_white_sigma_m: np.ndarray | None = None
+    #: bound (m) of the reference DEM's error stored with the penetration table (the stable
+    #: NMAD of SRTM-X minus SRTM-C); None: not stored
+    reference_sigma_m: float | None = None
 
     @functools.cached_property
     def stats(self) -> GlacierStats:
@@ -480,12 +496,23 @@ def _keys(store: Path, state: dict[str, Any], config: MassBalanceConfig) -> _Key
         "massbalance": config.model_dump(mode="json"),
         "study": state.get("study", {}).get("config"),
         "static": state.get("static", {}).get("inputs"),
+        "reference_sigma_m": _stored_reference_sigma(store),
     }
     return _Keys(scenes, stats_key, _digest(results))
 
 
 def _is_array(path: Path) -> bool:
     return (path / "zarr.json").is_file()
+
+
+def _stored_reference_sigma(store: Path) -> float | None:
+    """The `penetration` group's reference_sigma_m (m: NMAD of SRTM-X minus SRTM-C on stable
+    ground, a bound of the reference DEM's error), None when not stored or not positive."""
+    path = Path(store) / "penetration" / "reference_sigma_m"
+    if not _is_array(path):
+        return None
+    value = float(np.asarray(_read(path), dtype=float).reshape(-1)[0])
+    return value if np.isfinite(value) and value > 0 else None
 
 
 def _read(path: Path) -> np.ndarray:
@@ -581,12 +608,14 @@ def _from_statistics(
         stable_sigma = np.where(np.isfinite(nmad), nmad, stable_sigma)
     grid = grid_of(state)
     pixel_size = float(grid.res)
+    white = _white_sigma(scene_stats, stable_sigma, pixel_size, config.autocorrelation_m)
     datum = datum_sigma_m(
         stable_n,
         np.nan_to_num(stable_mean),
         np.nan_to_num(stable_sigma),
         pixel_size,
         config.autocorrelation_m,
+        white,
     )
     table = cube[[v for v in cube.data_vars if cube[v].dims == ("glacier",)]]
     outline_surge = (
@@ -608,7 +637,9 @@ def _from_statistics(
     ingest_regions = _recorded_file(state, "regions")
     pen_sigma = np.zeros(len(glacier))
     pen_std: np.ndarray | None = None
-    if _has_group(store, "penetration"):
+    if _has_group(store, "penetration") and _is_array(
+        store / "penetration" / "penetration_sigma_m"
+    ):
         region_index = np.zeros(len(glacier), dtype=int)
         if ingest_regions is not None:
             polygons = read_polygons(ingest_regions, grid.crs, study.region_name_column)
@@ -647,7 +678,31 @@ def _from_statistics(
         id_column=study.glacier_id_column,
         config=config,
         results_key=keys.results_key,
+        stable_white_sigma_m=white,
+        reference_sigma_m=_stored_reference_sigma(store),
     )
+
+
+def _white_sigma(
+    scene_stats: xr.Dataset, stable_sigma: np.ndarray, pixel_size_m: float, range_m: float
+) -> np.ndarray:
+    """(S,) white part (m) of each scene's stable spread from the stored block statistic
+    (`white_correlated_split`; 0 where the statistic is missing: all correlated)."""
+    names = ("stable_block_count", "stable_block_nmad_dh_m", "stable_block_px_sum")
+    if not all(n in scene_stats for n in (*names, "stable_block_inv_px_sum")):
+        return np.zeros(len(stable_sigma))
+    count = np.nan_to_num(scene_stats["stable_block_count"].values.astype(float))
+    n = np.maximum(count, 1.0)
+    white, _ = white_correlated_split(
+        stable_sigma,
+        scene_stats["stable_block_nmad_dh_m"].values.astype(float),
+        count,
+        scene_stats["stable_block_px_sum"].values.astype(float) / n,
+        scene_stats["stable_block_inv_px_sum"].values.astype(float) / n,
+        pixel_size_m,
+        range_m,
+    )
+    return white
 
 
 def _combine(
@@ -758,7 +813,14 @@ _GLACIER_VALUES = (
     "penetration_std_m",
 )
 #: Columns of the cache's per-scene table `scene_values`.
-_SCENE_VALUES = ("date_days", "years", "month", "stable_sigma_m", "datum_sigma_m")
+_SCENE_VALUES = (
+    "date_days",
+    "years",
+    "month",
+    "stable_sigma_m",
+    "datum_sigma_m",
+    "stable_white_sigma_m",
+)
 
 
 def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
@@ -788,6 +850,9 @@ def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
         data.scene_month.astype(float),
         data.stable_sigma_m,
         data.datum_sigma_m,
+        np.zeros(len(data.scene_years))
+        if data.stable_white_sigma_m is None
+        else data.stable_white_sigma_m,
     ]
     cells = np.column_stack(
         [c.glacier.astype(float), c.cell.astype(float), *(c.values[k] for k in _CELL_FIELDS)]
@@ -811,6 +876,7 @@ def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
             "results_key": keys.results_key,
             "n_surfaces": c.n_surfaces,
             "penetration_std": pen_std is not None,
+            "reference_sigma_m": data.reference_sigma_m,
             "cell_columns": ["glacier", "cell", *_CELL_FIELDS],
             "glacier_columns": [*_GLACIER_VALUES, *(f"result_{k}" for k in RESULT_COLUMNS)],
             "scene_columns": list(_SCENE_VALUES),
@@ -899,6 +965,8 @@ def _read_cache(
         config=config,
         results={k: per_glacier[f"result_{k}"] for k in RESULT_COLUMNS},
         results_key=keys.results_key,
+        stable_white_sigma_m=per_scene["stable_white_sigma_m"],
+        reference_sigma_m=attrs.get("reference_sigma_m"),
     )
     return cells, data
 
@@ -952,6 +1020,8 @@ def _results(
         pen_sigma,
         pen_std,
         data.config,
+        reference_sigma_m=data.reference_sigma_m,
+        stable_white_sigma_m=data.stable_white_sigma_m,
     )
 
 

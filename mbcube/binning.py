@@ -28,13 +28,23 @@ the highest glacier pixel with a valid reference DEM.
 
 Stored groups (written by `bin_cube`):
 
-- `hypsometry` (glacier, bin, surface): n_px, area_m2 over ALL glacier pixels with a valid
-  reference DEM (measured or not); (glacier): void_px, void_area_m2 for glacier pixels where the
-  reference DEM is void, so the glacier area is complete. Computed once; recomputed when the bin
-  width changes.
+- `hypsometry` (glacier, bin, surface): n_px, area_m2 over ALL glacier pixels with an elevation
+  (measured or not): the reference DEM's (ref_dem_m, SRTM-C), or where it is void the X-band
+  reference's (ref_dem_x_m, SRTM-X, when the cube has it: the two differ by a few m, against
+  50 m bins); (glacier): void_binned_px, the pixels binned that way, and void_px, void_area_m2
+  for glacier pixels void in both, so the glacier area is complete. Computed once; recomputed
+  when the bin width changes.
 - `stats` (scene, glacier, bin, surface): count, sum_dh_m, sumsq_dh_m2; (scene): stable_count,
   stable_sum_dh_m, stable_sumsq_dh_m2, stable_median_dh_m, stable_nmad_dh_m, binned (1 = written);
-  (scene, stable_dh_bin): stable_hist. One region per scene: a new scene adds its own.
+  (scene, stable_dh_bin): stable_hist. The coarse-scale stable statistic, per scene: the mean dh
+  of stable-ground blocks of stable_block_side_px (attribute; round(autocorrelation_m / res))
+  pixels square, blocks at least half valid stable ground: stable_block_count,
+  stable_block_sum_dh_m, stable_block_sumsq_dh_m2 (of the block means), stable_block_px_sum,
+  stable_block_inv_px_sum (sums of n and 1/n, n a block's pixels), stable_block_nmad_dh_m (NMAD
+  of the block means, from (scene, stable_dh_bin) stable_block_hist). With the pixel spread it
+  splits a scene's error into a white and a correlated part (`mbcube.uncertainty`). Blocks are
+  squares of each tile counted from its first row and column (a tile's remainder is in no block),
+  so they never straddle tiles. One region per scene: a new scene adds its own.
 """
 
 from __future__ import annotations
@@ -78,6 +88,7 @@ __all__ = [
     "bin_axis",
     "bin_cube",
     "binned_statistics",
+    "block_side_px",
     "elevation_range",
     "hypsometry",
     "hypsometry_tile",
@@ -156,6 +167,13 @@ def _grow(
 
 
 @numba.njit(nogil=True, cache=True)
+def _grow_one(a: np.ndarray) -> np.ndarray:
+    a2 = np.zeros((2 * a.shape[0], a.shape[1], a.shape[2]), a.dtype)
+    a2[: a.shape[0]] = a
+    return a2
+
+
+@numba.njit(nogil=True, cache=True)
 def _stats_kernel(
     gid: np.ndarray,
     surf: np.ndarray,
@@ -169,7 +187,19 @@ def _stats_kernel(
     hist_lo_m: float,
     hist_width_m: float,
     n_hist: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    block_px: int,
+) -> tuple[
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+]:
     ny, nx = gid.shape
     slot = np.full(n_glaciers + 1, -1, np.int32)
     ids = np.empty(8, np.int32)
@@ -180,6 +210,11 @@ def _stats_kernel(
     st_n = np.zeros(1, np.int64)
     st = np.zeros(2, np.float64)
     hist = np.zeros(n_hist, np.int64)
+    # stable-ground blocks: the tile's whole blocks of block_px x block_px pixels
+    nby = ny // block_px if block_px >= 2 else 0
+    nbx = nx // block_px if block_px >= 2 else 0
+    blk_n = np.zeros((nby, nbx), np.int64)
+    blk_s = np.zeros((nby, nbx), np.float64)
     for i in range(ny):
         for j in range(nx):
             v = np.float64(dh[i, j])
@@ -192,6 +227,12 @@ def _stats_kernel(
                 h = np.floor((v - hist_lo_m) / hist_width_m)
                 k = 0 if h < 0 else (n_hist - 1 if h >= n_hist else int(h))
                 hist[k] += 1
+                if nby > 0 and nbx > 0:
+                    bi = i // block_px
+                    bj = j // block_px
+                    if bi < nby and bj < nbx:
+                        blk_n[bi, bj] += 1
+                        blk_s[bi, bj] += v
             g = gid[i, j]
             if g < 1 or g > n_glaciers:
                 continue
@@ -215,7 +256,38 @@ def _stats_kernel(
             cnt[r, b, s - 1] += 1
             s1[r, b, s - 1] += v
             s2[r, b, s - 1] += v * v
-    return ids[:n_local], cnt[:n_local], s1[:n_local], s2[:n_local], st_n, st, hist
+    # blocks at least half covered by valid stable pixels: count, then sums of their means m,
+    # m^2, 1/n and n, and a histogram of m
+    blk_count = np.zeros(1, np.int64)
+    blk_sums = np.zeros(4, np.float64)
+    blk_hist = np.zeros(n_hist, np.int64)
+    min_px = (block_px * block_px + 1) // 2
+    for bi in range(nby):
+        for bj in range(nbx):
+            n = blk_n[bi, bj]
+            if n < min_px:
+                continue
+            m = blk_s[bi, bj] / n
+            blk_count[0] += 1
+            blk_sums[0] += m
+            blk_sums[1] += m * m
+            blk_sums[2] += 1.0 / n
+            blk_sums[3] += n
+            h = np.floor((m - hist_lo_m) / hist_width_m)
+            k = 0 if h < 0 else (n_hist - 1 if h >= n_hist else int(h))
+            blk_hist[k] += 1
+    return (
+        ids[:n_local],
+        cnt[:n_local],
+        s1[:n_local],
+        s2[:n_local],
+        st_n,
+        st,
+        hist,
+        blk_count,
+        blk_sums,
+        blk_hist,
+    )
 
 
 @numba.njit(nogil=True, cache=True)
@@ -223,17 +295,20 @@ def _hypsometry_kernel(
     gid: np.ndarray,
     surf: np.ndarray,
     ref: np.ndarray,
+    ref_x: np.ndarray,
     first_bin: int,
     bin_width_m: float,
     n_bins: int,
     n_glaciers: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     ny, nx = gid.shape
+    has_x = ref_x.shape[0] == ny and ref_x.shape[1] == nx
     slot = np.full(n_glaciers + 1, -1, np.int32)
     ids = np.empty(8, np.int32)
     n_px = np.zeros((8, n_bins, 2), np.int64)
     void = np.zeros((8, 1, 1), np.int64)
     outside = np.zeros((8, 1, 1), np.int64)
+    void_binned = np.zeros((8, 1, 1), np.int64)
     n_local = 0
     for i in range(ny):
         for j in range(nx):
@@ -247,20 +322,31 @@ def _hypsometry_kernel(
             if r < 0:
                 if n_local == ids.shape[0]:
                     ids, n_px, void, outside = _grow(ids, n_px, void, outside)
+                    void_binned = _grow_one(void_binned)
                 r = n_local
                 slot[g] = r
                 ids[r] = g
                 n_local += 1
             z = np.float64(ref[i, j])
             if not np.isfinite(z):
-                void[r, 0, 0] += 1
-                continue
+                zx = np.float64(ref_x[i, j]) if has_x else np.float64(np.nan)
+                if not np.isfinite(zx):
+                    void[r, 0, 0] += 1
+                    continue
+                void_binned[r, 0, 0] += 1
+                z = zx
             b = int(np.floor(z / bin_width_m)) - first_bin
             if b < 0 or b >= n_bins:
                 outside[r, 0, 0] += 1
                 continue
             n_px[r, b, s - 1] += 1
-    return ids[:n_local], n_px[:n_local], void[:n_local, 0, 0], outside[:n_local, 0, 0]
+    return (
+        ids[:n_local],
+        n_px[:n_local],
+        void[:n_local, 0, 0],
+        outside[:n_local, 0, 0],
+        void_binned[:n_local, 0, 0],
+    )
 
 
 @dataclass
@@ -283,14 +369,20 @@ def stats_tile(
     stable: np.ndarray,
     axis: BinAxis,
     n_glaciers: int,
+    block_px: int = 0,
 ) -> Partial:
     """Partial dh statistics of one tile (2-D arrays of one shape).
 
     per_glacier = (count int64, sum_dh_m, sumsq_dh_m2), each (k, n_bins, 2 surfaces), over pixels
     with finite dh_m, glacier_id in 1..n_glaciers, surface 1|2 and ref_dem_m inside the axis;
     totals = (stable_count (1,), [stable_sum_dh_m, stable_sumsq_dh_m2], stable_hist) over pixels
-    with stable == 1 and finite dh_m (whatever their glacier_id)."""
-    ids, cnt, s1, s2, st_n, st, hist = _stats_kernel(
+    with stable == 1 and finite dh_m (whatever their glacier_id), then the stable-ground blocks:
+    (block_count (1,), [sum of block means (m), of their squares (m2), of 1/n, of n],
+    block_hist). A block is one of the tile's whole block_px x block_px squares (counted from the
+    tile's first row and column; the rest of the tile is in no block) with at least half of its
+    pixels valid stable ground; its mean is the mean dh of those pixels, n their number.
+    block_px < 2: no blocks."""
+    ids, cnt, s1, s2, st_n, st, hist, blk_n, blk_sums, blk_hist = _stats_kernel(
         glacier_id,
         surface,
         ref_dem_m,
@@ -303,8 +395,9 @@ def stats_tile(
         -STABLE_HIST_HALF_RANGE_M,
         STABLE_HIST_WIDTH_M,
         N_STABLE_HIST,
+        int(block_px),
     )
-    return Partial(ids, (cnt, s1, s2), (st_n, st, hist))
+    return Partial(ids, (cnt, s1, s2), (st_n, st, hist, blk_n, blk_sums, blk_hist))
 
 
 def hypsometry_tile(
@@ -313,20 +406,26 @@ def hypsometry_tile(
     ref_dem_m: np.ndarray,
     axis: BinAxis,
     n_glaciers: int,
+    ref_dem_x_m: np.ndarray | None = None,
 ) -> Partial:
     """Partial hypsometry of one tile: per_glacier = (n_px (k, n_bins, 2), void_px (k,),
-    outside_px (k,)) over glacier pixels (glacier_id in 1..n_glaciers, surface 1|2); void_px where
-    ref_dem_m is not finite, outside_px where it lies outside the axis (0 on the global axis)."""
-    ids, n_px, void, outside = _hypsometry_kernel(
+    outside_px (k,), void_binned_px (k,)) over glacier pixels (glacier_id in 1..n_glaciers,
+    surface 1|2). A pixel is binned by ref_dem_m (m) or, where that is void (not finite), by
+    ref_dem_x_m (m, when given and finite there; counted in void_binned_px too); void_px counts
+    the pixels void in both, outside_px those whose elevation lies outside the axis (0 on the
+    global axis)."""
+    ref_x = np.empty((0, 0), np.float32) if ref_dem_x_m is None else ref_dem_x_m
+    ids, n_px, void, outside, void_binned = _hypsometry_kernel(
         glacier_id,
         surface,
         ref_dem_m,
+        ref_x,
         axis.first_bin,
         axis.bin_width_m,
         axis.n_bins,
         n_glaciers,
     )
-    return Partial(ids, (n_px, void, outside), ())
+    return Partial(ids, (n_px, void, outside, void_binned), ())
 
 
 def merge_partials(*parts: Partial) -> Partial:
@@ -439,8 +538,9 @@ def _map_tiles(
 
 def _scene_stats_arrays(part: Partial, n_glaciers: int) -> dict[str, np.ndarray]:
     count, s1, s2 = _dense(part, n_glaciers)
-    st_n, st, hist = part.totals
+    st_n, st, hist, blk_n, blk_sums, blk_hist = part.totals
     median, nmad = nmad_from_histogram(hist)
+    _, block_nmad = nmad_from_histogram(blk_hist)
     return {
         "count": count,
         "sum_dh_m": s1,
@@ -451,6 +551,13 @@ def _scene_stats_arrays(part: Partial, n_glaciers: int) -> dict[str, np.ndarray]
         "stable_median_dh_m": np.asarray(median, np.float64),
         "stable_nmad_dh_m": np.asarray(nmad, np.float64),
         "stable_hist": hist,
+        "stable_block_count": np.asarray(blk_n[0], np.int64),
+        "stable_block_sum_dh_m": np.asarray(blk_sums[0], np.float64),
+        "stable_block_sumsq_dh_m2": np.asarray(blk_sums[1], np.float64),
+        "stable_block_inv_px_sum": np.asarray(blk_sums[2], np.float64),
+        "stable_block_px_sum": np.asarray(blk_sums[3], np.float64),
+        "stable_block_nmad_dh_m": np.asarray(block_nmad, np.float64),
+        "stable_block_hist": blk_hist,
     }
 
 
@@ -467,6 +574,19 @@ STATS_ATTRS: dict[str, dict[str, str]] = {
         "units": "m",
     },
     "stable_hist": {"long_name": "histogram of dh on stable ground (end bins hold the tails)"},
+    "stable_block_count": {
+        "long_name": "number of stable-ground blocks (stable_block_side_px squares, at least "
+        "half valid stable ground)"
+    },
+    "stable_block_sum_dh_m": {"long_name": "sum of the blocks' mean dh", "units": "m"},
+    "stable_block_sumsq_dh_m2": {"long_name": "sum of the blocks' squared mean dh", "units": "m2"},
+    "stable_block_inv_px_sum": {"long_name": "sum over blocks of 1 / (pixels in the block)"},
+    "stable_block_px_sum": {"long_name": "sum over blocks of the pixels in the block"},
+    "stable_block_nmad_dh_m": {
+        "long_name": "NMAD of the blocks' mean dh (histogram): the coarse-scale spread",
+        "units": "m",
+    },
+    "stable_block_hist": {"long_name": "histogram of the blocks' mean dh (as stable_hist)"},
     "binned": {"long_name": "1 = the scene's statistics are written", "flag_values": "0 1"},
 }
 
@@ -489,6 +609,13 @@ def _scene_dataset(
         "stable_median_dh_m": ((), (), np.float64),
         "stable_nmad_dh_m": ((), (), np.float64),
         "stable_hist": (("stable_dh_bin",), (N_STABLE_HIST,), np.int64),
+        "stable_block_count": ((), (), np.int64),
+        "stable_block_sum_dh_m": ((), (), np.float64),
+        "stable_block_sumsq_dh_m2": ((), (), np.float64),
+        "stable_block_inv_px_sum": ((), (), np.float64),
+        "stable_block_px_sum": ((), (), np.float64),
+        "stable_block_nmad_dh_m": ((), (), np.float64),
+        "stable_block_hist": (("stable_dh_bin",), (N_STABLE_HIST,), np.int64),
     }
     data = {}
     for key, (dims, shape, dtype) in specs.items():
@@ -526,9 +653,13 @@ def _require(ds: xr.Dataset, names: Sequence[str]) -> None:
 
 
 def elevation_range(static: xr.Dataset) -> tuple[da.Array, da.Array]:
-    """Lazy (min, max) of ref_dem_m (m) over glacier pixels (glacier_id > 0, surface 1|2)."""
+    """Lazy (min, max) of the elevation (m) the hypsometry bins glacier pixels by (glacier_id >
+    0, surface 1|2): ref_dem_m, or ref_dem_x_m (when the Dataset has it) where ref_dem_m is
+    void."""
     _require(static, ["ref_dem_m", "glacier_id", "surface"])
     ref = static["ref_dem_m"].data
+    if "ref_dem_x_m" in static:
+        ref = da.where(da.isfinite(ref), ref, static["ref_dem_x_m"].data)
     on = (static["glacier_id"].data > 0) & (static["surface"].data > 0) & da.isfinite(ref)
     lo = da.where(on, ref, np.inf).min()
     hi = da.where(on, ref, -np.inf).max()
@@ -561,6 +692,7 @@ def binned_statistics(
     n_glaciers: int | None = None,
     engine: Literal["numba", "flox"] = "numba",
     split_every: int = 8,
+    block_px: int = 0,
 ) -> xr.Dataset:
     """Binned dh statistics (lazy) like `dh_m.groupby([glacier, elevation bin, surface])`.
 
@@ -571,7 +703,9 @@ def binned_statistics(
     axis / n_glaciers: the bin axis and number of glaciers; when None they are taken from the data
     (the elevation range is then COMPUTED here: pass `axis` to build the graph only).
     engine: "numba" (per-tile kernel + tree sum, default, fastest) or "flox" (flox map-reduce on
-    a combined key; no stable-ground histogram, so no stable median/NMAD)."""
+    a combined key; no stable-ground histogram, so no stable median/NMAD, and no blocks).
+    block_px: side (pixels) of the stable-ground blocks whose mean dh are summed (the
+    `stable_block_*` variables, see `stats_tile`); < 2: none (the block variables are 0 / NaN)."""
     _require(static, ["ref_dem_m", "glacier_id", "surface", "stable"])
     if not {"y", "x"} <= set(dh_m.dims) or not set(dh_m.dims) <= {"scene", "y", "x"}:
         raise ValueError(f"dh_m must have dims (y, x) or (scene, y, x), got {dh_m.dims}")
@@ -586,7 +720,9 @@ def binned_statistics(
         label = dh["scene"].values[i] if "scene" in dh.coords else i
         if engine == "numba":
             scenes.append(
-                _scene_graph(one.data, static, axis, n_glaciers, str(label), split_every, label)
+                _scene_graph(
+                    one.data, static, axis, n_glaciers, str(label), split_every, label, block_px
+                )
             )
         elif engine == "flox":
             scenes.append(_flox_scene(one.data, static, axis, n_glaciers, label))
@@ -604,12 +740,15 @@ def _scene_graph(
     where: str,
     split_every: int,
     scene: Any,
+    block_px: int = 0,
 ) -> xr.Dataset:
     arrays = [_as_dask(static[k].data) for k in ("glacier_id", "surface", "ref_dem_m")] + [
         _as_dask(dh),
         _as_dask(static["stable"].data),
     ]
-    final = _map_tiles(stats_tile, arrays, (axis, n_glaciers), f"scene {where}", split_every)
+    final = _map_tiles(
+        stats_tile, arrays, (axis, n_glaciers, int(block_px)), f"scene {where}", split_every
+    )
     name = f"binstats-{dask.base.tokenize(final.key)}"
     return _scene_dataset(final, axis, n_glaciers, scene, name)
 
@@ -679,23 +818,39 @@ def hypsometry(
     pixel_area_m2: float | None = None,
     split_every: int = 8,
 ) -> xr.Dataset:
-    """Glacier x bin x surface hypsometry (lazy) over ALL glacier pixels with a valid reference DEM:
-    n_px, area_m2 (glacier, bin, surface); void_px, void_area_m2 (glacier) where the reference DEM
-    is void. pixel_area_m2 defaults to |dx * dy| of the x / y coordinates. With axis=None the
-    elevation range is computed here."""
+    """Glacier x bin x surface hypsometry (lazy) over ALL glacier pixels with an elevation:
+    n_px, area_m2 (glacier, bin, surface); void_px, void_area_m2 (glacier) where there is none;
+    void_binned_px (glacier) the pixels binned by the X-band reference.
+
+    A glacier pixel is binned by ref_dem_m (SRTM-C), or, where that is void and the Dataset has
+    ref_dem_x_m (SRTM-X) with a value there, by ref_dem_x_m: SRTM-X minus SRTM-C is the
+    difference in radar penetration plus the two DEMs' errors, a few m at most, against 50 m
+    bins, so a void enters the hypsometry at its own elevation and takes its bin's rate (mass
+    balance) instead of the glacier's mean. Pixels void in both stay void_px (the glacier's
+    mean). pixel_area_m2 defaults to |dx * dy| of the x / y coordinates. With axis=None the
+    elevation range (`elevation_range`, which includes the X-band elevations of voids) is
+    computed here."""
     _require(static, ["ref_dem_m", "glacier_id", "surface"])
     axis, n_glaciers = _axis_and_count(static, bin_width_m, axis, n_glaciers)
     if pixel_area_m2 is None:
         dx = float(abs(static["x"].values[1] - static["x"].values[0]))
         dy = float(abs(static["y"].values[1] - static["y"].values[0]))
         pixel_area_m2 = dx * dy
-    arrays = [_as_dask(static[k].data) for k in ("glacier_id", "surface", "ref_dem_m")]
-    final = _map_tiles(hypsometry_tile, arrays, (axis, n_glaciers), "hypsometry", split_every)
+    names = ["glacier_id", "surface", "ref_dem_m"]
+    func: Callable[..., Partial] = hypsometry_tile
+    if "ref_dem_x_m" in static:
+        names.append("ref_dem_x_m")
+        func = _hypsometry_tile_x
+    arrays = [_as_dask(static[k].data) for k in names]
+    final = _map_tiles(func, arrays, (axis, n_glaciers), "hypsometry", split_every)
     name = f"hypsometry-{dask.base.tokenize(final.key)}"
     dense = dask.delayed(_dense, pure=True)(final, n_glaciers, dask_key_name=f"{name}-dense")
     shape3 = (n_glaciers, axis.n_bins, 2)
     n_px = da.from_delayed(dense[0], shape=shape3, dtype=np.int64, name=f"{name}-npx")
     void = da.from_delayed(dense[1], shape=(n_glaciers,), dtype=np.int64, name=f"{name}-void")
+    void_binned = da.from_delayed(
+        dense[3], shape=(n_glaciers,), dtype=np.int64, name=f"{name}-voidx"
+    )
     coords = _stats_coords(axis, n_glaciers)
     coords.pop("stable_dh_bin")
     area = float(pixel_area_m2)
@@ -707,11 +862,20 @@ def hypsometry(
                 n_px.astype(np.float64) * area,
                 {"long_name": "glacier area", "units": "m2"},
             ),
-            "void_px": ("glacier", void, {"long_name": "glacier pixels with a void reference"}),
+            "void_px": (
+                "glacier",
+                void,
+                {"long_name": "glacier pixels void in ref_dem_m and ref_dem_x_m (not binned)"},
+            ),
             "void_area_m2": (
                 "glacier",
                 void.astype(np.float64) * area,
-                {"long_name": "glacier area with a void reference", "units": "m2"},
+                {"long_name": "glacier area void in both references (not binned)", "units": "m2"},
+            ),
+            "void_binned_px": (
+                "glacier",
+                void_binned,
+                {"long_name": "glacier pixels void in ref_dem_m binned by ref_dem_x_m (in n_px)"},
             ),
         },
         coords=coords,
@@ -721,9 +885,22 @@ def hypsometry(
             "bin_width_m": axis.bin_width_m,
             "first_bin": axis.first_bin,
             "pixel_area_m2": area,
+            "void_elevation": "ref_dem_x_m" if "ref_dem_x_m" in static else "none",
         }
     )
     return ds
+
+
+def _hypsometry_tile_x(
+    glacier_id: np.ndarray,
+    surface: np.ndarray,
+    ref_dem_m: np.ndarray,
+    ref_dem_x_m: np.ndarray,
+    axis: BinAxis,
+    n_glaciers: int,
+) -> Partial:
+    """`hypsometry_tile` with the X-band reference as a positional block."""
+    return hypsometry_tile(glacier_id, surface, ref_dem_m, axis, n_glaciers, ref_dem_x_m)
 
 
 # ------------------------------------------------------------------ the step on the cube
@@ -746,8 +923,10 @@ def _axis_of(hyps: xr.Dataset) -> BinAxis:
 def _ensure_hypsometry(
     store: Path, cube: xr.Dataset, bin_width_m: float, force: bool, say: Callable[[str], None]
 ) -> tuple[BinAxis, str]:
-    """The stored hypsometry's axis and token, (re)computed when missing or of another width."""
-    record = {"params": {"bin_width_m": bin_width_m}}
+    """The stored hypsometry's axis and token, (re)computed when missing, of another width or
+    made before voids were binned by ref_dem_x_m."""
+    void_elevation = "ref_dem_x_m" if "ref_dem_x_m" in cube else "none"
+    record = {"params": {"bin_width_m": bin_width_m, "void_elevation": void_elevation}}
     current = _group_exists(store, "hypsometry") and is_current(
         store, HYPSOMETRY_STEP, HYPSOMETRY_ALL, record
     )
@@ -783,15 +962,22 @@ def _placeholder_stats(scene_ids: list[str], axis: BinAxis, n_glaciers: int) -> 
         "stable_sumsq_dh_m2",
         "stable_median_dh_m",
         "stable_nmad_dh_m",
+        "stable_block_count",
+        "stable_block_sum_dh_m",
+        "stable_block_sumsq_dh_m2",
+        "stable_block_inv_px_sum",
+        "stable_block_px_sum",
+        "stable_block_nmad_dh_m",
     ):
-        dtype = np.int64 if key == "stable_count" else np.float64
-        fill = 0 if key in ("stable_count", "stable_sum_dh_m", "stable_sumsq_dh_m2") else np.nan
+        dtype = np.int64 if key.endswith("_count") else np.float64
+        fill = np.nan if key.endswith(("_median_dh_m", "_nmad_dh_m")) else 0
         data[key] = ("scene", da.full((n,), fill, dtype=dtype, chunks=1), STATS_ATTRS[key])
-    data["stable_hist"] = (
-        ("scene", "stable_dh_bin"),
-        da.zeros((n, N_STABLE_HIST), dtype=np.int64, chunks=(1, N_STABLE_HIST)),
-        STATS_ATTRS["stable_hist"],
-    )
+    for key in ("stable_hist", "stable_block_hist"):
+        data[key] = (
+            ("scene", "stable_dh_bin"),
+            da.zeros((n, N_STABLE_HIST), dtype=np.int64, chunks=(1, N_STABLE_HIST)),
+            STATS_ATTRS[key],
+        )
     data["binned"] = ("scene", da.zeros((n,), dtype=np.uint8, chunks=1), STATS_ATTRS["binned"])
     coords = _stats_coords(axis, n_glaciers) | {
         "scene": ("scene", np.array(scene_ids, dtype=object))
@@ -799,21 +985,33 @@ def _placeholder_stats(scene_ids: list[str], axis: BinAxis, n_glaciers: int) -> 
     return xr.Dataset(data, coords=coords)
 
 
-def _stats_attrs(axis: BinAxis, hyps_token: str) -> dict[str, Any]:
+def _stats_attrs(axis: BinAxis, hyps_token: str, block_px: int) -> dict[str, Any]:
     return {
         "bin_width_m": axis.bin_width_m,
         "first_bin": axis.first_bin,
         "hypsometry_token": hyps_token,
         "stable_hist_width_m": STABLE_HIST_WIDTH_M,
         "stable_hist_half_range_m": STABLE_HIST_HALF_RANGE_M,
+        "stable_block_side_px": int(block_px),
     }
 
 
-def _ensure_stats_group(store: Path, axis: BinAxis, n_glaciers: int, hyps_token: str) -> None:
-    """Create the `stats` group (all store scenes, zero) when missing or made on another bin axis
-    or hypsometry; append zero placeholders for scenes the store gained since."""
+def block_side_px(autocorrelation_m: float, res_m: float) -> int:
+    """Side (pixels) of the stable-ground blocks: round(autocorrelation_m / res_m) (m / m)."""
+    if autocorrelation_m <= 0 or res_m <= 0:
+        raise ValueError(
+            f"autocorrelation_m and res_m must be > 0, got {autocorrelation_m}, {res_m}"
+        )
+    return round(autocorrelation_m / res_m)
+
+
+def _ensure_stats_group(
+    store: Path, axis: BinAxis, n_glaciers: int, hyps_token: str, block_px: int
+) -> None:
+    """Create the `stats` group (all store scenes, zero) when missing or made on another bin axis,
+    hypsometry or block size; append zero placeholders for scenes the store gained since."""
     ids = sorted(scene_index(store), key=scene_index(store).__getitem__)
-    attrs = _stats_attrs(axis, hyps_token)
+    attrs = _stats_attrs(axis, hyps_token, block_px)
     if _group_exists(store, "stats"):
         old = zarr.open_group(str(store), path="stats", mode="r").attrs.asdict()
         if all(old.get(k) == v for k, v in attrs.items()):
@@ -865,20 +1063,21 @@ def bin_cube(
     axis, hyps_token = _ensure_hypsometry(
         store, cube, cfg.bin_width_m, force and scenes is None, say
     )
-    _ensure_stats_group(store, axis, n_glaciers, hyps_token)
+    block_px = block_side_px(cfg.autocorrelation_m, grid_of(read_state(store)).res)
+    _ensure_stats_group(store, axis, n_glaciers, hyps_token, block_px)
     binned = _open_group(store, "stats")["binned"].values
     index = scene_index(store)
     jobs = []
     for scene_id in wanted:
         record = {
-            "params": {"bin_width_m": cfg.bin_width_m},
+            "params": {"bin_width_m": cfg.bin_width_m, "block_px": block_px},
             "upstream": upstream[scene_id],
             "hypsometry": hyps_token,
         }
         i = index[scene_id]
         if not force and binned[i] == 1 and is_current(store, "bin", scene_id, record):
             continue
-        jobs.append(_scene_job(store, cube, axis, n_glaciers, scene_id, i, record, say))
+        jobs.append(_scene_job(store, cube, axis, n_glaciers, scene_id, i, record, say, block_px))
     return compute_scenes(jobs)
 
 
@@ -891,6 +1090,7 @@ def _scene_job(
     index: int,
     record: dict[str, Any],
     say: Callable[[str], None],
+    block_px: int,
 ) -> SceneJob:
     """Binning one scene: its statistics written at its index, then flagged binned and recorded
     (a scene killed half-written stays flagged 0 and is binned again)."""
@@ -898,7 +1098,7 @@ def _scene_job(
     def build() -> list[Any]:
         say(f"binning scene {scene_id}")
         dh = cube["dh_m"].sel(scene=scene_id).transpose("y", "x").data
-        ds = _scene_graph(dh, cube, axis, n_glaciers, scene_id, 8, scene_id)
+        ds = _scene_graph(dh, cube, axis, n_glaciers, scene_id, 8, scene_id, block_px)
         ds = ds.drop_vars(list(ds.coords)).chunk({"glacier": GLACIER_CHUNK})
         region = {str(d): slice(None) for d in ds.dims}
         region["scene"] = slice(index, index + 1)

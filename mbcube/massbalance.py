@@ -30,7 +30,9 @@ step here is a sum or a ratio of sums, and region results are glacier results su
    recorded (`filled_frac`). The bin values are weighted by the full hypsometry (area of ALL the
    glacier's pixels per bin and surface). Rate (m/yr) x density / 1000 = mass balance (m w.e./yr);
    volume change (km3/yr) = rate x area; mass change (Gt/yr) = mass balance x area x 1000 kg/m3.
-   Glacier pixels without a reference DEM (voids: no elevation, so no bin) count in the area and
+   Glacier pixels void in the reference DEM are binned by the X-band reference where it has a
+   value (`mbcube.binning.hypsometry`), so they are in their bin's area and take its rate (a
+   cell's unmeasured part); those void in both (no elevation, so no bin) count in the area and
    take the glacier's mean. `hypsometric_profile` gives the filled profile and each cell's
    measured share; `unit_results` adds every error term (`mbcube.uncertainty`), including the
    unmeasured-area term from that profile (filled cells, unmeasured parts of cells, voids).
@@ -492,15 +494,17 @@ def unit_results(
     penetration_std_m: np.ndarray | None = None,
     config: MassBalanceConfig | None = None,
     reference_sigma_m: float | None = None,
+    stable_white_sigma_m: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Mass balance (`balance`) and every error term (`mbcube.uncertainty.unit_uncertainty`,
     with the unmeasured-area term) of U units, keyed by table column; parameters from `config`
     (default: MassBalanceConfig()). Per scene (S,): scene_years, scene_month, stable_sigma_m
-    (stable-ground spread, m), scene_datum_sigma_m (m); per unit (U,): penetration_sigma_m
-    (table error, m), penetration_std_m (between-glacier spread, m; None: unknown).
-    reference_sigma_m: a bound (m) of the reference DEM's error measured in the store (e.g. the
-    stable-ground spread of SRTM-C minus SRTM-X); the smaller of it and the configured one is
-    used."""
+    (stable-ground spread, m), scene_datum_sigma_m (m), stable_white_sigma_m (the white part of
+    stable_sigma_m, m, `mbcube.uncertainty.white_correlated_split`; None: all of it correlated);
+    per unit (U,): penetration_sigma_m (table error, m), penetration_std_m (between-glacier
+    spread, m; None: unknown). reference_sigma_m: a bound (m) of the reference DEM's error
+    measured in the store (the stable-ground spread of SRTM-X minus SRTM-C, the `penetration`
+    group's reference_sigma_m); the configured `reference_sigma_m`, when set, wins over it."""
     from mbcube.uncertainty import unit_uncertainty, unmeasured_sigma_m_yr
 
     c = config or MassBalanceConfig()
@@ -529,13 +533,12 @@ def unit_results(
         autocorrelation_m=c.autocorrelation_m,
         autocorrelation_penetration_m=c.autocorrelation_penetration_m,
         seasonal_sigma_m_per_month=c.seasonal_sigma_m_per_month,
-        reference_sigma_m=_smaller(c.reference_sigma_m, reference_sigma_m),
+        reference_sigma_m=c.reference_sigma_m
+        if c.reference_sigma_m is not None
+        else reference_sigma_m,
+        stable_white_sigma_m=stable_white_sigma_m,
     )
     return out | errors
-
-
-def _smaller(a: float | None, b: float | None) -> float | None:
-    return b if a is None else (a if b is None else min(a, b))
 
 
 def with_void_area(

@@ -17,21 +17,38 @@ L = sqrt(A / pi), keeps the variance sigma^2 * rho(A, a) with
 so the area holds N_eff = 1 / rho independent samples (`n_eff`; at least 1, at most its number of
 pixels). With a = 500 m a 1 km2 glacier holds N_eff ~ 6 (Bolch et al.'s N px x res / 2a counted 33).
 
-**Terms** (A_u the unit's measured area = measured pixels x res^2; A_su what scene s measured):
+**White and correlated parts** (two ranges, the simplest form of the multi-range variogram of
+Hugonnet et al. 2022): a scene's stable-ground spread sigma_s (m, NMAD of its pixels' dh) is
+split into white noise sigma_w,s (m, uncorrelated between pixels: phase noise, the DEMs' pixel
+noise), whose mean over n pixels has variance sigma_w^2 / n, and a part sigma_k,s (m) correlated
+over d = `autocorrelation_m` (500 m; the reference DEM's error, the scene DEM's correlated
+error): sigma_s^2 = sigma_w,s^2 + sigma_k,s^2. The split comes from a second, coarse-scale
+statistic binning stores per scene (`mbcube.binning`): the spread V_B (m2, NMAD^2) of the mean dh
+of stable-ground blocks of side ~d, n_b pixels each (mean area A_B = mean n_b x res^2, h = mean
+1 / n_b). A block mean keeps sigma_k^2 rho(A_B, d) + sigma_w^2 / n_b, so
 
-- random: the DEMs' elevation error, from the spread sigma_s (m) of each scene's corrected dh on
-  stable ground (NMAD), correlated over d = `autocorrelation_m` (500 m). Part of it is the
-  reference DEM's error, the SAME field in every scene, which does not average out over scenes:
-  that common part is at most sigma_c = min_s sigma_s over the unit's scenes (each scene's spread
-  is the reference's plus its own), or `reference_sigma_m` where that is smaller: a known bound
-  of the reference's error, e.g. the spread of SRTM-C minus SRTM-X on stable ground
-  (sqrt(sigma_C^2 + sigma_X^2) >= sigma_C). InSAR scenes need it: their stable spread is mostly
-  white phase noise, which averages out over a glacier, not the reference's error. Then
+    sigma_k^2 = (V_B - sigma_s^2 h) / (rho(A_B, d) - h),   clipped to [0, sigma_s^2]
+
+(`white_correlated_split`). Without the block statistic (or with fewer than MIN_BLOCKS blocks)
+sigma_k,s = sigma_s: every error counted as correlated (the conservative model).
+
+**Terms** (A_u the unit's measured area = measured pixels x res^2; A_su what scene s measured,
+n_su its pixels):
+
+- random: the DEMs' elevation error. Part of the correlated error is the reference DEM's, the
+  SAME field in every scene, which does not average out over scenes: that common part is at most
+  sigma_c = min_s sigma_k,s over the unit's scenes (each scene's correlated error is the
+  reference's plus its own), or `reference_sigma_m` (m) where that is smaller: a known bound of
+  the reference DEM's error, the spread of SRTM-C minus SRTM-X on stable ground
+  (sqrt(sigma_C^2 + sigma_X^2) >= sigma_C). Then
 
       sigma_random^2 = sigma_c^2 rho(A_u, d) (sum_s w_s / T_s)^2
-                       + sum_s (w_s / T_s)^2 (sigma_s^2 - sigma_c^2) rho(A_su, d).
+                       + sum_s (w_s / T_s)^2 [(sigma_k,s^2 - sigma_c^2) rho(A_su, d)
+                                              + sigma_w,s^2 / n_su]      (m2/yr2).
 
-  With one scene this is the usual sigma_s sqrt(rho(A, d)) / T.
+  With one scene and no white part this is the usual sigma_s sqrt(rho(A, d)) / T. A smaller
+  common part (a tighter bound, a scene's white part) need not lower the term of every unit:
+  the variance it leaves to the scenes' own parts averages over each scene's area only.
 - penetration: the C/X penetration table's error sigma_table (m; the standard error of its
   (region, surface, bin) entries, area-weighted over the unit), the same for every glacier of a
   region and every scene, so it does not average down; and, where the table's between-glacier
@@ -40,14 +57,17 @@ pixels). With a = 500 m a 1 km2 glacier holds N_eff ~ 6 (Bolch et al.'s N px x r
 
       sigma_pen = sqrt(sigma_table^2 + sigma_spread^2 rho(A_u, d_pen)) * sum_s w_s / T_s.
 
-- datum: per scene delta_s = sqrt(mean_s^2 + sigma_s^2 rho(A_stable_s, d)) (m), the bias left on
-  stable ground plus the standard error of the offset fitted there; fully correlated over all
-  glaciers of a scene, independent between scenes: sigma_datum^2 = sum_s (w_s delta_s / T_s)^2.
+- datum: per scene delta_s = sqrt(mean_s^2 + sigma_k,s^2 rho(A_stable_s, d) + sigma_w,s^2 /
+  n_stable_s) (m), the bias left on stable ground plus the standard error of the offset fitted
+  there; fully correlated over all glaciers of a scene, independent between scenes:
+  sigma_datum^2 = sum_s (w_s delta_s / T_s)^2.
 - seasonal: 0.15 m per month (`seasonal_sigma_m_per_month`) x months m_s between the scene's month
   and February, correlated within a scene: sigma_seasonal^2 = sum_s (w_s 0.15 m_s / T_s)^2.
 - unmeasured: the area the unit's mean stands for without a measurement: cells (bin x surface)
-  filled along elevation, the unmeasured part of partly measured cells, and the glacier area
-  without a reference DEM (voids, which take the unit's mean). Such a part may differ from the
+  filled along elevation, the unmeasured part of partly measured cells (which includes the
+  reference DEM's voids binned by the X-band reference's elevation: no scene measures them),
+  and the glacier area void in both references (A_void, which takes the unit's mean). Such a
+  part may differ from the
   value it is given by as much as the unit's rates differ among themselves, so its error is
   the spread sigma_u (m/yr, the area-weighted standard deviation of the unit's cell rates about
   its mean); independent between cells (different bins are different parts of the glacier):
@@ -74,7 +94,11 @@ __all__ = [
     "stable_moments",
     "unit_uncertainty",
     "unmeasured_sigma_m_yr",
+    "white_correlated_split",
 ]
+
+#: Fewest stable-ground blocks for the white / correlated split (fewer: all correlated).
+MIN_BLOCKS = 20
 
 
 def months_from_february(month: np.ndarray) -> np.ndarray:
@@ -120,11 +144,53 @@ def datum_sigma_m(
     stable_sigma_m: np.ndarray,
     pixel_size_m: float,
     autocorrelation_m: float = 500.0,
+    white_sigma_m: np.ndarray | None = None,
 ) -> np.ndarray:
     """Datum error per scene (m): residual stable-ground bias and the offset's standard error,
-    sqrt(mean^2 + sigma^2 / N_eff) with N_eff of the stable pixels (`n_eff`)."""
+    sqrt(mean^2 + sigma_k^2 / N_eff + sigma_w^2 / n) with N_eff of the n stable pixels
+    (`n_eff`), sigma_w the white part of the spread sigma (m; None: 0) and sigma_k^2 = sigma^2 -
+    sigma_w^2 its correlated part."""
     neff = n_eff(stable_count, pixel_size_m, autocorrelation_m)
-    return np.sqrt(stable_mean_m**2 + stable_sigma_m**2 / neff)
+    sigma = np.asarray(stable_sigma_m, dtype=float)
+    white = np.zeros_like(sigma) if white_sigma_m is None else np.asarray(white_sigma_m, float)
+    white = np.minimum(np.nan_to_num(white), np.abs(sigma))
+    n = np.maximum(np.asarray(stable_count, dtype=float), 1.0)
+    return np.sqrt(stable_mean_m**2 + (sigma**2 - white**2) / neff + white**2 / n)
+
+
+def white_correlated_split(
+    stable_sigma_m: np.ndarray,
+    block_sigma_m: np.ndarray,
+    block_count: np.ndarray,
+    block_px_mean: np.ndarray,
+    block_inv_px_mean: np.ndarray,
+    pixel_size_m: float,
+    autocorrelation_m: float = 500.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(white, correlated) parts (m) of each scene's stable-ground spread (module docstring).
+
+    stable_sigma_m: the pixels' spread sigma_s (m); block_sigma_m: the spread of the block means
+    (m); block_count: number of blocks; block_px_mean, block_inv_px_mean: mean of n_b and of
+    1 / n_b over the blocks. Scenes with fewer than MIN_BLOCKS blocks, or whose blocks are too
+    small to tell the parts apart (rho(A_B) <= h), keep all their spread correlated. Shapes (S,).
+    """
+    sigma = np.asarray(stable_sigma_m, dtype=float)
+    vb = np.asarray(block_sigma_m, dtype=float) ** 2
+    h = np.asarray(block_inv_px_mean, dtype=float)
+    area_b = np.nan_to_num(np.asarray(block_px_mean, dtype=float)) * pixel_size_m**2
+    rho_b = spatial_variance_ratio(area_b, autocorrelation_m)
+    ok = (
+        (np.asarray(block_count, dtype=float) >= MIN_BLOCKS)
+        & np.isfinite(vb)
+        & np.isfinite(h)
+        & np.isfinite(sigma)
+        & (rho_b - np.nan_to_num(h) > 1e-6)
+    )
+    denom = np.where(ok, rho_b - np.nan_to_num(h), 1.0)
+    corr2 = np.where(ok, (np.nan_to_num(vb) - sigma**2 * np.nan_to_num(h)) / denom, sigma**2)
+    corr2 = np.clip(corr2, 0.0, np.where(np.isfinite(sigma), sigma**2, 0.0))
+    white2 = np.where(np.isfinite(sigma), np.maximum(sigma**2 - corr2, 0.0), 0.0)
+    return np.sqrt(white2), np.where(np.isfinite(sigma), np.sqrt(corr2), sigma)
 
 
 def quadrature(*terms: np.ndarray) -> np.ndarray:
@@ -141,28 +207,42 @@ def random_sigma_m_yr(
     pixel_size_m: float,
     autocorrelation_m: float = 500.0,
     reference_sigma_m: float | None = None,
+    stable_white_sigma_m: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The random term (m/yr) of U units (module docstring): the part common to all scenes
-    (the reference DEM's error; sigma_c = the smallest stable spread of the unit's scenes, or
-    `reference_sigma_m` (m), an upper bound of the reference DEM's error, where smaller)
-    averaged over the unit's measured area only, the rest scene by scene.
+    """The random term (m/yr) of U units (module docstring): the correlated part common to all
+    scenes (the reference DEM's error; sigma_c = the smallest correlated stable spread of the
+    unit's scenes, or `reference_sigma_m` (m), an upper bound of the reference DEM's error, where
+    smaller) averaged over the unit's measured area only, the rest of the correlated part scene
+    by scene, and the white part (`stable_white_sigma_m`, m; None: none) over each scene's
+    measured pixels as 1 / n.
 
-    scene_weight, scene_px (S, U); measured_px (U,); scene_years, stable_sigma_m (S,)."""
+    scene_weight, scene_px (S, U); measured_px (U,); scene_years, stable_sigma_m,
+    stable_white_sigma_m (S,)."""
     w = np.asarray(scene_weight, dtype=float)
     per_year = w / np.abs(np.asarray(scene_years, dtype=float))[:, None]  # (S, U)
-    sigma = np.asarray(stable_sigma_m, dtype=float)[:, None] * np.ones_like(w)
+    total = np.asarray(stable_sigma_m, dtype=float)
+    white = (
+        np.zeros_like(total)
+        if stable_white_sigma_m is None
+        else np.minimum(np.nan_to_num(np.asarray(stable_white_sigma_m, dtype=float)), total)
+    )
+    white = np.where(np.isfinite(total), white, 0.0)
+    corr = np.sqrt(np.maximum(total**2 - white**2, 0.0))  # NaN where the spread is unknown
+    sigma = corr[:, None] * np.ones_like(w)
     used = (w > 0) & np.isfinite(sigma)
     common = np.where(used, sigma, np.inf).min(axis=0)
     if reference_sigma_m is not None:
         common = np.minimum(common, float(reference_sigma_m))
     common = np.where(np.isfinite(common), common, 0.0)
     own_var = np.where(used, np.maximum(np.nan_to_num(sigma) ** 2 - common**2, 0.0), 0.0)
+    px_s = np.asarray(scene_px, dtype=float)
     area_u = np.asarray(measured_px, dtype=float) * pixel_size_m**2
-    area_s = np.asarray(scene_px, dtype=float) * pixel_size_m**2
+    area_s = px_s * pixel_size_m**2
     rho_u = spatial_variance_ratio(area_u, autocorrelation_m)
     rho_s = spatial_variance_ratio(area_s, autocorrelation_m)
     common_var = common**2 * rho_u * np.where(used, per_year, 0.0).sum(axis=0) ** 2
-    return np.sqrt(common_var + (per_year**2 * own_var * rho_s).sum(axis=0))
+    white_var = np.where(used, white[:, None] ** 2 / np.maximum(px_s, 1.0), 0.0)
+    return np.sqrt(common_var + (per_year**2 * (own_var * rho_s + white_var)).sum(axis=0))
 
 
 def unmeasured_sigma_m_yr(
@@ -220,14 +300,16 @@ def unit_uncertainty(
     autocorrelation_penetration_m: float = 2000.0,
     seasonal_sigma_m_per_month: float = 0.15,
     reference_sigma_m: float | None = None,
+    stable_white_sigma_m: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """The error terms (m w.e./yr, 1 sigma) of U units; keys are the table's column names.
 
     dhdt_m_yr (U,); scene_weight, scene_px (S, U); measured_px (U,); penetration_sigma_m
     (sigma_table, m) and penetration_std_m (sigma_spread, m; None: unknown) (U,); scene_years,
-    scene_month, stable_sigma_m, scene_datum_sigma_m (S,) per scene; unmeasured_m_yr (U,): the
-    unmeasured-area term in m/yr (`unmeasured_sigma_m_yr`; None: no such column). Units without
-    a measurement get NaN.
+    scene_month, stable_sigma_m, scene_datum_sigma_m (S,) per scene; stable_white_sigma_m (S,):
+    the white part of stable_sigma_m (m, `white_correlated_split`; None: all correlated);
+    unmeasured_m_yr (U,): the unmeasured-area term in m/yr (`unmeasured_sigma_m_yr`; None: no
+    such column). Units without a measurement get NaN.
     """
     w = np.asarray(scene_weight, dtype=float)
     years = np.abs(np.asarray(scene_years, dtype=float))[:, None]  # spans (scenes may be older)
@@ -243,6 +325,7 @@ def unit_uncertainty(
         pixel_size_m,
         autocorrelation_m,
         reference_sigma_m,
+        stable_white_sigma_m,
     )
     per_year = (w / years).sum(axis=0)
     area_u = np.asarray(measured_px, dtype=float) * pixel_size_m**2

@@ -438,3 +438,82 @@ def test_results_are_the_error_model_on_the_dense_combination(
     assert row["sigma_unmeasured_mwe_yr"] > 0
     total = np.sqrt(sum(row[c] ** 2 for c in terms))
     assert row["mb_sigma_mwe_yr"] == pytest.approx(total, rel=1e-12)
+
+
+def test_stored_reference_bound_and_white_part_reach_the_error_model(
+    synthetic: Synthetic, tmp_path: Path
+) -> None:
+    """The `penetration` group's scalar reference_sigma_m (m) and the stats group's block
+    statistic (stable_block_*) reach `unit_results`: the glacier rows equal it with the stored
+    bound and the white parts of `white_correlated_split`; the configured reference_sigma_m,
+    when set, wins over the stored one."""
+    from mbcube.massbalance import unit_results
+    from mbcube.uncertainty import datum_sigma_m, white_correlated_split
+
+    store = tmp_path / "cube.zarr"
+    shutil.copytree(synthetic.store, store)
+    before = load_stats(store)
+    assert before.reference_sigma_m is None
+    np.testing.assert_array_equal(before.stable_white_sigma_m, 0.0)  # no block statistic
+    n_scenes = len(before.scene_ids)
+    # block statistic: 300 blocks of 250 px whose means spread 0.5 m (pixels: stable_sigma_m)
+    blocks = xr.Dataset(
+        {
+            "stable_nmad_dh_m": ("scene", before.stable_sigma_m),
+            "stable_block_count": ("scene", np.full(n_scenes, 300, np.int64)),
+            "stable_block_px_sum": ("scene", np.full(n_scenes, 300 * 250.0)),
+            "stable_block_inv_px_sum": ("scene", np.full(n_scenes, 300 / 250.0)),
+            "stable_block_nmad_dh_m": ("scene", np.full(n_scenes, 0.5)),
+        },
+        coords={"scene": before.scene_ids},
+    )
+    write_dataset(blocks.drop_vars("scene"), store, group="stats", mode="a")
+    pen = xr.Dataset({"reference_sigma_m": ((), 0.4)})
+    write_dataset(pen, store, group="penetration", mode="w")
+    data = load_stats(store)
+    assert data.reference_sigma_m == pytest.approx(0.4)
+    white, corr = white_correlated_split(
+        before.stable_sigma_m,
+        np.full(n_scenes, 0.5),
+        np.full(n_scenes, 300),
+        np.full(n_scenes, 250.0),
+        np.full(n_scenes, 1 / 250.0),
+        data.pixel_size_m,
+    )
+    assert np.all(white > 0.3 * before.stable_sigma_m) and np.all(corr > 0)
+    np.testing.assert_allclose(data.stable_white_sigma_m, white, rtol=1e-12)
+    stable_n = xr.open_zarr(str(store), group="stats")["stable_count"].values.astype(float)
+    mean = xr.open_zarr(str(store), group="stats")["stable_sum_dh_m"].values / stable_n
+    np.testing.assert_allclose(
+        data.datum_sigma_m,
+        datum_sigma_m(stable_n, mean, before.stable_sigma_m, data.pixel_size_m, 500.0, white),
+        rtol=1e-9,
+    )
+    dense = data.cells.dense()
+    pen_zero = np.zeros(len(data.glacier))
+    inputs = (
+        data.bin_lower_m,
+        data.scene_years,
+        data.scene_month,
+        data.stable_sigma_m,
+        data.datum_sigma_m,
+        data.pixel_size_m,
+        pen_zero,
+        None,
+    )
+    table = glacier_table(data)
+    want = unit_results(dense, *inputs, reference_sigma_m=0.4, stable_white_sigma_m=white)
+    np.testing.assert_allclose(table["sigma_random_mwe_yr"], want["sigma_random_mwe_yr"])
+    old = glacier_table(before)["sigma_random_mwe_yr"].to_numpy()
+    measured = np.isfinite(old)
+    assert np.all(table["sigma_random_mwe_yr"].to_numpy()[measured] < old[measured])
+    # the configured bound wins over the stored one
+    config = MassBalanceConfig(reference_sigma_m=1.5)
+    mine = glacier_table(load_stats(store, config))
+    want = unit_results(
+        dense, *inputs, config=config, reference_sigma_m=0.4, stable_white_sigma_m=white
+    )
+    np.testing.assert_allclose(mine["sigma_random_mwe_yr"], want["sigma_random_mwe_yr"])
+    assert not np.allclose(
+        mine["sigma_random_mwe_yr"][measured], table["sigma_random_mwe_yr"][measured]
+    )

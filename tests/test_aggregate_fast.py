@@ -295,3 +295,33 @@ def test_measured_share_rule_is_part_of_the_cache_key(recorded: Synthetic, tmp_p
     pd.testing.assert_frame_equal(got, want)
     assert (got["filled_frac"] > loose["filled_frac"] + 1e-9).any()
     assert (got["filled_frac"] >= loose["filled_frac"] - 1e-12).all()
+
+
+def test_stored_reference_bound_is_part_of_the_results_key(
+    recorded: Synthetic, tmp_path: Path
+) -> None:
+    """A reference_sigma_m stored with the penetration table after the cache was written changes
+    the results key: the glacier results are recomputed from the cached cells (the scene
+    statistics locked), and the cache's fast path gives them back with the bound."""
+    import xarray as xr
+
+    store = tmp_path / "cube.zarr"
+    shutil.copytree(recorded.store, store)
+    first = load_stats(store)
+    assert first.reference_sigma_m is None
+    write_dataset(xr.Dataset({"reference_sigma_m": ((), 0.3)}), store, group="penetration")
+    assert _lock(store, "stats", coords=False) >= 3
+    second = load_stats(store)
+    assert second.results_key != first.results_key
+    assert second.reference_sigma_m == pytest.approx(0.3)
+    # a smaller common part: most glaciers' random term drops (one whose scenes' own parts
+    # average over smaller areas may rise, see the module docstring of mbcube.uncertainty)
+    old, new = first.results["sigma_random_mwe_yr"], second.results["sigma_random_mwe_yr"]
+    seen = np.isfinite(old)
+    assert (new[seen] < old[seen]).mean() > 0.8
+    cached = load_stats(store)  # fast path: everything from the cache
+    assert cached.reference_sigma_m == pytest.approx(0.3)
+    np.testing.assert_array_equal(
+        cached.results["sigma_random_mwe_yr"], second.results["sigma_random_mwe_yr"]
+    )
+    np.testing.assert_array_equal(cached.stable_white_sigma_m, second.stable_white_sigma_m)
