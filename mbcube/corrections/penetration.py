@@ -417,12 +417,12 @@ def between_glacier_spread(
     M = sum n_g m_g / N. Q = sum n_g (m_g - M)^2 has the expectation
     tau^2 (N - sum n_g^2 / N) + sum n_g v_g (1 - n_g / N), with tau the spread of the glaciers'
     true means and v_g = noise.variance(n_g res^2) the noise variance of m_g (X minus C on
-    stable ground, `NoiseCurve`). A cell holds a few
-    glaciers, too few to estimate tau alone, so glaciers are taken to differ by a factor
-    (tau = kappa |table value|: the same snow and firn penetrate in proportion on one glacier):
+    stable ground, `NoiseCurve`). A cell holds a few glaciers, too few to estimate tau alone,
+    so glaciers are taken to differ by a factor (tau = kappa |table value|: the same snow and
+    firn penetrate in proportion on one glacier):
     kappa^2 = (sum Q - sum noise) / sum (N - sum n_g^2 / N) table^2 over the bins of a
-    (region, surface), in [0, MAX_KAPPA]. Regions with fewer than `min_glaciers` glaciers with X band
-    in a surface take the pooled estimate (region index 0)."""
+    (region, surface), in [0, MAX_KAPPA]. Regions with fewer than `min_glaciers` glaciers with
+    X band in a surface take the pooled estimate (region index 0)."""
     glacier, region, s_idx, b = moments.cells()
     n_x, total = moments.values[0], moments.values[1]
     n_reg = table.penetration_m.shape[0]
