@@ -152,6 +152,14 @@ class CorrectionsConfig(_Strict):
         "rule; smaller p keeps groups with two modes or a long tail (a surging tongue beside "
         "its margins, the thinning margin of a glacier) whole while far blunders still go.",
     )
+    outlier_band_holds_zero: bool = Field(
+        True,
+        description="Widen each group's band to hold 0 (no change): dh between 0 and the group's "
+        "typical change is never rejected. Margins, where change fades out towards the outline, "
+        "and surging tongues beside their margins share a bin with their glacier's typical "
+        "change; a narrow band (its spread small where most of the bin changes alike) rejected "
+        "them and biased the bin away from 0. Blunders beyond the band still go.",
+    )
     outlier_min_px: int = Field(
         20,
         ge=1,

@@ -519,6 +519,8 @@ def test_outlier_tables_recorded_per_scene_and_group(corrected: Path) -> None:
         assert int(tab.n_rejected.sum()) == int(ds.outlier_rejected_px[k])
         filtered = np.isfinite(tab.lower_m.values)
         assert np.all(tab.lower_m.values[filtered] < tab.upper_m.values[filtered])
+        assert tab.attrs["outlier_band_holds_zero"] == 1  # the default: every band holds 0
+        assert np.all(tab.lower_m.values[filtered] <= 0) and np.all(tab.upper_m[filtered] >= 0)
         assert np.array_equal(filtered, tab.n_px.values >= 20)  # min_px
         assert np.all(tab.n_rejected.values[~filtered] == 0)
         valid = ds.valid.values[k] == 1
@@ -774,3 +776,30 @@ def test_outlier_band_keeps_a_second_mode_and_drops_blunders() -> None:
     assert band[~blunder].all() and not band[blunder].any()
     with pytest.raises(ValueError, match="band_quantile"):
         outliers.thresholds(hist, stats, 3.0, band_quantile=0.7)
+
+
+def test_band_holding_zero_keeps_a_fading_margin_and_drops_blunders() -> None:
+    """A thinning glacier bin: 80 % of its pixels at the full change (-40 m, spread 0.5 m), the
+    margin fading linearly from -40 m to 0 towards the outline (20 %), 1 % blunders at +60 m
+    and -150 m. Median -+ 3 NMAD keeps only the -40 m mode (a bin mean 4 m too negative); with
+    the band holding 0 the whole margin stays, the mean is right, and the blunders still go."""
+    rng = np.random.default_rng(7)
+    n = 5000
+    margin = rng.random(n) < 0.2
+    dh = np.where(margin, -40.0 * rng.random(n), rng.normal(-40.0, 0.5, n))
+    blunder = rng.random(n) < 0.01
+    dh[blunder] = np.where(rng.random(blunder.sum()) < 0.5, 60.0, -150.0)
+    dh, blunder, margin = (a.reshape(50, 100) for a in (dh, blunder, margin))
+    codes, block_keys = outliers.block_groups(dh, np.zeros(dh.shape, dtype=np.int64))
+    stats = outliers.mean_std(outliers.moments_block(dh, codes, block_keys))
+    hist = outliers.zhist_block(dh, codes, block_keys, stats)
+    classic = outliers.thresholds(hist, stats, 3.0)
+    widened = outliers.thresholds(hist, stats, 3.0, holds_zero=True)
+    assert classic.upper[0] < -35.0  # the narrow band around the main mode
+    assert widened.lower[0] == classic.lower[0] and widened.upper[0] == 0.0
+    truth = dh[~blunder].mean()
+    kept_classic = outliers.keep(dh, codes, block_keys, classic)
+    kept = outliers.keep(dh, codes, block_keys, widened)
+    assert dh[kept_classic].mean() - truth < -3.0
+    assert abs(dh[kept].mean() - truth) < 0.05
+    assert kept[~blunder].all() and not kept[blunder].any()

@@ -393,11 +393,13 @@ def thresholds(
     k_nmad: float,
     min_px: int = 20,
     band_quantile: float = 0.5,
+    holds_zero: bool = False,
 ) -> Thresholds:
     """Lower and upper dh thresholds (m) per group: q(p) - k_nmad * NMAD and q(1 - p) + k_nmad *
     NMAD, q the group's quantiles at p = band_quantile (0.5: median -+ k_nmad * NMAD) and NMAD
-    about the median (at least one z bin); NaN (not filtered) for groups with fewer than
-    `min_px` values or no spread. All read off the group's z histogram (group_z_stats)."""
+    about the median (at least one z bin); with holds_zero, the band widened to hold 0 (lower <=
+    0 <= upper). NaN (not filtered) for groups with fewer than `min_px` values or no spread. All
+    read off the group's z histogram (group_z_stats)."""
     if not 0.0 <= band_quantile <= 0.5:
         raise ValueError(f"band_quantile must be within [0, 0.5], got {band_quantile}")
     lower = np.full(stats.keys.size, np.nan)
@@ -410,6 +412,9 @@ def thresholds(
         mean, std = stats.mean[use], stats.std[use]
         lower[use] = mean + std * (quant[:, 1] - k_nmad * nmad)
         upper[use] = mean + std * (quant[:, 2] + k_nmad * nmad)
+        if holds_zero:
+            lower[use] = np.minimum(lower[use], 0.0)
+            upper[use] = np.maximum(upper[use], 0.0)
     return Thresholds(stats.keys, stats.n, lower, upper)
 
 

@@ -739,6 +739,7 @@ def scene_graphs(
         config.outlier_nmad,
         config.outlier_min_px,
         config.outlier_band_quantile,
+        config.outlier_band_holds_zero,
     )
     finals = {(i, j): _task(where(i, j), _final, cg[i, j], th) for i, j in tiles}
     rejected = _tree(
@@ -754,6 +755,7 @@ def scene_graphs(
         config.outlier_nmad,
         config.outlier_min_px,
         config.outlier_band_quantile,
+        config.outlier_band_holds_zero,
     )
 
     def assemble(k: int, dtype: Any) -> da.Array:
@@ -866,6 +868,7 @@ def _outlier_dataset(
     k_nmad: float,
     min_px: int,
     band_quantile: float = 0.5,
+    holds_zero: bool = False,
 ) -> xr.Dataset:
     """The outlier thresholds of one scene as a table along `outlier_group` (the groups with
     finite dh in the scene)."""
@@ -907,12 +910,13 @@ def _outlier_dataset(
             "scene": scene_id,
             "outlier_nmad": k_nmad,
             "outlier_band_quantile": band_quantile,
+            "outlier_band_holds_zero": int(holds_zero),
             "min_px": min_px,
             "bin_width_m": width,
             "description": "dh outside [lower_m, upper_m] (the group's quantiles at "
             "outlier_band_quantile and 1 - outlier_band_quantile, widened by outlier_nmad NMAD; "
-            "0.5: median -+ outlier_nmad NMAD) was rejected; NaN thresholds: fewer than min_px "
-            "pixels or no spread, the "
+            "0.5: median -+ outlier_nmad NMAD; widened to hold 0 where outlier_band_holds_zero "
+            "is 1) was rejected; NaN thresholds: fewer than min_px pixels or no spread, the "
             "group was not filtered",
         },
     )
