@@ -57,7 +57,6 @@ import csv
 import datetime as dt
 import functools
 import hashlib
-import itertools
 import json
 import logging
 import warnings
@@ -97,6 +96,7 @@ from mbcube.uncertainty import (
     stable_moments,
     white_correlated_split,
 )
+from mbcube.unit_sums import UNIT_FIELDS, unit_cell_sums
 
 __all__ = [
     "GLACIER_COLUMNS",
@@ -294,47 +294,16 @@ def sum_cells(cells: CellStats, membership: np.ndarray, min_px_per_bin: int = 10
     made of glaciers, membership (U, G) 0/1. Region-level hypsometric averaging: per (bin,
     surface) the area-weighted mean of the member glaciers' means over the glaciers measured
     there (>= min_px_per_bin); pixel sums summed (measured_bin_px over those measured cells);
-    scene weights area-weighted means. Only the
-    non-empty cells are touched: cost ~ cells x regions per glacier, not glaciers x bins."""
+    scene weights area-weighted means. Only the non-empty cells are touched, in one pass
+    (`mbcube.unit_sums`): cost ~ cells x regions per glacier, not glaciers x bins."""
     m = sparse.csr_array(np.asarray(membership, dtype=float))
-    n_units, n_glaciers = m.shape
+    n_units = m.shape[0]
     shape = (cells.n_bins, cells.n_surfaces)
     width = cells.n_bins * cells.n_surfaces
     v = cells.values
 
-    # glacier blocks of ~CELL_CHUNK cells at a time (bounded temporaries), sums accumulated
-    k = 7
-    summed = np.zeros((n_units, k * width))
-    bounds = np.searchsorted(cells.glacier, np.arange(n_glaciers + 1))  # first cell of each
-    starts = [0]
-    while starts[-1] < n_glaciers:
-        nxt = int(np.searchsorted(bounds, bounds[starts[-1]] + CELL_CHUNK, side="right")) - 1
-        starts.append(min(max(nxt, starts[-1] + 1), n_glaciers))
-    for g0, g1 in itertools.pairwise(starts):
-        lo, hi = int(bounds[g0]), int(bounds[g1])
-        part = slice(lo, hi)
-        valid = v["count"][part] >= min_px_per_bin
-        area = np.where(valid, v["area_m2"][part], 0.0)
-        weight = v["weight"][part]
-        mean_rate = np.divide(v["rate_sum"][part], weight, out=np.zeros(hi - lo), where=valid)
-        mean_dh = np.divide(v["dh_sum"][part], weight, out=np.zeros(hi - lo), where=valid)
-        columns = np.empty((hi - lo, k))
-        columns[:, 0] = np.where(valid, v["count"][part], 0.0)
-        columns[:, 1] = area
-        columns[:, 2] = area * mean_rate
-        columns[:, 3] = area * mean_dh
-        columns[:, 4] = v["area_m2"][part]
-        columns[:, 5] = v["n_px"][part]
-        columns[:, 6] = np.where(valid, v["measured_bin_px"][part], 0.0)
-        # one sparse (block glaciers, k x B x F) matrix of the k fields (cells sorted by glacier)
-        indptr = np.zeros(g1 - g0 + 1, dtype=np.int64)
-        indptr[1:] = np.cumsum(np.bincount(cells.glacier[part] - g0, minlength=g1 - g0)) * k
-        indices = (cells.cell[part, None] + width * np.arange(k)[None, :]).ravel()
-        per_glacier = sparse.csr_array(
-            (columns.ravel(), indices, indptr), shape=(g1 - g0, k * width)
-        )
-        summed += (m[:, g0:g1] @ per_glacier).toarray()
-    summed = summed.reshape(n_units, k, *shape)
+    summed = unit_cell_sums(cells.glacier, cells.cell, v, membership, width, min_px_per_bin)
+    summed = summed.reshape(n_units, len(UNIT_FIELDS), *shape)
     area_g = cells.glacier_sum("area_m2")
     area_u = m @ area_g
     weighted = np.asarray(m @ (cells.scene_weight * area_g[None, :]).T).T

@@ -1,0 +1,87 @@
+"""mbcube.unit_sums against a slow loop over units, glaciers and cells."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mbcube.unit_sums import UNIT_FIELDS, unit_cell_sums
+
+
+def _cells(seed: int, n_glaciers: int, n_cells: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Random non-empty cells sorted by glacier, each (glacier, cell) once."""
+    rng = np.random.default_rng(seed)
+    keep = rng.random((n_glaciers, n_cells)) < 0.4
+    glacier, cell = np.nonzero(keep)
+    k = len(glacier)
+    n_px = rng.integers(1, 60, k).astype(float)
+    count = np.floor(n_px * rng.random(k))
+    area = n_px * 900.0
+    weight = area * np.where(count > 0, rng.uniform(0.5, 1.0, k), 0.0)
+    values = {
+        "count": count,
+        "area_m2": area,
+        "weight": weight,
+        "rate_sum": weight * rng.normal(-0.5, 1.0, k),
+        "dh_sum": weight * rng.normal(-6.0, 10.0, k),
+        "n_px": n_px,
+        "measured_bin_px": np.minimum(count, n_px),
+    }
+    return glacier, cell, values
+
+
+def _oracle(glacier, cell, values, membership, n_cells, min_px):  # type: ignore[no-untyped-def]
+    out = np.zeros((membership.shape[0], len(UNIT_FIELDS), n_cells))
+    for u in range(membership.shape[0]):
+        for i in range(len(glacier)):
+            if not membership[u, glacier[i]]:
+                continue
+            c, v = cell[i], {k: values[k][i] for k in values}
+            if v["count"] >= min_px:
+                out[u, 0, c] += v["count"]
+                out[u, 1, c] += v["area_m2"]
+                out[u, 2, c] += v["area_m2"] * v["rate_sum"] / v["weight"]
+                out[u, 3, c] += v["area_m2"] * v["dh_sum"] / v["weight"]
+                out[u, 6, c] += v["measured_bin_px"]
+            out[u, 4, c] += v["area_m2"]
+            out[u, 5, c] += v["n_px"]
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n_glaciers=st.integers(1, 12),
+    n_units=st.integers(1, 5),
+    n_cells=st.integers(1, 9),
+    min_px=st.integers(1, 30),
+)
+def test_unit_sums_equal_a_loop_over_units_and_cells(
+    seed: int, n_glaciers: int, n_units: int, n_cells: int, min_px: int
+) -> None:
+    glacier, cell, values = _cells(seed, n_glaciers, n_cells)
+    membership = np.random.default_rng(seed + 1).random((n_units, n_glaciers)) < 0.5
+    got = unit_cell_sums(glacier, cell, values, membership, n_cells, min_px)
+    want = _oracle(glacier, cell, values, membership, n_cells, min_px)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9)
+
+
+def test_a_glacier_in_no_unit_adds_nothing_and_one_in_two_units_adds_to_both() -> None:
+    glacier, cell = np.array([0, 1, 1]), np.array([2, 0, 2])
+    values = {
+        "count": np.array([20.0, 5.0, 30.0]),
+        "area_m2": np.array([1e4, 2e4, 3e4]),
+        "weight": np.array([1e4, 2e4, 3e4]),
+        "rate_sum": np.array([-1e4, 0.0, 6e4]),  # mean rates -1 and +2 m/yr
+        "dh_sum": np.array([-1e5, 0.0, 6e5]),
+        "n_px": np.array([20.0, 40.0, 30.0]),
+        "measured_bin_px": np.array([20.0, 5.0, 30.0]),
+    }
+    membership = np.array([[False, True], [True, True]])
+    got = unit_cell_sums(glacier, cell, values, membership, 3, 10)
+    # unit 0 holds glacier 1 only: its cell 0 (5 px) is below min_px, so only areas and pixels
+    np.testing.assert_array_equal(got[0, :, 0], [0, 0, 0, 0, 2e4, 40, 0])
+    np.testing.assert_array_equal(got[0, :, 2], [30, 3e4, 6e4, 6e5, 3e4, 30, 30])
+    # unit 1 holds both: cell 2 sums glacier 0 (-1 m/yr on 1e4 m2) and glacier 1 (+2 on 3e4)
+    np.testing.assert_array_equal(got[1, :, 2], [50, 4e4, 5e4, 5e5, 4e4, 50, 50])
