@@ -82,8 +82,8 @@ def unit_cell_sums(
     glacier_of, unit_of = np.nonzero(member.T)  # sorted by glacier
     unit_ptr = np.searchsorted(glacier_of, np.arange(n_glaciers + 1)).astype(np.int64)
 
-    def column(name: str) -> np.ndarray:
-        return np.ascontiguousarray(values[name], dtype=np.float64)
+    def column(name: str) -> np.ndarray:  # strided views (columns of the cache) stay views
+        return np.asarray(values[name], dtype=np.float64)
 
     return _sum_kernel(
         np.ascontiguousarray(glacier, dtype=np.int64),
