@@ -85,6 +85,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "MIN_BLOCKS",
     "datum_sigma_m",
     "months_from_february",
     "n_eff",

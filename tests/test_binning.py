@@ -500,6 +500,30 @@ def test_bin_cube_matches_pandas_and_truth(dem_cube, dem_study, tmp_path):
         assert float(s["stable_sumsq_dh_m2"]) == pytest.approx((dh[on] ** 2).sum(), rel=1e-9)
         assert float(s["stable_median_dh_m"]) == pytest.approx(np.median(dh[on]), abs=0.02)
         assert float(s["stable_nmad_dh_m"]) == pytest.approx(nmad(dh[on]), abs=0.03)
+        # stable-ground blocks of round(500 m / 30 m) = 17 px inside each 128 px tile
+        side = zarr.open_group(str(store), path="stats").attrs["stable_block_side_px"]
+        assert side == 17
+        tile = cube["dh_m"].data.chunksize[-1]
+        n_blocks, sums, means = oracle_blocks(dh, cube["stable"].values, side, (tile, tile))
+        assert int(s["stable_block_count"]) == n_blocks > 100
+        got = [
+            float(s[k])
+            for k in (
+                "stable_block_sum_dh_m",
+                "stable_block_sumsq_dh_m2",
+                "stable_block_inv_px_sum",
+                "stable_block_px_sum",
+            )
+        ]
+        np.testing.assert_allclose(got, sums, rtol=1e-9)
+        lo, width = -STABLE_HIST_HALF_RANGE_M, STABLE_HIST_WIDTH_M
+        n_hist = stats.sizes["stable_dh_bin"]
+        slots = np.clip(np.floor((np.array(means) - lo) / width), 0, n_hist - 1).astype(int)
+        hist = np.bincount(slots, minlength=n_hist)
+        np.testing.assert_array_equal(s["stable_block_hist"].values, hist)
+        assert float(s["stable_block_nmad_dh_m"]) == nmad_from_histogram(hist)[1]
+        # (numpy's NMAD of the same means differs by the histogram's bins and median rule)
+        assert float(s["stable_block_nmad_dh_m"]) == pytest.approx(nmad(means), abs=0.05)
 
 
 def test_voids_binned_by_srtm_x_take_their_bins_rate(dem_cube, dem_study, tmp_path):
