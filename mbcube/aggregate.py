@@ -466,8 +466,22 @@ def _keys(store: Path, state: dict[str, Any], config: MassBalanceConfig) -> _Key
         "study": state.get("study", {}).get("config"),
         "static": state.get("static", {}).get("inputs"),
         "reference_sigma_m": _stored_reference_sigma(store),
+        # the penetration table's record (its token changes whenever it is recomputed, e.g.
+        # with its spread or reference bound): the results read its sigma and spread
+        "penetration": _record_of(state, *PENETRATION_RECORD).get("token"),
     }
     return _Keys(scenes, stats_key, _digest(results))
+
+
+#: (step, id) of the penetration table's record (mbcube.corrections.step.STEP, TABLE_ID; not
+#: imported: aggregate's fast path does not load the corrections).
+PENETRATION_RECORD = ("correct", "_penetration_table")
+
+
+def _record_of(state: dict[str, Any], step: str, item: str) -> dict[str, Any]:
+    """The store state's record of `item` in `step` ({} when none)."""
+    found = state.get("steps", {}).get(step, {}).get(item, {})
+    return found if isinstance(found, dict) else {}
 
 
 def _is_array(path: Path) -> bool:

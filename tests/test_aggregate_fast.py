@@ -325,3 +325,22 @@ def test_stored_reference_bound_is_part_of_the_results_key(
         cached.results["sigma_random_mwe_yr"], second.results["sigma_random_mwe_yr"]
     )
     np.testing.assert_array_equal(cached.stable_white_sigma_m, second.stable_white_sigma_m)
+
+
+def test_recomputed_penetration_table_renews_the_results(
+    recorded: Synthetic, tmp_path: Path
+) -> None:
+    """The results key follows the penetration table's record (its sigma and between-glacier
+    spread enter the results): a recomputed table renews the results, not the cached cells."""
+    from mbcube.corrections.step import STEP, TABLE_ID
+
+    assert (STEP, TABLE_ID) == aggregate_module.PENETRATION_RECORD
+    store = tmp_path / "cube.zarr"
+    shutil.copytree(recorded.store, store)
+    first = load_stats(store)
+    assert load_stats(store).results_key == first.results_key
+    record_step(store, STEP, TABLE_ID, {"params": {"penetration": "xband"}})
+    assert _lock(store, "stats", coords=False) >= 3  # the combined cells come from the cache
+    second = load_stats(store)
+    assert second.results_key != first.results_key
+    np.testing.assert_array_equal(second.results["mb_mwe_yr"], first.results["mb_mwe_yr"])
