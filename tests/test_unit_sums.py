@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mbcube.unit_sums import UNIT_FIELDS, unit_cell_sums
+from mbcube.unit_sums import UNIT_FIELDS, atoms, unit_cell_sums
 
 
 def _cells(seed: int, n_glaciers: int, n_cells: int) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -53,7 +53,7 @@ def _oracle(glacier, cell, values, membership, n_cells, min_px):  # type: ignore
 @given(
     seed=st.integers(0, 10_000),
     n_glaciers=st.integers(1, 12),
-    n_units=st.integers(1, 5),
+    n_units=st.integers(1, 20),
     n_cells=st.integers(1, 9),
     min_px=st.integers(1, 30),
 )
@@ -85,3 +85,13 @@ def test_a_glacier_in_no_unit_adds_nothing_and_one_in_two_units_adds_to_both() -
     np.testing.assert_array_equal(got[0, :, 2], [30, 3e4, 6e4, 6e5, 3e4, 30, 30])
     # unit 1 holds both: cell 2 sums glacier 0 (-1 m/yr on 1e4 m2) and glacier 1 (+2 on 3e4)
     np.testing.assert_array_equal(got[1, :, 2], [50, 4e4, 5e4, 5e5, 4e4, 50, 50])
+
+
+def test_atoms_group_glaciers_by_their_units() -> None:
+    rng = np.random.default_rng(3)
+    member = rng.random((19, 500)) < 0.3  # 19 units: three bytes per glacier
+    member[:, :250] = member[:, :1]  # half the glaciers share one pattern
+    patterns, atom_of = atoms(member)
+    np.testing.assert_array_equal(patterns[atom_of], member.T)
+    assert len({p.tobytes() for p in patterns}) == len(patterns)  # distinct
+    assert len(patterns) <= 251
