@@ -169,8 +169,11 @@ class CorrectionsConfig(_Strict):
     penetration_corr_m: float = Field(
         500.0,
         gt=0,
-        description="Correlation length (m) of the C-X difference's errors, for the standard error "
-        "of each penetration-table bin (Rolstad et al. 2009).",
+        description="Correlation length (m) of the DEM noise in SRTM-X minus SRTM-C, for the "
+        "standard error of each penetration-table bin (Rolstad et al. 2009). The spread of "
+        "penetration between glaciers, which the paper's 2000 m stands for, is its own term "
+        "(penetration_std_m, correlated over massbalance.autocorrelation_penetration_m): "
+        "2000 m here would count it twice.",
     )
 
     @field_validator("seasonal_offset_m")
