@@ -294,8 +294,8 @@ def sum_cells(cells: CellStats, membership: np.ndarray, min_px_per_bin: int = 10
     made of glaciers, membership (U, G) 0/1. Region-level hypsometric averaging: per (bin,
     surface) the area-weighted mean of the member glaciers' means over the glaciers measured
     there (>= min_px_per_bin); pixel sums summed (measured_bin_px over those measured cells);
-    scene weights area-weighted means. Only the non-empty cells are touched, in one pass
-    (`mbcube.unit_sums`): cost ~ cells x regions per glacier, not glaciers x bins."""
+    scene weights area-weighted means. Only the non-empty cells are touched, summed per set of
+    glaciers with the same units (`mbcube.unit_sums`), not glaciers x bins."""
     m = sparse.csr_array(np.asarray(membership, dtype=float))
     n_units = m.shape[0]
     shape = (cells.n_bins, cells.n_surfaces)
