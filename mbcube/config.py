@@ -215,9 +215,10 @@ class MassBalanceConfig(_Strict):
         None,
         gt=0,
         description="Upper bound (m, 1 sigma) of the reference DEM's error, the part of the "
-        "random error common to all scenes, e.g. the spread of SRTM-C minus SRTM-X on stable "
-        "ground. None: the smallest stable-ground spread among a glacier's scenes (also an upper "
-        "bound; loose for InSAR scenes, whose spread is mostly white phase noise).",
+        "random error common to all scenes. When set, it is used as given. None: the bound the "
+        "corrections step measured (NMAD of SRTM-X minus SRTM-C on stable ground, stored as "
+        "penetration/reference_sigma_m) where there is one, else the smallest correlated "
+        "stable-ground spread among a glacier's scenes (also an upper bound).",
     )
     seasonal_sigma_m_per_month: float = Field(0.15, ge=0)
     scene_rule: Literal["count_weighted", "prefer_jan_mar"] = "count_weighted"
