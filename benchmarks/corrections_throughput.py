@@ -9,7 +9,12 @@ Each measurement runs in a child process (wall time, child peak RSS):
 - `bound`: per scene, dh = dem_m - ref_dem_m - nanmedian over each tile, written to a scratch
   Zarr array with the same chunks: one read of the inputs, one numpy expression, one write.
 
-    .venv/bin/python benchmarks/corrections_throughput.py --root /tmp/corr/bench --scenes 20
+Both are timed in wall-clock time and in CPU time (user + system of the child process tree,
+getrusage): the CPU ratio bound / correct hardly moves with the machine's load (other processes
+take cores, not CPU time), the wall ratio is the one to read on an idle machine. Each run appends
+one row per repeat to RESULTS-corrections.md (date and time UTC, commit, load average).
+
+    .venv/bin/python benchmarks/corrections_throughput.py --repeat 3
 """
 
 from __future__ import annotations
@@ -107,12 +112,33 @@ def run_bound(store: Path) -> None:
 
 
 def child(mode: str, store: Path) -> tuple[float, float]:
-    """Run `mode` in a child process: (wall s, peak RSS GiB)."""
+    """Run `mode` in a child process: (wall s, CPU s = user + system of the child)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, __file__, "--child", mode, "--store", str(store)], check=True)
     wall = time.perf_counter() - t0
-    rss_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    return wall, rss_gib
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
+
+
+HEADER = (
+    "| date (UTC) | commit | load 1 min | cube (scene x y x x) | cores | correct s | correct CPU s "
+    "| bound s | bound CPU s | % of bound (wall) | % of bound (CPU) | Mpix/s/core | peak RSS GiB |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+)
+
+
+def _commit() -> str:
+    """The short commit of the repository, '+' if the package or benchmarks differ from it."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "mbcube", "benchmarks")
+    return (git("rev-parse", "--short", "HEAD") or "?") + ("+" if dirty else "")
 
 
 def main() -> None:
@@ -120,6 +146,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("/tmp/mbcube-bench-corrections"))
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--scenes", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=1, help="bound + correct pairs, in turn")
     parser.add_argument("--child", choices=["correct", "bound"])
     parser.add_argument("--store", type=Path)
     args = parser.parse_args()
@@ -134,22 +161,24 @@ def main() -> None:
     ds = open_cube(store)
     mpix = ds.sizes["scene"] * ds.sizes["y"] * ds.sizes["x"] / 1e6
     cores = os.cpu_count() or 1
-    bound_s, _ = child("bound", store)
-    correct_s, rss = child("correct", store)  # RUSAGE_CHILDREN: max over both children
-    line = (
-        f"| {dt.date.today()} | {ds.sizes['scene']} x {ds.sizes['y']} x {ds.sizes['x']} | {cores} "
-        f"| {correct_s:.1f} | {mpix / correct_s / cores:.2f} | {bound_s:.1f} "
-        f"| {mpix / bound_s / cores:.2f} | {100 * bound_s / correct_s:.0f} % | {rss:.2f} |"
-    )
-    print(line)
+    commit = _commit()
     if not RESULTS.exists():
-        RESULTS.write_text(
-            "# Corrections throughput\n\n"
-            "| date | cube (scene x y x x) | cores | correct s | Mpix/s/core | bound s "
-            "| bound Mpix/s/core | % of bound | peak RSS GiB |\n|---|---|---|---|---|---|---|---|---|\n"
+        RESULTS.write_text("# Corrections throughput\n\n" + HEADER)
+    for _ in range(args.repeat):
+        when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M")
+        load = os.getloadavg()[0]
+        bound_s, bound_cpu = child("bound", store)
+        correct_s, correct_cpu = child("correct", store)
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # max over children
+        line = (
+            f"| {when} | {commit} | {load:.1f} | {ds.sizes['scene']} x {ds.sizes['y']} x "
+            f"{ds.sizes['x']} | {cores} | {correct_s:.1f} | {correct_cpu:.1f} | {bound_s:.1f} "
+            f"| {bound_cpu:.1f} | {100 * bound_s / correct_s:.0f} % "
+            f"| {100 * bound_cpu / correct_cpu:.0f} % | {mpix / correct_s / cores:.2f} | {rss:.2f} |"
         )
-    with open(RESULTS, "a") as f:
-        f.write(line + "\n")
+        print(line, flush=True)
+        with open(RESULTS, "a") as f:
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,36 @@ def shift_weights(shift_m: np.ndarray, res_m: float, halo_px: int) -> Shift:
 
 
 @numba.njit(nogil=True, cache=True)
+def _row_dh(
+    dem_h: np.ndarray,
+    r0: int,
+    c0: int,
+    w00: float,
+    w01: float,
+    w10: float,
+    w11: float,
+    lower: bool,
+    ref_row: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """out[j] = the haloed scene resampled (bilinear) at row r0, column c0 + j, minus
+    ref_row[j] (float64, NaN/inf where an input is not finite). A loop without branches, which
+    the compiler vectorizes (the masks are applied after it)."""
+    nx = out.size
+    a = dem_h[r0, c0 : c0 + nx + 1]
+    if lower:
+        b = dem_h[r0 + 1, c0 : c0 + nx + 1]
+        for j in range(nx):
+            v = w00 * np.float64(a[j]) + w01 * np.float64(a[j + 1])
+            v = v + w10 * np.float64(b[j]) + w11 * np.float64(b[j + 1])
+            out[j] = v - np.float64(ref_row[j])
+    else:
+        for j in range(nx):
+            v = w00 * np.float64(a[j]) + w01 * np.float64(a[j + 1])
+            out[j] = v - np.float64(ref_row[j])
+
+
+@numba.njit(nogil=True, cache=True)
 def _dem_values(
     dem_h: np.ndarray,
     ref: np.ndarray,
@@ -89,24 +119,14 @@ def _dem_values(
     """The finite stable-ground dh only, in raster order."""
     ny, nx = ref.shape
     buf = np.empty(ny * nx, np.float64)
+    row = np.empty(nx, np.float64)
     n = 0
     for i in range(ny):
-        r0 = h + i0 + i
+        _row_dh(dem_h, h + i0 + i, h + j0, w00, w01, w10, w11, lower, ref[i], row)
         for j in range(nx):
-            if stable[i, j] != 1 or void[i, j] != 0:
-                continue
-            c0 = h + j0 + j
-            v = w00 * np.float64(dem_h[r0, c0]) + w01 * np.float64(dem_h[r0, c0 + 1])
-            if lower:
-                v = (
-                    v
-                    + w10 * np.float64(dem_h[r0 + 1, c0])
-                    + w11 * np.float64(dem_h[r0 + 1, c0 + 1])
-                )
-            z = ref[i, j]
-            d = v - np.float64(z)
-            if np.isfinite(d) and np.isfinite(z):
-                buf[n] = d
+            # (a finite dh implies a finite reference)
+            if stable[i, j] == 1 and void[i, j] == 0 and np.isfinite(row[j]):
+                buf[n] = row[j]
                 n += 1
     return buf, n
 
@@ -128,20 +148,11 @@ def _dem_dh(
     ny, nx = ref.shape
     dh = np.empty((ny, nx), np.float64)
     for i in range(ny):
-        r0 = h + i0 + i
+        out = dh[i]
+        _row_dh(dem_h, h + i0 + i, h + j0, w00, w01, w10, w11, lower, ref[i], out)
         for j in range(nx):
-            c0 = h + j0 + j
-            v = w00 * np.float64(dem_h[r0, c0]) + w01 * np.float64(dem_h[r0, c0 + 1])
-            if lower:
-                v = (
-                    v
-                    + w10 * np.float64(dem_h[r0 + 1, c0])
-                    + w11 * np.float64(dem_h[r0 + 1, c0 + 1])
-                )
-            z = ref[i, j]
-            d = v - np.float64(z)
-            ok = np.isfinite(d) and np.isfinite(z) and void[i, j] == 0
-            dh[i, j] = d if ok else np.nan
+            # a finite dh implies a finite reference; `&` keeps the loop free of branches
+            out[j] = out[j] if np.isfinite(out[j]) & (void[i, j] == 0) else np.nan
     return dh
 
 
@@ -253,23 +264,16 @@ def _coreg(
     ata = np.zeros((3, 3))
     atb = np.zeros(3)
     buf = np.empty(ny * nx, np.float64)
+    row = np.empty(nx, np.float64)
     n = 0
     sxx = sxy = sx = syy = sy = s1 = 0.0
     bx = by = b1 = 0.0
     for i in range(ny):
-        r0 = h + i0 + i
+        _row_dh(dem_h, h + i0 + i, h + j0, w00, w01, w10, w11, lower, ref_h[h + i, h:], row)
         for j in range(nx):
-            c0 = h + j0 + j
-            v = w00 * np.float64(dem_h[r0, c0]) + w01 * np.float64(dem_h[r0, c0 + 1])
-            if lower:
-                v = (
-                    v
-                    + w10 * np.float64(dem_h[r0 + 1, c0])
-                    + w11 * np.float64(dem_h[r0 + 1, c0 + 1])
-                )
-            z = ref_h[h + i, h + j]
-            d = v - np.float64(z)
-            if not (np.isfinite(d) and np.isfinite(z) and void[i, j] == 0):
+            d = row[j]
+            # (a finite dh implies a finite reference)
+            if not (np.isfinite(d) and void[i, j] == 0):
                 continue
             if stable[i, j] != 1:
                 continue
@@ -450,23 +454,22 @@ def _resid_hist(
     ny, nx = dh.shape
     row, slope = _ramp_rows(model, yk)
     e = model[4]
-    counts = np.zeros(nbins + 2, np.int64)
+    # slot 0 collects what is not counted (off stable ground, residual not finite); slot k + 2
+    # the residuals of bin k = -1 (underflow) .. nbins (overflow). The slots of a row are made
+    # in a loop without branches (vectorized), then counted.
+    counts = np.zeros(nbins + 3, np.int64)
+    slots = np.empty(nx, np.int64)
+    top = np.float64(nbins)
     for i in range(ny):
+        ri, si = row[i], slope[i]
         for j in range(nx):
-            if stable[i, j] != 1:
-                continue
-            x = xk[j]
-            m = _ramp_at(row[i], slope[i], e, x)
-            r = np.float64(dh[i, j]) - m
-            if not np.isfinite(r):
-                continue
-            k = np.floor((r - lo) / width)
-            if k < -1.0:
-                k = -1.0
-            elif k > nbins:
-                k = nbins
-            counts[int(k) + 1] += 1
-    return counts
+            r = np.float64(dh[i, j]) - _ramp_at(ri, si, e, xk[j])
+            k = min(max(np.floor((r - lo) / width), -1.0), top)
+            ok = np.isfinite(r) & (stable[i, j] == 1)
+            slots[j] = np.int64(k) + 2 if ok else 0
+        for j in range(nx):
+            counts[slots[j]] += 1
+    return counts[1:]
 
 
 def residual_histogram(

@@ -15,6 +15,7 @@ import hashlib
 import json
 import operator
 import threading
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,10 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+import zarr
+from dask._task_spec import DataNode, Task, TaskRef
 from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
 
 from mbcube import store as st
 from mbcube.cluster import SceneJob, compute, compute_scenes
@@ -350,6 +354,12 @@ def _stats_from_ne(
     return _stats_from_quantiles(where, clip_nmad, min_px, *(p[2] for p in parts))
 
 
+def _stats_from_dh(
+    where: str, clip_nmad: float, min_px: int, *tiles: DhTile
+) -> tuple[float, float, float]:
+    return _stats_from_quantiles(where, clip_nmad, min_px, *(t[1] for t in tiles))
+
+
 def _rejected_px(rejected: outliers.SparseCounts) -> np.ndarray:
     return np.array([int(rejected.counts.sum())], dtype=np.int64)
 
@@ -403,9 +413,11 @@ def _haloed(halo: int, *blocks: np.ndarray | None) -> np.ndarray:
     return out
 
 
-def _halo_tasks(blocks: np.ndarray, halo: int, where: str) -> np.ndarray:
+def _halo_tasks(
+    blocks: np.ndarray, halo: int, where: str, make: Callable[..., Any] = _task
+) -> np.ndarray:
     """One task per tile building its haloed block from the 3 x 3 neighbourhood of `blocks`
-    (an object array of delayed blocks over the tiles)."""
+    (an object array of delayed blocks over the tiles), made with make(where, func, *args)."""
     n_i, n_j = blocks.shape
     out = np.empty((n_i, n_j), dtype=object)
     for i in range(n_i):
@@ -415,7 +427,7 @@ def _halo_tasks(blocks: np.ndarray, halo: int, where: str) -> np.ndarray:
                 for di in (-1, 0, 1)
                 for dj in (-1, 0, 1)
             ]
-            out[i, j] = _task(f"{where} tile ({i}, {j})", _haloed, halo, *nine)
+            out[i, j] = make(f"{where} tile ({i}, {j})", _haloed, halo, *nine)
     return out
 
 
@@ -504,42 +516,99 @@ def persist_static(blocks: CubeBlocks) -> CubeBlocks:
     )
 
 
-def scene_graph(
+class _Graph:
+    """A scene's tasks as one graph layer: a dict of dask Task specs keyed (name, n), built
+    directly (a dask.delayed call merges the graphs of its arguments into a new layer each
+    time: ~0.2 s of the main thread per 4096^2 scene). Delayed arguments (the cube's blocks)
+    become references to their keys, and their graphs dependencies of the layer."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.layer: dict[Any, Any] = {}
+        self.deps: dict[Any, Any] = {}  # key -> the Delayed it comes from
+
+    def _arg(self, a: Any) -> Any:
+        if isinstance(a, Delayed):
+            self.deps.setdefault(a.key, a)
+            return TaskRef(a.key)
+        return a
+
+    def call(self, func: Callable[..., Any], *args: Any) -> TaskRef:
+        """func(*args) as a task; TaskRef and Delayed arguments are replaced by their values."""
+        key = (self.name, len(self.layer))
+        self.layer[key] = Task(key, func, *(self._arg(a) for a in args))
+        return TaskRef(key)
+
+    def task(self, where: str, func: Callable[..., Any], *args: Any) -> TaskRef:
+        """`call` re-raising errors with `where` (scene and tile) in the text (see _run)."""
+        return self.call(_run, where, func, *args)
+
+    def value(self, value: Any) -> TaskRef:
+        """A value that several tasks share: in the graph once (one key), not in each task."""
+        key = (self.name, len(self.layer))
+        self.layer[key] = DataNode(key, value)
+        return TaskRef(key)
+
+    def tree(self, parts: list[TaskRef], merge: Callable[..., Any], fan_in: int = 8) -> TaskRef:
+        """merge(*parts) as a tree of `fan_in`-way merges (bounded task memory)."""
+        while len(parts) > 1:
+            parts = [self.call(merge, *parts[i : i + fan_in]) for i in range(0, len(parts), fan_in)]
+        return parts[0]
+
+    def delayed(self, *refs: TaskRef) -> list[Delayed]:
+        """Delayed objects of the given tasks, sharing the finished graph (add no task after)."""
+        graph = HighLevelGraph.from_collections(
+            self.name, self.layer, dependencies=list(self.deps.values())
+        )
+        return [Delayed(r.key, graph, layer=self.name) for r in refs]
+
+
+@dataclass(frozen=True)
+class _SceneTasks:
+    """The reductions of one scene's graph: per tile its corrected tile and outlier groups
+    (kernels.CorrectedTile), and the scene's outlier thresholds and parameters."""
+
+    graph: _Graph
+    corrected: dict[tuple[int, int], TaskRef]
+    thresholds: TaskRef
+    params: TaskRef
+    chunks: tuple[tuple[int, ...], tuple[int, ...]]
+    centre_m: tuple[float, float]
+
+
+def _tile_slices(chunks: tuple[tuple[int, ...], tuple[int, ...]]) -> dict[tuple[int, int], Any]:
+    """(row slice, column slice) of each tile (i, j) on the grid."""
+    rows = np.concatenate([[0], np.cumsum(chunks[0])]).astype(int)
+    cols = np.concatenate([[0], np.cumsum(chunks[1])]).astype(int)
+    return {
+        (i, j): (slice(int(rows[i]), int(rows[i + 1])), slice(int(cols[j]), int(cols[j + 1])))
+        for i in range(len(chunks[0]))
+        for j in range(len(chunks[1]))
+    }
+
+
+def _scene_tasks(
     ds: xr.Dataset,
     scene: SceneInputs,
     config: CorrectionsConfig,
     table: penetration.Table,
-) -> xr.Dataset:
-    """The corrected scene as a lazy Dataset (dims starting with a length-1 `scene`), ready for
-    `write_scene_region`. Nothing is computed. `ds` is the cube (open_cube)."""
-    return scene_graphs(ds, scene, config, table)[0]
-
-
-def scene_graphs(
-    ds: xr.Dataset,
-    scene: SceneInputs,
-    config: CorrectionsConfig,
-    table: penetration.Table,
-    static: CubeBlocks | None = None,
-) -> tuple[xr.Dataset, Delayed]:
-    """`scene_graph`'s Dataset and the delayed outlier table of the scene (a small Dataset along
-    `outlier_group`, see `_outlier_dataset`), sharing one graph. Nothing is computed. `static`:
-    the cube's blocks (cube_blocks), made here when not given."""
+    static: CubeBlocks | None,
+) -> _SceneTasks:
+    """The scene's graph up to its outlier thresholds (see scene_graphs). Nothing is computed."""
     sid = scene.scene_id
     seasonal_m = seasonal_offset_m(scene.month, config.seasonal_offset_m, sid)
     res = float(abs(ds.x.values[1] - ds.x.values[0]))
     xs, ys = np.asarray(ds.x.values), np.asarray(ds.y.values)
-    x0, y0 = 0.5 * (xs[0] + xs[-1]), 0.5 * (ys[0] + ys[-1])
+    x0, y0 = _grid_centre(ds)
     xk_all, yk_all = (xs - x0) / 1000.0, (ys - y0) / 1000.0
     k_clip = config.ramp_sigma_clip
     halo = config.coreg_halo_px
     if static is None or static.halo != halo:
         static = cube_blocks(ds, halo)
     chunks = ds.ref_dem_m.data.chunks
-    rows = np.concatenate([[0], np.cumsum(chunks[0])])
-    cols = np.concatenate([[0], np.cumsum(chunks[1])])
     sb = static
     tiles = [(i, j) for i in range(len(chunks[0])) for j in range(len(chunks[1]))]
+    g = _Graph(f"correct-{sid}-{uuid.uuid4().hex}")
 
     def blocks(var: str) -> np.ndarray:
         return sb.scene_blocks(var, sid)
@@ -549,30 +618,29 @@ def scene_graphs(
 
     # Arrays the tile tasks share go into the graph once (a key each), not into every task:
     # an 8192^2 scene's graph was ~10 MiB of repeated coordinates and tables.
-    xk_once = [dask.delayed(xk_all[cols[j] : cols[j + 1]].copy()) for j in range(len(cols) - 1)]
-    yk_once = [dask.delayed(yk_all[rows[i] : rows[i + 1]].copy()) for i in range(len(rows) - 1)]
-    table_once = dask.delayed(table)
+    rows = np.concatenate([[0], np.cumsum(chunks[0])])
+    cols = np.concatenate([[0], np.cumsum(chunks[1])])
+    xk_once = [g.value(xk_all[cols[j] : cols[j + 1]].copy()) for j in range(len(cols) - 1)]
+    yk_once = [g.value(yk_all[rows[i] : rows[i + 1]].copy()) for i in range(len(rows) - 1)]
+    table_once = g.value(table)
 
-    def xk(j: int) -> Delayed:
+    def xk(j: int) -> TaskRef:
         """The tile column's x coordinates (km from the grid centre), shared by its tasks."""
         return xk_once[j]
 
-    def yk(i: int) -> Delayed:
+    def yk(i: int) -> TaskRef:
         """The tile row's y coordinates (km from the grid centre), shared by its tasks."""
         return yk_once[i]
-
-    def delayed(func: Callable[..., Any], *args: Any) -> Delayed:
-        return dask.delayed(func, pure=False)(*args)
 
     shift: Any = np.zeros(2)
     if scene.kind == "dem":
         if "dem_m" not in ds:
             raise CorrectionsError(f"scene {sid} is of kind 'dem' but the cube has no dem_m")
-        dem_h = _halo_tasks(blocks("dem_m"), halo, f"scene {sid}")
+        dem_h = _halo_tasks(blocks("dem_m"), halo, f"scene {sid}", g.task)
         n_iter = config.coreg_iterations if config.coregister_dem_scenes else 0
         if n_iter:
             q = [
-                _task(
+                g.task(
                     where(i, j),
                     _dem_q,
                     dem_h[i, j],
@@ -585,14 +653,14 @@ def scene_graphs(
                 )
                 for i, j in tiles
             ]
-            stats = delayed(_stats_from_quantiles, f"scene {sid}", k_clip, config.min_stable_px, *q)
+            stats = g.call(_stats_from_quantiles, f"scene {sid}", k_clip, config.min_stable_px, *q)
         # Iterations run in one static graph; once the shift stops moving, the later ones
         # return their blocks' previous sums without reading or resampling anything.
         converged: Any = False
         previous: list[Any] = [None] * len(tiles)
         for it in range(n_iter):
             ne = [
-                _task(
+                g.task(
                     where(i, j),
                     _coreg_ne,
                     dem_h[i, j],
@@ -609,20 +677,20 @@ def scene_graphs(
                 for k, (i, j) in enumerate(tiles)
             ]
             before = shift
-            shift = delayed(
+            shift = g.call(
                 _add_shift,
                 shift,
-                delayed(_sum_ne, *ne),
+                g.call(_sum_ne, *ne),
                 halo,
                 res,
                 f"scene {sid} (co-registration iteration {it + 1})",
                 converged,
             )
-            converged = delayed(_converged, before, shift, res)
+            converged = g.call(_converged, before, shift, res)
             previous = ne
-            stats = delayed(_stats_from_ne, f"scene {sid}", k_clip, config.min_stable_px, *ne)
+            stats = g.call(_stats_from_ne, f"scene {sid}", k_clip, config.min_stable_px, *ne)
         dh = {
-            (i, j): _task(
+            (i, j): g.task(
                 where(i, j),
                 _dem_dh,
                 dem_h[i, j],
@@ -642,7 +710,7 @@ def scene_graphs(
             )
         raw_b, radar_b, coh_b = blocks("dh_raw_m"), blocks("radar_mask"), blocks("coherence")
         dh = {
-            (i, j): _task(
+            (i, j): g.task(
                 where(i, j),
                 _insar_dh,
                 raw_b[i, j],
@@ -657,39 +725,42 @@ def scene_graphs(
         }
 
     # ramp (with its constant) by iterated sigma-clipped least squares, then the robust datum
-    q = [delayed(operator.getitem, dh[t], 1) for t in tiles]
-    stats = delayed(_stats_from_quantiles, f"scene {sid}", k_clip, config.min_stable_px, *q)
+    stats = g.call(
+        _stats_from_dh, f"scene {sid}", k_clip, config.min_stable_px, *(dh[t] for t in tiles)
+    )
     model: Any = np.zeros(ramp.N_COEF)
     for _ in range(config.ramp_iterations):
         ne = [
-            _task(where(i, j), _ramp_ne, dh[i, j], sb.stable[i, j], xk(j), yk(i), model, stats)
+            g.task(where(i, j), _ramp_ne, dh[i, j], sb.stable[i, j], xk(j), yk(i), model, stats)
             for i, j in tiles
         ]
-        model = delayed(_solve_ramp, delayed(_sum_ne, *ne), config.ramp_order)
-        hrange = delayed(_hist_range, stats, 0.0)
-        hist = _tree_sum(
+        model = g.call(_solve_ramp, g.call(_sum_ne, *ne), config.ramp_order)
+        hrange = g.call(_hist_range, stats, 0.0)
+        hist = g.tree(
             [
-                _task(
+                g.task(
                     where(i, j), _resid_hist, dh[i, j], sb.stable[i, j], xk(j), yk(i), model, hrange
                 )
                 for i, j in tiles
-            ]
+            ],
+            _sum,
         )
-        stats = delayed(_stats_from_hist, hist, hrange, k_clip)
-    tilt = delayed(_zero_constant, model)
-    hrange = delayed(_centred_range, model, stats)
-    counts = _tree_sum(
+        stats = g.call(_stats_from_hist, hist, hrange, k_clip)
+    tilt = g.call(_zero_constant, model)
+    hrange = g.call(_centred_range, model, stats)
+    counts = g.tree(
         [
-            _task(where(i, j), _resid_hist, dh[i, j], sb.stable[i, j], xk(j), yk(i), tilt, hrange)
+            g.task(where(i, j), _resid_hist, dh[i, j], sb.stable[i, j], xk(j), yk(i), tilt, hrange)
             for i, j in tiles
-        ]
+        ],
+        _sum,
     )
-    clipped = None
+    clipped: Any = None
     if config.datum_estimator == "nmad_mean":
-        centre_half = delayed(_centre_half, counts, hrange)
-        clipped = _tree_sum(
+        centre_half = g.call(_centre_half, counts, hrange)
+        clipped = g.tree(
             [
-                _task(
+                g.task(
                     where(i, j),
                     _resid_clipped,
                     dh[i, j],
@@ -700,18 +771,19 @@ def scene_graphs(
                     centre_half,
                 )
                 for i, j in tiles
-            ]
+            ],
+            _sum,
         )
-    n_stable = delayed(_count, counts)
-    params = delayed(
+    n_stable = g.call(_count, counts)
+    params = g.call(
         _params, model, counts, hrange, clipped, config.datum_estimator, seasonal_m, shift, n_stable
     )
 
     # penetration + seasonal; outliers per (glacier, surface, bin) on glaciers and (region,
-    # surface, bin) elsewhere, by sparse per-block reductions merged by group key; final tiles
+    # surface, bin) elsewhere, by sparse per-block reductions merged by group key
     width = config.bin_width_m
     cg = {
-        (i, j): _task(
+        (i, j): g.task(
             where(i, j),
             _corr_groups,
             dh[i, j],
@@ -727,12 +799,12 @@ def scene_graphs(
         )
         for i, j in tiles
     }
-    mom = _tree([cg[t] for t in tiles], _merge_moments)
-    gstats = delayed(outliers.mean_std, mom)
-    zh = _tree(
-        [_task(where(i, j), _zhist, cg[i, j], gstats) for i, j in tiles], outliers.merge_counts
+    mom = g.tree([cg[t] for t in tiles], _merge_moments)
+    gstats = g.call(outliers.mean_std, mom)
+    zh = g.tree(
+        [g.task(where(i, j), _zhist, cg[i, j], gstats) for i, j in tiles], outliers.merge_counts
     )
-    th = delayed(
+    th = g.call(
         outliers.thresholds,
         zh,
         gstats,
@@ -741,14 +813,107 @@ def scene_graphs(
         config.outlier_band_quantile,
         config.outlier_band_holds_zero,
     )
-    finals = {(i, j): _task(where(i, j), _final, cg[i, j], th) for i, j in tiles}
-    rejected = _tree(
-        [delayed(operator.getitem, finals[t], 2) for t in tiles],
-        outliers.merge_counts,
+    return _SceneTasks(g, cg, th, params, chunks, (x0, y0))
+
+
+def _grid_centre(ds: xr.Dataset) -> tuple[float, float]:
+    """The grid centre (x, y) in m, the origin of the ramp's coordinates."""
+    xs, ys = np.asarray(ds.x.values), np.asarray(ds.y.values)
+    return float(0.5 * (xs[0] + xs[-1])), float(0.5 * (ys[0] + ys[-1]))
+
+
+#: The per-scene parameters written beside dh_m: name -> (trailing dims, trailing shape).
+PARAMETERS: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
+    "datum_offset_m": ((), ()),
+    "ramp_coef": (("coef",), (ramp.N_COEF,)),
+    "coreg_shift_m": (("shift_axis",), (2,)),
+    "seasonal_offset_applied_m": ((), ()),
+    "stable_nmad_m": ((), ()),
+    "n_stable_px": ((), ()),
+}
+
+
+def _output_attrs(centre_m: tuple[float, float]) -> dict[str, dict[str, Any]]:
+    """The attributes of the variables the step writes (dh_m, valid, the parameters)."""
+    x0, y0 = centre_m
+    return {
+        "dh_m": {"long_name": "corrected elevation change (scene minus reference)", "units": "m"},
+        "valid": {"long_name": "valid dh_m: scene masks, reference, coherence and outliers"},
+        "datum_offset_m": {
+            "long_name": "stable-ground offset removed at the grid centre",
+            "units": "m",
+        },
+        "ramp_coef": {
+            "long_name": "ramp a + b x + c y + d x y + e x2 + f y2 removed (a = 0: in datum)",
+            "coef": " ".join(ramp.COEF_NAMES),
+            "units": " ".join(ramp.COEF_UNITS),
+            "x_y": f"km from the grid centre ({x0:.3f}, {y0:.3f}) m, x east, y north",
+        },
+        "coreg_shift_m": {
+            "long_name": "horizontal shift of the scene (east, north) removed",
+            "units": "m",
+        },
+        "seasonal_offset_applied_m": {
+            "long_name": "seasonal offset removed on glacier pixels",
+            "units": "m",
+        },
+        "stable_nmad_m": {
+            "long_name": "NMAD of stable-ground dh after datum and ramp",
+            "units": "m",
+        },
+        "n_stable_px": {"long_name": "stable valid pixels used for the datum"},
+        "outlier_rejected_px": {
+            "long_name": "valid pixels rejected as outliers",
+            "thresholds": f"per group in the group {OUTLIER_GROUP}/<scene> "
+            "(read with mbcube.corrections.step.outlier_table)",
+        },
+    }
+
+
+def _output_dataset(arrays: dict[str, da.Array], centre_m: tuple[float, float]) -> xr.Dataset:
+    """The step's variables as a Dataset over (scene, ...) from their dask arrays."""
+    attrs = _output_attrs(centre_m)
+    grid = ("scene", "y", "x")
+    dims: dict[str, tuple[str, ...]] = {"dh_m": grid, "valid": grid}
+    dims |= {name: ("scene", *tail) for name, (tail, _) in PARAMETERS.items()}
+    dims["outlier_rejected_px"] = ("scene",)
+    return xr.Dataset({name: (dims[name], arrays[name], attrs[name]) for name in dims})
+
+
+def scene_graph(
+    ds: xr.Dataset,
+    scene: SceneInputs,
+    config: CorrectionsConfig,
+    table: penetration.Table,
+) -> xr.Dataset:
+    """The corrected scene as a lazy Dataset (dims starting with a length-1 `scene`): dh_m, valid
+    and the per-scene parameters. Nothing is computed. `ds` is the cube (open_cube)."""
+    return scene_graphs(ds, scene, config, table)[0]
+
+
+def scene_graphs(
+    ds: xr.Dataset,
+    scene: SceneInputs,
+    config: CorrectionsConfig,
+    table: penetration.Table,
+    static: CubeBlocks | None = None,
+) -> tuple[xr.Dataset, Delayed]:
+    """`scene_graph`'s Dataset and the delayed outlier table of the scene (a small Dataset along
+    `outlier_group`, see `_outlier_dataset`), sharing one graph. Nothing is computed. `static`:
+    the cube's blocks (cube_blocks), made here when not given. (The step itself writes the
+    tiles from their tasks, see `_scene_write_graph`; both compute the same values.)"""
+    t = _scene_tasks(ds, scene, config, table, static)
+    g, sid, width = t.graph, scene.scene_id, config.bin_width_m
+    finals = {
+        (i, j): g.task(f"scene {sid} tile ({i}, {j})", _final, ct, t.thresholds)
+        for (i, j), ct in t.corrected.items()
+    }
+    rejected = g.tree(
+        [g.call(operator.getitem, f, 2) for f in finals.values()], outliers.merge_counts
     )
-    outlier_table = delayed(
+    table_ref = g.call(
         _outlier_dataset,
-        th,
+        t.thresholds,
         rejected,
         width,
         sid,
@@ -757,15 +922,25 @@ def scene_graphs(
         config.outlier_band_quantile,
         config.outlier_band_holds_zero,
     )
+    parts = {
+        (k, tile): g.call(operator.getitem, f, k) for tile, f in finals.items() for k in (0, 1)
+    }
+    params = {
+        name: g.call(_param_array, t.params, name, shape) for name, (_, shape) in PARAMETERS.items()
+    }
+    n_rejected = g.call(_rejected_px, rejected)
+    refs = [table_ref, n_rejected, *params.values(), *parts.values()]
+    table_d, n_rejected_d, *rest = g.delayed(*refs)
+    params_d = dict(zip(params, rest[: len(params)], strict=True))
+    parts_d = dict(zip(parts, rest[len(params) :], strict=True))
+    chunks = t.chunks
 
     def assemble(k: int, dtype: Any) -> da.Array:
         return da.block(
             [
                 [
                     da.from_delayed(
-                        delayed(operator.getitem, finals[i, j], k),
-                        (1, chunks[0][i], chunks[1][j]),
-                        dtype=dtype,
+                        parts_d[k, (i, j)], (1, chunks[0][i], chunks[1][j]), dtype=dtype
                     )
                     for j in range(len(chunks[1]))
                 ]
@@ -773,72 +948,146 @@ def scene_graphs(
             ]
         )
 
-    def param(name: str, shape: tuple[int, ...], dtype: Any = np.float64) -> da.Array:
-        value = delayed(_param_array, params, name, shape)
-        return da.from_delayed(value, (1, *shape), dtype=dtype)
-
-    out = xr.Dataset(
-        {
-            "dh_m": (
-                ("scene", "y", "x"),
-                assemble(0, np.float32),
-                {"long_name": "corrected elevation change (scene minus reference)", "units": "m"},
-            ),
-            "valid": (
-                ("scene", "y", "x"),
-                assemble(1, np.uint8),
-                {"long_name": "valid dh_m: scene masks, reference, coherence and outliers"},
-            ),
-            "datum_offset_m": (
-                ("scene",),
-                param("datum_offset_m", ()),
-                {"long_name": "stable-ground offset removed at the grid centre", "units": "m"},
-            ),
-            "ramp_coef": (
-                ("scene", "coef"),
-                param("ramp_coef", (ramp.N_COEF,)),
-                {
-                    "long_name": "ramp a + b x + c y + d x y + e x2 + f y2 removed (a = 0: in datum)",
-                    "coef": " ".join(ramp.COEF_NAMES),
-                    "units": " ".join(ramp.COEF_UNITS),
-                    "x_y": f"km from the grid centre ({x0:.3f}, {y0:.3f}) m, x east, y north",
-                },
-            ),
-            "coreg_shift_m": (
-                ("scene", "shift_axis"),
-                param("coreg_shift_m", (2,)),
-                {"long_name": "horizontal shift of the scene (east, north) removed", "units": "m"},
-            ),
-            "seasonal_offset_applied_m": (
-                ("scene",),
-                param("seasonal_offset_applied_m", ()),
-                {"long_name": "seasonal offset removed on glacier pixels", "units": "m"},
-            ),
-            "stable_nmad_m": (
-                ("scene",),
-                param("stable_nmad_m", ()),
-                {"long_name": "NMAD of stable-ground dh after datum and ramp", "units": "m"},
-            ),
-            "n_stable_px": (
-                ("scene",),
-                param("n_stable_px", ()),
-                {"long_name": "stable valid pixels used for the datum"},
-            ),
-            "outlier_rejected_px": (
-                ("scene",),
-                da.from_delayed(
-                    dask.delayed(_rejected_px, pure=True)(rejected), (1,), dtype=np.int64
-                ),
-                {
-                    "long_name": "valid pixels rejected as outliers",
-                    "thresholds": f"per group in the group {OUTLIER_GROUP}/<scene> "
-                    "(read with mbcube.corrections.step.outlier_table)",
-                },
-            ),
-        }
-    )
+    arrays = {"dh_m": assemble(0, np.float32), "valid": assemble(1, np.uint8)}
+    for name, (_, shape) in PARAMETERS.items():
+        arrays[name] = da.from_delayed(params_d[name], (1, *shape), dtype=np.float64)
+    arrays["outlier_rejected_px"] = da.from_delayed(n_rejected_d, (1,), dtype=np.int64)
+    out = _output_dataset(arrays, t.centre_m)
     out.attrs["outlier_nmad"] = config.outlier_nmad
-    return out, outlier_table
+    return out, table_d
+
+
+def _output_template(ds: xr.Dataset, n_scenes: int, centre_m: tuple[float, float]) -> xr.Dataset:
+    """The step's variables over all `n_scenes` of the store, lazily (for st.ensure_variables:
+    the same variables, dims, chunks and attributes write_scene_region would create)."""
+    ny, nx = ds.ref_dem_m.data.chunks
+    per_scene = (1,) * n_scenes
+
+    def full(tail: tuple[Any, ...], dtype: Any) -> da.Array:
+        shape = (n_scenes, *(sum(c) if isinstance(c, tuple) else c for c in tail))
+        chunks = (per_scene, *tail)
+        fill = np.nan if np.dtype(dtype).kind == "f" else 0
+        return da.full(shape, fill, dtype=dtype, chunks=chunks)
+
+    arrays = {"dh_m": full((ny, nx), np.float32), "valid": full((ny, nx), np.uint8)}
+    for name, (_, shape) in PARAMETERS.items():
+        arrays[name] = full(shape, np.float64)
+    arrays["outlier_rejected_px"] = full((), np.int64)
+    return _output_dataset(arrays, centre_m)
+
+
+@dataclass(frozen=True)
+class SceneOutputs:
+    """Where the step writes: the store and its arrays of the step's variables (zarr.Array,
+    opened once per run in the main thread after `ensure_variables`; each task writes the
+    chunks of its own scene and tiles, never metadata). `filled`: dh_m and valid opened to
+    write every chunk, for tiles known to hold data (zarr's own check whether a chunk holds
+    only the fill value, to skip it, costs 4 ms of a 1024^2 uint8 chunk's 5.4 ms write)."""
+
+    store: Path
+    arrays: dict[str, Any]
+    filled: dict[str, Any]
+
+
+def open_outputs(store: Path, ds: xr.Dataset, centre_m: tuple[float, float]) -> SceneOutputs:
+    """Create the step's variables in the store when missing (metadata only) and open them."""
+    template = _output_template(ds, len(st.scene_index(store)), centre_m)
+    with _STORE_LOCK:
+        st.ensure_variables(store, template)
+    arrays = {str(n): zarr.open_array(str(store / str(n)), mode="r+") for n in template.data_vars}
+    filled = {n: arrays[n].with_config({"write_empty_chunks": True}) for n in ("dh_m", "valid")}
+    return SceneOutputs(store, arrays, filled)
+
+
+def _final_write(
+    ct: kernels.CorrectedTile,
+    th: outliers.Thresholds,
+    out: SceneOutputs,
+    index: int,
+    tile: tuple[slice, slice],
+) -> outliers.SparseCounts:
+    """The final tile (`_final`) written to dh_m and valid at (scene index, tile); returns its
+    rejected pixels per group."""
+    dh, ok, rejected = _final(ct, th)
+    region = (slice(index, index + 1), *tile)
+    # valid is 1 exactly where dh is finite: with a valid pixel neither chunk is all fill value
+    # (NaN, 0), so writing it unchecked stores what zarr's checked write stores; without one,
+    # the checked write skips both chunks (and removes a previous run's), as before
+    arrays = out.filled if ok.any() else out.arrays
+    arrays["dh_m"][region] = dh
+    arrays["valid"][region] = ok
+    return rejected
+
+
+def _write_scene_results(
+    out: SceneOutputs,
+    index: int,
+    scene_id: str,
+    params: dict[str, Any],
+    rejected: outliers.SparseCounts,
+    th: outliers.Thresholds,
+    width: float,
+    k_nmad: float,
+    min_px: int,
+    band_quantile: float,
+    holds_zero: bool,
+) -> None:
+    """The scene's parameters (one chunk per array) and its outlier table."""
+    at = slice(index, index + 1)
+    for name, (_, shape) in PARAMETERS.items():
+        out.arrays[name][at] = _param_array(params, name, shape)
+    out.arrays["outlier_rejected_px"][at] = _rejected_px(rejected)
+    table = _outlier_dataset(
+        th, rejected, width, scene_id, k_nmad, min_px, band_quantile, holds_zero
+    )
+    _write_outlier_table(out.store, outlier_group_name(scene_id, index), table)
+
+
+def _scene_write_graph(
+    ds: xr.Dataset,
+    scene: SceneInputs,
+    config: CorrectionsConfig,
+    table: penetration.Table,
+    static: CubeBlocks | None,
+    out: SceneOutputs,
+) -> Delayed:
+    """The delayed writes of one scene, as one task: each tile's task writes its dh_m and valid
+    chunks, then one task writes the parameters and the outlier table. Nothing is computed."""
+    t = _scene_tasks(ds, scene, config, table, static)
+    g, sid = t.graph, scene.scene_id
+    out_ref = g.value(out)
+    slices = _tile_slices(t.chunks)
+    rejected = g.tree(
+        [
+            g.task(
+                f"scene {sid} tile {tile}",
+                _final_write,
+                ct,
+                t.thresholds,
+                out_ref,
+                scene.index,
+                slices[tile],
+            )
+            for tile, ct in t.corrected.items()
+        ],
+        outliers.merge_counts,
+    )
+    done = g.task(
+        f"scene {sid} (parameters and outlier table)",
+        _write_scene_results,
+        out_ref,
+        scene.index,
+        sid,
+        t.params,
+        rejected,
+        t.thresholds,
+        config.bin_width_m,
+        config.outlier_nmad,
+        config.outlier_min_px,
+        config.outlier_band_quantile,
+        config.outlier_band_holds_zero,
+    )
+    return g.delayed(done)[0]
 
 
 def _zero_constant(model: np.ndarray) -> np.ndarray:
@@ -1370,6 +1619,15 @@ def _step_params(config: CorrectionsConfig) -> dict[str, Any]:
     return config.model_dump(mode="json") | {"outlier_groups": outliers.GROUPING}
 
 
+@dataclass
+class _RunState:
+    """What the scenes of one run share, made by the first scene that needs it: the cube's
+    blocks (static layers kept in memory when small) and the opened output arrays."""
+
+    static: CubeBlocks | None = None
+    outputs: SceneOutputs | None = None
+
+
 def correct_cube(
     store: Path,
     config: CorrectionsConfig | None = None,
@@ -1412,13 +1670,13 @@ def correct_cube(
     # scenes depend on the table's content, not on when it was built: rebuilding the same
     # table (e.g. `correct --force --scene X`) leaves the other scenes current
     table_token = table_digest(table)
-    static: list[CubeBlocks] = []  # built by the first scene that needs them, then shared
+    run = _RunState()
     jobs = []
     for scene, upstream in inputs:
         record = {"params": _step_params(config), "upstream": upstream, "penetration": table_token}
         if not force and st.is_current(store, STEP, scene.scene_id, record):
             continue
-        jobs.append(_scene_job(store, ds, scene, config, table, static, record, progress))
+        jobs.append(_scene_job(store, ds, scene, config, table, run, record, progress))
     return compute_scenes(jobs)
 
 
@@ -1428,7 +1686,7 @@ def _scene_job(
     scene: SceneInputs,
     config: CorrectionsConfig,
     table: Any,
-    static: list[CubeBlocks],
+    run: _RunState,
     record: dict[str, Any],
     progress: Callable[[str], None] | None,
 ) -> SceneJob:
@@ -1438,17 +1696,14 @@ def _scene_job(
     def build() -> list[Any]:
         if progress:
             progress(f"correct scene {scene.scene_id}")
-        if not static:
+        if run.static is None:
             blocks = cube_blocks(ds, config.coreg_halo_px)
             if static_nbytes(ds, config.coreg_halo_px) <= STATIC_CACHE_BYTES:
                 blocks = persist_static(blocks)
-            static.append(blocks)
-        out, outlier_ds = scene_graphs(ds, scene, config, table, static[0])
-        with _STORE_LOCK:
-            write = st.write_scene_region(store, out, scene.index, compute=False)
-        group = outlier_group_name(scene.scene_id, scene.index)
-        write_table = dask.delayed(_write_outlier_table, pure=True)(store, group, outlier_ds)
-        return [write, write_table]
+            run.static = blocks
+        if run.outputs is None:
+            run.outputs = open_outputs(store, ds, _grid_centre(ds))
+        return [_scene_write_graph(ds, scene, config, table, run.static, run.outputs)]
 
     def finish(_: list[Any]) -> None:
         st.record_step(store, STEP, scene.scene_id, record)
