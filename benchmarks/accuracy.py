@@ -11,7 +11,8 @@ For each case (study kind x study shape x seed) a synthetic study is generated, 
     reference: minus the SRTM-C error the generator added (a pure function of map coordinates and
                the seed, `mbcube.synth.world.reference_noise_m`), common to all scenes;
     penetration: true C-X penetration (truth/penetration_m.tif) minus the stored table's value
-               (the `penetration` group, looked up as the correction does);
+               (the `penetration` group, looked up as the correction does, with the glacier's
+               own X-band offset added where the store applies them: 'xband_glacier');
     scene: the rest (datum/ramp residual, seasonal deviation, phase noise, unwrapping errors);
   each averaged over the glacier's measured pixels, divided by the scene's span, averaged over
   scenes with the pixel counts as weights, in m w.e./yr. `void` is what the glacier's area
@@ -19,6 +20,11 @@ For each case (study kind x study shape x seed) a synthetic study is generated, 
   share x (estimated rate - the void's true rate) x density. SRTM-C voids binned by SRTM-X
   (binning) take their bins' rates: what they add is in `sampling`, the glacier's actual error
   minus the four: what hypsometric averaging and gap filling of the binned area add or remove.
+  `adjusted` (0/1): the glacier has its own X-band offset (a surface with weight k > 0, offsets
+  applied); its reference error is then in the stated penetration term (`mbcube.uncertainty`),
+  so the calibration by term (`z_random`, `z_penetration`) pairs scene / sigma_random and
+  (ref + pen) / sigma_penetration for it, (ref + scene) / sigma_random and pen /
+  sigma_penetration for the others.
 
 The tables are made by `mbcube.aggregate` as the pipeline runs it (its results come from
 `mbcube.massbalance.unit_results`: every error term, the unmeasured-area term included, and the
@@ -174,6 +180,7 @@ def evaluate(study: Path, store: Path, out: Path) -> pd.DataFrame:
         "ref_all_mwe_yr",
         "void_frac",
         "void_c_frac",
+        "adjusted",
     ]
     return both[[k for k in keep if k in both]]
 
@@ -183,7 +190,8 @@ def decompose(study: Path, store: Path) -> pd.DataFrame:
     pixels, in m w.e./yr (module docstring); `ref_all_mwe_yr` is the reference error over ALL its
     pixels divided by the mean span (what a perfect method would still carry); `void_frac` its
     share of pixels without any elevation (void in SRTM-C and SRTM-X; `void_c_frac` void in
-    SRTM-C) and `void_true_m_yr` their true mean rate."""
+    SRTM-C) and `void_true_m_yr` their true mean rate; `adjusted` 1 where the glacier has its own
+    X-band offset (module docstring)."""
     import rasterio
     import xarray as xr
 
@@ -211,6 +219,14 @@ def decompose(study: Path, store: Path) -> pd.DataFrame:
     pen_tab = penetration.lookup(
         table.penetration_m, table.bin_lo_m, table.width_m, region, surface, ref_dem
     )
+    adjusted = np.zeros(int(glacier.max()) + 1, dtype=int)
+    if table.glacier_offset_m is not None:  # 'xband_glacier': the glacier's own offset too
+        pen_tab = pen_tab + penetration.glacier_lookup(table.glacier_offset_m, glacier, surface)
+        weight = xr.open_zarr(str(store), group="penetration", chunks=None)
+        k = weight["glacier_penetration_weight"].transpose("glacier", "surface")
+        ids_k = k["glacier"].values.astype(int)
+        inside = ids_k < adjusted.size
+        adjusted[ids_k[inside]] = (k.values[inside] > 0).any(axis=1)
     pen_err = pen_true - pen_tab  # what the correction leaves in dh (true minus removed)
     n = int(glacier.max()) + 1
     years = cube["scene_years"].values.astype(float)
@@ -257,6 +273,7 @@ def decompose(study: Path, store: Path) -> pd.DataFrame:
             "void_frac": (void_px / np.maximum(all_px, 1))[index],
             "void_c_frac": (void_c_px / np.maximum(all_px, 1))[index],
             "void_true_m_yr": void_true[index],
+            "adjusted": adjusted[np.clip(index, 0, adjusted.size - 1)],
         },
         index=pd.Index([str(v) for v in ids.values], name="RGIId"),
     )
@@ -365,9 +382,25 @@ def summary(glaciers: pd.DataFrame) -> pd.DataFrame:
                     if "sigma_unmeasured_mwe_yr" in sub
                     else np.nan,
                     "rms_z": _rms(sub["error_mwe_yr"] / sub["mb_sigma_mwe_yr"]),
+                    **z_by_term(sub),
                 }
             )
     return pd.DataFrame(rows)
+
+
+def z_by_term(rows: pd.DataFrame) -> dict[str, float]:
+    """rms of (the error part a term stands for) / (the term): random, penetration (module
+    docstring: adjusted glaciers carry their reference error in the penetration term), and the
+    share of adjusted glaciers."""
+    adj = rows["adjusted"].fillna(0).astype(bool) if "adjusted" in rows else rows["RGIId"].isna()
+    ref, pen, scene = rows["ref_mwe_yr"], rows["pen_mwe_yr"], rows["scene_mwe_yr"]
+    random_part = np.where(adj, scene, ref + scene)
+    pen_part = np.where(adj, ref + pen, pen)
+    return {
+        "z_random": _rms(pd.Series(random_part / rows["sigma_random_mwe_yr"].to_numpy())),
+        "z_penetration": _rms(pd.Series(pen_part / rows["sigma_penetration_mwe_yr"].to_numpy())),
+        "adjusted_share": float(adj.mean()),
+    }
 
 
 def _rms(v: pd.Series) -> float:

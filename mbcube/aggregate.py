@@ -48,7 +48,14 @@ the stable-ground spread (stats: stable_nmad_dh_m) is split into a white and a c
 with the stored block statistic (stats: stable_block_*, `white_correlated_split`); the bound of
 the reference DEM's error is the `penetration` group's scalar reference_sigma_m when stored
 (MassBalanceConfig.reference_sigma_m, when set, wins); the between-glacier penetration spread
-is its penetration_std_m (region x surface x bin, area-weighted per glacier) when stored.
+is its penetration_std_m (region x surface x bin, area-weighted per glacier) when stored. When
+the group's attribute glacier_adjustment_applied is 1 (corrections.penetration
+'xband_glacier'), a glacier with a surface of weight k > 0 (glacier_penetration_weight) is
+"adjusted": its reference and spread errors are replaced by glacier_penetration_sigma_m
+area-weighted over its surfaces (in sigma_penetration_mwe_yr; `mbcube.uncertainty`), and the
+table error of each cell is scaled by (1 - k) of its glacier and surface; a region sums its
+adjusted glaciers' errors as independent beyond autocorrelation_penetration_m
+(`mbcube.uncertainty.adjusted_units`, by glacier centroids), its other glaciers as before.
 """
 
 from __future__ import annotations
@@ -91,6 +98,7 @@ from mbcube.regions import (
 from mbcube.store import SCHEMA_VERSION, grid_of, open_cube, read_state, write_dataset
 from mbcube.surge import effective_surge, surge_candidates
 from mbcube.uncertainty import (
+    adjusted_units,
     datum_sigma_m,
     quadrature,
     stable_moments,
@@ -173,7 +181,7 @@ GLACIER_BLOCK = 4096
 #: The store group caching the glacier-level statistics and results.
 CACHE_GROUP = "massbalance_cache"
 #: Layout version of the cache (a cache of another layout is recomputed).
-CACHE_VERSION = 6
+CACHE_VERSION = 7
 #: Cells per chunk of the cache (8 bytes x 2^18 = 2 MiB per field and chunk).
 CELL_CHUNK = 1 << 18
 #: The output folder's record of the glacier tables it holds.
@@ -376,6 +384,10 @@ class StoredStats:
     #: bound (m) of the reference DEM's error stored with the penetration table (the stable
     #: NMAD of SRTM-X minus SRTM-C); None: not stored
     reference_sigma_m: float | None = None
+    #: (G,) error (m) of the reference surface of glaciers with their own X-band offset
+    #: (glacier_penetration_sigma_m area-weighted over surfaces; NaN: no offset on the glacier);
+    #: None: the store applies no offsets (`mbcube.uncertainty`)
+    adjusted_sigma_m: np.ndarray | None = None
 
     @functools.cached_property
     def stats(self) -> GlacierStats:
@@ -388,6 +400,7 @@ class StoredStats:
             return self.results
         parts = []
         std = self.penetration_std_m
+        adj = self.adjusted_sigma_m
         for part, block in self.cells.blocks():
             parts.append(
                 _results(
@@ -395,6 +408,9 @@ class StoredStats:
                     block,
                     self.penetration_sigma_m[part],
                     None if std is None else std[part],
+                    None
+                    if adj is None
+                    else (np.isfinite(adj[part]).astype(float), np.nan_to_num(adj[part])),
                 )
             )
         return {
@@ -620,6 +636,7 @@ def _from_statistics(
     ingest_regions = _recorded_file(state, "regions")
     pen_sigma = np.zeros(len(glacier))
     pen_std: np.ndarray | None = None
+    adjusted: np.ndarray | None = None
     if _has_group(store, "penetration") and _is_array(
         store / "penetration" / "penetration_sigma_m"
     ):
@@ -630,8 +647,16 @@ def _from_statistics(
                 polygons, study.region_name_column, centroids_xy=centroids, how="centroid"
             ).membership
             region_index = np.where(found.any(axis=0), found.argmax(axis=0) + 1, 0)
-        table_ds = xr.open_zarr(str(store), group="penetration")
-        pen_sigma = _penetration_sigma(table_ds["penetration_sigma_m"], cells, region_index, bins)
+        table_ds = xr.open_zarr(str(store), group="penetration", chunks=None)
+        keep_share = None
+        if int(table_ds.attrs.get("glacier_adjustment_applied", 0)):
+            weight, adjusted = _glacier_adjustment(
+                table_ds, cells, glacier, stats["surface"].values
+            )
+            keep_share = 1.0 - weight
+        pen_sigma = _penetration_sigma(
+            table_ds["penetration_sigma_m"], cells, region_index, bins, keep_share
+        )
         if "penetration_std_m" in table_ds:
             pen_std = _penetration_sigma(table_ds["penetration_std_m"], cells, region_index, bins)
     return StoredStats(
@@ -663,6 +688,7 @@ def _from_statistics(
         results_key=keys.results_key,
         stable_white_sigma_m=white,
         reference_sigma_m=_stored_reference_sigma(store),
+        adjusted_sigma_m=adjusted,
     )
 
 
@@ -794,6 +820,7 @@ _GLACIER_VALUES = (
     "centroid_y_m",
     "penetration_sigma_m",
     "penetration_std_m",
+    "adjusted_sigma_m",
 )
 #: Columns of the cache's per-scene table `scene_values`.
 _SCENE_VALUES = (
@@ -814,6 +841,7 @@ def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
     c = data.cells
     results = data.glacier_results()
     pen_std = data.penetration_std_m
+    adjusted = data.adjusted_sigma_m
     per_glacier = [
         c.measured_px,
         c.void_area_m2,
@@ -824,6 +852,7 @@ def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
         data.centroids_xy[:, 1],
         data.penetration_sigma_m,
         np.full(len(data.glacier), np.nan) if pen_std is None else pen_std,
+        np.full(len(data.glacier), np.nan) if adjusted is None else adjusted,
         *(results[k] for k in RESULT_COLUMNS),
     ]
     dates = np.asarray(data.scene_dates, dtype="datetime64[ns]").astype("datetime64[D]")
@@ -859,6 +888,7 @@ def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
             "results_key": keys.results_key,
             "n_surfaces": c.n_surfaces,
             "penetration_std": pen_std is not None,
+            "glacier_adjusted": adjusted is not None,
             "reference_sigma_m": data.reference_sigma_m,
             "cell_columns": ["glacier", "cell", *_CELL_FIELDS],
             "glacier_columns": [*_GLACIER_VALUES, *(f"result_{k}" for k in RESULT_COLUMNS)],
@@ -950,6 +980,7 @@ def _read_cache(
         results_key=keys.results_key,
         stable_white_sigma_m=per_scene["stable_white_sigma_m"],
         reference_sigma_m=attrs.get("reference_sigma_m"),
+        adjusted_sigma_m=per_glacier["adjusted_sigma_m"] if attrs["glacier_adjusted"] else None,
     )
     return cells, data
 
@@ -962,12 +993,17 @@ def _plain(values: np.ndarray) -> np.ndarray:
 
 
 def _penetration_sigma(
-    table: xr.DataArray, cells: CellStats, region_index: np.ndarray, bins: np.ndarray
+    table: xr.DataArray,
+    cells: CellStats,
+    region_index: np.ndarray,
+    bins: np.ndarray,
+    factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """Area-weighted value (m) of a penetration-table variable (region, surface, bin) over each
     glacier's bins and surfaces, from the glacier's region (index 1..R by centroid in the ingest's
     region polygons; 0 is the table's pooled region, used for glaciers outside every region).
-    Bins beyond the table's range take its end bins (as the correction's lookup does)."""
+    Bins beyond the table's range take its end bins (as the correction's lookup does).
+    `factor` (C,): each cell's value is multiplied by it first (None: 1)."""
     values = table.transpose("region", "bin", "surface").sortby("bin")
     values = values.reindex(bin=bins, method="nearest")
     regions = [int(r) for r in values["region"].values]
@@ -981,17 +1017,52 @@ def _penetration_sigma(
     for r, table_r in lookup.items():
         at = cell_region == r
         per_cell[at] = table_r[cells.cell[at]]
+    if factor is not None:
+        per_cell = per_cell * factor
     area = cells.values["area_m2"]
     total = cells.glacier_sum("area_m2")
     weighted = np.bincount(cells.glacier, per_cell * area, minlength=cells.n_glaciers)
     return np.divide(weighted, total, out=np.zeros_like(total), where=total > 0)
 
 
+def _glacier_adjustment(
+    table: xr.Dataset, cells: CellStats, glacier: np.ndarray, surfaces: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """From the `penetration` group's per-glacier refinement: (C,) each cell's weight k (of its
+    glacier and surface; glacier_penetration_weight) and (G,) the adjusted error (m) of each
+    glacier, glacier_penetration_sigma_m area-weighted over its surfaces (their binned areas),
+    NaN where no surface with area has k > 0. `glacier` (G,): the cube's glacier indices (the
+    group's `glacier` coordinate); `surfaces`: the statistics' surface values, in cell order."""
+    where = {"glacier": glacier, "surface": surfaces}
+    weight = table["glacier_penetration_weight"].reindex(where, fill_value=0.0)
+    sigma = table["glacier_penetration_sigma_m"].reindex(where, fill_value=np.nan)
+    k = np.clip(np.nan_to_num(weight.transpose("glacier", "surface").values.astype(float)), 0, 1)
+    s = sigma.transpose("glacier", "surface").values.astype(float)
+    n_s = cells.n_surfaces
+    surface_pos = cells.cell % n_s
+    flat = cells.glacier * n_s + surface_pos
+    area = np.bincount(flat, cells.values["area_m2"], minlength=len(glacier) * n_s)
+    area = area.reshape(len(glacier), n_s)
+    adjusted = ((k > 0) & (area > 0)).any(axis=1)
+    total = area.sum(axis=1)
+    value = np.divide(
+        (area * np.nan_to_num(s)).sum(axis=1), total, out=np.zeros(len(total)), where=total > 0
+    )
+    return k[cells.glacier, surface_pos], np.where(adjusted, value, np.nan)
+
+
 def _results(
-    data: StoredStats, units: GlacierStats, pen_sigma: np.ndarray, pen_std: np.ndarray | None
+    data: StoredStats,
+    units: GlacierStats,
+    pen_sigma: np.ndarray,
+    pen_std: np.ndarray | None,
+    adjusted: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Balance and every error term of `units` (glaciers, or regions from `sum_cells`):
-    `mbcube.massbalance.unit_results` with the store's scene statistics and the config."""
+    `mbcube.massbalance.unit_results` with the store's scene statistics and the config;
+    `adjusted`: (share f, sigma_adj (m)) of the units' glaciers with their own X-band offset
+    (`mbcube.uncertainty.adjusted_units`; None: no offsets)."""
+    share, sigma = (None, None) if adjusted is None else adjusted
     return unit_results(
         units,
         data.bin_lower_m,
@@ -1005,6 +1076,8 @@ def _results(
         data.config,
         reference_sigma_m=data.reference_sigma_m,
         stable_white_sigma_m=data.stable_white_sigma_m,
+        adjusted_share=share,
+        adjusted_sigma_m=sigma,
     )
 
 
@@ -1130,12 +1203,26 @@ def region_table(
         return np.divide(m @ (values * area_g), area_u, out=np.zeros(len(names)), where=area_u > 0)
 
     pen_std = data.penetration_std_m
-    values = _results(
-        data,
-        units,
-        area_weighted_mean(data.penetration_sigma_m),
-        None if pen_std is None else area_weighted_mean(pen_std),
-    )
+    spread = None if pen_std is None else area_weighted_mean(pen_std)
+    adjusted = None
+    if data.adjusted_sigma_m is not None:
+        # glaciers with their own X-band offset (measured ones): their errors summed
+        # (`adjusted_units`); the spread term is then the others', area-weighted over them
+        adj = np.where(np.isfinite(per_glacier["mb_mwe_yr"]), data.adjusted_sigma_m, np.nan)
+        adjusted = adjusted_units(
+            adj,
+            data.cells.measured_px,
+            data.centroids_xy,
+            m,
+            data.config.autocorrelation_penetration_m,
+        )
+        if pen_std is not None:
+            rest_area = m @ (area_g * ~np.isfinite(adj))
+            rest_spread = m @ (pen_std * area_g * ~np.isfinite(adj))
+            spread = np.divide(
+                rest_spread, rest_area, out=np.zeros(len(names)), where=rest_area > 0
+            )
+    values = _results(data, units, area_weighted_mean(data.penetration_sigma_m), spread, adjusted)
     _void_areas_at_glacier_means(data, values, units, per_glacier, membership)
     mb_g = per_glacier["mb_mwe_yr"]
     measured_area = area_g * np.isfinite(mb_g)

@@ -495,6 +495,8 @@ def unit_results(
     config: MassBalanceConfig | None = None,
     reference_sigma_m: float | None = None,
     stable_white_sigma_m: np.ndarray | None = None,
+    adjusted_share: np.ndarray | None = None,
+    adjusted_sigma_m: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Mass balance (`balance`) and every error term (`mbcube.uncertainty.unit_uncertainty`,
     with the unmeasured-area term) of U units, keyed by table column; parameters from `config`
@@ -504,7 +506,12 @@ def unit_results(
     per unit (U,): penetration_sigma_m (table error, m), penetration_std_m (between-glacier
     spread, m; None: unknown). reference_sigma_m: a bound (m) of the reference DEM's error
     measured in the store (the stable-ground spread of SRTM-X minus SRTM-C, the `penetration`
-    group's reference_sigma_m); the configured `reference_sigma_m`, when set, wins over it."""
+    group's reference_sigma_m); the configured `reference_sigma_m`, when set, wins over it.
+    With per-glacier X-band offsets (corrections.penetration 'xband_glacier'): penetration_sigma_m
+    is the (1 - k)-weighted table error, penetration_std_m the spread of the glaciers without an
+    offset, and adjusted_share, adjusted_sigma_m (U,) the share f of the measured pixels on
+    glaciers with an offset and their reference-surface error sigma_adj (m)
+    (`mbcube.uncertainty.adjusted_units`; None: no offsets); see `mbcube.uncertainty`."""
     from mbcube.uncertainty import unit_uncertainty, unmeasured_sigma_m_yr
 
     c = config or MassBalanceConfig()
@@ -537,6 +544,8 @@ def unit_results(
         if c.reference_sigma_m is not None
         else reference_sigma_m,
         stable_white_sigma_m=stable_white_sigma_m,
+        adjusted_share=adjusted_share,
+        adjusted_sigma_m=adjusted_sigma_m,
     )
     return out | errors
 

@@ -78,20 +78,66 @@ n_su its pixels):
   filled cell). A void in one piece is thus counted whole (linearly); on the synthetic studies
   its error is void share x (glacier mean - void's true mean), which this matches.
 - density: |dh/dt| x density_sigma / 1000 (60 kg/m3; fully correlated everywhere).
+
+**Glaciers with their own X-band offset** (corrections.penetration 'xband_glacier', stored
+attribute glacier_adjustment_applied = 1; `mbcube.corrections.penetration.glacier_adjustment`):
+on a glacier x surface with weight k > 0 the table is shifted by k times the glacier's own mean
+X - C deviation. That deviation carries the glacier's penetration deviation AND its SRTM-C
+error over the same pixels, as dh does, so the offset takes out part of both, and what is left
+of the two together is one error the penetration group stores per glacier and surface:
+glacier_penetration_sigma_m (m, 1 sigma, the error of the glacier's mean reference surface
+after the offset: (1 - k)^2 tau^2 + the C-band error over its pixels left by the offset + the
+X-band error it brings in, over all its pixels with a reference; NOT the table's own
+standard error). For such a glacier
+("adjusted": any surface with k > 0 and pixels) with sigma_adj (m, glacier_penetration_sigma_m
+area-weighted over its surfaces; a surface with k = 0 contributes its value with the table
+alone):
+
+- random: the part common to the scenes (sigma_c^2 rho(A_u, d), the reference DEM's error) is
+  dropped; the scenes' own parts (correlated and white) stay, so `sigma_random_mwe_yr` is then
+  the scenes' own error only;
+- penetration: sigma_spread^2 rho(A_u, d_pen) is replaced by sigma_adj^2, and the table's error
+  by (1 - k) sigma_table (the offset moves the table toward the glacier, so a table error is
+  taken out in the share k: per cell with the k of its surface, area-weighted):
+
+      sigma_pen = sqrt(((1 - k) sigma_table)^2 + sigma_adj^2) * sum_s w_s / T_s,
+
+  so `sigma_penetration_mwe_yr` is then the error of the glacier's reference surface (SRTM-C
+  corrected for penetration), reference DEM error included: the X-band pixels measure the sum
+  of both, which cannot be told apart. Each column still holds one kind of error: the random
+  column what differs between scenes (plus, where it is not in the penetration column, the
+  reference DEM's error), the penetration column the reference surface's error that no scene
+  averages out.
+
+A unit that is a region holds adjusted glaciers J (measured ones) and others, with f the share
+of its measured pixels on J (`adjusted_units`). The others keep the terms above over their part
+(common reference part (1 - f)^2 sigma_c^2 rho((1 - f) A_u, d), spread (1 - f)^2
+sigma_spread,rest^2 rho((1 - f) A_u, d_pen), sigma_spread,rest their area-weighted spread). The
+adjusted glaciers add sigma_adj,u^2 = sum_g,h in J q_g q_h sigma_adj,g sigma_adj,h c(d_gh), q_g
+the glacier's share of the unit's measured pixels and c the spherical correlation of the
+distance between the glaciers' centroids with range d_pen: like the spread, a glacier's error
+is independent of every glacier beyond 2000 m (a glacier's own error is already its mean's, so
+a region of one glacier keeps it whole, and N equal glaciers far apart average it as
+1 / N). A glacier is a unit with f = 0 or 1; a region's table error is the area-weighted
+(1 - k) sigma_table of its glaciers' cells.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import sparse
+from scipy.spatial import cKDTree
 
 __all__ = [
     "MIN_BLOCKS",
+    "adjusted_units",
     "datum_sigma_m",
     "months_from_february",
     "n_eff",
     "quadrature",
     "random_sigma_m_yr",
     "spatial_variance_ratio",
+    "spherical_correlation",
     "stable_moments",
     "unit_uncertainty",
     "unmeasured_sigma_m_yr",
@@ -199,6 +245,71 @@ def quadrature(*terms: np.ndarray) -> np.ndarray:
     return np.sqrt(sum(np.asarray(t, dtype=float) ** 2 for t in terms))
 
 
+def _rest_share(adjusted_share: np.ndarray | None, n_units: int) -> np.ndarray:
+    """1 - f (U,), f clipped to [0, 1] (None or NaN: 0)."""
+    if adjusted_share is None:
+        return np.ones(n_units)
+    return 1.0 - np.clip(np.nan_to_num(np.asarray(adjusted_share, dtype=float)), 0.0, 1.0)
+
+
+def spherical_correlation(distance_m: np.ndarray, range_m: float) -> np.ndarray:
+    """Correlation of a spherical variogram of range a (m) at a distance d (m):
+    1 - 1.5 d/a + 0.5 (d/a)^3 for d < a, 0 beyond."""
+    if range_m <= 0:
+        raise ValueError(f"the correlation range must be positive, got {range_m} m")
+    q = np.minimum(np.abs(np.asarray(distance_m, dtype=float)) / range_m, 1.0)
+    return 1.0 - 1.5 * q + 0.5 * q**3
+
+
+def adjusted_units(
+    adjusted_sigma_m: np.ndarray,
+    measured_px: np.ndarray,
+    centroids_xy_m: np.ndarray,
+    membership: np.ndarray | sparse.sparray,
+    range_m: float = 2000.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(f, sigma_adj) (U,) of units made of G glaciers (module docstring, "Glaciers with their
+    own X-band offset"): f the share of the unit's measured pixels on adjusted glaciers, and
+    sigma_adj (m) the error those glaciers' own reference-surface errors bring to the unit's
+    mean, sqrt(sum_g,h q_g q_h s_g s_h c(d_gh)) with q_g = measured_px_g / the unit's measured
+    pixels, s_g = adjusted_sigma_m, c = `spherical_correlation` of the centroid distance d_gh
+    (m) with range `range_m` (independent beyond it).
+
+    adjusted_sigma_m (G,): a glacier's stored error (m), NaN where the glacier is not adjusted
+    (or not measured); measured_px (G,); centroids_xy_m (G, 2) (m, NaN: correlated with no other
+    glacier); membership (U, G) 0/1, dense or sparse. Units without a measured pixel get 0, 0."""
+    s = np.asarray(adjusted_sigma_m, dtype=float)
+    px = np.maximum(np.nan_to_num(np.asarray(measured_px, dtype=float)), 0.0)
+    m = sparse.csr_array(membership, dtype=float)
+    total = m @ px
+    adjusted = np.isfinite(s) & (px > 0)
+    n_units = len(total)
+    share = np.divide(
+        m @ np.where(adjusted, px, 0.0), total, out=np.zeros(n_units), where=total > 0
+    )
+    idx = np.flatnonzero(adjusted)
+    xy = np.asarray(centroids_xy_m, dtype=float)[idx]
+    located = np.flatnonzero(np.isfinite(xy).all(axis=1))
+    rows, cols, corr = [np.arange(idx.size)], [np.arange(idx.size)], [np.ones(idx.size)]
+    if located.size > 1:
+        pairs = cKDTree(xy[located]).query_pairs(range_m, output_type="ndarray")
+        if len(pairs):
+            i, j = located[pairs[:, 0]], located[pairs[:, 1]]
+            c = spherical_correlation(np.hypot(*(xy[i] - xy[j]).T), range_m)
+            rows += [i, j]
+            cols += [j, i]
+            corr += [c, c]
+    correlation = sparse.csr_array(
+        (np.concatenate(corr), (np.concatenate(rows), np.concatenate(cols))),
+        shape=(idx.size, idx.size),
+    )
+    # (U, J): membership x the glacier's error x its measured pixels
+    weighted = sparse.csr_array(m[:, idx] @ sparse.diags_array(s[idx] * px[idx]))
+    var = np.asarray((weighted @ correlation).multiply(weighted).sum(axis=1)).reshape(-1)
+    sigma = np.divide(np.sqrt(np.maximum(var, 0.0)), total, out=np.zeros(n_units), where=total > 0)
+    return share, sigma
+
+
 def random_sigma_m_yr(
     scene_weight: np.ndarray,
     scene_px: np.ndarray,
@@ -209,13 +320,16 @@ def random_sigma_m_yr(
     autocorrelation_m: float = 500.0,
     reference_sigma_m: float | None = None,
     stable_white_sigma_m: np.ndarray | None = None,
+    adjusted_share: np.ndarray | None = None,
 ) -> np.ndarray:
     """The random term (m/yr) of U units (module docstring): the correlated part common to all
     scenes (the reference DEM's error; sigma_c = the smallest correlated stable spread of the
     unit's scenes, or `reference_sigma_m` (m), an upper bound of the reference DEM's error, where
     smaller) averaged over the unit's measured area only, the rest of the correlated part scene
     by scene, and the white part (`stable_white_sigma_m`, m; None: none) over each scene's
-    measured pixels as 1 / n.
+    measured pixels as 1 / n. `adjusted_share` (U,): share f of the measured pixels on glaciers
+    whose reference error is in the penetration term (`adjusted_units`; None: 0): the common
+    part then covers the other (1 - f) only, (1 - f)^2 sigma_c^2 rho((1 - f) A_u, d).
 
     scene_weight, scene_px (S, U); measured_px (U,); scene_years, stable_sigma_m,
     stable_white_sigma_m (S,)."""
@@ -237,11 +351,12 @@ def random_sigma_m_yr(
     common = np.where(np.isfinite(common), common, 0.0)
     own_var = np.where(used, np.maximum(np.nan_to_num(sigma) ** 2 - common**2, 0.0), 0.0)
     px_s = np.asarray(scene_px, dtype=float)
+    rest = _rest_share(adjusted_share, w.shape[1])
     area_u = np.asarray(measured_px, dtype=float) * pixel_size_m**2
     area_s = px_s * pixel_size_m**2
-    rho_u = spatial_variance_ratio(area_u, autocorrelation_m)
+    rho_u = spatial_variance_ratio(rest * area_u, autocorrelation_m)
     rho_s = spatial_variance_ratio(area_s, autocorrelation_m)
-    common_var = common**2 * rho_u * np.where(used, per_year, 0.0).sum(axis=0) ** 2
+    common_var = (rest * common) ** 2 * rho_u * np.where(used, per_year, 0.0).sum(axis=0) ** 2
     white_var = np.where(used, white[:, None] ** 2 / np.maximum(px_s, 1.0), 0.0)
     return np.sqrt(common_var + (per_year**2 * (own_var * rho_s + white_var)).sum(axis=0))
 
@@ -302,15 +417,22 @@ def unit_uncertainty(
     seasonal_sigma_m_per_month: float = 0.15,
     reference_sigma_m: float | None = None,
     stable_white_sigma_m: np.ndarray | None = None,
+    adjusted_share: np.ndarray | None = None,
+    adjusted_sigma_m: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """The error terms (m w.e./yr, 1 sigma) of U units; keys are the table's column names.
 
     dhdt_m_yr (U,); scene_weight, scene_px (S, U); measured_px (U,); penetration_sigma_m
-    (sigma_table, m) and penetration_std_m (sigma_spread, m; None: unknown) (U,); scene_years,
-    scene_month, stable_sigma_m, scene_datum_sigma_m (S,) per scene; stable_white_sigma_m (S,):
-    the white part of stable_sigma_m (m, `white_correlated_split`; None: all correlated);
-    unmeasured_m_yr (U,): the unmeasured-area term in m/yr (`unmeasured_sigma_m_yr`; None: no
-    such column). Units without a measurement get NaN.
+    (sigma_table, m; with X-band offsets already (1 - k) sigma_table) and penetration_std_m
+    (sigma_spread, m, of the unit's glaciers without an offset; None: unknown) (U,);
+    scene_years, scene_month, stable_sigma_m, scene_datum_sigma_m (S,) per scene;
+    stable_white_sigma_m (S,): the white part of stable_sigma_m (m, `white_correlated_split`;
+    None: all correlated); unmeasured_m_yr (U,): the unmeasured-area term in m/yr
+    (`unmeasured_sigma_m_yr`; None: no such column). adjusted_share, adjusted_sigma_m (U,): f
+    and sigma_adj (m) of the glaciers with their own X-band offset (`adjusted_units`; for a
+    glacier 1 and its stored error, or 0; None: none): their reference and spread errors are
+    sigma_adj, in the penetration column (module docstring). Units without a measurement get
+    NaN.
     """
     w = np.asarray(scene_weight, dtype=float)
     years = np.abs(np.asarray(scene_years, dtype=float))[:, None]  # spans (scenes may be older)
@@ -327,13 +449,20 @@ def unit_uncertainty(
         autocorrelation_m,
         reference_sigma_m,
         stable_white_sigma_m,
+        adjusted_share,
     )
     per_year = (w / years).sum(axis=0)
+    rest = _rest_share(adjusted_share, w.shape[1])
     area_u = np.asarray(measured_px, dtype=float) * pixel_size_m**2
     spread = np.zeros_like(per_year) if penetration_std_m is None else penetration_std_m
-    rho_pen = spatial_variance_ratio(area_u, autocorrelation_penetration_m)
+    adjusted = np.zeros_like(per_year) if adjusted_sigma_m is None else adjusted_sigma_m
+    rho_pen = spatial_variance_ratio(rest * area_u, autocorrelation_penetration_m)
     penetration = (
-        np.sqrt(np.nan_to_num(penetration_sigma_m) ** 2 + np.nan_to_num(spread) ** 2 * rho_pen)
+        np.sqrt(
+            np.nan_to_num(penetration_sigma_m) ** 2
+            + (rest * np.nan_to_num(spread)) ** 2 * rho_pen
+            + np.nan_to_num(adjusted) ** 2
+        )
         * per_year
     )
     datum_term = np.sqrt(((w * datum / years) ** 2).sum(axis=0))

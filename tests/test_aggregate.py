@@ -517,3 +517,105 @@ def test_stored_reference_bound_and_white_part_reach_the_error_model(
     assert not np.allclose(
         mine["sigma_random_mwe_yr"][measured], table["sigma_random_mwe_yr"][measured]
     )
+
+
+def test_glacier_offsets_reach_the_error_model(synthetic: Synthetic, tmp_path: Path) -> None:
+    """A `penetration` group with per-glacier X-band offsets applied (glacier_adjustment_applied
+    = 1): a glacier with a surface of weight k > 0 gets glacier_penetration_sigma_m, weighted by
+    its surfaces' binned areas, in place of its reference and spread errors, and its table error
+    scaled by (1 - k) per surface; the region row sums the adjusted glaciers by
+    `adjusted_units` and keeps the spread of the others. Hand numbers from the hypsometry."""
+    from mbcube.uncertainty import adjusted_units, spatial_variance_ratio
+
+    store = tmp_path / "cube.zarr"
+    shutil.copytree(synthetic.store, store)
+    before = load_stats(store)
+    n_g = len(before.glacier)
+    # one table value per surface (0.3 m clean ice, 0.7 m debris), the same in every region and
+    # bin; spread 1.0 / 2.0 m; glaciers 1, 3, 5, ... adjusted on clean ice, 2 on both surfaces
+    bins = before.bin_lower_m
+    regions = np.arange(0, 5, dtype=np.int16)
+    table = np.broadcast_to(np.array([0.3, 0.7])[None, :, None], (5, 2, len(bins)))
+    spread = np.broadcast_to(np.array([1.0, 2.0])[None, :, None], (5, 2, len(bins)))
+    weight = np.zeros((n_g, 2))
+    weight[::2, 0] = 0.6
+    weight[1, :] = (0.5, 0.8)
+    sigma = np.column_stack([np.linspace(0.2, 0.5, n_g), np.linspace(0.6, 0.9, n_g)])
+    pen = xr.Dataset(
+        {
+            "penetration_sigma_m": (("region", "surface", "bin"), table.astype(np.float32)),
+            "penetration_std_m": (("region", "surface", "bin"), spread.astype(np.float32)),
+            "glacier_penetration_weight": (("glacier", "surface"), weight),
+            "glacier_penetration_sigma_m": (("glacier", "surface"), sigma),
+        },
+        coords={
+            "region": regions,
+            "surface": np.array([1, 2], np.int8),
+            "bin": bins,
+            "glacier": np.arange(1, n_g + 1, dtype=np.int32),
+        },
+        attrs={"glacier_adjustment_applied": 1},
+    )
+    write_dataset(pen, store, group="penetration", mode="w")
+    data = load_stats(store)
+    assert data.adjusted_sigma_m is not None
+    # by hand from the hypsometry: binned area per glacier and surface
+    area = np.zeros((n_g, 2))
+    for (g, _, f), a in synthetic.hyps_area.items():
+        area[g - 1, f - 1] += a
+    total = area.sum(axis=1)
+    adjusted = ((weight > 0) & (area > 0)).any(axis=1)
+    assert adjusted.sum() >= 4 and (~adjusted).sum() >= 4
+    want_adj = np.where(adjusted, (area * sigma).sum(axis=1) / total, np.nan)
+    np.testing.assert_allclose(data.adjusted_sigma_m, want_adj, rtol=1e-12)
+    want_table = (area * (1 - weight) * [0.3, 0.7]).sum(axis=1) / total
+    np.testing.assert_allclose(data.penetration_sigma_m, want_table, rtol=1e-6)
+    want_spread = (area * [1.0, 2.0]).sum(axis=1) / total
+    assert data.penetration_std_m is not None
+    np.testing.assert_allclose(data.penetration_std_m, want_spread, rtol=1e-6)
+
+    rows = glacier_table(data)
+    per_year = (data.cells.scene_weight / np.abs(data.scene_years)[:, None]).sum(axis=0)
+    measured_m2 = data.cells.measured_px * data.pixel_size_m**2
+    rho = spatial_variance_ratio(measured_m2, 2000.0)
+    want_pen = (
+        np.where(
+            adjusted,
+            np.sqrt(want_table**2 + np.nan_to_num(want_adj) ** 2),
+            np.sqrt(want_table**2 + want_spread**2 * rho),
+        )
+        * per_year
+        * 0.85
+    )
+    got_pen = rows["sigma_penetration_mwe_yr"].to_numpy()
+    measured = np.isfinite(got_pen)
+    assert measured[adjusted].sum() >= 4
+    np.testing.assert_allclose(got_pen[measured], want_pen[measured], rtol=1e-6)
+    # the random term of adjusted glaciers lost the common (reference) part; others kept it
+    old = glacier_table(before)["sigma_random_mwe_yr"].to_numpy()
+    now = rows["sigma_random_mwe_yr"].to_numpy()
+    assert np.all(now[measured & adjusted] < old[measured & adjusted])
+    np.testing.assert_allclose(now[measured & ~adjusted], old[measured & ~adjusted], rtol=1e-12)
+    # the cache holds the same
+    again = load_stats(store)
+    assert again.results is not None
+    np.testing.assert_allclose(again.adjusted_sigma_m, data.adjusted_sigma_m)
+    pd.testing.assert_frame_equal(glacier_table(again), rows)
+
+    # region 'all': the measured adjusted glaciers summed (centroid correlation over 2 km), the
+    # others' spread over their share
+    region = region_table(data, RegionSet([], np.zeros((0, n_g), bool))).iloc[0]
+    everyone = np.ones((1, n_g), bool)
+    adj_g = np.where(measured, want_adj, np.nan)
+    share, adj_u = adjusted_units(adj_g, data.cells.measured_px, data.centroids_xy, everyone)
+    assert 0.2 < share[0] < 0.9 and adj_u[0] > 0
+    rest = ~adjusted | ~np.isfinite(data.glacier_results()["mb_mwe_yr"])
+    area_g = total + data.cells.void_area_m2
+    rest_spread = (area_g * want_spread)[rest].sum() / area_g[rest].sum()
+    table_u = (area_g * want_table).sum() / area_g.sum()
+    m_u = data.cells.measured_px.sum() * data.pixel_size_m**2
+    w_u = (data.cells.scene_weight * total).sum(axis=1) / total.sum()  # binned areas
+    per_year_u = (w_u / np.abs(data.scene_years)).sum()
+    rho_u = float(spatial_variance_ratio(np.array([(1 - share[0]) * m_u]), 2000.0)[0])
+    want_u = np.sqrt(table_u**2 + ((1 - share[0]) * rest_spread) ** 2 * rho_u + adj_u[0] ** 2)
+    assert region["sigma_penetration_mwe_yr"] == pytest.approx(want_u * per_year_u * 0.85, rel=1e-6)

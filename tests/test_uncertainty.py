@@ -13,9 +13,12 @@ from mbcube.binning import bin_axis, nmad_from_histogram, stats_tile
 from mbcube.synth.noise import normal, value_noise
 from mbcube.uncertainty import (
     MIN_BLOCKS,
+    adjusted_units,
     datum_sigma_m,
     random_sigma_m_yr,
     spatial_variance_ratio,
+    spherical_correlation,
+    unit_uncertainty,
     white_correlated_split,
 )
 
@@ -231,3 +234,117 @@ def test_datum_with_white_part_by_hand() -> None:
     assert datum_sigma_m(count, mean, sigma, 30.0, 500.0)[0] == pytest.approx(
         np.sqrt(0.01 + 4.0 * rho)
     )
+
+
+# ------------------------------------------------- glaciers with their own X-band offset
+
+
+def test_adjusted_glacier_terms_by_hand() -> None:
+    """A 2 km2 glacier seen by two scenes (weights 0.25 / 0.75, spans 10 / 12 yr; stable
+    spreads 3 and 2 m, 1 m of each white). Adjusted (f = 1): the common part (the reference
+    DEM's 2 m correlated error, sqrt(4 - 1) m) leaves the random term, whose scene-own parts
+    stay; the penetration term is sqrt(((1 - k) sigma_table)^2 + sigma_adj^2) per year, the
+    spread gone. Not adjusted (f = 0): the former terms."""
+    n_px = 2e6 / 900.0  # 2 km2 of 30 m pixels
+    w = np.array([[0.25], [0.75]])
+    px = np.array([[0.6 * n_px], [n_px]])
+    years = np.array([10.0, 12.0])
+    sigma, white = np.array([3.0, 2.0]), np.array([1.0, 1.0])
+    k, table, spread, adj = 0.6, 0.5, 1.2, 0.35
+    args = (np.array([-0.4]), w, px, np.array([n_px]))
+    rest = (years, np.array([10, 2]), sigma, np.array([0.2, 0.1]), 30.0)
+    kw = dict(penetration_std_m=np.array([spread]), stable_white_sigma_m=white)
+    adjusted = unit_uncertainty(
+        *args, np.array([(1 - k) * table]), *rest, **kw,  # type: ignore[arg-type]
+        adjusted_share=np.array([1.0]), adjusted_sigma_m=np.array([adj]),
+    )  # fmt: skip
+    plain = unit_uncertainty(*args, np.array([table]), *rest, **kw)  # type: ignore[arg-type]
+    to_mwe = 0.85
+    per_year = 0.25 / 10 + 0.75 / 12
+    # correlated parts sqrt(9 - 1) and sqrt(4 - 1) m: the common part is 3 m2 (the smaller)
+    own = (0.25 / 10) ** 2 * ((8 - 3) * rho_by_hand(0.6 * 2e6, 500.0) + 1 / (0.6 * n_px)) + (
+        0.75 / 12
+    ) ** 2 * (0 + 1 / n_px)
+    common = 3.0 * rho_by_hand(2e6, 500.0) * per_year**2
+    assert adjusted["sigma_random_mwe_yr"][0] == pytest.approx(np.sqrt(own) * to_mwe, rel=1e-12)
+    assert plain["sigma_random_mwe_yr"][0] == pytest.approx(
+        np.sqrt(common + own) * to_mwe, rel=1e-12
+    )
+    want_pen = np.sqrt(((1 - k) * table) ** 2 + adj**2) * per_year * to_mwe
+    assert adjusted["sigma_penetration_mwe_yr"][0] == pytest.approx(want_pen, rel=1e-12)
+    plain_pen = np.sqrt(table**2 + spread**2 * rho_by_hand(2e6, 2000.0)) * per_year * to_mwe
+    assert plain["sigma_penetration_mwe_yr"][0] == pytest.approx(plain_pen, rel=1e-12)
+    for name in ("sigma_datum_mwe_yr", "sigma_seasonal_mwe_yr", "sigma_density_mwe_yr"):
+        assert adjusted[name][0] == plain[name][0]
+    # a region half adjusted (f = 0.5): the others keep their common part and spread over
+    # their half of the measured area, scaled by (1 - f)
+    half = unit_uncertainty(
+        *args, np.array([table]), *rest, **kw,  # type: ignore[arg-type]
+        adjusted_share=np.array([0.5]), adjusted_sigma_m=np.array([adj]),
+    )  # fmt: skip
+    common_half = 0.25 * 3.0 * rho_by_hand(1e6, 500.0) * per_year**2
+    assert half["sigma_random_mwe_yr"][0] == pytest.approx(
+        np.sqrt(common_half + own) * to_mwe, rel=1e-12
+    )
+    pen_half = np.sqrt(table**2 + 0.25 * spread**2 * rho_by_hand(1e6, 2000.0) + adj**2)
+    assert half["sigma_penetration_mwe_yr"][0] == pytest.approx(
+        pen_half * per_year * to_mwe, rel=1e-12
+    )
+
+
+def oracle_adjusted(
+    sigma: np.ndarray, px: np.ndarray, xy: np.ndarray, member: np.ndarray, range_m: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unit by unit, pair by pair: f and sqrt(sum_g,h q_g q_h s_g s_h c(d_gh))."""
+    share, out = np.zeros(len(member)), np.zeros(len(member))
+    for u, row in enumerate(member):
+        total = sum(px[g] for g in range(len(px)) if row[g])
+        if total == 0:
+            continue
+        adj = [g for g in range(len(px)) if row[g] and np.isfinite(sigma[g]) and px[g] > 0]
+        share[u] = sum(px[g] for g in adj) / total
+        var = 0.0
+        for g in adj:
+            for h in adj:
+                d = float(np.hypot(*(xy[g] - xy[h])))
+                c = 1 - 1.5 * d / range_m + 0.5 * (d / range_m) ** 3 if d < range_m else 0.0
+                var += px[g] * px[h] * sigma[g] * sigma[h] * c
+        out[u] = np.sqrt(var) / total
+    return share, out
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_glaciers=st.integers(1, 12), n_units=st.integers(1, 4))
+def test_adjusted_units_match_pairwise_oracle(seed: int, n_glaciers: int, n_units: int) -> None:
+    rng = np.random.default_rng(seed)
+    sigma = np.where(rng.random(n_glaciers) < 0.6, rng.uniform(0.05, 1.0, n_glaciers), np.nan)
+    px = np.where(rng.random(n_glaciers) < 0.9, rng.integers(1, 20_000, n_glaciers), 0.0)
+    xy = rng.uniform(0, 6000.0, (n_glaciers, 2))
+    member = rng.random((n_units, n_glaciers)) < 0.7
+    share, got = adjusted_units(sigma, px, xy, member, 2000.0)
+    want_share, want = oracle_adjusted(sigma, px, xy, member, 2000.0)
+    np.testing.assert_allclose(share, want_share, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-15)
+
+
+def test_adjusted_units_by_hand() -> None:
+    """One glacier keeps its own error; two equal glaciers 5 km apart average it as 1 / sqrt(2);
+    at the same place they do not average at all; 1 km apart, c = 1 - 0.75 + 0.0625."""
+    sigma, px = np.array([0.4, 0.4]), np.array([1000.0, 1000.0])
+    one = adjusted_units(sigma, px, np.array([[0.0, 0.0], [5000.0, 0.0]]), np.array([[1, 0]]))
+    assert one[0][0] == 1.0 and one[1][0] == pytest.approx(0.4)
+    both = np.array([[1, 1]])
+    far = adjusted_units(sigma, px, np.array([[0.0, 0.0], [5000.0, 0.0]]), both)[1][0]
+    assert far == pytest.approx(0.4 / np.sqrt(2))
+    same = adjusted_units(sigma, px, np.zeros((2, 2)), both)[1][0]
+    assert same == pytest.approx(0.4)
+    near = adjusted_units(sigma, px, np.array([[0.0, 0.0], [0.0, 1000.0]]), both)[1][0]
+    assert near == pytest.approx(0.4 * np.sqrt((2 + 2 * 0.3125) / 4))
+    # one of the two not adjusted: half the unit's pixels, its error over the whole unit
+    part = adjusted_units(np.array([0.4, np.nan]), px, np.zeros((2, 2)), both)
+    assert part[0][0] == 0.5 and part[1][0] == pytest.approx(0.2)
+    assert spherical_correlation(np.array([0.0, 1000.0, 2500.0]), 2000.0).tolist() == [
+        1.0,
+        0.3125,
+        0.0,
+    ]
