@@ -137,7 +137,7 @@ def _commit() -> str:
         out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
         return out.stdout.strip()
 
-    dirty = git("status", "--porcelain", "--", "mbcube", "benchmarks")
+    dirty = git("status", "--porcelain", "--", "mbcube", "benchmarks/*.py")
     return (git("rev-parse", "--short", "HEAD") or "?") + ("+" if dirty else "")
 
 
