@@ -145,14 +145,20 @@ def _coreg_ne(
     res_m: float,
     converged: bool = False,
     previous: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    quantiles: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The tile's co-registration normal equations and the quantile row of its stable-ground
+    dh, which seeds the next iteration's clip (NaN quantiles when `quantiles` is False: the
+    last iteration has no next one)."""
     if converged and previous is not None:  # the shift stopped moving: this pass is skipped
         return previous
     sw = kernels.shift_weights(shift_m, res_m, halo)
     ata, atb, values = kernels.coreg_pass(
         dem_h, ref_h, void, stable, halo, sw, res_m, stats[0], stats[1]
     )
-    return ata, atb, kernels.quantile_row(values)  # the quantiles seed the next clip
+    if not quantiles:
+        return ata, atb, np.array([float(values.size), np.nan, np.nan, np.nan])
+    return ata, atb, kernels.quantile_row(values)
 
 
 def _ramp_ne(
@@ -659,6 +665,7 @@ def _scene_tasks(
         converged: Any = False
         previous: list[Any] = [None] * len(tiles)
         for it in range(n_iter):
+            last = it == n_iter - 1
             ne = [
                 g.task(
                     where(i, j),
@@ -673,6 +680,7 @@ def _scene_tasks(
                     res,
                     converged,
                     previous[k],
+                    not last,
                 )
                 for k, (i, j) in enumerate(tiles)
             ]
@@ -688,7 +696,8 @@ def _scene_tasks(
             )
             converged = g.call(_converged, before, shift, res)
             previous = ne
-            stats = g.call(_stats_from_ne, f"scene {sid}", k_clip, config.min_stable_px, *ne)
+            if not last:
+                stats = g.call(_stats_from_ne, f"scene {sid}", k_clip, config.min_stable_px, *ne)
         dh = {
             (i, j): g.task(
                 where(i, j),
