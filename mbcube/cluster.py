@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -45,6 +46,8 @@ def _active_client() -> Any | None:
     """The default distributed client, unless dask.config's `scheduler` names another one (as
     `dask.compute` does: `dask.config.set(scheduler="threads")` computes in threads)."""
     if dask.config.get("scheduler", None) not in (None, "dask.distributed", "distributed"):
+        return None
+    if "distributed" not in sys.modules:  # no client can exist; importing it costs ~0.6 s
         return None
     try:
         from distributed import default_client
