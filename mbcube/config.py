@@ -65,7 +65,10 @@ class UnwrapConfig(_Strict):
         200, ge=1, description="A component needs this many stable pixels to be tied."
     )
     min_edge_px: int = Field(
-        8, ge=1, description="A stitching edge between tiles needs this many shared pixels."
+        8,
+        ge=1,
+        description="A stitching edge between tiles needs this many shared pixels agreeing on "
+        "the cycle offset ...",
     )
     min_edge_agreement: float = Field(
         0.9,

@@ -18,6 +18,7 @@ import zarr
 from mbcube.cluster import quiet
 from mbcube.config import CorrectionsConfig
 from mbcube.corrections import correct_cube
+from mbcube.corrections.errors import CorrectionsError
 from mbcube.corrections.step import (
     PARAMETERS,
     SceneInputs,
@@ -29,7 +30,7 @@ from mbcube.corrections.step import (
 )
 from mbcube.errors import MbcubeWarning
 from mbcube.ingest import ingest
-from mbcube.store import open_cube, scene_index
+from mbcube.store import open_cube, read_state, scene_index
 from tests.conftest import raise_if_dask_computes
 
 SCENE_VARS = ["dh_m", "valid", *PARAMETERS, "outlier_rejected_px"]
@@ -143,3 +144,23 @@ def test_scene_write_graph_is_lazy_and_one_layer(raw_store: Path, tmp_path: Path
     assert len(own) == 1
     n_tiles = len(ds.ref_dem_m.chunks[0]) * len(ds.ref_dem_m.chunks[1])
     assert n_tiles < len(graph.layers[own[0]]) < 60 * n_tiles  # tasks of the scene: tiles x passes
+
+
+def test_stored_outputs_chunked_unlike_the_tiles_are_refused(
+    raw_store: Path, tmp_path: Path
+) -> None:
+    """Tile tasks write whole chunks concurrently: a dh_m stored with chunks spanning two tiles
+    would lose updates, so the step refuses it with the variable, its chunks and the fix."""
+    store = tmp_path / "cube.zarr"
+    shutil.copytree(raw_store, store)
+    dem = zarr.open_array(str(store / "dem_m"), mode="r")
+    ny, nx = (int(c) for c in dem.chunks[1:])
+    zarr.create_array(
+        str(store / "dh_m"), shape=dem.shape, chunks=(1, 2 * ny, 2 * nx), dtype="float32"
+    )
+    with pytest.raises(CorrectionsError, match=r"dh_m.*chunks.*--force"):
+        correct_cube(store, CONFIG)
+    kept = zarr.open_array(str(store / "dh_m"), mode="r")
+    assert kept.chunks == (1, 2 * ny, 2 * nx) and kept.nchunks_initialized == 0  # untouched
+    recorded = read_state(store).get("steps", {}).get("correct", {})
+    assert not set(recorded) & set(scene_index(store))  # no scene recorded as corrected

@@ -48,6 +48,7 @@ def test_adjustment_matches_per_pixel_oracle(seed: int, min_share: float) -> Non
     # X band missing on a random share of each glacier
     miss = rng.random(n_glaciers + 1)[glacier]
     diff[rng.random((ny, nx)) < miss] = np.nan
+    diff[glacier == n_glaciers] = np.nan  # one glacier without any X-band pixel
     offset = 0.2
     sums = penetration.sums_block(diff, region, surface, ref, n_region, WIDTH)
     table = penetration.finish_table(sums, offset, WIDTH, 5, RES)
@@ -75,6 +76,11 @@ def test_adjustment_matches_per_pixel_oracle(seed: int, min_share: float) -> Non
             assert adj.x_share[g, s - 1] == pytest.approx(share, abs=1e-12)
             if n_x == 0:
                 assert adj.weight[g, s - 1] == 0 and adj.offset_m[g, s - 1] == 0
+                if n_ref:  # its error: the spread prior and its whole reference error
+                    tau_all = np.mean(spread.kappa[region[on], s - 1] * np.abs(t_px[on]))
+                    var = tau_all**2 + (1 - SX) * curve.variance(n_ref * RES * RES)
+                    assert adj.sigma_table_m[g, s - 1] == pytest.approx(np.sqrt(var), rel=1e-9)
+                    assert adj.sigma_m[g, s - 1] == adj.sigma_table_m[g, s - 1]
                 continue
             raw = np.mean(diff[xs] - offset - t_px[xs])
             tau = np.mean(spread.kappa[region[xs], s - 1] * np.abs(t_px[xs]))

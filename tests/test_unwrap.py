@@ -317,14 +317,23 @@ def test_solve_offsets_closes_loops_and_counts_misfits() -> None:
     a, b = np.array([0, 1, 0, 0]), np.array([1, 2, 2, 2])
     d = np.array([2, -1, 1, 3])
     agree = np.array([50, 40, 30, 20])
-    res = solve_offsets(4, a, b, d, agree, agree, min_edge_px=8)
+    res = solve_offsets(4, a, b, d, agree, agree, min_edge_px=8, min_edge_agreement=0.9)
     rel = res.offset_cycles - res.offset_cycles[0]
     assert rel[:3].tolist() == [0, 2, 1]
     assert res.n_edges_tree == 2
     assert res.loop_misfits == 1
     assert res.root[3] != res.root[0]  # node 3 has no edge: its own component
     # weak edges are dropped: too few agreeing pixels, or too small a fraction agreeing
-    weak = solve_offsets(3, a[:2], b[:2], d[:2], np.array([7, 40]), np.array([7, 100]))
+    weak = solve_offsets(
+        3,
+        a[:2],
+        b[:2],
+        d[:2],
+        np.array([7, 40]),
+        np.array([7, 100]),
+        min_edge_px=8,
+        min_edge_agreement=0.9,
+    )
     assert len(set(weak.root.tolist())) == 3
 
 

@@ -368,7 +368,6 @@ def noise_curve(
     res_m: float,
     fallback_sigma_m: float,
     fallback_corr_m: float,
-    block_px: tuple[int, ...] = BLOCK_PX,
     min_blocks: int = MIN_BLOCKS,
 ) -> NoiseCurve:
     """The `NoiseCurve` from summed `block_moments`: per block size with at least `min_blocks`
@@ -523,10 +522,16 @@ def glacier_adjustment(
     tau_sum = np.bincount(
         flat, weights=n_x * spread.kappa[region, s_idx] * np.abs(t), minlength=size
     ).reshape(shape)
+    # the spread prior over the glacier's pixels with a reference (the table is known there
+    # without X band): a surface without X-band pixels keeps it in its error
+    tau_ref_sum = np.bincount(
+        flat, weights=n_ref * spread.kappa[region, s_idx] * np.abs(t), minlength=size
+    ).reshape(shape)
     covered = nx_g > 0
     safe_nx = np.where(covered, nx_g, 1.0)
     raw = np.where(covered, dev_g / safe_nx, 0.0)
     tau = np.where(covered, tau_sum / safe_nx, 0.0)
+    tau_all = np.divide(tau_ref_sum, nref_g, out=np.zeros(shape), where=nref_g > 0)
     share = np.divide(nx_g, nref_g, out=np.zeros(shape), where=nref_g > 0)
     px_area = res_m * res_m
     v = np.where(covered, noise.variance(np.maximum(nx_g, 1.0) * px_area), 0.0)
@@ -545,9 +550,9 @@ def glacier_adjustment(
             + (1.0 - share) ** 2 * (1.0 - sx) * v_u
         )
 
-    # without X band on the glacier: its whole reference error (1 - s) v over its pixels
+    # without X band on the glacier: the spread and its whole reference error (1 - s) v
     v_all = noise.variance(np.maximum(nref_g, 1.0) * px_area)
-    base = np.where(covered, error_var(np.zeros(shape)), (1.0 - sx) * v_all)
+    base = np.where(covered, error_var(np.zeros(shape)), tau_all**2 + (1.0 - sx) * v_all)
     post = np.where(covered, error_var(k), base)
     zero_row = np.zeros(shape, dtype=bool)
     zero_row[0] = True

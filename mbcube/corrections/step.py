@@ -360,12 +360,6 @@ def _stats_from_ne(
     return _stats_from_quantiles(where, clip_nmad, min_px, *(p[2] for p in parts))
 
 
-def _stats_from_dh(
-    where: str, clip_nmad: float, min_px: int, *tiles: DhTile
-) -> tuple[float, float, float]:
-    return _stats_from_quantiles(where, clip_nmad, min_px, *(t[1] for t in tiles))
-
-
 def _rejected_px(rejected: outliers.SparseCounts) -> np.ndarray:
     return np.array([int(rejected.counts.sum())], dtype=np.int64)
 
@@ -734,9 +728,9 @@ def _scene_tasks(
         }
 
     # ramp (with its constant) by iterated sigma-clipped least squares, then the robust datum
-    stats = g.call(
-        _stats_from_dh, f"scene {sid}", k_clip, config.min_stable_px, *(dh[t] for t in tiles)
-    )
+    # only each tile's small quantile row travels to the task (not the dh tiles themselves)
+    q_rows = [g.call(operator.getitem, dh[t], 1) for t in tiles]
+    stats = g.call(_stats_from_quantiles, f"scene {sid}", k_clip, config.min_stable_px, *q_rows)
     model: Any = np.zeros(ramp.N_COEF)
     for _ in range(config.ramp_iterations):
         ne = [
@@ -1004,6 +998,16 @@ def open_outputs(store: Path, ds: xr.Dataset, centre_m: tuple[float, float]) -> 
     with _STORE_LOCK:
         st.ensure_variables(store, template)
     arrays = {str(n): zarr.open_array(str(store / str(n)), mode="r+") for n in template.data_vars}
+    # each tile task writes its own chunks: a stored chunk spanning two tiles would be
+    # read-modified-written by both at once (a lost update), so the chunks must be the tiles
+    tile = (1, *(int(c[0]) for c in ds["ref_dem_m"].data.chunks))
+    for name in ("dh_m", "valid"):
+        if tuple(arrays[name].chunks) != tile:
+            raise CorrectionsError(
+                f"{store / name}: stored with chunks {tuple(arrays[name].chunks)}, but the "
+                f"corrections write one chunk per tile {tile}. Delete that variable's folder "
+                "and rerun `mbcube correct --force`."
+            )
     filled = {n: arrays[n].with_config({"write_empty_chunks": True}) for n in ("dh_m", "valid")}
     return SceneOutputs(store, arrays, filled)
 
@@ -1592,9 +1596,11 @@ def penetration_table(
                 )
                 if config.penetration == "xband_glacier":
                     table = dataclasses.replace(table, glacier_offset_m=adjust.offset_m)
-                else:  # stored for inspection, not applied
+                else:  # stored for inspection, not applied: its error is the table's
                     zero = np.zeros_like(adjust.offset_m)
-                    adjust = dataclasses.replace(adjust, offset_m=zero, weight=zero)
+                    adjust = dataclasses.replace(
+                        adjust, offset_m=zero, weight=zero, sigma_m=adjust.sigma_table_m
+                    )
                 extras = {
                     "reference_sigma_m": float(nmad),
                     "spread": spread,

@@ -107,8 +107,8 @@ def solve_offsets(
     n_agree: np.ndarray,
     n_shared: np.ndarray,
     *,
-    min_edge_px: int = 8,
-    min_edge_agreement: float = 0.9,
+    min_edge_px: int,
+    min_edge_agreement: float,
 ) -> Stitched:
     """Integer-cycle offsets of the nodes so that offset_b - offset_a = d on every tree edge
     (phase_a + 2 pi offset_a = phase_b + 2 pi offset_b), by a maximum spanning forest on the
