@@ -106,7 +106,12 @@ class CorrectionsConfig(_Strict):
         "in the penetration group); 'constant': penetration_constant_m; 'none': 0.",
     )
     penetration_constant_m: float = Field(0.0, description="Used when penetration='constant'.")
-    penetration_min_px_per_bin: int = Field(100, ge=1)
+    penetration_min_px_per_bin: int = Field(
+        100,
+        ge=1,
+        description="Table bins with fewer X-band pixels are filled along elevation; with "
+        "'xband_glacier', also the fewest X-band pixels a glacier surface needs for its offset.",
+    )
     penetration_glacier_min_x_share: float = Field(
         0.5,
         ge=0,

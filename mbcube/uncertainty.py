@@ -29,7 +29,7 @@ of stable-ground blocks of side ~d, n_b pixels each (mean area A_B = mean n_b x 
 
     sigma_k^2 = (V_B - sigma_s^2 h) / (rho(A_B, d) - h),   clipped to [0, sigma_s^2]
 
-(`white_correlated_split`). Without the block statistic (or with fewer than MIN_BLOCKS blocks)
+(`white_correlated_split`). Without the block statistic (or with fewer than SPLIT_MIN_BLOCKS blocks)
 sigma_k,s = sigma_s: every error counted as correlated (the conservative model).
 
 **Terms** (A_u the unit's measured area = measured pixels x res^2; A_su what scene s measured,
@@ -129,7 +129,7 @@ from scipy import sparse
 from scipy.spatial import cKDTree
 
 __all__ = [
-    "MIN_BLOCKS",
+    "SPLIT_MIN_BLOCKS",
     "adjusted_units",
     "datum_sigma_m",
     "months_from_february",
@@ -145,7 +145,7 @@ __all__ = [
 ]
 
 #: Fewest stable-ground blocks for the white / correlated split (fewer: all correlated).
-MIN_BLOCKS = 20
+SPLIT_MIN_BLOCKS = 20
 
 
 def months_from_february(month: np.ndarray) -> np.ndarray:
@@ -218,7 +218,7 @@ def white_correlated_split(
 
     stable_sigma_m: the pixels' spread sigma_s (m); block_sigma_m: the spread of the block means
     (m); block_count: number of blocks; block_px_mean, block_inv_px_mean: mean of n_b and of
-    1 / n_b over the blocks. Scenes with fewer than MIN_BLOCKS blocks, or whose blocks are too
+    1 / n_b over the blocks. Scenes with fewer than SPLIT_MIN_BLOCKS blocks, or whose blocks are too
     small to tell the parts apart (rho(A_B) <= h), keep all their spread correlated. Shapes (S,).
     """
     sigma = np.asarray(stable_sigma_m, dtype=float)
@@ -227,7 +227,7 @@ def white_correlated_split(
     area_b = np.nan_to_num(np.asarray(block_px_mean, dtype=float)) * pixel_size_m**2
     rho_b = spatial_variance_ratio(area_b, autocorrelation_m)
     ok = (
-        (np.asarray(block_count, dtype=float) >= MIN_BLOCKS)
+        (np.asarray(block_count, dtype=float) >= SPLIT_MIN_BLOCKS)
         & np.isfinite(vb)
         & np.isfinite(h)
         & np.isfinite(sigma)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from mbcube.binning import bin_axis, nmad_from_histogram, stats_tile
 from mbcube.synth.noise import normal, value_noise
 from mbcube.uncertainty import (
-    MIN_BLOCKS,
+    SPLIT_MIN_BLOCKS,
     adjusted_units,
     datum_sigma_m,
     random_sigma_m_yr,
@@ -121,7 +121,7 @@ def test_split_inverts_the_block_model_exactly() -> None:
     few = white_correlated_split(
         sigma,
         np.sqrt(vb),
-        np.array([MIN_BLOCKS - 1, 300, 300]),
+        np.array([SPLIT_MIN_BLOCKS - 1, 300, 300]),
         np.array([n_b, n_b, 1.0]),
         np.array([1 / n_b, np.nan, 1.0]),
         RES_M,

@@ -303,7 +303,7 @@ BLOCK_PX = (1, 2, 4, 8, 16, 32, 64)
 #: A block counts when at least this share of its pixels are stable with both references.
 MIN_BLOCK_FILL = 0.5
 #: Fewest blocks of a size for its variance to enter the noise curve.
-MIN_BLOCKS = 10
+NOISE_MIN_BLOCKS = 10
 
 
 def block_moments(
@@ -368,7 +368,7 @@ def noise_curve(
     res_m: float,
     fallback_sigma_m: float,
     fallback_corr_m: float,
-    min_blocks: int = MIN_BLOCKS,
+    min_blocks: int = NOISE_MIN_BLOCKS,
 ) -> NoiseCurve:
     """The `NoiseCurve` from summed `block_moments`: per block size with at least `min_blocks`
     blocks, the variance of the block means about their mean (made non-increasing with size:
