@@ -157,17 +157,12 @@ def _grow(
     cap = ids.shape[0]
     ids2 = np.empty(2 * cap, np.int32)
     ids2[:cap] = ids
-    a2 = np.zeros((2 * cap, a.shape[1], a.shape[2]), a.dtype)
-    a2[:cap] = a
-    b2 = np.zeros((2 * cap, b.shape[1], b.shape[2]), b.dtype)
-    b2[:cap] = b
-    c2 = np.zeros((2 * cap, c.shape[1], c.shape[2]), c.dtype)
-    c2[:cap] = c
-    return ids2, a2, b2, c2
+    return ids2, _grow_one(a), _grow_one(b), _grow_one(c)
 
 
 @numba.njit(nogil=True, cache=True)
 def _grow_one(a: np.ndarray) -> np.ndarray:
+    """A 3-D per-glacier array with twice the rows (the new ones zero)."""
     a2 = np.zeros((2 * a.shape[0], a.shape[1], a.shape[2]), a.dtype)
     a2[: a.shape[0]] = a
     return a2

@@ -16,6 +16,7 @@ import numpy as np
 
 from mbcube.corrections.bins import ELEV_MIN_M, bin_index, group_index, n_bins
 from mbcube.errors import MbcubeWarning
+from mbcube.uncertainty import spatial_variance_ratio
 
 SURFACES = (1, 2)
 
@@ -287,17 +288,6 @@ def merge_glacier_moments(*parts: GlacierMoments) -> GlacierMoments:
     return GlacierMoments(uniq, out, parts[0].n_region, parts[0].bins)
 
 
-def variance_ratio(area_m2: np.ndarray, corr_m: float) -> np.ndarray:
-    """Share of a pixel error's variance left in its mean over an area (Rolstad et al. 2009;
-    spherical correlation of range corr_m, area taken as a disc of radius L = sqrt(A / pi)):
-    1 - L/a + L^3 / (5 a^3) for L <= a, a^2 / (5 L^2) beyond."""
-    radius = np.sqrt(np.maximum(np.asarray(area_m2, dtype=np.float64), 0.0) / np.pi)
-    q = radius / corr_m
-    with np.errstate(divide="ignore"):
-        far = 1.0 / (5.0 * np.maximum(q, 1e-12) ** 2)
-    return np.where(q <= 1.0, 1.0 - q + q**3 / 5.0, far)
-
-
 #: Block sizes (px) of the stable-ground noise curve (`block_moments`).
 BLOCK_PX = (1, 2, 4, 8, 16, 32, 64)
 #: A block counts when at least this share of its pixels are stable with both references.
@@ -357,9 +347,9 @@ class NoiseCurve:
 
 def rolstad_curve(sigma_m: float, corr_m: float, res_m: float) -> NoiseCurve:
     """A `NoiseCurve` from a pixel spread and an assumed spherical correlation (Rolstad et al.
-    2009, `variance_ratio`): the fallback where stable ground holds too few blocks."""
+    2009, `uncertainty.spatial_variance_ratio`): the fallback where stable ground holds too few blocks."""
     area = res_m * res_m * 4.0 ** np.arange(12)
-    var = sigma_m**2 * np.maximum(variance_ratio(area, corr_m), 1.0 / 4.0 ** np.arange(12))
+    var = sigma_m**2 * np.maximum(spatial_variance_ratio(area, corr_m), 1.0 / 4.0 ** np.arange(12))
     return NoiseCurve(area, var, np.zeros(area.size, dtype=np.int64), False)
 
 

@@ -906,7 +906,7 @@ def scene_graphs(
     the cube's blocks (cube_blocks), made here when not given. (The step itself writes the
     tiles from their tasks, see `_scene_write_graph`; both compute the same values.)"""
     t = _scene_tasks(ds, scene, config, table, static)
-    g, sid, width = t.graph, scene.scene_id, config.bin_width_m
+    g, sid = t.graph, scene.scene_id
     finals = {
         (i, j): g.task(f"scene {sid} tile ({i}, {j})", _final, ct, t.thresholds)
         for (i, j), ct in t.corrected.items()
@@ -914,17 +914,7 @@ def scene_graphs(
     rejected = g.tree(
         [g.call(operator.getitem, f, 2) for f in finals.values()], outliers.merge_counts
     )
-    table_ref = g.call(
-        _outlier_dataset,
-        t.thresholds,
-        rejected,
-        width,
-        sid,
-        config.outlier_nmad,
-        config.outlier_min_px,
-        config.outlier_band_quantile,
-        config.outlier_band_holds_zero,
-    )
+    table_ref = g.call(_outlier_dataset, t.thresholds, rejected, sid, config)
     parts = {
         (k, tile): g.call(operator.getitem, f, k) for tile, f in finals.items() for k in (0, 1)
     }
@@ -1039,20 +1029,14 @@ def _write_scene_results(
     params: dict[str, Any],
     rejected: outliers.SparseCounts,
     th: outliers.Thresholds,
-    width: float,
-    k_nmad: float,
-    min_px: int,
-    band_quantile: float,
-    holds_zero: bool,
+    config: CorrectionsConfig,
 ) -> None:
     """The scene's parameters (one chunk per array) and its outlier table."""
     at = slice(index, index + 1)
     for name, (_, shape) in PARAMETERS.items():
         out.arrays[name][at] = _param_array(params, name, shape)
     out.arrays["outlier_rejected_px"][at] = _rejected_px(rejected)
-    table = _outlier_dataset(
-        th, rejected, width, scene_id, k_nmad, min_px, band_quantile, holds_zero
-    )
+    table = _outlier_dataset(th, rejected, scene_id, config)
     _write_outlier_table(out.store, outlier_group_name(scene_id, index), table)
 
 
@@ -1094,11 +1078,7 @@ def _scene_write_graph(
         t.params,
         rejected,
         t.thresholds,
-        config.bin_width_m,
-        config.outlier_nmad,
-        config.outlier_min_px,
-        config.outlier_band_quantile,
-        config.outlier_band_holds_zero,
+        config,
     )
     return g.delayed(done)[0]
 
@@ -1125,15 +1105,12 @@ def _param_array(params: dict[str, Any], name: str, shape: tuple[int, ...]) -> n
 def _outlier_dataset(
     th: outliers.Thresholds,
     rejected: outliers.SparseCounts,
-    width: float,
     scene_id: str,
-    k_nmad: float,
-    min_px: int,
-    band_quantile: float = 0.5,
-    holds_zero: bool = False,
+    config: CorrectionsConfig,
 ) -> xr.Dataset:
     """The outlier thresholds of one scene as a table along `outlier_group` (the groups with
-    finite dh in the scene)."""
+    finite dh in the scene), with the outlier settings of `config` as attributes."""
+    width = config.bin_width_m
     labels = outliers.decode_keys(th.keys, n_bins(width))
     idx = np.searchsorted(th.keys, rejected.codes)
     n_rej = np.zeros(th.keys.size, dtype=np.int64)
@@ -1170,10 +1147,10 @@ def _outlier_dataset(
         },
         attrs={
             "scene": scene_id,
-            "outlier_nmad": k_nmad,
-            "outlier_band_quantile": band_quantile,
-            "outlier_band_holds_zero": int(holds_zero),
-            "min_px": min_px,
+            "outlier_nmad": config.outlier_nmad,
+            "outlier_band_quantile": config.outlier_band_quantile,
+            "outlier_band_holds_zero": int(config.outlier_band_holds_zero),
+            "min_px": config.outlier_min_px,
             "bin_width_m": width,
             "description": "dh outside [lower_m, upper_m] (the group's quantiles at "
             "outlier_band_quantile and 1 - outlier_band_quantile, widened by outlier_nmad NMAD; "
