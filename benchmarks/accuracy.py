@@ -30,14 +30,24 @@ The tables are made by `mbcube.aggregate` as the pipeline runs it (its results c
 `mbcube.massbalance.unit_results`: every error term, the unmeasured-area term included, and the
 minimum measured share per bin).
 
-Usage: python -m benchmarks.accuracy [--work DIR] [--seeds 1 2 3] [--keep] [--override JSON]
-Per-glacier rows go to WORK/glaciers.csv, the summary tables to stdout (markdown).
+Region rows (`region_decomposition`): each row's error split into the same parts, combined with
+the weights of the pipeline's area-weighted glacier mean, plus what region-level hypsometric
+averaging and membership add (exact sum); reference and own-penetration parts split between
+glaciers with and without their own SRTM-X (the latter cannot be observed), for the question
+whether a region's error above 0.02 m w.e./yr is what no estimator could remove. The whole-study
+row 'all' is compared too (its truth: the area-weighted mean of all true glacier rates).
+
+Usage: python -m benchmarks.accuracy [--work DIR] [--seeds 1 2 3] [--shapes ...] [--kinds ...]
+       [--keep] [--override JSON]
+Per-glacier rows go to WORK/glaciers.csv, region rows with their parts to WORK/regions.csv and
+WORK/region_rows.csv, the summary tables to stdout (markdown).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -60,9 +70,31 @@ DENSITY = 0.85  # the generator's density (850 kg/m3) in m w.e. per m
 SHAPES: dict[str, dict[str, Any]] = {
     "448px-24g-4s": {"size_px": 448, "n_glaciers": 24, "n_scenes": 4},
     "768px-20g-6s": {"size_px": 768, "n_glaciers": 20, "n_scenes": 6, "tile_px": 256},
+    # many glaciers per region (the generator places all 150: 20-31 % of the area glacierized;
+    # 32-44 glaciers in each eastern quarter region, 68-82 in the western half)
+    "1024px-150g-4s": {"size_px": 1024, "n_glaciers": 150, "n_scenes": 4, "tile_px": 256},
 }
 KINDS = ("dem", "insar")
 SIZE_CLASSES = ((0.0, 1.0, "<1 km2"), (1.0, 5.0, "1-5 km2"), (5.0, np.inf, ">5 km2"))
+#: Regions by number of member glaciers (region rows).
+REGION_SIZES = ((0, 10, "<10"), (10, 20, "10-19"), (20, 50, "20-49"), (50, 10**9, ">=50"))
+#: A glacier has its own SRTM-X when at least this share of its pixels has an X-band value.
+XBAND_MIN_SHARE = 0.5
+#: Region error decomposition columns (m w.e./yr; `region_decomposition`).
+REGION_PARTS = (
+    "ref_x",
+    "ref_nox",
+    "pen_dev_x",
+    "pen_dev_nox",
+    "pen_table",
+    "seasonal",
+    "noise",
+    "scene_rest",
+    "void",
+    "sampling",
+    "averaging",
+    "weights",
+)
 
 
 @dataclass(frozen=True)
@@ -101,7 +133,7 @@ def run_case(
     run(pipeline)
     t2 = time.perf_counter()
     rows = evaluate(study, pipeline.store, pipeline.out).assign(model="default")
-    regions = evaluate_regions(study, pipeline.out).assign(model="default")
+    regions = with_parts(rows, evaluate_regions(study, pipeline.out)).assign(model="default")
     # the same statistics with the reference error bounded by SRTM-C minus SRTM-X on stable
     # ground (what aggregate passes once the corrections store that spread)
     bound = reference_bound_m(pipeline.store)
@@ -113,12 +145,14 @@ def run_case(
         config = config.model_copy(update={"reference_sigma_m": bound})
         out_cx = pipeline.out.parent / "results_cx_bound"
         aggregate(pipeline.store, out_cx, regions=pipeline.regions, config=config)
-        rows = pd.concat(
-            [rows, evaluate(study, pipeline.store, out_cx).assign(model="cx_bound")],
-            ignore_index=True,
-        )
+        rows_cx = evaluate(study, pipeline.store, out_cx)
+        rows = pd.concat([rows, rows_cx.assign(model="cx_bound")], ignore_index=True)
+        rows_cx = evaluate(study, pipeline.store, out_cx)
         regions = pd.concat(
-            [regions, evaluate_regions(study, out_cx).assign(model="cx_bound")],
+            [
+                regions,
+                with_parts(rows_cx, evaluate_regions(study, out_cx)).assign(model="cx_bound"),
+            ],
             ignore_index=True,
         )
     rows = rows.assign(kind=case.kind, shape=case.shape, seed=case.seed, cx_bound_m=bound)
@@ -130,6 +164,20 @@ def run_case(
     if not keep:
         shutil.rmtree(root)
     return rows
+
+
+def _weighted_sum(
+    rows: pd.DataFrame, w: pd.Series, col: str, mask: np.ndarray | None = None
+) -> float:
+    """sum of w x rows[col] (over `mask` when given)."""
+    v = (w * rows[col]).to_numpy()
+    return float(v.sum() if mask is None else v[mask].sum())
+
+
+def with_parts(glaciers: pd.DataFrame, regions: pd.DataFrame) -> pd.DataFrame:
+    """The region rows with their error decomposition (`region_decomposition`) as columns."""
+    parts = region_decomposition(glaciers, regions)
+    return regions.merge(parts, on=["name", "glaciers"], how="left")
 
 
 def reference_bound_m(store: Path) -> float:
@@ -177,10 +225,17 @@ def evaluate(study: Path, store: Path, out: Path) -> pd.DataFrame:
         "scene_mwe_yr",
         "void_mwe_yr",
         "sampling_mwe_yr",
+        "pen_dev_mwe_yr",
+        "seasonal_mwe_yr",
+        "noise_mwe_yr",
         "ref_all_mwe_yr",
         "void_frac",
         "void_c_frac",
+        "x_frac",
+        "penetration_factor",
         "adjusted",
+        "region",
+        "surge",
     ]
     return both[[k for k in keep if k in both]]
 
@@ -191,14 +246,24 @@ def decompose(study: Path, store: Path) -> pd.DataFrame:
     pixels divided by the mean span (what a perfect method would still carry); `void_frac` its
     share of pixels without any elevation (void in SRTM-C and SRTM-X; `void_c_frac` void in
     SRTM-C) and `void_true_m_yr` their true mean rate; `adjusted` 1 where the glacier has its own
-    X-band offset (module docstring)."""
+    X-band offset (module docstring).
+
+    Parts of parts (same averaging): `pen_dev_mwe_yr`, the glacier's own penetration deviation
+    (true penetration x (1 - 1 / its penetration factor): what differs from the regional law the
+    generator draws every glacier's factor around; the rest of `pen` is the table's error);
+    `seasonal_mwe_yr`, the scenes' true seasonal offset minus the one removed; `noise_mwe_yr`,
+    the DEM scenes' own correlated noise (white noise too on scenes written on the study grid;
+    zero for InSAR scenes, whose phase noise is white). Both are in `scene`. `x_frac`: the share
+    of the glacier's pixels with an SRTM-X value."""
     import rasterio
     import xarray as xr
 
     from mbcube.corrections import penetration
     from mbcube.corrections.step import read_table
     from mbcube.store import open_cube
-    from mbcube.synth.world import reference_noise_m
+    from mbcube.synth import SynthSpec, world_noise
+    from mbcube.synth.noise import normal
+    from mbcube.synth.world import make_glaciers, reference_noise_m
 
     meta = json.loads((study / "truth" / "meta.json").read_text())
     spec = meta["spec"]
@@ -210,6 +275,7 @@ def decompose(study: Path, store: Path) -> pd.DataFrame:
     x = cube["x"].values.astype(np.float64)
     y = cube["y"].values.astype(np.float64)
     xx, yy = np.meshgrid(x, y)
+    iy, ix = np.indices(xx.shape)
     ref_err = reference_noise_m(xx, yy, int(spec["seed"]) + 101, float(spec["reference_sigma_m"]))
     glacier = cube["glacier_id"].values.astype(np.int64)
     surface = cube["surface"].values
@@ -229,50 +295,84 @@ def decompose(study: Path, store: Path) -> pd.DataFrame:
         adjusted[ids_k[inside]] = (k.values[inside] > 0).any(axis=1)
     pen_err = pen_true - pen_tab  # what the correction leaves in dh (true minus removed)
     n = int(glacier.max()) + 1
+    ids = xr.DataArray(cube["glacier_rgi_id"].values, dims="glacier")
+    index = cube["glacier"].values.astype(int)
+    # the generator's glaciers (same seed, same draws): each one's penetration factor
+    grid = SynthSpec(**spec).grid
+    drawn = make_glaciers(np.random.default_rng(int(spec["seed"])), grid.bounds, spec["n_glaciers"])
+    factor_of = {f"RGI60-99.{g.index:05d}": g.penetration_factor for g in drawn}
+    factor = np.ones(n)
+    factor[index] = [factor_of.get(str(v), 1.0) for v in ids.values]
+    pen_dev = pen_true * (1.0 - 1.0 / factor[glacier])
+    scenes = pd.read_csv(study / "truth" / "scenes.csv")
+    seasonal_true = dict(zip(scenes["scene_id"], scenes["seasonal_offset_m"], strict=True))
+    scene_crs = dict(zip(scenes["scene_id"], scenes["crs"], strict=True))
     years = cube["scene_years"].values.astype(float)
-    acc = {k: np.zeros(n) for k in ("w", "ref", "pen", "scene")}
+    applied = (
+        cube["seasonal_offset_applied_m"].values.astype(float)
+        if "seasonal_offset_applied_m" in cube
+        else np.zeros(cube.sizes["scene"])
+    )
+    parts = ("ref", "pen", "pen_dev", "seasonal", "noise", "scene")
+    acc = {k: np.zeros(n) for k in ("w", *parts)}
     for s in range(cube.sizes["scene"]):
+        sid = str(cube["scene"].values[s])
         dh = cube["dh_m"].isel(scene=s).values.astype(np.float64)
         on = np.isfinite(dh) & (glacier > 0)
         g = glacier[on]
         resid = dh[on] - rate[on] * years[s]
+        noise = np.zeros(int(on.sum()))
+        if str(cube["scene_kind"].values[s]) == "dem":  # mbcube.synth._scene_layers
+            seed = int(spec["seed"]) * 1000 + int(sid[1:3]) - 1
+            noise = 0.6 * world_noise(xx[on], yy[on], seed)
+            if scene_crs[sid] == spec["crs"]:  # written on this grid: pixel for pixel
+                noise = noise + 0.8 * normal(ix[on], iy[on], seed + 41)
         count = np.bincount(g, minlength=n)
         with np.errstate(invalid="ignore", divide="ignore"):
             means = {
                 "ref": np.bincount(g, weights=-ref_err[on], minlength=n) / count,
                 "pen": np.bincount(g, weights=pen_err[on], minlength=n) / count,
+                "pen_dev": np.bincount(g, weights=pen_dev[on], minlength=n) / count,
+                "noise": np.bincount(g, weights=noise, minlength=n) / count,
                 "res": np.bincount(g, weights=resid, minlength=n) / count,
             }
+        means["seasonal"] = np.full(n, float(seasonal_true[sid]) - applied[s])
+        means["scene"] = means["res"] - means["ref"] - means["pen"]
         has = count > 0
         w = np.where(has, count, 0.0)
         span = abs(years[s])
         acc["w"] += w
-        acc["ref"] += np.where(has, w * means["ref"] / span, 0.0)
-        acc["pen"] += np.where(has, w * means["pen"] / span, 0.0)
-        acc["scene"] += np.where(has, w * (means["res"] - means["ref"] - means["pen"]) / span, 0.0)
+        for k in parts:
+            acc[k] += np.where(has, w * means[k] / span, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = {k: DENSITY * acc[k] / acc["w"] for k in ("ref", "pen", "scene")}
+        out = {k: DENSITY * acc[k] / acc["w"] for k in parts}
     all_px = np.bincount(glacier.ravel(), minlength=n)
     void = (glacier > 0) & ~np.isfinite(ref_dem)
     void_c_px = np.bincount(glacier[void], minlength=n)
+    x_px = np.zeros(n)
     if "ref_dem_x_m" in cube:  # binning bins SRTM-C voids by SRTM-X where it has a value
-        void &= ~np.isfinite(cube["ref_dem_x_m"].values)
+        has_x = np.isfinite(cube["ref_dem_x_m"].values)
+        x_px = np.bincount(glacier[has_x], minlength=n).astype(float)
+        void &= ~has_x
     void_px = np.bincount(glacier[void], minlength=n)
     with np.errstate(invalid="ignore", divide="ignore"):
         void_true = np.bincount(glacier[void], weights=rate[void], minlength=n) / void_px
         ref_all = np.bincount(glacier.ravel(), weights=-ref_err.ravel(), minlength=n) / all_px
     ref_all = DENSITY * ref_all / np.mean(np.abs(years))
-    ids = xr.DataArray(cube["glacier_rgi_id"].values, dims="glacier")
-    index = cube["glacier"].values.astype(int)
     return pd.DataFrame(
         {
             "ref_mwe_yr": out["ref"][index],
             "pen_mwe_yr": out["pen"][index],
             "scene_mwe_yr": out["scene"][index],
+            "pen_dev_mwe_yr": out["pen_dev"][index],
+            "seasonal_mwe_yr": out["seasonal"][index],
+            "noise_mwe_yr": out["noise"][index],
             "ref_all_mwe_yr": ref_all[index],
             "void_frac": (void_px / np.maximum(all_px, 1))[index],
             "void_c_frac": (void_c_px / np.maximum(all_px, 1))[index],
             "void_true_m_yr": void_true[index],
+            "x_frac": (x_px / np.maximum(all_px, 1))[index],
+            "penetration_factor": factor[index],
             "adjusted": adjusted[np.clip(index, 0, adjusted.size - 1)],
         },
         index=pd.Index([str(v) for v in ids.values], name="RGIId"),
@@ -280,8 +380,23 @@ def decompose(study: Path, store: Path) -> pd.DataFrame:
 
 
 def evaluate_regions(study: Path, out: Path) -> pd.DataFrame:
-    """Region rows against the truth: error and stated sigma (m w.e./yr)."""
+    """Region rows against the truth: error and stated sigma (m w.e./yr). The truth of the
+    whole-study row 'all' is the area-weighted mean of all true glacier rates (as
+    truth/regions.csv is for the sub-regions)."""
     truth = pd.read_csv(study / "truth" / "regions.csv")
+    glaciers = pd.read_csv(study / "truth" / "glaciers.csv")
+    glaciers = glaciers[glaciers["area_km2"] > 0]
+    whole = []
+    for label, part in (("all", glaciers), ("no_surge", glaciers[glaciers["surge"] == 0])):
+        area = part["area_km2"]
+        whole.append(
+            {
+                "name": "all",
+                "glaciers": label,
+                "mb_mwe_yr": float((part["mb_mwe_yr"] * area).sum() / area.sum()),
+            }
+        )
+    truth = pd.concat([truth, pd.DataFrame(whole)], ignore_index=True)
     table = pd.read_csv(out / "regions.csv")
     both = table.merge(truth, on=["name", "glaciers"], suffixes=("", "_true"))
     both["error_mwe_yr"] = both["mb_mwe_yr"] - both["mb_mwe_yr_true"]
@@ -295,8 +410,75 @@ def evaluate_regions(study: Path, out: Path) -> pd.DataFrame:
             "mb_mwe_yr_true",
             "error_mwe_yr",
             "mb_sigma_mwe_yr",
+            "mb_mwe_yr_area_weighted",
         ]
     ]
+
+
+def region_decomposition(glaciers: pd.DataFrame, regions: pd.DataFrame) -> pd.DataFrame:
+    """Each region row's error split into parts (m w.e./yr) that add up to it exactly.
+
+    The glacier parts (`evaluate`, `decompose`) are combined with the weights of the pipeline's
+    area-weighted mean (`mb_mwe_yr_area_weighted`): each measured member glacier's area over
+    their sum (w_g). Then
+
+        error = sum_g w_g error_g                   (the glacier parts below)
+              + (mb - mb_area_weighted)              `averaging`: what region-level hypsometric
+                                                     averaging (`sum_units`) does differently
+              + (sum_g w_g mb_true_g - mb_true)      `weights`: unmeasured members, and measured
+                                                     areas and membership against the truth's
+
+    and sum_g w_g error_g = ref + pen + scene + void + sampling, split further: reference and
+    the glacier's own penetration deviation (`decompose`) on glaciers with (`_x`) and without
+    (`_nox`) their own SRTM-X (`XBAND_MIN_SHARE`); `pen_table` the rest of penetration (the
+    table's own error); scene = seasonal + noise + scene_rest (datum / ramp residual,
+    unwrapping; white noise of reprojected DEM scenes). `unobservable` = ref_nox + pen_dev_nox +
+    seasonal + noise: what no estimator can take from the data (without X-band over a glacier,
+    its SRTM-C error and its own penetration cannot be told from its change; the seasonal
+    deviation is a glacier-only offset per scene; measurement noise). `unobs_brief` = ref_nox +
+    pen_nox (pen_dev_nox + the table's error on those glaciers). `check` = error minus all the
+    parts (0 up to float rounding when w_g are the pipeline's weights)."""
+    g = glaciers.copy()
+    comps = ["ref", "pen", "pen_dev", "scene", "seasonal", "noise", "void"]
+    for c in comps:
+        g[c] = g[f"{c}_mwe_yr"].fillna(0.0)
+    g["sampling"] = g["error_mwe_yr"] - g[["ref", "pen", "scene", "void"]].sum(axis=1)
+    g["nox"] = g["x_frac"].fillna(0.0) < XBAND_MIN_SHARE
+    rows = []
+    for r in regions.to_dict("records"):
+        members = g if r["name"] == "all" else g[g["region"] == r["name"]]
+        if r["glaciers"] == "no_surge":
+            members = members[members["surge"] != 1]
+        m = members[np.isfinite(members["mb_mwe_yr"])]
+        w = m["area_km2"] / m["area_km2"].sum()
+        nox = m["nox"].to_numpy()
+
+        part = functools.partial(_weighted_sum, m, w)
+        row = {
+            "name": r["name"],
+            "glaciers": r["glaciers"],
+            "n_measured": len(m),
+            "n_nox": int(nox.sum()),
+            "area_nox_share": float(w[nox].sum()),
+            "ref_x": part("ref", ~nox),
+            "ref_nox": part("ref", nox),
+            "pen_dev_x": part("pen_dev", ~nox),
+            "pen_dev_nox": part("pen_dev", nox),
+            "pen_table": part("pen") - part("pen_dev"),
+            "pen_table_nox": part("pen", nox) - part("pen_dev", nox),
+            "seasonal": part("seasonal"),
+            "noise": part("noise"),
+            "scene_rest": part("scene") - part("seasonal") - part("noise"),
+            "void": part("void"),
+            "sampling": part("sampling"),
+            "averaging": r["mb_mwe_yr"] - r["mb_mwe_yr_area_weighted"],
+            "weights": part("mb_mwe_yr_true") - r["mb_mwe_yr_true"],
+        }
+        row["unobservable"] = row["ref_nox"] + row["pen_dev_nox"] + row["seasonal"] + row["noise"]
+        row["unobs_brief"] = row["ref_nox"] + row["pen_dev_nox"] + row["pen_table_nox"]
+        row["check"] = r["error_mwe_yr"] - sum(row[k] for k in REGION_PARTS)
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _child(case: Case, work: Path, keep: bool, overrides: dict[str, Any], queue: Any) -> None:
@@ -429,6 +611,71 @@ def region_summary(regions: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def region_class(n_glaciers: pd.Series) -> pd.Series:
+    labels = pd.Series("", index=n_glaciers.index)
+    for lo, hi, label in REGION_SIZES:
+        labels[(n_glaciers >= lo) & (n_glaciers < hi)] = label
+    return labels
+
+
+def region_size_summary(regions: pd.DataFrame, bar: float = 0.02) -> pd.DataFrame:
+    """Region rows (default model) per kind and number of member glaciers (REGION_SIZES):
+    median and max abs error, share above `bar`, within 1 sigma, median sigma."""
+    r = regions[regions["model"] == "default"].dropna(subset=["error_mwe_yr"]).copy()
+    r["abs_err"] = r["error_mwe_yr"].abs()
+    r["n_class"] = region_class(r["n_glaciers"])
+    r["over"] = r["abs_err"] > bar
+    r["in1"] = r["abs_err"] <= r["mb_sigma_mwe_yr"]
+    order = {label: i for i, (*_, label) in enumerate(REGION_SIZES)}
+    out = (
+        r.groupby(["kind", "n_class"])
+        .agg(
+            rows=("abs_err", "size"),
+            median_abs_err=("abs_err", "median"),
+            max_abs_err=("abs_err", "max"),
+            over_bar=("over", "sum"),
+            cover_1sigma=("in1", "mean"),
+            median_sigma=("mb_sigma_mwe_yr", "median"),
+        )
+        .reset_index()
+    )
+    return out.sort_values(["kind", "n_class"], key=lambda c: c.map(order).fillna(c)).reset_index(
+        drop=True
+    )
+
+
+def region_rows(regions: pd.DataFrame, bar: float | None = None) -> pd.DataFrame:
+    """One line per region row (default model; those with |error| > bar when given): size,
+    error, stated sigma, z and the decomposition (`region_decomposition`)."""
+    r = regions[regions["model"] == "default"].dropna(subset=["error_mwe_yr"]).copy()
+    if bar is not None:
+        r = r[r["error_mwe_yr"].abs() > bar]
+    r["z"] = r["error_mwe_yr"] / r["mb_sigma_mwe_yr"]
+    r["err_minus_unobs"] = r["error_mwe_yr"] - r["unobservable"]
+    r["err_minus_unobs_brief"] = r["error_mwe_yr"] - r["unobs_brief"]
+    columns = [
+        "shape",
+        "kind",
+        "seed",
+        "name",
+        "glaciers",
+        "n_glaciers",
+        "n_nox",
+        "area_km2",
+        "area_nox_share",
+        "error_mwe_yr",
+        "mb_sigma_mwe_yr",
+        "z",
+        *REGION_PARTS,
+        "unobservable",
+        "err_minus_unobs",
+        "unobs_brief",
+        "err_minus_unobs_brief",
+        "check",
+    ]
+    return r.sort_values(["n_glaciers", "shape", "kind", "seed"])[columns].reset_index(drop=True)
+
+
 def markdown(table: pd.DataFrame) -> str:
     """A markdown table (floats with 3 decimals; no tabulate dependency)."""
 
@@ -473,6 +720,11 @@ def main() -> None:
         print(markdown(summary(part)))
     print("\n### regions\n")
     print(markdown(region_summary(regions)))
+    print("\n### regions by number of glaciers (default model)\n")
+    print(markdown(region_size_summary(regions)))
+    print("\n### region rows above 0.02, decomposed (default model)\n")
+    print(markdown(region_rows(regions, bar=0.02)))
+    region_rows(regions).to_csv(args.work / "region_rows.csv", index=False)
 
 
 if __name__ == "__main__":
