@@ -54,6 +54,7 @@ import numpy as np
 from scipy import sparse
 
 from mbcube.config import MassBalanceConfig
+from mbcube.unit_sums import Units
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -555,17 +556,22 @@ def with_void_area(
     unit_binned_area_m2: np.ndarray,
     glacier_value: np.ndarray,
     void_area_m2: np.ndarray,
-    membership: np.ndarray,
+    units: Units,
 ) -> np.ndarray:
     """A region's mean over its whole area (U,), voids included: its hypsometric mean
     `unit_value` over the binned area, and over each member glacier's void area (no reference
     DEM, so no bin) that glacier's own mean (`glacier_value`, G), or the region's where the
     glacier has none. So a region of fully measured glaciers equals their area-weighted mean."""
-    m = np.asarray(membership, dtype=float)
     known = np.isfinite(glacier_value)
-    void_all = m @ void_area_m2
-    void_known = m @ np.where(known, void_area_m2, 0.0)
-    void_sum = m @ np.where(known, void_area_m2 * np.nan_to_num(glacier_value), 0.0)
+    void_all, void_known, void_sum = units.sum(
+        np.stack(
+            [
+                void_area_m2,
+                np.where(known, void_area_m2, 0.0),
+                np.where(known, void_area_m2 * np.nan_to_num(glacier_value), 0.0),
+            ]
+        )
+    )
     total = unit_binned_area_m2 + void_all
     value = unit_value * (unit_binned_area_m2 + void_all - void_known) + void_sum
     return np.divide(value, total, out=np.full(total.shape, np.nan), where=total > 0) + np.where(

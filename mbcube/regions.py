@@ -37,6 +37,8 @@ __all__ = [
 ]
 
 Assignment = Literal["centroid", "area_share"]
+#: An attribute's missing values as text (None, float NaN and empty cells read from files).
+MISSING_TEXT = ("", "nan", "None")
 
 
 @dataclass(frozen=True)
@@ -100,11 +102,14 @@ def from_polygons(
     if how == "centroid":
         if centroids_xy is None:
             raise ValueError("centroid assignment needs centroids_xy")
-        xy = np.asarray(centroids_xy, dtype=float)
-        index = np.full(len(xy), -1)
+        x, y = np.asarray(centroids_xy, dtype=float).T
+        index = np.full(len(x), -1)
+        bounds = shapely.bounds(geoms)
         for r in range(len(geoms) - 1, -1, -1):  # the first polygon wins where they overlap
-            inside = shapely.intersects_xy(geoms[r], xy[:, 0], xy[:, 1])
-            index[inside] = r
+            x0, y0, x1, y1 = bounds[r]
+            near = np.flatnonzero((x >= x0) & (x <= x1) & (y >= y0) & (y <= y1))
+            shapely.prepare(geoms[r])
+            index[near[shapely.intersects_xy(geoms[r], x[near], y[near])]] = r
         return RegionSet(names, _one_hot(index, len(names)))
     if how == "area_share":
         if outlines is None:
@@ -123,11 +128,11 @@ def from_polygons(
 
 def from_attribute(values: Sequence[object] | np.ndarray) -> RegionSet:
     """One region per distinct value of a glacier attribute (e.g. a basin column), sorted by name;
-    empty / missing values belong to none."""
-    text = np.array(["" if _missing(v) else str(v) for v in values], dtype=object)
-    names, index = np.unique(text.astype(str), return_inverse=True)  # sorted
-    keep = names != ""
-    position = np.cumsum(keep) - 1  # each distinct value's row, empty excluded
+    empty / missing values (None, NaN, '', 'nan', 'None') belong to none."""
+    text = np.asarray(values, dtype=object).astype(str)
+    names, index = np.unique(text, return_inverse=True)  # sorted
+    keep = ~np.isin(names, MISSING_TEXT)
+    position = np.cumsum(keep) - 1  # each distinct value's row, missing ones excluded
     rows = np.where(keep[index], position[index], -1)
     return RegionSet([str(n) for n in names[keep]], _one_hot(rows, int(keep.sum())))
 
@@ -175,11 +180,3 @@ def name_column_of(polygons: gpd.GeoDataFrame) -> str:
     """The column naming the regions: `name`, else the first attribute column."""
     columns = [str(c) for c in polygons.columns if c != polygons.geometry.name]
     return "name" if "name" in columns or not columns else columns[0]
-
-
-def _missing(value: object) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and np.isnan(value):
-        return True
-    return str(value) in ("", "nan", "None")

@@ -1,18 +1,20 @@
-"""Sums of per-cell glacier statistics over units (regions) made of glaciers.
+"""Sums of per-glacier and per-cell glacier statistics over units (regions) made of glaciers.
 
-A cell is one non-empty (glacier, elevation bin, surface) of the combined statistics. A unit's
-sums per (bin, surface) are taken over its member glaciers' cells; a glacier may belong to
-several units (a region, 'all', the same without surge-type glaciers). Glaciers that belong to
-the same units form an atom: the cells are summed per atom with one bincount per field, and
-each unit is the sum of its atoms (a small matrix product). Cost ~ cells + units x atoms x
-cells per glacier, plain numpy (no JIT start-up in a fresh `mbcube aggregate` process).
+A cell is one non-empty (glacier, elevation bin, surface) of the combined statistics. A glacier
+may belong to several units (a region, 'all', the same without surge-type glaciers). Glaciers
+that belong to the same units form an atom: values are summed per atom with one bincount per
+field, and each unit is the sum of its atoms (a small product). Cost ~ glaciers (or cells) +
+units x atoms, plain numpy without BLAS (`np.einsum` without `optimize`): no thread pool spun up
+for tiny products, no JIT start-up in a fresh `mbcube aggregate` process.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-#: The summed fields, in the order of the result's second axis.
+#: The summed cell fields, in the order of `Units.cell_sums`' second axis.
 UNIT_FIELDS = (
     "count",  # measured pixels of the cells measured enough (>= min_px_per_bin)
     "weight",  # area (m2) of those cells
@@ -28,45 +30,82 @@ def atoms(membership: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(patterns (A, U) bool, atom of each glacier (G,)): the distinct unit sets of the glaciers
     of a (U, G) 0/1 membership."""
     member = np.asarray(membership, dtype=bool)
-    packed = np.ascontiguousarray(np.packbits(member, axis=0).T)  # (G, bytes): its units
-    code = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
+    packed = np.packbits(member, axis=0).T  # (G, bytes): its units
+    width = -(-packed.shape[1] // 8) * 8  # whole uint64 words: up to 64 units sort as integers
+    words = np.zeros((packed.shape[0], width), dtype=np.uint8)
+    words[:, : packed.shape[1]] = packed
+    code: np.ndarray = (
+        words.view(np.uint64)[:, 0]
+        if width == 8
+        else words.view(np.dtype((np.void, width))).ravel()
+    )
     _, first, atom_of = np.unique(code, return_index=True, return_inverse=True)
     return member.T[first], atom_of.ravel()
 
 
-def unit_cell_sums(
-    glacier: np.ndarray,
-    cell: np.ndarray,
-    values: dict[str, np.ndarray],
-    membership: np.ndarray,
-    n_cells: int,
-    min_px_per_bin: int,
-) -> np.ndarray:
-    """(U, 7, n_cells) sums of UNIT_FIELDS per unit and cell index (bin x surface, flattened).
+@dataclass(frozen=True)
+class Units:
+    """U units made of G glaciers, kept as atoms (`atoms`): patterns (A, U) 0/1 as float64,
+    atom_of (G,) each glacier's atom."""
 
-    glacier, cell: (C,) each cell's glacier position (0..G-1) and flat (bin, surface) index;
-    values: per-cell count, area_m2, weight (area of the measured share, m2), rate_sum (m3/yr),
-    dh_sum (m3), n_px, measured_bin_px, each (C,); membership: (U, G) 0/1. A cell counts as
-    measured when its count >= min_px_per_bin; its mean rate is rate_sum / weight (m/yr)."""
-    patterns, atom_of = atoms(membership)
+    patterns: np.ndarray
+    atom_of: np.ndarray
 
-    def column(name: str) -> np.ndarray:
-        return np.asarray(values[name], dtype=np.float64)
+    @classmethod
+    def of(cls, membership: np.ndarray) -> Units:
+        """From a (U, G) 0/1 membership (glacier g belongs to unit u)."""
+        patterns, atom_of = atoms(membership)
+        return cls(patterns.astype(np.float64), atom_of.astype(np.int64))
 
-    count, area = column("count"), column("area_m2")
-    valid = count >= min_px_per_bin
-    share = np.divide(area, column("weight"), out=np.zeros(count.shape), where=valid)
-    fields = (
-        np.where(valid, count, 0.0),
-        np.where(valid, area, 0.0),
-        share * column("rate_sum"),
-        share * column("dh_sum"),
-        area,
-        column("n_px"),
-        np.where(valid, column("measured_bin_px"), 0.0),
-    )
-    key = atom_of[np.asarray(glacier, dtype=np.int64)] * n_cells + np.asarray(cell, np.int64)
-    size = len(patterns) * n_cells
-    per_atom = np.stack([np.bincount(key, weights=f, minlength=size) for f in fields])
-    per_atom = per_atom.reshape(len(fields), len(patterns), n_cells)
-    return np.tensordot(patterns.T.astype(np.float64), per_atom, axes=([1], [1]))
+    @property
+    def n_units(self) -> int:
+        return self.patterns.shape[1]
+
+    def sum(self, values: np.ndarray) -> np.ndarray:
+        """(..., U) sums over each unit's glaciers of per-glacier values (..., G)."""
+        values = np.asarray(values, dtype=np.float64)
+        flat = values.reshape(-1, values.shape[-1])
+        n_atoms = len(self.patterns)
+        per_atom = np.stack(
+            [np.bincount(self.atom_of, weights=row, minlength=n_atoms) for row in flat]
+        )
+        return np.einsum("ka,au->ku", per_atom, self.patterns).reshape(
+            *values.shape[:-1], self.n_units
+        )
+
+    def cell_sums(
+        self,
+        glacier: np.ndarray,
+        cell: np.ndarray,
+        values: dict[str, np.ndarray],
+        n_cells: int,
+        min_px_per_bin: int,
+    ) -> np.ndarray:
+        """(U, 7, n_cells) sums of UNIT_FIELDS per unit and cell index (bin x surface, flat).
+
+        glacier, cell: (C,) each cell's glacier position (0..G-1) and flat (bin, surface) index;
+        values: per-cell count, area_m2, weight (area of the measured share, m2), rate_sum
+        (m3/yr), dh_sum (m3), n_px, measured_bin_px, each (C,). A cell counts as measured when
+        its count >= min_px_per_bin; its mean rate is rate_sum / weight (m/yr)."""
+
+        def column(name: str) -> np.ndarray:
+            return np.asarray(values[name], dtype=np.float64)
+
+        count, area = column("count"), column("area_m2")
+        valid = count >= min_px_per_bin
+        share = np.divide(area, column("weight"), out=np.zeros(count.shape), where=valid)
+        fields = (
+            np.where(valid, count, 0.0),
+            np.where(valid, area, 0.0),
+            share * column("rate_sum"),
+            share * column("dh_sum"),
+            area,
+            column("n_px"),
+            np.where(valid, column("measured_bin_px"), 0.0),
+        )
+        key = self.atom_of[np.asarray(glacier, dtype=np.int64)] * n_cells
+        key += np.asarray(cell, dtype=np.int64)
+        size = len(self.patterns) * n_cells
+        per_atom = np.stack([np.bincount(key, weights=f, minlength=size) for f in fields])
+        per_atom = per_atom.reshape(len(fields), len(self.patterns), n_cells)
+        return np.einsum("fan,au->ufn", per_atom, self.patterns)

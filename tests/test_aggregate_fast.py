@@ -29,6 +29,7 @@ from mbcube.aggregate import (
 from mbcube.config import MassBalanceConfig
 from mbcube.massbalance import GlacierStats, sum_units
 from mbcube.store import open_cube, read_state, record_step, write_dataset
+from mbcube.unit_sums import Units
 from tests.test_aggregate import Synthetic, _pixel_stats
 
 
@@ -97,7 +98,7 @@ def test_sum_cells_equals_dense_sum_units(
     saved = aggregate_module.CELL_CHUNK
     aggregate_module.CELL_CHUNK = chunk
     try:
-        got = sum_cells(cells, membership, min_px)
+        got = sum_cells(cells, Units.of(membership), min_px)
     finally:
         aggregate_module.CELL_CHUNK = saved
     for name in (*fields, "measured_px"):

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mbcube.unit_sums import UNIT_FIELDS, atoms, unit_cell_sums
+from mbcube.unit_sums import UNIT_FIELDS, Units, atoms
 
 
 def _cells(seed: int, n_glaciers: int, n_cells: int) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -62,7 +62,7 @@ def test_unit_sums_equal_a_loop_over_units_and_cells(
 ) -> None:
     glacier, cell, values = _cells(seed, n_glaciers, n_cells)
     membership = np.random.default_rng(seed + 1).random((n_units, n_glaciers)) < 0.5
-    got = unit_cell_sums(glacier, cell, values, membership, n_cells, min_px)
+    got = Units.of(membership).cell_sums(glacier, cell, values, n_cells, min_px)
     want = _oracle(glacier, cell, values, membership, n_cells, min_px)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9)
 
@@ -79,7 +79,7 @@ def test_a_glacier_in_no_unit_adds_nothing_and_one_in_two_units_adds_to_both() -
         "measured_bin_px": np.array([20.0, 5.0, 30.0]),
     }
     membership = np.array([[False, True], [True, True]])
-    got = unit_cell_sums(glacier, cell, values, membership, 3, 10)
+    got = Units.of(membership).cell_sums(glacier, cell, values, 3, 10)
     # unit 0 holds glacier 1 only: its cell 0 (5 px) is below min_px, so only areas and pixels
     np.testing.assert_array_equal(got[0, :, 0], [0, 0, 0, 0, 2e4, 40, 0])
     np.testing.assert_array_equal(got[0, :, 2], [30, 3e4, 6e4, 6e5, 3e4, 30, 30])
@@ -95,3 +95,22 @@ def test_atoms_group_glaciers_by_their_units() -> None:
     np.testing.assert_array_equal(patterns[atom_of], member.T)
     assert len({p.tobytes() for p in patterns}) == len(patterns)  # distinct
     assert len(patterns) <= 251
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n_glaciers=st.integers(1, 40),
+    n_units=st.integers(1, 20),
+    n_rows=st.integers(1, 4),
+)
+def test_unit_sums_of_glacier_values_equal_a_matrix_product(
+    seed: int, n_glaciers: int, n_units: int, n_rows: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    membership = rng.random((n_units, n_glaciers)) < 0.3  # some glaciers in no unit
+    values = rng.normal(size=(n_rows, n_glaciers))
+    units = Units.of(membership)
+    np.testing.assert_allclose(units.sum(values), values @ membership.T.astype(float), atol=1e-12)
+    np.testing.assert_allclose(units.sum(values[0]), membership @ values[0], atol=1e-12)
+    assert units.sum(values).shape == (n_rows, n_units)
