@@ -569,8 +569,10 @@ def _read_by_chunk(path: Path, axis: int = 0) -> np.ndarray:
     """A whole zarr array read one chunk along `axis` at a time into one array (peak memory:
     the array and one chunk, where a single read holds decoded chunks and the result at once)."""
     found = zarr.open_array(str(path), mode="r")
-    out = np.empty(found.shape, dtype=found.dtype)
     step = max(int(found.chunks[axis]), 1)
+    if step >= found.shape[axis]:
+        return np.asarray(found[...])
+    out = np.empty(found.shape, dtype=found.dtype)
     for start in range(0, found.shape[axis], step):
         part = (slice(None),) * axis + (slice(start, start + step),)
         out[part] = found[part]

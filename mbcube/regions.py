@@ -171,9 +171,15 @@ def read_polygons(path: Path, crs: str, name_column: str | None = "name") -> gpd
             f"{path}: no column '{name_column}' naming the regions "
             f"(columns: {[c for c in polygons.columns if c != 'geometry']})."
         )
-    polygons = polygons[polygons.geometry.notna() & ~polygons.geometry.is_empty].to_crs(crs)
-    polygons["geometry"] = polygons.geometry.make_valid()
-    return polygons.reset_index(drop=True)
+    shapes = polygons.geometry.to_numpy()
+    keep = ~shapely.is_missing(shapes) & ~shapely.is_empty(shapes)
+    if not keep.all():
+        polygons = polygons[keep].reset_index(drop=True)
+    if not polygons.crs.equals(crs):
+        polygons = polygons.to_crs(crs)
+    if not polygons.geometry.is_valid.all():
+        polygons["geometry"] = polygons.geometry.make_valid()
+    return polygons
 
 
 def name_column_of(polygons: gpd.GeoDataFrame) -> str:

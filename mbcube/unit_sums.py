@@ -65,11 +65,10 @@ class Units:
         """(..., U) sums over each unit's glaciers of per-glacier values (..., G)."""
         values = np.asarray(values, dtype=np.float64)
         flat = values.reshape(-1, values.shape[-1])
-        n_atoms = len(self.patterns)
-        per_atom = np.stack(
-            [np.bincount(self.atom_of, weights=row, minlength=n_atoms) for row in flat]
-        )
-        return np.einsum("ka,au->ku", per_atom, self.patterns).reshape(
+        n_rows, n_atoms = len(flat), len(self.patterns)
+        key = (np.arange(n_rows)[:, None] * n_atoms + self.atom_of[None, :]).ravel()
+        per_atom = np.bincount(key, weights=flat.ravel(), minlength=n_rows * n_atoms)
+        return np.einsum("ka,au->ku", per_atom.reshape(n_rows, n_atoms), self.patterns).reshape(
             *values.shape[:-1], self.n_units
         )
 

@@ -619,3 +619,31 @@ def test_glacier_offsets_reach_the_error_model(synthetic: Synthetic, tmp_path: P
     rho_u = float(spatial_variance_ratio(np.array([(1 - share[0]) * m_u]), 2000.0)[0])
     want_u = np.sqrt(table_u**2 + ((1 - share[0]) * rest_spread) ** 2 * rho_u + adj_u[0] ** 2)
     assert region["sigma_penetration_mwe_yr"] == pytest.approx(want_u * per_year_u * 0.85, rel=1e-6)
+
+
+def test_region_polygons_are_cleaned_and_put_in_the_grid_crs(tmp_path: Path) -> None:
+    """read_polygons drops empty geometries, repairs invalid ones and reprojects; the centroid
+    rule then assigns points inside the repaired shapes, the first polygon winning overlaps."""
+    import geopandas as gpd
+    import shapely
+
+    from mbcube.regions import from_polygons, read_polygons
+
+    bowtie = shapely.Polygon([(0, 0), (2000, 2000), (2000, 0), (0, 2000)])  # self-crossing
+    square = shapely.box(1000, -1000, 3000, 3000)
+    frame = gpd.GeoDataFrame(
+        {"name": ["bowtie", "empty", "square"]},
+        geometry=[bowtie, shapely.Polygon(), square],
+        crs="EPSG:32643",
+    )
+    path = tmp_path / "regions.gpkg"
+    frame.to_crs("EPSG:4326").to_file(path)
+    polygons = read_polygons(path, "EPSG:32643")
+    assert list(polygons["name"]) == ["bowtie", "square"]
+    assert polygons.crs.equals("EPSG:32643")
+    assert polygons.geometry.is_valid.all()
+    np.testing.assert_allclose(polygons.geometry.area, [2e6, 8e6], rtol=1e-4)
+    # the bowtie's two triangles meet at (1000, 1000); (900, 500) lies in its pinched gap
+    centroids = np.array([[500, 1000], [1500, 1000], [2500, 2500], [900, 500], [5000, 0]])
+    regions = from_polygons(polygons, centroids_xy=centroids.astype(float))
+    np.testing.assert_array_equal(regions.region_of(), ["bowtie", "bowtie", "square", "", ""])

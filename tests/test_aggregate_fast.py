@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -345,3 +346,34 @@ def test_recomputed_penetration_table_renews_the_results(
     second = load_stats(store)
     assert second.results_key != first.results_key
     np.testing.assert_array_equal(second.results["mb_mwe_yr"], first.results["mb_mwe_yr"])
+
+
+def test_key_facts_are_read_again_only_when_their_arrays_change(
+    recorded: Synthetic, tmp_path: Path
+) -> None:
+    """The scenes binned and the reference bound are kept with the cache, with a fingerprint of
+    the files they are read from: untouched, those arrays are not read (here: unreadable, yet
+    the cache is used); a binned flag reset (a scene being binned again) is noticed at once and
+    the scene is left out, as it was before the memo."""
+    import zarr
+
+    store = tmp_path / "cube.zarr"
+    shutil.copytree(recorded.store, store)
+    aggregate(store, tmp_path / "a")
+    scenes = list(load_stats(store).scene_ids)
+    flags = store / "stats" / "binned"
+    chunks = sorted(p for p in (flags / "c").rglob("*") if p.is_file())
+    assert chunks and len(scenes) >= 2
+    saved = {p: (p.read_bytes(), p.stat()) for p in chunks}
+    for path, (_, info) in saved.items():  # unreadable, same size and mtime: not read
+        path.write_bytes(b"x" * info.st_size)
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert list(load_stats(store).scene_ids) == scenes
+    for path, (data, info) in saved.items():
+        path.write_bytes(data)
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    array = zarr.open_array(str(flags), mode="r+")
+    array[0] = 0  # the first scene's statistics are being rewritten
+    assert list(load_stats(store).scene_ids) == scenes[1:]
+    array[0] = 1
+    assert list(load_stats(store).scene_ids) == scenes
