@@ -86,7 +86,8 @@ REGION_PARTS = (
     "ref_nox",
     "pen_dev_x",
     "pen_dev_nox",
-    "pen_table",
+    "pen_table_x",
+    "pen_table_nox",
     "seasonal",
     "noise",
     "scene_rest",
@@ -430,14 +431,17 @@ def region_decomposition(glaciers: pd.DataFrame, regions: pd.DataFrame) -> pd.Da
 
     and sum_g w_g error_g = ref + pen + scene + void + sampling, split further: reference and
     the glacier's own penetration deviation (`decompose`) on glaciers with (`_x`) and without
-    (`_nox`) their own SRTM-X (`XBAND_MIN_SHARE`); `pen_table` the rest of penetration (the
-    table's own error); scene = seasonal + noise + scene_rest (datum / ramp residual,
-    unwrapping; white noise of reprojected DEM scenes). `unobservable` = ref_nox + pen_dev_nox +
-    seasonal + noise: what no estimator can take from the data (without X-band over a glacier,
-    its SRTM-C error and its own penetration cannot be told from its change; the seasonal
-    deviation is a glacier-only offset per scene; measurement noise). `unobs_brief` = ref_nox +
-    pen_nox (pen_dev_nox + the table's error on those glaciers). `check` = error minus all the
-    parts (0 up to float rounding when w_g are the pipeline's weights)."""
+    (`_nox`) their own SRTM-X (`XBAND_MIN_SHARE`); `pen_table_x` / `pen_table_nox` the rest of
+    penetration (the table's own error, on the same two groups); scene = seasonal + noise +
+    scene_rest (datum / ramp residual, unwrapping; white noise of reprojected DEM scenes).
+    `unobservable` = ref_nox + pen_dev_nox + seasonal + noise: what no estimator can take from
+    the data (without X-band over a glacier, its SRTM-C error and its own penetration cannot be
+    told from its change; the seasonal deviation is a glacier-only offset per scene; measurement
+    noise). `unobs_nox` = ref_nox + pen_dev_nox + pen_table_nox: everything the reference and
+    penetration leave on glaciers without SRTM-X (their penetration's deviation from the table,
+    the table's error from few X-band glaciers included). `void` is on those glaciers too (void
+    in SRTM-C and no SRTM-X: no elevation). `check` = error minus all the parts (0 up to float
+    rounding when w_g are the pipeline's weights)."""
     g = glaciers.copy()
     comps = ["ref", "pen", "pen_dev", "scene", "seasonal", "noise", "void"]
     for c in comps:
@@ -464,7 +468,7 @@ def region_decomposition(glaciers: pd.DataFrame, regions: pd.DataFrame) -> pd.Da
             "ref_nox": part("ref", nox),
             "pen_dev_x": part("pen_dev", ~nox),
             "pen_dev_nox": part("pen_dev", nox),
-            "pen_table": part("pen") - part("pen_dev"),
+            "pen_table_x": part("pen", ~nox) - part("pen_dev", ~nox),
             "pen_table_nox": part("pen", nox) - part("pen_dev", nox),
             "seasonal": part("seasonal"),
             "noise": part("noise"),
@@ -475,7 +479,7 @@ def region_decomposition(glaciers: pd.DataFrame, regions: pd.DataFrame) -> pd.Da
             "weights": part("mb_mwe_yr_true") - r["mb_mwe_yr_true"],
         }
         row["unobservable"] = row["ref_nox"] + row["pen_dev_nox"] + row["seasonal"] + row["noise"]
-        row["unobs_brief"] = row["ref_nox"] + row["pen_dev_nox"] + row["pen_table_nox"]
+        row["unobs_nox"] = row["ref_nox"] + row["pen_dev_nox"] + row["pen_table_nox"]
         row["check"] = r["error_mwe_yr"] - sum(row[k] for k in REGION_PARTS)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -618,17 +622,20 @@ def region_class(n_glaciers: pd.Series) -> pd.Series:
     return labels
 
 
-def region_size_summary(regions: pd.DataFrame, bar: float = 0.02) -> pd.DataFrame:
-    """Region rows (default model) per kind and number of member glaciers (REGION_SIZES):
+def region_size_summary(
+    regions: pd.DataFrame, bar: float = 0.02, by: tuple[str, ...] = ("kind",)
+) -> pd.DataFrame:
+    """Region rows (default model) per `by` and number of member glaciers (REGION_SIZES):
     median and max abs error, share above `bar`, within 1 sigma, median sigma."""
     r = regions[regions["model"] == "default"].dropna(subset=["error_mwe_yr"]).copy()
     r["abs_err"] = r["error_mwe_yr"].abs()
     r["n_class"] = region_class(r["n_glaciers"])
     r["over"] = r["abs_err"] > bar
     r["in1"] = r["abs_err"] <= r["mb_sigma_mwe_yr"]
-    order = {label: i for i, (*_, label) in enumerate(REGION_SIZES)}
+    order = [label for *_, label in REGION_SIZES]
+    r["n_class"] = pd.Categorical(r["n_class"], categories=order, ordered=True)
     out = (
-        r.groupby(["kind", "n_class"])
+        r.groupby([*by, "n_class"], observed=True)
         .agg(
             rows=("abs_err", "size"),
             median_abs_err=("abs_err", "median"),
@@ -639,9 +646,7 @@ def region_size_summary(regions: pd.DataFrame, bar: float = 0.02) -> pd.DataFram
         )
         .reset_index()
     )
-    return out.sort_values(["kind", "n_class"], key=lambda c: c.map(order).fillna(c)).reset_index(
-        drop=True
-    )
+    return out.sort_values([*by, "n_class"]).reset_index(drop=True)
 
 
 def region_rows(regions: pd.DataFrame, bar: float | None = None) -> pd.DataFrame:
@@ -652,7 +657,8 @@ def region_rows(regions: pd.DataFrame, bar: float | None = None) -> pd.DataFrame
         r = r[r["error_mwe_yr"].abs() > bar]
     r["z"] = r["error_mwe_yr"] / r["mb_sigma_mwe_yr"]
     r["err_minus_unobs"] = r["error_mwe_yr"] - r["unobservable"]
-    r["err_minus_unobs_brief"] = r["error_mwe_yr"] - r["unobs_brief"]
+    r["err_minus_unobs_nox"] = r["error_mwe_yr"] - r["unobs_nox"]
+    r["err_minus_nox_all"] = r["err_minus_unobs_nox"] - r["seasonal"] - r["noise"] - r["void"]
     columns = [
         "shape",
         "kind",
@@ -669,8 +675,9 @@ def region_rows(regions: pd.DataFrame, bar: float | None = None) -> pd.DataFrame
         *REGION_PARTS,
         "unobservable",
         "err_minus_unobs",
-        "unobs_brief",
-        "err_minus_unobs_brief",
+        "unobs_nox",
+        "err_minus_unobs_nox",
+        "err_minus_nox_all",
         "check",
     ]
     return r.sort_values(["n_glaciers", "shape", "kind", "seed"])[columns].reset_index(drop=True)
@@ -722,6 +729,7 @@ def main() -> None:
     print(markdown(region_summary(regions)))
     print("\n### regions by number of glaciers (default model)\n")
     print(markdown(region_size_summary(regions)))
+    print(markdown(region_size_summary(regions, by=("kind", "shape"))))
     print("\n### region rows above 0.02, decomposed (default model)\n")
     print(markdown(region_rows(regions, bar=0.02)))
     region_rows(regions).to_csv(args.work / "region_rows.csv", index=False)

@@ -31,9 +31,11 @@ Stored groups (written by `bin_cube`):
 - `hypsometry` (glacier, bin, surface): n_px, area_m2 over ALL glacier pixels with an elevation
   (measured or not): the reference DEM's (ref_dem_m, SRTM-C), or where it is void the X-band
   reference's (ref_dem_x_m, SRTM-X, when the cube has it: the two differ by a few m, against
-  50 m bins); (glacier): void_binned_px, the pixels binned that way, and void_px, void_area_m2
-  for glacier pixels void in both, so the glacier area is complete. Computed once; recomputed
-  when the bin width changes.
+  50 m bins), then one interpolated across the void (`mbcube.voids`, within
+  void_fill_distance_m); (glacier): void_binned_px, the pixels binned that way, and void_px,
+  void_area_m2 for glacier pixels without any, so the glacier area is complete (attribute
+  void_elevation: the rule). Computed once; recomputed when the bin width or that rule
+  changes.
 - `stats` (scene, glacier, bin, surface): count, sum_dh_m, sumsq_dh_m2; (scene): stable_count,
   stable_sum_dh_m, stable_sumsq_dh_m2, stable_median_dh_m, stable_nmad_dh_m, binned (1 = written);
   (scene, stable_dh_bin): stable_hist. The coarse-scale stable statistic, per scene: the mean dh
@@ -77,6 +79,7 @@ from mbcube.store import (
     step_record,
     write_dataset,
 )
+from mbcube.voids import void_filled
 
 __all__ = [
     "NMAD_FACTOR",
@@ -647,14 +650,35 @@ def _require(ds: xr.Dataset, names: Sequence[str]) -> None:
         raise StoreError(f"binning needs the layers {missing}, which are missing")
 
 
-def elevation_range(static: xr.Dataset) -> tuple[da.Array, da.Array]:
+def void_elevation(static: xr.Dataset, void_fill_px: int = 0) -> da.Array | None:
+    """The elevation (m) glacier pixels void in ref_dem_m are binned by: ref_dem_x_m where it has
+    a value, then (void_fill_px > 0) the reference interpolated across the voids within
+    void_fill_px pixels (`mbcube.voids`); NaN where none. None when there is neither."""
+    has_x = "ref_dem_x_m" in static
+    if void_fill_px <= 0:
+        return static["ref_dem_x_m"].data if has_x else None
+    known = static["ref_dem_m"].data
+    if has_x:
+        known = da.where(da.isfinite(known), known, static["ref_dem_x_m"].data)
+    return void_filled(known, void_fill_px)
+
+
+def void_rule(static: xr.Dataset, void_fill_px: int = 0) -> str:
+    """The rule `void_elevation` follows, as recorded with the hypsometry."""
+    rule = ["ref_dem_x_m"] if "ref_dem_x_m" in static else []
+    if void_fill_px > 0:
+        rule.append(f"interpolated within {void_fill_px} px")
+    return ", then ".join(rule) or "none"
+
+
+def elevation_range(static: xr.Dataset, void_fill_px: int = 0) -> tuple[da.Array, da.Array]:
     """Lazy (min, max) of the elevation (m) the hypsometry bins glacier pixels by (glacier_id >
-    0, surface 1|2): ref_dem_m, or ref_dem_x_m (when the Dataset has it) where ref_dem_m is
-    void."""
+    0, surface 1|2): ref_dem_m, or `void_elevation` where ref_dem_m is void."""
     _require(static, ["ref_dem_m", "glacier_id", "surface"])
     ref = static["ref_dem_m"].data
-    if "ref_dem_x_m" in static:
-        ref = da.where(da.isfinite(ref), ref, static["ref_dem_x_m"].data)
+    substitute = void_elevation(static, void_fill_px)
+    if substitute is not None:
+        ref = da.where(da.isfinite(ref), ref, substitute)
     on = (static["glacier_id"].data > 0) & (static["surface"].data > 0) & da.isfinite(ref)
     lo = da.where(on, ref, np.inf).min()
     hi = da.where(on, ref, -np.inf).max()
@@ -662,7 +686,11 @@ def elevation_range(static: xr.Dataset) -> tuple[da.Array, da.Array]:
 
 
 def _axis_and_count(
-    static: xr.Dataset, bin_width_m: float, axis: BinAxis | None, n_glaciers: int | None
+    static: xr.Dataset,
+    bin_width_m: float,
+    axis: BinAxis | None,
+    n_glaciers: int | None,
+    void_fill_px: int = 0,
 ) -> tuple[BinAxis, int]:
     if n_glaciers is None:
         n_glaciers = (
@@ -673,7 +701,7 @@ def _axis_and_count(
     if n_glaciers < 1:
         raise ValueError(f"n_glaciers must be >= 1, got {n_glaciers}")
     if axis is None:
-        lo, hi = dask.compute(*elevation_range(static))
+        lo, hi = dask.compute(*elevation_range(static, void_fill_px))
         axis = bin_axis(float(lo), float(hi), bin_width_m)
     return axis, int(n_glaciers)
 
@@ -812,31 +840,33 @@ def hypsometry(
     n_glaciers: int | None = None,
     pixel_area_m2: float | None = None,
     split_every: int = 8,
+    void_fill_px: int = 0,
 ) -> xr.Dataset:
     """Glacier x bin x surface hypsometry (lazy) over ALL glacier pixels with an elevation:
     n_px, area_m2 (glacier, bin, surface); void_px, void_area_m2 (glacier) where there is none;
-    void_binned_px (glacier) the pixels binned by the X-band reference.
+    void_binned_px (glacier) the pixels binned by a substitute elevation.
 
-    A glacier pixel is binned by ref_dem_m (SRTM-C), or, where that is void and the Dataset has
-    ref_dem_x_m (SRTM-X) with a value there, by ref_dem_x_m: SRTM-X minus SRTM-C is the
-    difference in radar penetration plus the two DEMs' errors, a few m at most, against 50 m
-    bins, so a void enters the hypsometry at its own elevation and takes its bin's rate (mass
-    balance) instead of the glacier's mean. Pixels void in both stay void_px (the glacier's
-    mean). pixel_area_m2 defaults to |dx * dy| of the x / y coordinates. With axis=None the
-    elevation range (`elevation_range`, which includes the X-band elevations of voids) is
-    computed here."""
+    A glacier pixel is binned by ref_dem_m (SRTM-C), or, where that is void, by
+    `void_elevation`: ref_dem_x_m (SRTM-X) where the Dataset has it with a value there (SRTM-X
+    minus SRTM-C is the difference in radar penetration plus the two DEMs' errors, a few m at
+    most, against 50 m bins), then, with void_fill_px > 0, the reference interpolated across
+    the void (`mbcube.voids`). So a void enters the hypsometry at its own elevation and takes
+    its bin's rate (mass balance) instead of the glacier's mean. Pixels without any stay void_px
+    (the glacier's mean). pixel_area_m2 defaults to |dx * dy| of the x / y coordinates. With
+    axis=None the elevation range (`elevation_range`, which includes the voids' substitute
+    elevations) is computed here."""
     _require(static, ["ref_dem_m", "glacier_id", "surface"])
-    axis, n_glaciers = _axis_and_count(static, bin_width_m, axis, n_glaciers)
+    axis, n_glaciers = _axis_and_count(static, bin_width_m, axis, n_glaciers, void_fill_px)
     if pixel_area_m2 is None:
         dx = float(abs(static["x"].values[1] - static["x"].values[0]))
         dy = float(abs(static["y"].values[1] - static["y"].values[0]))
         pixel_area_m2 = dx * dy
-    names = ["glacier_id", "surface", "ref_dem_m"]
+    arrays = [_as_dask(static[k].data) for k in ("glacier_id", "surface", "ref_dem_m")]
     func: Callable[..., Partial] = hypsometry_tile
-    if "ref_dem_x_m" in static:
-        names.append("ref_dem_x_m")
+    substitute = void_elevation(static, void_fill_px)
+    if substitute is not None:
+        arrays.append(_as_dask(substitute))
         func = _hypsometry_tile_x
-    arrays = [_as_dask(static[k].data) for k in names]
     final = _map_tiles(func, arrays, (axis, n_glaciers), "hypsometry", split_every)
     name = f"hypsometry-{dask.base.tokenize(final.key)}"
     dense = dask.delayed(_dense, pure=True)(final, n_glaciers, dask_key_name=f"{name}-dense")
@@ -870,7 +900,10 @@ def hypsometry(
             "void_binned_px": (
                 "glacier",
                 void_binned,
-                {"long_name": "glacier pixels void in ref_dem_m binned by ref_dem_x_m (in n_px)"},
+                {
+                    "long_name": "glacier pixels void in ref_dem_m binned by a substitute "
+                    "elevation (attribute void_elevation; in n_px)"
+                },
             ),
         },
         coords=coords,
@@ -880,7 +913,7 @@ def hypsometry(
             "bin_width_m": axis.bin_width_m,
             "first_bin": axis.first_bin,
             "pixel_area_m2": area,
-            "void_elevation": "ref_dem_x_m" if "ref_dem_x_m" in static else "none",
+            "void_elevation": void_rule(static, void_fill_px),
         }
     )
     return ds
@@ -890,12 +923,12 @@ def _hypsometry_tile_x(
     glacier_id: np.ndarray,
     surface: np.ndarray,
     ref_dem_m: np.ndarray,
-    ref_dem_x_m: np.ndarray,
+    void_elevation_m: np.ndarray,
     axis: BinAxis,
     n_glaciers: int,
 ) -> Partial:
-    """`hypsometry_tile` with the X-band reference as a positional block."""
-    return hypsometry_tile(glacier_id, surface, ref_dem_m, axis, n_glaciers, ref_dem_x_m)
+    """`hypsometry_tile` with the voids' substitute elevation as a positional block."""
+    return hypsometry_tile(glacier_id, surface, ref_dem_m, axis, n_glaciers, void_elevation_m)
 
 
 # ------------------------------------------------------------------ the step on the cube
@@ -916,12 +949,18 @@ def _axis_of(hyps: xr.Dataset) -> BinAxis:
 
 
 def _ensure_hypsometry(
-    store: Path, cube: xr.Dataset, bin_width_m: float, force: bool, say: Callable[[str], None]
+    store: Path,
+    cube: xr.Dataset,
+    bin_width_m: float,
+    void_fill_px: int,
+    force: bool,
+    say: Callable[[str], None],
 ) -> tuple[BinAxis, str]:
     """The stored hypsometry's axis and token, (re)computed when missing, of another width or
-    made before voids were binned by ref_dem_x_m."""
-    void_elevation = "ref_dem_x_m" if "ref_dem_x_m" in cube else "none"
-    record = {"params": {"bin_width_m": bin_width_m, "void_elevation": void_elevation}}
+    made with another rule for the voids' elevation."""
+    record = {
+        "params": {"bin_width_m": bin_width_m, "void_elevation": void_rule(cube, void_fill_px)}
+    }
     current = _group_exists(store, "hypsometry") and is_current(
         store, HYPSOMETRY_STEP, HYPSOMETRY_ALL, record
     )
@@ -929,11 +968,15 @@ def _ensure_hypsometry(
         token = step_record(store, HYPSOMETRY_STEP, HYPSOMETRY_ALL)["token"]
         return _axis_of(_open_group(store, "hypsometry")), str(token)
     say(f"hypsometry ({bin_width_m:g} m bins)")
-    lo, hi = compute(*elevation_range(cube), label="hypsometry: elevation range")
+    lo, hi = compute(*elevation_range(cube, void_fill_px), label="hypsometry: elevation range")
     axis = bin_axis(float(lo), float(hi), bin_width_m)
     res = grid_of(read_state(store)).res
     hyps = hypsometry(
-        cube, axis=axis, n_glaciers=cube.sizes["glacier"], pixel_area_m2=float(res * res)
+        cube,
+        axis=axis,
+        n_glaciers=cube.sizes["glacier"],
+        pixel_area_m2=float(res * res),
+        void_fill_px=void_fill_px,
     )
     hyps = compute(hyps, label="hypsometry")[0]
     write_dataset(hyps, store, group="hypsometry", mode="w")
@@ -1055,10 +1098,12 @@ def bin_cube(
         )
     n_glaciers = cube.sizes["glacier"]
     # force redoes the hypsometry only with all scenes (a new one means rebinning every scene)
+    res = grid_of(read_state(store)).res
+    void_fill_px = round(cfg.void_fill_distance_m / res)
     axis, hyps_token = _ensure_hypsometry(
-        store, cube, cfg.bin_width_m, force and scenes is None, say
+        store, cube, cfg.bin_width_m, void_fill_px, force and scenes is None, say
     )
-    block_px = block_side_px(cfg.autocorrelation_m, grid_of(read_state(store)).res)
+    block_px = block_side_px(cfg.autocorrelation_m, res)
     _ensure_stats_group(store, axis, n_glaciers, hyps_token, block_px)
     binned = _open_group(store, "stats")["binned"].values
     index = scene_index(store)

@@ -211,6 +211,14 @@ class MassBalanceConfig(_Strict):
         "glaciers > 5 km2 (0.057 -> 0.061 and 0.107 m w.e./yr with exact dh), 0-0.35 changed "
         "nothing. Their unmeasured part is in sigma_unmeasured_mwe_yr.",
     )
+    void_fill_distance_m: float = Field(
+        3000.0,
+        ge=0,
+        description="Glacier pixels void in both reference DEMs are binned by an elevation "
+        "interpolated from the valid reference around the void when they lie within this "
+        "distance (m) of it (`mbcube.voids`); farther ones, or all with 0, stay void and take "
+        "their glacier's mean balance.",
+    )
     density_kg_m3: float = Field(850.0, gt=0)
     density_sigma_kg_m3: float = Field(60.0, ge=0)
     autocorrelation_m: float = Field(

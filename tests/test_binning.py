@@ -47,6 +47,7 @@ from mbcube.store import (
     write_state,
 )
 from mbcube.synth import generate_study
+from mbcube.voids import fill_voids, void_filled
 from tests.conftest import raise_if_dask_computes
 
 # ------------------------------------------------------------------ the oracle (slow, obvious)
@@ -527,17 +528,18 @@ def test_bin_cube_matches_pandas_and_truth(dem_cube, dem_study, tmp_path):
 
 
 def test_voids_binned_by_srtm_x_take_their_bins_rate(dem_cube, dem_study, tmp_path):
-    """Glacier pixels void in SRTM-C are binned by SRTM-X where it has a value (bin by bin as
-    numpy does it), the rest stay void_px; and with each bin's true rate, the hypsometric mean
+    """Without interpolation (void_fill_distance_m 0), glacier pixels void in SRTM-C are binned
+    by SRTM-X where it has a value (bin by bin as numpy does it), the rest stay void_px; and with each bin's true rate, the hypsometric mean
     of a void glacier is then closer to its true mean than with the void at the glacier's mean
     (the old rule, which the void_binned_px pixels let us rebuild)."""
     import rasterio
 
     store = _copy(dem_cube, tmp_path)
     with quiet():
-        bin_cube(store)
+        bin_cube(store, MassBalanceConfig(void_fill_distance_m=0.0))
     cube = open_cube(store)
     hyps = xr.open_zarr(store, group="hypsometry").load()
+    assert hyps.attrs["void_elevation"] == "ref_dem_x_m"
     gid = cube["glacier_id"].values.astype(np.int64)
     surf = cube["surface"].values.astype(np.int64)
     ref = cube["ref_dem_m"].values.astype(np.float64)
@@ -591,6 +593,73 @@ def test_voids_binned_by_srtm_x_take_their_bins_rate(dem_cube, dem_study, tmp_pa
     old_err = np.abs(old - truth)[voided]
     assert np.all(new_err < 0.7 * old_err), (new_err, old_err)  # 0.021 vs 0.037 m/yr
     assert void_all.sum() == (on & ~np.isfinite(ref)).sum()
+
+
+def test_voids_void_in_both_references_are_binned_by_interpolation(dem_cube, dem_study, tmp_path):
+    """With the default void_fill_distance_m, glacier pixels void in SRTM-C AND SRTM-X get an
+    elevation interpolated from the reference around the void (`mbcube.voids`, tile by tile as
+    numpy does it on the whole grid): they enter the hypsometry (void_binned_px) instead of
+    void_px, and the voided glaciers' hypsometric means of the true rate come closer to the
+    truth than with those pixels at the glacier's mean."""
+    import rasterio
+
+    store = _copy(dem_cube, tmp_path)
+    with quiet():
+        bin_cube(store)
+    cube = open_cube(store)
+    hyps = xr.open_zarr(store, group="hypsometry").load()
+    fill_px = round(MassBalanceConfig().void_fill_distance_m / float(cube["x"][1] - cube["x"][0]))
+    assert hyps.attrs["void_elevation"] == f"ref_dem_x_m, then interpolated within {fill_px} px"
+    gid = cube["glacier_id"].values.astype(np.int64)
+    surf = cube["surface"].values.astype(np.int64)
+    ref = cube["ref_dem_m"].values.astype(np.float64)
+    ref_x = cube["ref_dem_x_m"].values.astype(np.float64)
+    on = (gid > 0) & (surf > 0)
+    known = np.where(np.isfinite(ref), ref, ref_x)
+    both = on & ~np.isfinite(known)
+    assert both.sum() >= 20
+    # the oracle interpolates on the same tiles (a triangulation differs with its points)
+    chunks = cube["ref_dem_m"].data.chunks
+    filled_z = void_filled(da.from_array(known, chunks=chunks), fill_px).compute()
+    z = np.where(np.isfinite(known), known, filled_z)
+    whole = fill_voids(known, fill_px)  # one triangulation: the same bins for almost all
+    same = np.floor(whole[both] / 50.0) == np.floor(z[both] / 50.0)
+    assert same.mean() > 0.9, same.mean()
+    n = hyps.sizes["glacier"]
+    np.testing.assert_array_equal(
+        hyps["void_px"].values, np.bincount(gid[on & ~np.isfinite(z)], minlength=n + 1)[1:]
+    )
+    assert hyps["void_px"].sum() < 0.2 * both.sum()  # most are filled
+    # bin by bin
+    width, first = 50.0, int(hyps.attrs["first_bin"])
+    keep = on & np.isfinite(z)
+    b = np.floor(z[keep] / width).astype(np.int64) - first
+    expect = np.zeros((n, hyps.sizes["bin"], 2), np.int64)
+    np.add.at(expect, (gid[keep] - 1, b, surf[keep] - 1), 1)
+    np.testing.assert_array_equal(hyps["n_px"].values, expect)
+    # each filled pixel at the true rate of its bin vs at the glacier's mean (the old rule)
+    with rasterio.open(dem_study / "truth" / "dhdt_m_yr.tif") as f:
+        rate = f.read(1).astype(np.float64)
+    seen = on & np.isfinite(known)
+    bs = np.floor(known[seen] / width).astype(np.int64) - first
+    cell_n = np.zeros_like(expect, dtype=float)
+    cell_sum = np.zeros_like(expect, dtype=float)
+    np.add.at(cell_n, (gid[seen] - 1, bs, surf[seen] - 1), 1.0)
+    np.add.at(cell_sum, (gid[seen] - 1, bs, surf[seen] - 1), rate[seen])
+    z_mid = hyps["bin"].values + 0.5 * width
+    cell_rate, _ = filled_profile(cell_sum, cell_n, z_mid, 1)
+    area = hyps["n_px"].values.astype(float)
+    new = np.nansum(area * cell_rate, axis=(1, 2)) / np.maximum(area.sum(axis=(1, 2)), 1)
+    old = np.nansum(cell_n * cell_rate, axis=(1, 2)) / np.maximum(cell_n.sum(axis=(1, 2)), 1)
+    truth = np.bincount(gid[on], weights=rate[on], minlength=n + 1)[1:] / np.maximum(
+        np.bincount(gid[on], minlength=n + 1)[1:], 1
+    )
+    filled = np.bincount(gid[both & np.isfinite(z)], minlength=n + 1)[1:]
+    voided = filled > 0.05 * np.bincount(gid[on], minlength=n + 1)[1:]
+    assert voided.sum() >= 1
+    new_err = np.abs(new - truth)[voided]
+    old_err = np.abs(old - truth)[voided]
+    assert np.all(new_err < 0.7 * old_err), (new_err, old_err)
 
 
 def test_bin_cube_recomputes_only_what_changed(dem_cube, tmp_path):
