@@ -622,12 +622,23 @@ def region_class(n_glaciers: pd.Series) -> pd.Series:
     return labels
 
 
+def distinct_rows(regions: pd.DataFrame) -> pd.DataFrame:
+    """The region rows without the 'no_surge' rows that hold the same glaciers as their 'all'
+    row (no surge-type glacier in the region: the same numbers)."""
+    key = ["model", "kind", "shape", "seed", "name"]
+    n_all = regions[regions["glaciers"] == "all"].set_index(key)["n_glaciers"]
+    same = regions.join(n_all.rename("n_all"), on=key)["n_all"] == regions["n_glaciers"]
+    return regions[~((regions["glaciers"] == "no_surge") & same)]
+
+
 def region_size_summary(
     regions: pd.DataFrame, bar: float = 0.02, by: tuple[str, ...] = ("kind",)
 ) -> pd.DataFrame:
-    """Region rows (default model) per `by` and number of member glaciers (REGION_SIZES):
-    median and max abs error, share above `bar`, within 1 sigma, median sigma."""
-    r = regions[regions["model"] == "default"].dropna(subset=["error_mwe_yr"]).copy()
+    """Distinct region rows (default model; `distinct_rows`) per `by` and number of member
+    glaciers (REGION_SIZES): median and max abs error, rows above `bar`, within 1 sigma, median
+    sigma."""
+    r = distinct_rows(regions[regions["model"] == "default"].dropna(subset=["error_mwe_yr"]))
+    r = r.copy()
     r["abs_err"] = r["error_mwe_yr"].abs()
     r["n_class"] = region_class(r["n_glaciers"])
     r["over"] = r["abs_err"] > bar
@@ -650,9 +661,11 @@ def region_size_summary(
 
 
 def region_rows(regions: pd.DataFrame, bar: float | None = None) -> pd.DataFrame:
-    """One line per region row (default model; those with |error| > bar when given): size,
-    error, stated sigma, z and the decomposition (`region_decomposition`)."""
-    r = regions[regions["model"] == "default"].dropna(subset=["error_mwe_yr"]).copy()
+    """One line per distinct region row (default model, `distinct_rows`; those with |error| >
+    bar when given): size, error, stated sigma, z and the decomposition
+    (`region_decomposition`)."""
+    r = distinct_rows(regions[regions["model"] == "default"].dropna(subset=["error_mwe_yr"]))
+    r = r.copy()
     if bar is not None:
         r = r[r["error_mwe_yr"].abs() > bar]
     r["z"] = r["error_mwe_yr"] / r["mb_sigma_mwe_yr"]
