@@ -16,10 +16,11 @@ For each case (study kind x study shape x seed) a synthetic study is generated, 
     scene: the rest (datum/ramp residual, seasonal deviation, phase noise, unwrapping errors);
   each averaged over the glacier's measured pixels, divided by the scene's span, averaged over
   scenes with the pixel counts as weights, in m w.e./yr. `void` is what the glacier's area
-  without any elevation (void in SRTM-C and SRTM-X) adds (it takes the glacier's mean): void
-  share x (estimated rate - the void's true rate) x density. SRTM-C voids binned by SRTM-X
-  (binning) take their bins' rates: what they add is in `sampling`, the glacier's actual error
-  minus the four: what hypsometric averaging and gap filling of the binned area add or remove.
+  without any elevation adds (it takes the glacier's mean): void share x (estimated rate - the
+  void's true rate) x density; SRTM-C voids that binning gives a substitute elevation (SRTM-X,
+  then the reference interpolated across the void: `mbcube.binning.void_elevation`) take their
+  bins' rates: what they add is in `sampling`, the glacier's actual error minus the four: what
+  hypsometric averaging and gap filling of the binned area add or remove.
   `adjusted` (0/1): the glacier has its own X-band offset (a surface with weight k > 0, offsets
   applied); its reference error is then in the stated penetration term (`mbcube.uncertainty`),
   so the calibration by term (`z_random`, `z_penetration`) pairs scene / sigma_random and
@@ -245,8 +246,8 @@ def decompose(study: Path, store: Path) -> pd.DataFrame:
     """Per glacier (index RGIId): the mean reference, penetration and scene error of its measured
     pixels, in m w.e./yr (module docstring); `ref_all_mwe_yr` is the reference error over ALL its
     pixels divided by the mean span (what a perfect method would still carry); `void_frac` its
-    share of pixels without any elevation (void in SRTM-C and SRTM-X; `void_c_frac` void in
-    SRTM-C) and `void_true_m_yr` their true mean rate; `adjusted` 1 where the glacier has its own
+    share of pixels without any elevation (void in SRTM-C and without a substitute elevation,
+    `void_elevation_m`; `void_c_frac` void in SRTM-C) and `void_true_m_yr` their true mean rate; `adjusted` 1 where the glacier has its own
     X-band offset (module docstring).
 
     Parts of parts (same averaging): `pen_dev_mwe_yr`, the glacier's own penetration deviation
@@ -351,10 +352,14 @@ def decompose(study: Path, store: Path) -> pd.DataFrame:
     void = (glacier > 0) & ~np.isfinite(ref_dem)
     void_c_px = np.bincount(glacier[void], minlength=n)
     x_px = np.zeros(n)
-    if "ref_dem_x_m" in cube:  # binning bins SRTM-C voids by SRTM-X where it has a value
+    if "ref_dem_x_m" in cube:
         has_x = np.isfinite(cube["ref_dem_x_m"].values)
         x_px = np.bincount(glacier[has_x], minlength=n).astype(float)
-        void &= ~has_x
+    # binning bins SRTM-C voids by a substitute elevation where it has one (SRTM-X, then the
+    # reference interpolated across the void): those take their bins' rates (in `sampling`)
+    substitute = void_elevation_m(cube, store)
+    if substitute is not None:
+        void &= ~np.isfinite(substitute)
     void_px = np.bincount(glacier[void], minlength=n)
     with np.errstate(invalid="ignore", divide="ignore"):
         void_true = np.bincount(glacier[void], weights=rate[void], minlength=n) / void_px
@@ -378,6 +383,19 @@ def decompose(study: Path, store: Path) -> pd.DataFrame:
         },
         index=pd.Index([str(v) for v in ids.values], name="RGIId"),
     )
+
+
+def void_elevation_m(cube: Any, store: Path) -> np.ndarray | None:
+    """The elevation (m) binning gives glacier pixels void in the reference DEM, by the
+    library's own rule and the recorded void_fill_distance_m (NaN where none; None when the
+    library has no substitute for voids)."""
+    from mbcube import binning
+    from mbcube.store import recorded_config
+
+    res = abs(float(cube["x"].values[1] - cube["x"].values[0]))
+    fill_px = round(recorded_config(store).massbalance.void_fill_distance_m / res)
+    substitute = binning.void_elevation(cube, fill_px)
+    return None if substitute is None else np.asarray(substitute.compute())
 
 
 def evaluate_regions(study: Path, out: Path) -> pd.DataFrame:
@@ -439,8 +457,8 @@ def region_decomposition(glaciers: pd.DataFrame, regions: pd.DataFrame) -> pd.Da
     told from its change; the seasonal deviation is a glacier-only offset per scene; measurement
     noise). `unobs_nox` = ref_nox + pen_dev_nox + pen_table_nox: everything the reference and
     penetration leave on glaciers without SRTM-X (their penetration's deviation from the table,
-    the table's error from few X-band glaciers included). `void` is on those glaciers too (void
-    in SRTM-C and no SRTM-X: no elevation). `check` = error minus all the parts (0 up to float
+    the table's error from few X-band glaciers included). `void`: areas without any elevation
+    (void in SRTM-C, no SRTM-X, too far from valid ground to interpolate). `check` = error minus all the parts (0 up to float
     rounding when w_g are the pipeline's weights)."""
     g = glaciers.copy()
     comps = ["ref", "pen", "pen_dev", "scene", "seasonal", "noise", "void"]
