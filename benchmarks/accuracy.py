@@ -399,8 +399,8 @@ def void_elevation_m(cube: Any, store: Path) -> np.ndarray | None:
 
 
 def evaluate_regions(study: Path, out: Path) -> pd.DataFrame:
-    """Region rows against the truth: error and stated sigma (m w.e./yr). The truth of the
-    whole-study row 'all' is the area-weighted mean of all true glacier rates (as
+    """Region rows against the truth: error and stated sigma with its terms (m w.e./yr). The
+    truth of the whole-study row 'all' is the area-weighted mean of all true glacier rates (as
     truth/regions.csv is for the sub-regions)."""
     truth = pd.read_csv(study / "truth" / "regions.csv")
     glaciers = pd.read_csv(study / "truth" / "glaciers.csv")
@@ -429,6 +429,7 @@ def evaluate_regions(study: Path, out: Path) -> pd.DataFrame:
             "mb_mwe_yr_true",
             "error_mwe_yr",
             "mb_sigma_mwe_yr",
+            *SIGMA_COLUMNS,
             "mb_mwe_yr_area_weighted",
         ]
     ]
