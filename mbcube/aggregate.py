@@ -611,9 +611,12 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
             f"Run `mbcube bin {store}` first."
         )
     cache_attrs = _group_attrs(store / CACHE_GROUP)
-    keys = _keys(store, state, config, cache_attrs.get("facts") or {})
+    known = cache_attrs.get("facts") or {}
+    keys = _keys(store, state, config, known)
     cells, cached = _read_cache(store, state, study, config, keys, cache_attrs)
     if cached is not None:
+        if keys.facts is not known:  # read again, same keys: keep them for the next call
+            _remember_facts(store, keys.facts)
         return cached
     data = _from_statistics(store, state, study, config, keys, cells)
     data = replace(data, results=data.glacier_results())
@@ -885,10 +888,11 @@ _SCENE_VALUES = (
 def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
     """The combined statistics and the glacier results in the store's CACHE_GROUP, packed in
     four arrays (the fast path reads four arrays): `cells` (glacier | cell index | the cell
-    fields, cell: each field contiguous), `glacier_values` (glacier, the glacier position, _GLACIER_VALUES, results,
-    then scene_px and scene_weight of each scene), `scene_values` (scene, _SCENE_VALUES) and
-    `text` (the glacier ids and outline attributes as UTF-8 JSON); bins, scene ids, column names
-    and the keys with the facts they were made from in the group's attributes."""
+    fields, by cell: each field contiguous), `glacier_values` (glacier: its position,
+    _GLACIER_VALUES, results, then scene_px and scene_weight of each scene), `scene_values`
+    (scene, _SCENE_VALUES) and `text` (the glacier ids and outline attributes as UTF-8 JSON);
+    bins, scene ids, column names and the keys with the facts they came from in the group's
+    attributes."""
     c = data.cells
     results = data.glacier_results()
     pen_std = data.penetration_std_m
@@ -976,6 +980,14 @@ def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
         write_dataset(cache, store, group=CACHE_GROUP, mode="w", encoding=encoding)
     except OSError as err:  # a read-only store: aggregate without the cache
         log.info("could not cache the combined statistics in %s: %s", store, err)
+
+
+def _remember_facts(store: Path, facts: dict[str, Any]) -> None:
+    """Store re-read key facts with the current cache (its group's attributes)."""
+    try:
+        zarr.open_group(str(store / CACHE_GROUP), mode="r+").attrs["facts"] = facts
+    except OSError as err:  # a read-only store: the facts are read again next time
+        log.info("could not record the key facts in %s: %s", store, err)
 
 
 def _read_cache(

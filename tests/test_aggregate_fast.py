@@ -354,7 +354,8 @@ def test_key_facts_are_read_again_only_when_their_arrays_change(
     """The scenes binned and the reference bound are kept with the cache, with a fingerprint of
     the files they are read from: untouched, those arrays are not read (here: unreadable, yet
     the cache is used); a binned flag reset (a scene being binned again) is noticed at once and
-    the scene is left out, as it was before the memo."""
+    the scene is left out, as it was before the memo; set back, the facts read again are kept
+    with the unchanged cache."""
     import zarr
 
     store = tmp_path / "cube.zarr"
@@ -376,4 +377,19 @@ def test_key_facts_are_read_again_only_when_their_arrays_change(
     array[0] = 0  # the first scene's statistics are being rewritten
     assert list(load_stats(store).scene_ids) == scenes[1:]
     array[0] = 1
+    assert list(load_stats(store).scene_ids) == scenes
+    # the flag written again with its value: new files, same keys, so the cache stays and the
+    # facts read once more are kept with it
+    before = {p: p.stat().st_mtime_ns for p in (flags / "c").rglob("*") if p.is_file()}
+    array[0] = 1
+    chunks = sorted(p for p in (flags / "c").rglob("*") if p.is_file())
+    assert any(p.stat().st_mtime_ns != before.get(p) for p in chunks)
+    cache_key = json.loads((store / CACHE_GROUP / "zarr.json").read_text())["attributes"]["key"]
+    assert list(load_stats(store).scene_ids) == scenes
+    meta = json.loads((store / CACHE_GROUP / "zarr.json").read_text())["attributes"]
+    assert meta["key"] == cache_key
+    for path in chunks:
+        info = path.stat()
+        path.write_bytes(b"x" * info.st_size)
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
     assert list(load_stats(store).scene_ids) == scenes
