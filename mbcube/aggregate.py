@@ -180,7 +180,7 @@ GLACIER_BLOCK = 4096
 #: The store group caching the glacier-level statistics and results.
 CACHE_GROUP = "massbalance_cache"
 #: Layout version of the cache (a cache of another layout is recomputed).
-CACHE_VERSION = 8
+CACHE_VERSION = 9
 #: Cells per chunk of the cache (8 bytes x 2^18 = 2 MiB per field and chunk).
 CELL_CHUNK = 1 << 18
 #: The output folder's record of the glacier tables it holds.
@@ -874,7 +874,7 @@ _GLACIER_VALUES = (
     "penetration_std_m",
     "adjusted_sigma_m",
 )
-#: Columns of the cache's per-scene table `scene_values`.
+#: The cache's per-scene values (in its `text`).
 _SCENE_VALUES = (
     "date_days",
     "years",
@@ -887,12 +887,11 @@ _SCENE_VALUES = (
 
 def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
     """The combined statistics and the glacier results in the store's CACHE_GROUP, packed in
-    four arrays (the fast path reads four arrays): `cells` (glacier | cell index | the cell
-    fields, by cell: each field contiguous), `glacier_values` (glacier: its position,
-    _GLACIER_VALUES, results, then scene_px and scene_weight of each scene), `scene_values`
-    (scene, _SCENE_VALUES) and `text` (the glacier ids and outline attributes as UTF-8 JSON);
-    bins, scene ids, column names and the keys with the facts they came from in the group's
-    attributes."""
+    three arrays (the fast path reads three arrays): `cells` (glacier | cell index | the cell
+    fields, by cell: each field contiguous), `glacier_values` (its position, _GLACIER_VALUES,
+    results, then scene_px and scene_weight of each scene, by glacier) and `text` (the glacier
+    ids, outline attributes and _SCENE_VALUES as UTF-8 JSON); bins, scene ids, column names and
+    the keys with the facts they came from in the group's attributes."""
     c = data.cells
     results = data.glacier_results()
     pen_std = data.penetration_std_m
@@ -933,14 +932,14 @@ def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
             k: {"text": v.dtype.kind not in "biuf", "values": v.tolist()}
             for k, v in data.attributes.items()
         },
+        "scene_values": dict(zip(_SCENE_VALUES, (v.tolist() for v in per_scene), strict=True)),
     }
     text_bytes = np.frombuffer(json.dumps(text).encode(), dtype=np.uint8)
-    glacier_values = np.column_stack(per_glacier)
+    glacier_values = np.stack(per_glacier)
     cache = xr.Dataset(
         {
             "cells": (("cell_column", "cell"), cells.reshape(2 + len(_CELL_FIELDS), -1)),
-            "glacier_values": (("glacier", "glacier_column"), glacier_values),
-            "scene_values": (("scene", "scene_column"), np.column_stack(per_scene)),
+            "glacier_values": (("glacier_column", "glacier"), glacier_values),
             "text": ("byte", text_bytes),
         },
         attrs={
@@ -959,10 +958,10 @@ def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
                 *_GLACIER_VALUES,
                 *(f"result_{k}" for k in RESULT_COLUMNS),
             ],
-            "scene_columns": list(_SCENE_VALUES),
             "about": "mbcube aggregate: glacier statistics (scenes combined, per non-empty "
             "glacier x bin x surface cell) and glacier results; glacier_values ends with "
-            "scene_px then scene_weight of each scene",
+            "scene_px then scene_weight of each scene; text: UTF-8 JSON of the ids, outline "
+            "attributes and per-scene values",
         },
     )
     n_cells = max(1, min(CELL_CHUNK, len(c.glacier)))
@@ -972,8 +971,7 @@ def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
     raw = {"compressors": None}
     encoding = {
         "cells": {"chunks": (cells.shape[0], n_cells)} | raw,
-        "glacier_values": {"chunks": (n_glaciers, glacier_values.shape[1])} | raw,
-        "scene_values": raw,
+        "glacier_values": {"chunks": (glacier_values.shape[0], n_glaciers)} | raw,
         "text": {"chunks": (max(1, len(text_bytes)),)} | raw,
     }
     try:
@@ -1005,11 +1003,11 @@ def _read_cache(
         return None, None
     group = store / CACHE_GROUP
     per_cell = _read_by_chunk(group / "cells", axis=1)
-    per_glacier_table = _read_by_chunk(group / "glacier_values")
+    per_glacier_table = _read_by_chunk(group / "glacier_values", axis=1)
     columns = list(attrs["glacier_columns"])
     n_scenes = len(attrs["scene_ids"])
-    per_glacier = dict(zip(columns, per_glacier_table[:, : len(columns)].T, strict=True))
-    scene_glacier = per_glacier_table[:, len(columns) :].T
+    per_glacier = dict(zip(columns, per_glacier_table[: len(columns)], strict=True))
+    scene_glacier = per_glacier_table[len(columns) :]
     bins = np.asarray(attrs["bin_lower_m"], dtype=float)
     cells = CellStats(
         glacier=per_cell[0].astype(np.int64),
@@ -1025,8 +1023,8 @@ def _read_cache(
     )
     if attrs.get("results_key") != keys.results_key:
         return cells, None
-    per_scene = dict(zip(attrs["scene_columns"], _read(group / "scene_values").T, strict=True))
     text = json.loads(_read(group / "text").tobytes())
+    per_scene = {k: np.asarray(v, dtype=float) for k, v in text["scene_values"].items()}
     grid = grid_of(state)
     data = StoredStats(
         glacier=per_glacier["glacier"].astype(np.int64),
