@@ -3,8 +3,9 @@
 Three measurements (`python benchmarks/aggregate_cost.py pixels|memory|stats`):
 
 pixels: a cube that really holds ~10,000 glaciers (`make_pixel_cube`: a 100 x 100 lattice of
-    elliptic glaciers, 80 px apart, ~2,750 px = 2.5 km2 each, so ~43 % of the cube is glacier:
-    denser than real mountain ranges, i.e. FEWER pixels per glacier than a real cube holds), with
+    elliptic glaciers, 80 px apart (`--spacing-px`), ~2,750 px = 2.5 km2 each, so ~43 % of the
+    cube is glacier: denser than real mountain ranges, i.e. FEWER pixels per glacier than a real
+    cube holds; 160 px apart: 11 %, 4x the pixels), with
     the cube's schema (static layers, per-scene dh_m (m) = rate x years + N(0, 1 m) noise, glacier
     table, scene coordinates, state and a `correct` record per scene), written tile by tile.
     (a) recomputing from pixels: `mbcube.binning.bin_cube(force=True)` (reads dh_m of every
@@ -122,11 +123,14 @@ def _state(grid: Grid, root: xr.Dataset, steps: dict[str, Any]) -> dict[str, Any
 # ------------------------------------------------------------------------------ the pixel cube
 
 
-def _lattice(rows: np.ndarray, cols: np.ndarray, side: int) -> dict[str, np.ndarray]:
-    """Static layers at global pixel rows (h, 1) and cols (1, w) of the glacier lattice."""
-    ci, cj = rows // CELL_PX, cols // CELL_PX
-    dy = (rows % CELL_PX) - CELL_PX / 2 + 0.5
-    dx = (cols % CELL_PX) - CELL_PX / 2 + 0.5
+def _lattice(
+    rows: np.ndarray, cols: np.ndarray, side: int, cell_px: int = CELL_PX
+) -> dict[str, np.ndarray]:
+    """Static layers at global pixel rows (h, 1) and cols (1, w) of the glacier lattice (one
+    glacier per cell_px x cell_px cell)."""
+    ci, cj = rows // cell_px, cols // cell_px
+    dy = (rows % cell_px) - cell_px / 2 + 0.5
+    dx = (cols % cell_px) - cell_px / 2 + 0.5
     inside = ((dx / A_PX) ** 2 + (dy / B_PX) ** 2 <= 1.0) & (ci < side) & (cj < side)
     gid = np.where(inside, ci * side + cj + 1, 0).astype(np.int32)
     base = 3000.0 + (gid.astype(np.int64) * 7919 % 2000)
@@ -140,30 +144,33 @@ def _rate(gid: np.ndarray) -> np.ndarray:
     return np.where(gid > 0, -1.0 + (gid.astype(np.int64) * 104729 % 1000) / 1000.0, 0.0)
 
 
-def _static_block(name: str, side: int, block_info: Any = None) -> np.ndarray:
+def _static_block(name: str, side: int, cell_px: int, block_info: Any = None) -> np.ndarray:
     (r0, r1), (c0, c1) = block_info[None]["array-location"]
-    layers = _lattice(np.arange(r0, r1)[:, None], np.arange(c0, c1)[None, :], side)
+    layers = _lattice(np.arange(r0, r1)[:, None], np.arange(c0, c1)[None, :], side, cell_px)
     if name == "stable":
         return (layers["glacier_id"] == 0).astype(np.uint8)
     return layers[name]
 
 
-def _dh_block(side: int, years: np.ndarray, block_info: Any = None) -> np.ndarray:
+def _dh_block(side: int, cell_px: int, years: np.ndarray, block_info: Any = None) -> np.ndarray:
     (s0, _), (r0, r1), (c0, c1) = block_info[None]["array-location"]
-    gid = _lattice(np.arange(r0, r1)[:, None], np.arange(c0, c1)[None, :], side)["glacier_id"]
+    rows, cols = np.arange(r0, r1)[:, None], np.arange(c0, c1)[None, :]
+    gid = _lattice(rows, cols, side, cell_px)["glacier_id"]
     rng = np.random.default_rng((s0, r0, c0))
     noise = rng.standard_normal((r1 - r0, c1 - c0), dtype=np.float32)
     return (_rate(gid) * years[s0] + noise).astype(np.float32)[None]
 
 
-def make_pixel_cube(path: Path, side: int, n_scenes: int, tile: int = 1024) -> Path:
-    """A cube of side x side glaciers (~side * CELL_PX px per grid side) with dh_m per scene."""
-    size = side * CELL_PX
+def make_pixel_cube(
+    path: Path, side: int, n_scenes: int, tile: int = 1024, cell_px: int = CELL_PX
+) -> Path:
+    """A cube of side x side glaciers (side * cell_px px per grid side) with dh_m per scene."""
+    size = side * cell_px
     grid = Grid(CRS, X0, Y0, RES_M, size, size, tile)
     n = side * side
     cell = np.arange(n)
-    cx = X0 + ((cell % side) * CELL_PX + CELL_PX / 2) * RES_M
-    cy = Y0 - ((cell // side) * CELL_PX + CELL_PX / 2) * RES_M
+    cx = X0 + ((cell % side) * cell_px + cell_px / 2) * RES_M
+    cy = Y0 - ((cell // side) * cell_px + cell_px / 2) * RES_M
     root = _root(grid, n, cx, cy, n_scenes)
     chunks = (tile, tile)
     static = {
@@ -171,6 +178,7 @@ def make_pixel_cube(path: Path, side: int, n_scenes: int, tile: int = 1024) -> P
             _static_block,
             name,
             side,
+            cell_px,
             dtype=dtype,
             chunks=da.core.normalize_chunks(chunks, (size, size)),
         )
@@ -185,6 +193,7 @@ def make_pixel_cube(path: Path, side: int, n_scenes: int, tile: int = 1024) -> P
     dh = da.map_blocks(
         _dh_block,
         side,
+        cell_px,
         years,
         dtype=np.float32,
         chunks=da.core.normalize_chunks((1, tile, tile), (n_scenes, size, size)),
@@ -244,15 +253,21 @@ def cli_wall(store: Path, regions: Path, out: Path) -> tuple[float, float]:
     return wall, float(own[-1].split()[1]) if own else float("nan")
 
 
-def run_pixels(side: int, n_scenes: int, repeats: int, keep: Path | None) -> dict[str, Any]:
+def run_pixels(
+    side: int, n_scenes: int, repeats: int, keep: Path | None, cell_px: int = CELL_PX
+) -> dict[str, Any]:
     from mbcube.binning import bin_cube
     from mbcube.cluster import quiet
 
     tmp = keep or Path(tempfile.mkdtemp(prefix="mbcube-aggpx-"))
     tmp.mkdir(parents=True, exist_ok=True)
     store = tmp / "cube.zarr"
-    made = timed(lambda: make_pixel_cube(store, side, n_scenes)) if not store.exists() else (0, 0)
-    span = side * CELL_PX * RES_M
+    made = (
+        timed(lambda: make_pixel_cube(store, side, n_scenes, cell_px=cell_px))
+        if not store.exists()
+        else (0, 0)
+    )
+    span = side * cell_px * RES_M
     files = [
         strips_file(tmp / f"strips{i}.gpkg", 10 + 5 * i, X0, Y0, span, vertical=i % 2 == 0)
         for i in range(repeats + 1)
@@ -279,7 +294,7 @@ def run_pixels(side: int, n_scenes: int, repeats: int, keep: Path | None) -> dic
 
     arithmetic = min(timed(lambda f=f: regroup(f)) for f in files[1:])
     command = cli_wall(store, files[1], out)
-    n_px = side * CELL_PX * side * CELL_PX
+    n_px = side * cell_px * side * cell_px
     result = {
         "glaciers": side * side,
         "scenes": n_scenes,
@@ -471,6 +486,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("what", choices=["pixels", "memory", "stats"])
     parser.add_argument("--side", type=int, default=100, help="pixels: glaciers per grid side")
+    parser.add_argument(
+        "--spacing-px",
+        type=int,
+        default=CELL_PX,
+        help="pixels: glacier spacing (px); 80: 43 %% of the cube is glacier, 160: 11 %%",
+    )
     parser.add_argument("--glaciers", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--scenes", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
@@ -479,13 +500,15 @@ def main() -> None:
     args = parser.parse_args()
     stamp = f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, commit {_commit()}"
     if args.what == "pixels":
-        r = run_pixels(args.side, args.scenes, args.repeats, args.keep)
+        r = run_pixels(args.side, args.scenes, args.repeats, args.keep, args.spacing_px)
+        share = np.pi * A_PX * B_PX / args.spacing_px**2
         load = os.getloadavg()[0]
         text = (
             f"\n## {stamp}: new region set, {r['glaciers']} glaciers, from pixels vs from stored "
             f"statistics (load average {load:.1f}, 2 cores)\n\n"
-            f"Cube: {r['scenes']} scenes x {args.side * CELL_PX}^2 px ({r['mpix']:.0f} Mpix of dh), "
-            f"made in {r['make'][0]:.0f} s. Wall s / process CPU s:\n\n"
+            f"Cube: {r['scenes']} scenes x {args.side * args.spacing_px}^2 px ({r['mpix']:.0f} "
+            f"Mpix of dh; glaciers {args.spacing_px} px apart, {share:.0%} of the pixels on "
+            f"glacier), made in {r['make'][0]:.0f} s. Wall s / process CPU s:\n\n"
             "| path | wall s | CPU s |\n|---|---:|---:|\n"
             f"| (a) bin_cube from the Zarr cube (all scenes) | {r['binning'][0]:.2f} | "
             f"{r['binning'][1]:.2f} |\n"

@@ -46,13 +46,13 @@ def fill_voids(elevation_m: np.ndarray, fill_px: int) -> np.ndarray:
 
 
 def void_filled(elevation_m: da.Array, fill_px: int) -> da.Array:
-    """`fill_voids` on every tile with a halo of fill_px pixels (at most a tile)."""
+    """`fill_voids` on every tile with a halo of fill_px pixels (dask merges tiles smaller than
+    the halo with their neighbours, so the result's chunks may differ from the input's)."""
     if fill_px <= 0:
         return elevation_m
-    depth = min(fill_px, *(min(c) for c in elevation_m.chunks))
     return elevation_m.map_overlap(
         fill_voids,
-        depth=depth,
+        depth=fill_px,
         boundary="none",
         dtype=elevation_m.dtype,
         meta=np.array((), dtype=elevation_m.dtype),

@@ -49,11 +49,13 @@ def test_fill_distance_and_voids_not_enclosed() -> None:
 
 
 def test_tiles_with_a_halo_fill_as_the_whole_array() -> None:
-    """A void across tile corners is filled tile by tile (halo fill_px) as in one array."""
+    """A void across tile corners is filled tile by tile (halo fill_px) as in one array, also
+    where the last tiles are narrower than the halo."""
     truth = _plane(96).astype(np.float32)
     dem = truth.copy()
-    dem[40:57, 41:55] = np.nan  # across the corner of four 48 px tiles
-    tiled = void_filled(da.from_array(dem, chunks=48), fill_px=20).compute()
+    dem[33:50, 34:48] = np.nan  # across the corner of four tiles
+    dem[85:93, 2:9] = np.nan  # in the last row of tiles, 16 px tall
+    tiled = void_filled(da.from_array(dem, chunks=40), fill_px=20).compute()
     assert tiled.dtype == np.float32
     np.testing.assert_allclose(tiled, fill_voids(dem, 20), atol=1e-3)
     np.testing.assert_allclose(tiled, truth, atol=1e-3)
