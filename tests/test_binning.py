@@ -527,6 +527,46 @@ def test_bin_cube_matches_pandas_and_truth(dem_cube, dem_study, tmp_path):
         assert float(s["stable_block_nmad_dh_m"]) == pytest.approx(nmad(means), abs=0.05)
 
 
+def _expected_n_px(
+    hyps: xr.Dataset, gid: np.ndarray, surf: np.ndarray, z: np.ndarray, keep: np.ndarray
+) -> np.ndarray:
+    """numpy's count of (glacier, floor(z / 50), surface) over the pixels `keep`."""
+    n, first = hyps.sizes["glacier"], int(hyps.attrs["first_bin"])
+    b = np.floor(z[keep] / 50.0).astype(np.int64) - first
+    expect = np.zeros((n, hyps.sizes["bin"], 2), np.int64)
+    np.add.at(expect, (gid[keep] - 1, b, surf[keep] - 1), 1)
+    return expect
+
+
+def _means_of_true_rate(
+    hyps: xr.Dataset,
+    gid: np.ndarray,
+    surf: np.ndarray,
+    on: np.ndarray,
+    seen_z: np.ndarray,
+    seen: np.ndarray,
+    rate: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(new, old, truth) per glacier: the true rate per (glacier, bin, surface) over the pixels
+    `seen` (binned by seen_z; cells holding none filled along elevation, as
+    `mbcube.massbalance.balance` does) weighted by the hypsometry (new), or by those pixels only,
+    every other pixel at the glacier's mean (old); truth: the mean over all glacier pixels."""
+    n, first = hyps.sizes["glacier"], int(hyps.attrs["first_bin"])
+    bs = np.floor(seen_z[seen] / 50.0).astype(np.int64) - first
+    cell_n = np.zeros((n, hyps.sizes["bin"], 2))
+    cell_sum = np.zeros_like(cell_n)
+    np.add.at(cell_n, (gid[seen] - 1, bs, surf[seen] - 1), 1.0)
+    np.add.at(cell_sum, (gid[seen] - 1, bs, surf[seen] - 1), rate[seen])
+    cell_rate, _ = filled_profile(cell_sum, cell_n, hyps["bin"].values + 25.0, 1)
+    area = hyps["n_px"].values.astype(float)
+    new = np.nansum(area * cell_rate, axis=(1, 2)) / np.maximum(area.sum(axis=(1, 2)), 1)
+    old = np.nansum(cell_n * cell_rate, axis=(1, 2)) / np.maximum(cell_n.sum(axis=(1, 2)), 1)
+    truth = np.bincount(gid[on], weights=rate[on], minlength=n + 1)[1:] / np.maximum(
+        np.bincount(gid[on], minlength=n + 1)[1:], 1
+    )
+    return new, old, truth
+
+
 def test_voids_binned_by_srtm_x_take_their_bins_rate(dem_cube, dem_study, tmp_path):
     """Without interpolation (void_fill_distance_m 0), glacier pixels void in SRTM-C are binned
     by SRTM-X where it has a value (bin by bin as numpy does it), the rest stay void_px; and with each bin's true rate, the hypsometric mean
@@ -557,33 +597,17 @@ def test_voids_binned_by_srtm_x_take_their_bins_rate(dem_cube, dem_study, tmp_pa
         hyps["void_px"].values, np.bincount(gid[both], minlength=n + 1)[1:]
     )
     # bin by bin: numpy's count of (glacier, floor(z / 50), surface)
-    width, first = 50.0, int(hyps.attrs["first_bin"])
     keep = on & np.isfinite(z)
-    b = np.floor(z[keep] / width).astype(np.int64) - first
+    b = np.floor(z[keep] / 50.0).astype(np.int64) - int(hyps.attrs["first_bin"])
     assert b.min() == 0 and b.max() == hyps.sizes["bin"] - 1  # the axis spans X's voids too
-    expect = np.zeros((n, hyps.sizes["bin"], 2), np.int64)
-    np.add.at(expect, (gid[keep] - 1, b, surf[keep] - 1), 1)
-    np.testing.assert_array_equal(hyps["n_px"].values, expect)
-    # the true rate per (glacier, bin, surface) over pixels with SRTM-C (what scenes measure)
+    np.testing.assert_array_equal(hyps["n_px"].values, _expected_n_px(hyps, gid, surf, z, keep))
+    # the true rate over pixels with SRTM-C (what scenes measure): X voids in the hypsometry vs
+    # every void at the glacier's mean
     with rasterio.open(dem_study / "truth" / "dhdt_m_yr.tif") as f:
         rate = f.read(1).astype(np.float64)
     seen = on & np.isfinite(ref)
-    bs = np.floor(ref[seen] / width).astype(np.int64) - first
-    cell_n = np.zeros_like(expect, dtype=float)
-    cell_sum = np.zeros_like(expect, dtype=float)
-    np.add.at(cell_n, (gid[seen] - 1, bs, surf[seen] - 1), 1.0)
-    np.add.at(cell_sum, (gid[seen] - 1, bs, surf[seen] - 1), rate[seen])
-    # new rule: each cell's rate (cells holding only voids filled along elevation, as
-    # `mbcube.massbalance.balance` does) weighted by the hypsometry, X voids included; old rule:
-    # the cells' pixels with SRTM-C only, every void at the glacier's mean
-    z_mid = hyps["bin"].values + 0.5 * width
-    cell_rate, _ = filled_profile(cell_sum, cell_n, z_mid, 1)
+    new, old, truth = _means_of_true_rate(hyps, gid, surf, on, ref, seen, rate)
     area = hyps["n_px"].values.astype(float)
-    new = np.nansum(area * cell_rate, axis=(1, 2)) / np.maximum(area.sum(axis=(1, 2)), 1)
-    old = np.nansum(cell_n * cell_rate, axis=(1, 2)) / np.maximum(cell_n.sum(axis=(1, 2)), 1)
-    truth = np.bincount(gid[on], weights=rate[on], minlength=n + 1)[1:] / np.maximum(
-        np.bincount(gid[on], minlength=n + 1)[1:], 1
-    )
     void_x = hyps["void_binned_px"].values.astype(float)
     void_all = void_x + hyps["void_px"].values
     share = void_x / np.maximum(area.sum(axis=(1, 2)) + hyps["void_px"].values, 1)
@@ -631,29 +655,13 @@ def test_voids_void_in_both_references_are_binned_by_interpolation(dem_cube, dem
     )
     assert hyps["void_px"].sum() < 0.2 * both.sum()  # most are filled
     # bin by bin
-    width, first = 50.0, int(hyps.attrs["first_bin"])
     keep = on & np.isfinite(z)
-    b = np.floor(z[keep] / width).astype(np.int64) - first
-    expect = np.zeros((n, hyps.sizes["bin"], 2), np.int64)
-    np.add.at(expect, (gid[keep] - 1, b, surf[keep] - 1), 1)
-    np.testing.assert_array_equal(hyps["n_px"].values, expect)
+    np.testing.assert_array_equal(hyps["n_px"].values, _expected_n_px(hyps, gid, surf, z, keep))
     # each filled pixel at the true rate of its bin vs at the glacier's mean (the old rule)
     with rasterio.open(dem_study / "truth" / "dhdt_m_yr.tif") as f:
         rate = f.read(1).astype(np.float64)
     seen = on & np.isfinite(known)
-    bs = np.floor(known[seen] / width).astype(np.int64) - first
-    cell_n = np.zeros_like(expect, dtype=float)
-    cell_sum = np.zeros_like(expect, dtype=float)
-    np.add.at(cell_n, (gid[seen] - 1, bs, surf[seen] - 1), 1.0)
-    np.add.at(cell_sum, (gid[seen] - 1, bs, surf[seen] - 1), rate[seen])
-    z_mid = hyps["bin"].values + 0.5 * width
-    cell_rate, _ = filled_profile(cell_sum, cell_n, z_mid, 1)
-    area = hyps["n_px"].values.astype(float)
-    new = np.nansum(area * cell_rate, axis=(1, 2)) / np.maximum(area.sum(axis=(1, 2)), 1)
-    old = np.nansum(cell_n * cell_rate, axis=(1, 2)) / np.maximum(cell_n.sum(axis=(1, 2)), 1)
-    truth = np.bincount(gid[on], weights=rate[on], minlength=n + 1)[1:] / np.maximum(
-        np.bincount(gid[on], minlength=n + 1)[1:], 1
-    )
+    new, old, truth = _means_of_true_rate(hyps, gid, surf, on, known, seen, rate)
     filled = np.bincount(gid[both & np.isfinite(z)], minlength=n + 1)[1:]
     voided = filled > 0.05 * np.bincount(gid[on], minlength=n + 1)[1:]
     assert voided.sum() >= 1
