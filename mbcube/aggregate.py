@@ -25,12 +25,15 @@ bin step's record of every scene and the combination parameters (scene_rule, min
 min_measured_frac_per_bin), the results also by every mass-balance parameter and the ingest's
 static inputs. The statistics are
 kept per non-empty (glacier, bin, surface) cell (`CellStats`: a glacier covers a few of the
-study's bins), chunked along cells, so the cache is small and read in bounded memory. Then:
+study's bins), chunked along cells, so the cache is small and read in bounded memory; it is three
+uncompressed arrays, and the facts its keys are read from (scenes ingested and binned, the
+stored reference bound) are kept with it and read again only when their arrays' files change
+(FACT_ARRAYS). Then:
 
 - a new region file (`aggregate --regions`) with the cache current and the glacier tables in the
   output folder current (their record `.mbcube-tables.json` matches the cache): only the region
-  tables are computed and written: region sums of the cached cells (a sparse product), no
-  glacier balance, no scene statistics, no pixel;
+  tables are computed and written: region sums of the cached cells over atoms of glaciers with
+  the same regions (`mbcube.unit_sums`), no glacier balance, no scene statistics, no pixel;
 - another density / uncertainty parameter: glacier results from the cached cells;
 - a re-binned scene or another scene rule: the scene statistics are combined again, read one
   stored chunk (scene x glacier slab) at a time and kept per cell, then blocks of glaciers
