@@ -31,7 +31,7 @@ def atoms(membership: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     of a (U, G) 0/1 membership."""
     member = np.asarray(membership, dtype=bool)
     packed = np.packbits(member, axis=0).T  # (G, bytes): its units
-    width = -(-packed.shape[1] // 8) * 8  # whole uint64 words: up to 64 units sort as integers
+    width = max(8, -(-packed.shape[1] // 8) * 8)  # whole uint64 words: <= 64 units sort as ints
     words = np.zeros((packed.shape[0], width), dtype=np.uint8)
     words[:, : packed.shape[1]] = packed
     code: np.ndarray = (
@@ -64,7 +64,7 @@ class Units:
     def sum(self, values: np.ndarray) -> np.ndarray:
         """(..., U) sums over each unit's glaciers of per-glacier values (..., G)."""
         values = np.asarray(values, dtype=np.float64)
-        flat = values.reshape(-1, values.shape[-1])
+        flat = values.reshape(int(np.prod(values.shape[:-1])), values.shape[-1])
         n_rows, n_atoms = len(flat), len(self.patterns)
         key = (np.arange(n_rows)[:, None] * n_atoms + self.atom_of[None, :]).ravel()
         per_atom = np.bincount(key, weights=flat.ravel(), minlength=n_rows * n_atoms)

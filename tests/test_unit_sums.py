@@ -114,3 +114,19 @@ def test_unit_sums_of_glacier_values_equal_a_matrix_product(
     np.testing.assert_allclose(units.sum(values), values @ membership.T.astype(float), atol=1e-12)
     np.testing.assert_allclose(units.sum(values[0]), membership @ values[0], atol=1e-12)
     assert units.sum(values).shape == (n_rows, n_units)
+
+
+def test_more_than_64_units_and_empty_sets() -> None:
+    """Glaciers of more than 64 units are told apart by their whole unit set (not one word);
+    no unit or no glacier gives empty sums of the right shape."""
+    rng = np.random.default_rng(5)
+    member = rng.random((70, 300)) < 0.2
+    member[:, 150:] = member[:, :150]
+    member[69, 0] = ~member[69, 0]  # glaciers 0 and 150 differ in the 70th unit only
+    patterns, atom_of = atoms(member)
+    np.testing.assert_array_equal(patterns[atom_of], member.T)
+    assert atom_of[0] != atom_of[150]
+    values = rng.normal(size=300)
+    np.testing.assert_allclose(Units.of(member).sum(values), member @ values, atol=1e-12)
+    assert Units.of(np.zeros((0, 5), bool)).sum(np.ones(5)).shape == (0,)
+    np.testing.assert_array_equal(Units.of(np.zeros((3, 0), bool)).sum(np.ones((2, 0))), 0.0)
