@@ -37,6 +37,7 @@ from mbcube.uncertainty import (
     unit_uncertainty,
     unmeasured_sigma_m_yr,
 )
+from tests.test_uncertainty import oracle_random, random_scene_case
 
 # ------------------------------------------------------------------ oracles (slow, per row / bin)
 
@@ -518,37 +519,15 @@ def test_variance_ratio_matches_integral(area_km2: float, a_m: float) -> None:
     assert got == pytest.approx(oracle_variance_ratio(area_km2 * 1e6, a_m), rel=1e-6, abs=1e-9)
 
 
-def oracle_random(
-    w: np.ndarray, px: np.ndarray, measured: np.ndarray, years: np.ndarray, sigma: np.ndarray
-) -> np.ndarray:
-    """Unit by unit, scene by scene (30 m pixels, a = 500 m)."""
-    out = np.zeros(w.shape[1])
-    for u in range(w.shape[1]):
-        used = [s for s in range(w.shape[0]) if w[s, u] > 0]
-        if not used:
-            continue
-        common = min(sigma[s] for s in used)
-        per_year = sum(w[s, u] / abs(years[s]) for s in used)
-        var = common**2 * rho_by_hand(measured[u] * 900.0, 500.0) * per_year**2
-        for s in used:
-            own = sigma[s] ** 2 - common**2
-            var += (w[s, u] / abs(years[s])) ** 2 * own * rho_by_hand(px[s, u] * 900.0, 500.0)
-        out[u] = np.sqrt(var)
-    return out
-
-
 @settings(max_examples=50, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n_scenes=st.integers(1, 5), n_units=st.integers(1, 6))
 def test_random_term_matches_oracle(seed: int, n_scenes: int, n_units: int) -> None:
-    rng = np.random.default_rng(seed)
-    w = rng.random((n_scenes, n_units)) * (rng.random((n_scenes, n_units)) < 0.7)
-    w = np.divide(w, w.sum(axis=0), out=np.zeros_like(w), where=w.sum(axis=0) > 0)
-    px = np.where(w > 0, rng.integers(1, 50_000, w.shape), 0).astype(float)
-    measured = px.max(axis=0) * rng.uniform(1.0, 1.5, n_units)
-    years = rng.choice([-1, 1], n_scenes) * rng.uniform(3, 20, n_scenes)
-    sigma = rng.uniform(0.2, 5.0, n_scenes)
+    w, px, measured, years, sigma = random_scene_case(
+        np.random.default_rng(seed), n_scenes, n_units
+    )
     got = random_sigma_m_yr(w, px, measured, years, sigma, 30.0, 500.0)
-    np.testing.assert_allclose(got, oracle_random(w, px, measured, years, sigma), rtol=1e-10)
+    want = oracle_random(w, px, measured, years, sigma, np.zeros(n_scenes), None)
+    np.testing.assert_allclose(got, want, rtol=1e-10)
 
 
 @settings(max_examples=50, deadline=None)

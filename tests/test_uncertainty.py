@@ -141,6 +141,20 @@ def test_split_inverts_the_block_model_exactly() -> None:
     np.testing.assert_allclose(corr, [1.0, 0.0])
 
 
+def random_scene_case(
+    rng: np.random.Generator, n_scenes: int, n_units: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(w, px, measured, years, sigma): scene weights (S, U) summing to 1 per unit where any,
+    measured pixels per scene and unit, per unit, spans (yr, either sign), stable spreads (m)."""
+    w = rng.random((n_scenes, n_units)) * (rng.random((n_scenes, n_units)) < 0.7)
+    w = np.divide(w, w.sum(axis=0), out=np.zeros_like(w), where=w.sum(axis=0) > 0)
+    px = np.where(w > 0, rng.integers(1, 50_000, w.shape), 0).astype(float)
+    measured = px.max(axis=0) * rng.uniform(1.0, 1.5, n_units)
+    years = rng.choice([-1, 1], n_scenes) * rng.uniform(3, 20, n_scenes)
+    sigma = rng.uniform(0.2, 5.0, n_scenes)
+    return w, px, measured, years, sigma
+
+
 def oracle_random(
     w: np.ndarray,
     px: np.ndarray,
@@ -183,12 +197,7 @@ def test_random_term_with_white_part_matches_oracle(
     seed: int, n_scenes: int, n_units: int, reference: float | None
 ) -> None:
     rng = np.random.default_rng(seed)
-    w = rng.random((n_scenes, n_units)) * (rng.random((n_scenes, n_units)) < 0.7)
-    w = np.divide(w, w.sum(axis=0), out=np.zeros_like(w), where=w.sum(axis=0) > 0)
-    px = np.where(w > 0, rng.integers(1, 50_000, w.shape), 0).astype(float)
-    measured = px.max(axis=0) * rng.uniform(1.0, 1.5, n_units)
-    years = rng.choice([-1, 1], n_scenes) * rng.uniform(3, 20, n_scenes)
-    sigma = rng.uniform(0.2, 5.0, n_scenes)
+    w, px, measured, years, sigma = random_scene_case(rng, n_scenes, n_units)
     white = sigma * rng.uniform(0.0, 1.0, n_scenes)
     got = random_sigma_m_yr(w, px, measured, years, sigma, 30.0, 500.0, reference, white)
     want = oracle_random(w, px, measured, years, sigma, white, reference)
