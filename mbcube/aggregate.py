@@ -66,6 +66,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -91,9 +92,10 @@ from mbcube.massbalance import (
 )
 from mbcube.regions import (
     RegionSet,
+    assign,
     from_attribute,
     from_polygons,
-    name_column_of,
+    read_polygon_arrays,
     read_polygons,
     surge_free,
 )
@@ -582,6 +584,81 @@ def _read_by_chunk(path: Path, axis: int = 0) -> np.ndarray:
     return out
 
 
+#: zarr v3 data types read by `_read_plain` (little-endian numpy types).
+_PLAIN_TYPES = frozenset(
+    {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
+    | {"float32", "float64"}
+)
+
+
+def _plain_layout(meta: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...], str] | None:
+    """(shape, chunk shape, chunk key separator) of a zarr v3 array stored plain: regular
+    chunks, default chunk keys, the `bytes` codec alone (little-endian), no storage
+    transformer, a fixed-size numeric type; None for any other array."""
+    try:
+        grid, keys = meta["chunk_grid"], meta["chunk_key_encoding"]
+        codecs = meta["codecs"]
+        shape = tuple(int(n) for n in meta["shape"])
+        chunks = tuple(int(n) for n in grid["configuration"]["chunk_shape"])
+        separator = str(keys.get("configuration", {}).get("separator", "/"))
+        plain = (
+            meta.get("zarr_format") == 3
+            and meta.get("node_type") == "array"
+            and meta.get("data_type") in _PLAIN_TYPES
+            and grid.get("name") == "regular"
+            and keys.get("name") == "default"
+            and separator in ("/", ".")
+            and not meta.get("storage_transformers")
+            and len(codecs) == 1
+            and codecs[0].get("name") == "bytes"
+            and codecs[0].get("configuration", {}).get("endian", "little") == "little"
+            and len(chunks) == len(shape)
+            and all(c > 0 for c in chunks)
+        )
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return (shape, chunks, separator) if plain else None
+
+
+def _read_plain(path: Path, axis: int = 0) -> np.ndarray:
+    """A whole zarr array read straight from its chunk files (np.fromfile) when it is stored
+    plain (`_plain_layout`: how `_write_cache` writes the cache) and every chunk is there:
+    the bytes are the array's, C order, edge chunks padded to the chunk shape (zarr v3). About
+    3x faster than zarr's read of a 10 MB chunk, which is what the fast path reads. Any other
+    array, or a chunk missing (zarr's fill value) or of another size, is read by zarr
+    (`_read_by_chunk`, one chunk along `axis` at a time)."""
+    try:
+        meta = json.loads((path / "zarr.json").read_bytes())
+    except (OSError, ValueError):
+        meta = None
+    layout = _plain_layout(meta) if isinstance(meta, dict) else None
+    if layout is None:
+        return _read_by_chunk(path, axis)
+    shape, chunks, separator = layout
+    dtype = np.dtype(str(meta["data_type"])).newbyteorder("<")
+    size = int(np.prod(chunks))
+    counts = [-(-n // c) for n, c in zip(shape, chunks, strict=True)]
+    out: np.ndarray | None = None
+    for index in itertools.product(*(range(n) for n in counts)):
+        key = separator.join(["c", *map(str, index)])
+        try:
+            block = np.fromfile(path / key, dtype=dtype)
+        except OSError:  # not stored: zarr gives its fill value
+            return _read_by_chunk(path, axis)
+        if block.size != size:
+            return _read_by_chunk(path, axis)
+        block = block.reshape(chunks)
+        if shape == chunks:
+            return block
+        if out is None:
+            out = np.empty(shape, dtype=dtype)
+        part = tuple(
+            slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, chunks, shape, strict=True)
+        )
+        out[part] = block[tuple(slice(0, p.stop - p.start) for p in part)]
+    return out if out is not None else np.empty(shape, dtype=dtype)
+
+
 def _group_attrs(path: Path) -> dict[str, Any]:
     """A zarr group's attributes, straight from its zarr.json."""
     try:
@@ -1005,8 +1082,8 @@ def _read_cache(
     if keys.stats_key is None or attrs.get("key") != keys.stats_key:
         return None, None
     group = store / CACHE_GROUP
-    per_cell = _read_by_chunk(group / "cells", axis=1)
-    per_glacier_table = _read_by_chunk(group / "glacier_values", axis=1)
+    per_cell = _read_plain(group / "cells", axis=1)
+    per_glacier_table = _read_plain(group / "glacier_values", axis=1)
     columns = list(attrs["glacier_columns"])
     n_scenes = len(attrs["scene_ids"])
     per_glacier = dict(zip(columns, per_glacier_table[: len(columns)], strict=True))
@@ -1026,7 +1103,7 @@ def _read_cache(
     )
     if attrs.get("results_key") != keys.results_key:
         return cells, None
-    text = json.loads(_read(group / "text").tobytes())
+    text = json.loads(_read_plain(group / "text").tobytes())
     per_scene = {k: np.asarray(v, dtype=float) for k, v in text["scene_values"].items()}
     grid = grid_of(state)
     data = StoredStats(
@@ -1204,12 +1281,11 @@ def region_sets(data: StoredStats, regions: Path | None = None) -> list[RegionSe
 
 def _polygon_set(data: StoredStats, source: Path) -> RegionSet:
     """Glaciers assigned to the polygons of `source` by the configured rule."""
-    polygons = read_polygons(source, data.crs, name_column=None)
-    name_column = name_column_of(polygons)
+    names, geoms = read_polygon_arrays(source, data.crs, name_column=None)
     outlines = _outlines(data) if data.config.region_assignment == "area_share" else None
-    return from_polygons(
-        polygons,
-        name_column,
+    return assign(
+        names,
+        geoms,
         centroids_xy=data.centroids_xy,
         outlines=outlines,
         how=data.config.region_assignment,

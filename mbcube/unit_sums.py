@@ -3,13 +3,18 @@
 A cell is one non-empty (glacier, elevation bin, surface) of the combined statistics. A glacier
 may belong to several units (a region, 'all', the same without surge-type glaciers). Glaciers
 that belong to the same units form an atom: values are summed per atom with one bincount per
-field, and each unit is the sum of its atoms (a small product). Cost ~ glaciers (or cells) +
-units x atoms, plain numpy without BLAS (`np.einsum` without `optimize`): no thread pool spun up
-for tiny products, no JIT start-up in a fresh `mbcube aggregate` process.
+field, and each unit is the sum of its atoms. Cost ~ glaciers (or cells) + units x atoms, plain
+numpy without BLAS: no thread pool spun up for tiny products, no JIT start-up in a fresh
+`mbcube aggregate` process. Per-glacier values go from atoms to units by a small product
+(`np.einsum` without `optimize`); per-cell sums (atoms x bins x surfaces x fields, wide rows) by
+adding each unit's own atoms' rows, in atom order (`Units.totals`): the same additions in the same
+order as the product, without the products by zero of the atoms outside the unit.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +35,8 @@ def atoms(membership: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(patterns (A, U) bool, atom of each glacier (G,)): the distinct unit sets of the glaciers
     of a (U, G) 0/1 membership."""
     member = np.asarray(membership, dtype=bool)
-    packed = np.packbits(member, axis=0).T  # (G, bytes): its units
+    # (G, bytes): its units (packed along the contiguous axis: 3x faster than along axis 0)
+    packed = np.packbits(np.ascontiguousarray(member.T), axis=1)
     width = max(8, -(-packed.shape[1] // 8) * 8)  # whole uint64 words: <= 64 units sort as ints
     words = np.zeros((packed.shape[0], width), dtype=np.uint8)
     words[:, : packed.shape[1]] = packed
@@ -60,6 +66,30 @@ class Units:
     @property
     def n_units(self) -> int:
         return self.patterns.shape[1]
+
+    @functools.cached_property
+    def members(self) -> list[np.ndarray]:
+        """Each unit's atoms (increasing atom positions)."""
+        unit, atom = np.nonzero(self.patterns.T)
+        bounds = np.searchsorted(unit, np.arange(self.n_units + 1))
+        return [atom[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+
+    def totals(self, per_atom: np.ndarray) -> np.ndarray:
+        """(U, W) sums over each unit's atoms of per-atom rows (A, W), W >= 2, added one atom
+        after another in atom order from 0.0 (as the product with the patterns adds them; a
+        unit of no atom is 0). Cost ~ unit memberships x W, not units x atoms x W."""
+        per_atom = np.asarray(per_atom, dtype=np.float64)
+        if per_atom.ndim != 2 or per_atom.shape[1] < 2:
+            raise ValueError(f"per_atom must be (atoms, >= 2 columns), got {per_atom.shape}")
+        out = np.zeros((self.n_units, per_atom.shape[1]))
+        for u, atoms_u in enumerate(self.members):
+            if len(atoms_u) == 1:
+                out[u] += per_atom[atoms_u[0]]
+            elif len(atoms_u):
+                # a reduction along the outer axis of a C-contiguous (k, W >= 2) array: row
+                # after row (numpy's pairwise summation is along the contiguous axis only)
+                out[u] += per_atom[atoms_u].sum(axis=0)
+        return out
 
     def sum(self, values: np.ndarray) -> np.ndarray:
         """(..., U) sums over each unit's glaciers of per-glacier values (..., G)."""
@@ -105,6 +135,8 @@ class Units:
         key = self.atom_of[np.asarray(glacier, dtype=np.int64)] * n_cells
         key += np.asarray(cell, dtype=np.int64)
         size = len(self.patterns) * n_cells
-        per_atom = np.stack([np.bincount(key, weights=f, minlength=size) for f in fields])
-        per_atom = per_atom.reshape(len(fields), len(self.patterns), n_cells)
-        return np.einsum("fan,au->ufn", per_atom, self.patterns)
+        per_atom = np.empty((len(self.patterns), len(fields), n_cells))
+        for i, f in enumerate(fields):
+            per_atom[:, i, :] = np.bincount(key, weights=f, minlength=size).reshape(-1, n_cells)
+        summed = self.totals(per_atom.reshape(len(self.patterns), -1))
+        return summed.reshape(self.n_units, len(fields), n_cells)
