@@ -69,6 +69,7 @@ import hashlib
 import itertools
 import json
 import logging
+import mmap
 import os
 import warnings
 from collections.abc import Iterator
@@ -320,7 +321,7 @@ def sum_cells(cells: CellStats, units: Units, min_px_per_bin: int = 10) -> Glaci
     summed = summed.reshape(units.n_units, len(UNIT_FIELDS), *shape)
     area_g = cells.glacier_area_m2
     area_u = units.sum(area_g)
-    weighted = units.sum(cells.scene_weight * area_g[None, :])
+    weighted = units.sum(cells.scene_weight, factor=area_g)
     scene_weight = np.divide(
         weighted, area_u[None, :], out=np.zeros_like(weighted), where=area_u[None, :] > 0
     )
@@ -621,12 +622,15 @@ def _plain_layout(meta: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...
 
 
 def _read_plain(path: Path, axis: int = 0) -> np.ndarray:
-    """A whole zarr array read straight from its chunk files (np.fromfile) when it is stored
-    plain (`_plain_layout`: how `_write_cache` writes the cache) and every chunk is there:
-    the bytes are the array's, C order, edge chunks padded to the chunk shape (zarr v3). About
-    3x faster than zarr's read of a 10 MB chunk, which is what the fast path reads. Any other
-    array, or a chunk missing (zarr's fill value) or of another size, is read by zarr
-    (`_read_by_chunk`, one chunk along `axis` at a time)."""
+    """A whole zarr array read straight from its chunk files when it is stored plain
+    (`_plain_layout`: how `_write_cache` writes the cache) and every chunk is there: the
+    bytes are the array's, C order, edge chunks padded to the chunk shape (zarr v3). An array of
+    one chunk is that file mapped read-only (`_mapped`: no copy, no fresh memory); several
+    chunks are copied into one array. Any other array, or a chunk missing (zarr's fill value) or
+    of another size, is read by zarr (`_read_by_chunk`, one chunk along `axis` at a time).
+
+    The fast path reads ~15 MB of cache for 10,000 glaciers: zarr's read costs ~3x np.fromfile,
+    and the fresh pages of a copy cost more than the copy on a virtual machine."""
     try:
         meta = json.loads((path / "zarr.json").read_bytes())
     except (OSError, ValueError):
@@ -636,16 +640,12 @@ def _read_plain(path: Path, axis: int = 0) -> np.ndarray:
         return _read_by_chunk(path, axis)
     shape, chunks, separator = layout
     dtype = np.dtype(str(meta["data_type"])).newbyteorder("<")
-    size = int(np.prod(chunks))
+    nbytes = int(np.prod(chunks)) * dtype.itemsize
     counts = [-(-n // c) for n, c in zip(shape, chunks, strict=True)]
     out: np.ndarray | None = None
     for index in itertools.product(*(range(n) for n in counts)):
-        key = separator.join(["c", *map(str, index)])
-        try:
-            block = np.fromfile(path / key, dtype=dtype)
-        except OSError:  # not stored: zarr gives its fill value
-            return _read_by_chunk(path, axis)
-        if block.size != size:
+        block = _mapped(path / separator.join(["c", *map(str, index)]), dtype, nbytes)
+        if block is None:  # not stored (zarr gives its fill value) or not a plain chunk
             return _read_by_chunk(path, axis)
         block = block.reshape(chunks)
         if shape == chunks:
@@ -657,6 +657,23 @@ def _read_plain(path: Path, axis: int = 0) -> np.ndarray:
         )
         out[part] = block[tuple(slice(0, p.stop - p.start) for p in part)]
     return out if out is not None else np.empty(shape, dtype=dtype)
+
+
+def _mapped(path: Path, dtype: np.dtype, nbytes: int) -> np.ndarray | None:
+    """The file's bytes as a read-only 1-D array of `dtype` mapped from the file (None when the
+    file is missing or not `nbytes` long). Safe against the cache being rewritten while mapped:
+    zarr replaces or deletes chunk files (`_write_cache` rewrites the whole group), it never
+    truncates a file in place, and a mapping keeps the old file's pages."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != nbytes:
+                return None
+            if nbytes == 0:
+                return np.zeros(0, dtype=dtype)
+            found = mmap.mmap(f.fileno(), nbytes, access=mmap.ACCESS_READ)
+    except OSError:
+        return None
+    return np.frombuffer(found, dtype=dtype)
 
 
 def _group_attrs(path: Path) -> dict[str, Any]:

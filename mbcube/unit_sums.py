@@ -3,7 +3,8 @@
 A cell is one non-empty (glacier, elevation bin, surface) of the combined statistics. A glacier
 may belong to several units (a region, 'all', the same without surge-type glaciers). Glaciers
 that belong to the same units form an atom: values are summed per atom with one bincount per
-field, and each unit is the sum of its atoms. Cost ~ glaciers (or cells) + units x atoms, plain
+field (cells: `np.add.at` over blocks of CELL_BLOCK cells, the same additions in the same
+order), and each unit is the sum of its atoms. Cost ~ glaciers (or cells) + units x atoms, plain
 numpy without BLAS: no thread pool spun up for tiny products, no JIT start-up in a fresh
 `mbcube aggregate` process. Per-glacier values go from atoms to units by a small product
 (`np.einsum` without `optimize`); per-cell sums (atoms x bins x surfaces x fields, wide rows) by
@@ -49,6 +50,11 @@ def atoms(membership: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return member.T[first], atom_of.ravel()
 
 
+#: Cells per block in `Units.cell_sums`: the per-block arrays (64 KiB) stay in the allocator's
+#: reused memory (fresh pages per call cost more than the sums on a virtual machine).
+CELL_BLOCK = 1 << 13
+
+
 @dataclass(frozen=True)
 class Units:
     """U units made of G glaciers, kept as atoms (`atoms`): patterns (A, U) 0/1 as float64,
@@ -91,14 +97,18 @@ class Units:
                 out[u] += per_atom[atoms_u].sum(axis=0)
         return out
 
-    def sum(self, values: np.ndarray) -> np.ndarray:
-        """(..., U) sums over each unit's glaciers of per-glacier values (..., G)."""
+    def sum(self, values: np.ndarray, factor: np.ndarray | None = None) -> np.ndarray:
+        """(..., U) sums over each unit's glaciers of per-glacier values (..., G), each times
+        `factor` (G,) when given. Row by row (one bincount per row of G values: no temporary
+        of the size of `values`)."""
         values = np.asarray(values, dtype=np.float64)
         flat = values.reshape(int(np.prod(values.shape[:-1])), values.shape[-1])
         n_rows, n_atoms = len(flat), len(self.patterns)
-        key = (np.arange(n_rows)[:, None] * n_atoms + self.atom_of[None, :]).ravel()
-        per_atom = np.bincount(key, weights=flat.ravel(), minlength=n_rows * n_atoms)
-        return np.einsum("ka,au->ku", per_atom.reshape(n_rows, n_atoms), self.patterns).reshape(
+        per_atom = np.empty((n_rows, n_atoms))
+        for r in range(n_rows):
+            row = flat[r] if factor is None else flat[r] * factor
+            per_atom[r] = np.bincount(self.atom_of, weights=row, minlength=n_atoms)
+        return np.einsum("ka,au->ku", per_atom, self.patterns).reshape(
             *values.shape[:-1], self.n_units
         )
 
@@ -120,23 +130,27 @@ class Units:
         def column(name: str) -> np.ndarray:
             return np.asarray(values[name], dtype=np.float64)
 
-        count, area = column("count"), column("area_m2")
-        valid = count >= min_px_per_bin
-        share = np.divide(area, column("weight"), out=np.zeros(count.shape), where=valid)
-        fields = (
-            np.where(valid, count, 0.0),
-            np.where(valid, area, 0.0),
-            share * column("rate_sum"),
-            share * column("dh_sum"),
-            area,
-            column("n_px"),
-            np.where(valid, column("measured_bin_px"), 0.0),
-        )
-        key = self.atom_of[np.asarray(glacier, dtype=np.int64)] * n_cells
-        key += np.asarray(cell, dtype=np.int64)
-        size = len(self.patterns) * n_cells
-        per_atom = np.empty((len(self.patterns), len(fields), n_cells))
-        for i, f in enumerate(fields):
-            per_atom[:, i, :] = np.bincount(key, weights=f, minlength=size).reshape(-1, n_cells)
-        summed = self.totals(per_atom.reshape(len(self.patterns), -1))
-        return summed.reshape(self.n_units, len(fields), n_cells)
+        count, area, weight = column("count"), column("area_m2"), column("weight")
+        rate_sum, dh_sum = column("rate_sum"), column("dh_sum")
+        n_px, measured_px = column("n_px"), column("measured_bin_px")
+        glacier = np.asarray(glacier, dtype=np.int64)
+        cell = np.asarray(cell, dtype=np.int64)
+        n_atoms = len(self.patterns)
+        size = n_atoms * n_cells
+        # (atom, cell, field) sums; cells not measured enough go to one more bin, dropped
+        acc = np.zeros((size + 1, len(UNIT_FIELDS)))
+        for start in range(0, len(glacier), CELL_BLOCK):
+            part = slice(start, start + CELL_BLOCK)
+            valid = count[part] >= min_px_per_bin
+            key = self.atom_of[glacier[part]] * n_cells + cell[part]
+            measured = np.where(valid, key, size)
+            share = np.divide(area[part], weight[part], out=np.zeros(len(key)), where=valid)
+            np.add.at(acc[:, 0], measured, count[part])
+            np.add.at(acc[:, 1], measured, area[part])
+            np.add.at(acc[:, 2], measured, share * rate_sum[part])
+            np.add.at(acc[:, 3], measured, share * dh_sum[part])
+            np.add.at(acc[:, 4], key, area[part])
+            np.add.at(acc[:, 5], key, n_px[part])
+            np.add.at(acc[:, 6], measured, measured_px[part])
+        summed = self.totals(acc[:size].reshape(n_atoms, n_cells * len(UNIT_FIELDS)))
+        return summed.reshape(self.n_units, n_cells, len(UNIT_FIELDS)).transpose(0, 2, 1)
