@@ -106,6 +106,13 @@ class CorrectionsConfig(_Strict):
         "in the penetration group); 'constant': penetration_constant_m; 'none': 0.",
     )
     penetration_constant_m: float = Field(0.0, description="Used when penetration='constant'.")
+    penetration_region_pooling: Literal["empirical_bayes", "none"] = Field(
+        "empirical_bayes",
+        description="'empirical_bayes': each sub-region's table is drawn toward the table of "
+        "all regions pooled, as far as its difference from it is what the few glaciers it was "
+        "measured on explain (penetration.pool_regions; regions that really differ keep their "
+        "own); 'none': each region its own table, as Lin et al. (2017).",
+    )
     penetration_min_px_per_bin: int = Field(
         100,
         ge=1,

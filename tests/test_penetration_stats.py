@@ -205,6 +205,101 @@ def test_region_with_few_glaciers_takes_the_pooled_spread() -> None:
     assert 0.0 <= spread.kappa[0, 0] <= penetration.MAX_KAPPA
 
 
+def _regional_moments(
+    rng: np.random.Generator, region_factors: list[float], per_region: int, kappa: float
+) -> tuple[penetration.GlacierMoments, penetration.Table, np.ndarray]:
+    """Regions whose glaciers follow the law 1 + 0.4 k (m, bins k = 0..7) times the region's
+    factor times the glacier's N(1, kappa), with 0.5 m white pixel noise; clean ice only.
+    Returns the moments, the table (pooled index 0 first) and the true law of each region."""
+    bins = n_bins(WIDTH)
+    first = int((4500.0 + 500.0) / WIDTH)
+    law = 1.0 + 0.4 * np.arange(8)
+    n_region = len(region_factors)
+    keys, values = [], []
+    sums = np.zeros((3, n_region + 1, 2, bins))
+    g = 0
+    for r, rho in enumerate(region_factors, start=1):
+        for _ in range(per_region):
+            g += 1
+            f = rho * rng.normal(1.0, kappa)
+            for k in range(8):
+                n = int(rng.integers(40, 200))
+                x = f * law[k] + rng.normal(0.0, 0.5, n)
+                b = first + k
+                key = penetration.encode_cells(np.array([g]), np.array([r]), 0, b, n_region, bins)
+                keys.append(key[0])
+                values.append([n, x.sum(), (x * x).sum(), n])
+                for idx in (0, r):
+                    sums[:, idx, 0, b] += [n, x.sum(), (x * x).sum()]
+    sums[:, :, 1] = sums[:, :, 0]  # debris: a copy
+    moments = penetration.GlacierMoments(np.array(keys), np.array(values).T, n_region, bins)
+    table = penetration.finish_table(sums, 0.0, WIDTH, 10, 30.0, 500.0)
+    truth = np.array(region_factors)[:, None] * law
+    return moments, table, truth
+
+
+def _pooling_oracle(
+    moments: penetration.GlacierMoments, table: penetration.Table, kappa: float, r: int
+) -> tuple[float, float]:
+    """(rho, its sampling sd) of region r, clean ice, by a loop over the glaciers' cells."""
+    glacier, region, s, b = moments.cells()
+    first = round((table.bin_lo_m[0] + 500.0) / WIDTH)
+    num = den = 0.0
+    per_glacier: dict[int, float] = {}
+    for i in np.flatnonzero((region == r) & (s == 0)):
+        k = b[i] - first
+        n, t0, tr = moments.values[0, i], table.penetration_m[0, 0, k], table.penetration_m[r, 0, k]
+        num += n * tr * t0
+        den += n * t0 * t0
+        per_glacier[glacier[i]] = per_glacier.get(glacier[i], 0.0) + n * t0 * t0
+    shares = np.array(list(per_glacier.values())) / den
+    return num / den, kappa * float(np.sqrt(np.sum(shares**2)))
+
+
+def test_regions_that_differ_only_by_their_few_glaciers_share_the_pooled_table() -> None:
+    """Four regions of 4 glaciers on one law (glacier factors N(1, 0.15)): their tables differ
+    only by which glaciers were measured, so they are drawn toward the pooled table, which is
+    closer to the law than their own (rms error over regions and bins), and the factors and
+    their sampling sd equal the loop oracle."""
+    rng = np.random.default_rng(5)
+    moments, table, truth = _regional_moments(rng, [1.0, 1.0, 1.0, 1.0], 4, 0.15)
+    kappa = np.array([0.15, 0.15])
+    pooled, how = penetration.pool_regions(table, moments, kappa)
+    for r in range(1, 5):
+        rho, sd = _pooling_oracle(moments, table, 0.15, r)
+        np.testing.assert_allclose(how.factor[r, 0], rho, rtol=1e-12)
+        np.testing.assert_allclose(how.factor_sigma[r, 0], sd, rtol=1e-12)
+    assert how.weight[0, 0] == 1.0 and np.all(how.weight[1:, 0] < 0.5), how.weight
+    own_err = np.sqrt(np.mean((table.penetration_m[1:, 0] - truth) ** 2))
+    pooled_err = np.sqrt(np.mean((pooled.penetration_m[1:, 0] - truth) ** 2))
+    assert pooled_err < 0.75 * own_err, (pooled_err, own_err)
+    # kept: the pooled table itself, the sigmas and counts
+    np.testing.assert_array_equal(pooled.penetration_m[0], table.penetration_m[0])
+    np.testing.assert_array_equal(pooled.sigma_m, table.sigma_m)
+
+
+def test_regions_that_really_differ_keep_their_own_tables() -> None:
+    """Regional factors 0.6-1.8 with 12 glaciers each: far beyond what their glaciers'
+    spread explains, so every region keeps (nearly) its own table and the estimate of
+    the between-region spread is of the size of the factors' spread."""
+    rng = np.random.default_rng(6)
+    moments, table, truth = _regional_moments(rng, [0.6, 1.0, 1.4, 1.8], 12, 0.15)
+    pooled, how = penetration.pool_regions(table, moments, np.array([0.15, 0.15]))
+    assert np.all(how.weight[1:, 0] > 0.95), how.weight
+    assert 0.25 < how.between_sigma[0] < 0.7, how.between_sigma
+    np.testing.assert_allclose(pooled.penetration_m[1:, 0], table.penetration_m[1:, 0], rtol=0.02)
+    # and the own tables follow their region's law (ends of the 3-bin window excepted)
+    np.testing.assert_allclose(table.penetration_m[1:, 0, 1:-1], truth[:, 1:-1], rtol=0.1)
+
+
+def test_a_single_region_keeps_its_table() -> None:
+    rng = np.random.default_rng(7)
+    moments, table, _ = _regional_moments(rng, [1.0], 3, 0.15)
+    pooled, how = penetration.pool_regions(table, moments, np.array([0.15, 0.15]))
+    np.testing.assert_array_equal(pooled.penetration_m, table.penetration_m)
+    assert np.all(how.weight == 1.0)
+
+
 # -------------------------------------------------------------------- the stored statistics
 
 

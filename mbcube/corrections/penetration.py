@@ -9,6 +9,7 @@ fill regions without X-band data), 1..R the study's regions; surface 1 clean ice
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -452,6 +453,67 @@ def between_glacier_spread(
                 kappa[r, s] = kappa[0, s]
     std = kappa[:, :, None] * np.abs(table.penetration_m)
     return Spread(std, kappa, n_glaciers, own)
+
+
+@dataclass(frozen=True)
+class RegionPooling:
+    """How far each region's table was drawn toward the pooled table (`pool_regions`)."""
+
+    weight: np.ndarray  #: (region index 0..R, surface): share of its own deviation kept, [0, 1]
+    factor: np.ndarray  #: (region index, surface): rho, its table over the pooled (NaN: none own)
+    factor_sigma: np.ndarray  #: (region index, surface): sd of rho from its glaciers' spread
+    between_sigma: np.ndarray  #: (surface,): omega, the spread of rho between regions
+
+
+def pool_regions(
+    table: Table, moments: GlacierMoments, kappa: np.ndarray
+) -> tuple[Table, RegionPooling]:
+    """Each region's table drawn toward the pooled table by an empirical-Bayes weight.
+
+    A region's table is measured on its few glaciers with X band, whose penetration differs
+    from glacier to glacier by a factor of spread kappa (`between_glacier_spread`, the pooled
+    estimate per surface). Region r's table over the pooled one, rho_r = sum n T_r T_0 /
+    sum n T_0^2 over its X-band pixels in its own (not filled) bins, then errs by sampling
+    alone with sd s_r = kappa sqrt(sum_g w_g^2), w_g the glaciers' shares of sum n T_0^2. The
+    spread of the true factors between regions, omega^2 = mean_r((rho_r - 1)^2 - s_r^2) (>= 0;
+    method of moments over the regions with own bins, at least two), sets the weight
+    w_r = omega^2 / (omega^2 + s_r^2): the region keeps T_0 + w_r (T_r - T_0). Regions that
+    differ by more than their glaciers explain keep their own table (w -> 1); where the
+    regions differ by no more than that, they share the pooled table, measured on all
+    glaciers (w -> 0). Sigmas, counts and filled flags are left as they are."""
+    glacier, region, s_idx, b = moments.cells()
+    n_x = moments.values[0]
+    kt = _table_bin(table, b)
+    pen = table.penetration_m
+    n_reg = pen.shape[0]
+    weight = np.ones((n_reg, 2))
+    factor = np.full((n_reg, 2), np.nan)
+    factor_sigma = np.zeros((n_reg, 2))
+    between = np.zeros(2)
+    stride = int(glacier.max(initial=0)) + 1
+    for s in range(2):
+        t0 = pen[0, s, kt]
+        measured = []
+        for r in range(1, n_reg):
+            sel = (region == r) & (s_idx == s) & (n_x > 0) & ~table.filled[r, s, kt]
+            a = n_x[sel] * t0[sel] ** 2
+            total = float(a.sum())
+            if total <= 0.0:
+                continue
+            factor[r, s] = float(np.sum(n_x[sel] * pen[r, s, kt[sel]] * t0[sel])) / total
+            w_g = np.bincount(glacier[sel], weights=a, minlength=stride) / total
+            factor_sigma[r, s] = float(kappa[s]) * float(np.sqrt(np.sum(w_g**2)))
+            measured.append(r)
+        if len(measured) < 2:
+            continue
+        excess = (factor[measured, s] - 1.0) ** 2 - factor_sigma[measured, s] ** 2
+        between[s] = np.sqrt(max(float(np.mean(excess)), 0.0))
+        for r in measured:
+            var = factor_sigma[r, s] ** 2
+            weight[r, s] = between[s] ** 2 / (between[s] ** 2 + var) if var > 0 else 1.0
+    pooled = pen[:1] + weight[:, :, None] * (pen - pen[:1])
+    pooling = RegionPooling(weight, factor, factor_sigma, between)
+    return dataclasses.replace(table, penetration_m=pooled), pooling
 
 
 @dataclass(frozen=True)

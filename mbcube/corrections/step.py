@@ -1309,6 +1309,7 @@ def table_dataset(
     spread: penetration.Spread | None = None,
     glacier: penetration.GlacierAdjustment | None = None,
     noise: penetration.NoiseCurve | None = None,
+    pooling: penetration.RegionPooling | None = None,
 ) -> xr.Dataset:
     """The penetration table as the `penetration` group's Dataset; with the X-band statistics
     when given: `reference_sigma_m` (scalar), `penetration_std_m` (region, surface, bin), the
@@ -1356,6 +1357,31 @@ def table_dataset(
                 "offset): a 1-sigma bound of the reference DEM's pixel error",
                 "units": "m",
             },
+        )
+    if pooling is not None:
+        pair = ("region", "surface")
+        data["penetration_region_weight"] = (
+            pair,
+            pooling.weight,
+            {
+                "long_name": "share of the region's own deviation from the pooled table kept "
+                "(penetration.pool_regions; 1: its own table)"
+            },
+        )
+        data["penetration_region_factor"] = (
+            pair,
+            pooling.factor,
+            {"long_name": "the region's own table over the pooled table (NaN: none of its own)"},
+        )
+        data["penetration_region_factor_sigma"] = (
+            pair,
+            pooling.factor_sigma,
+            {"long_name": "1-sigma sampling error of that factor from its glaciers' spread"},
+        )
+        data["penetration_region_spread"] = (
+            ("surface",),
+            pooling.between_sigma,
+            {"long_name": "spread (1 sigma) of the factor between regions beyond sampling"},
         )
     if spread is not None:
         data["penetration_std_m"] = (
@@ -1558,6 +1584,11 @@ def penetration_table(
                 spread = penetration.between_glacier_spread(
                     moments, table, float(offset), noise, res
                 )
+                pooling = None
+                if config.penetration_region_pooling == "empirical_bayes":
+                    table, pooling = penetration.pool_regions(table, moments, spread.kappa[0])
+                    std_m = spread.kappa[:, :, None] * np.abs(table.penetration_m)
+                    spread = dataclasses.replace(spread, std_m=std_m)
                 n_glaciers = int(ds.sizes["glacier"]) if "glacier" in ds.dims else 0
                 n_glaciers = max(n_glaciers, int(moments.cells()[0].max(initial=0)))
                 adjust = penetration.glacier_adjustment(
@@ -1583,6 +1614,7 @@ def penetration_table(
                     "spread": spread,
                     "glacier": adjust,
                     "noise": noise,
+                    "pooling": pooling,
                 }
                 source = (
                     f"{config.penetration} (stable-ground offset X minus C {float(offset):.3f} m)"
