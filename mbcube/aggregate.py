@@ -63,6 +63,7 @@ adjusted glaciers' errors as independent beyond autocorrelation_penetration_m
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import functools
 import hashlib
@@ -1411,7 +1412,7 @@ def region_table(
     columns = {
         "name": np.array(names, dtype=object),
         "glaciers": np.array(labels, dtype=object),
-        "n_glaciers": membership.sum(axis=1),
+        "n_glaciers": units.count(),
         **{k: values[k] for k in REGION_COLUMNS[3:] if k != "mb_mwe_yr_area_weighted"},
         "mb_mwe_yr_area_weighted": area_weighted,
     }
@@ -1470,8 +1471,8 @@ def aggregate(
     given = _polygon_set(data, Path(regions)) if regions is not None else None
     sets = region_sets(data) if given is None else [given, *region_sets_attributes(data)]
     table = region_table(data, _joined(data, sets))
-    table.to_csv(out / "regions.csv", index=False)
-    table.to_parquet(out / "regions.parquet", index=False)
+    _write_csv(table, out / "regions.csv")
+    _write_parquet(table, out / "regions.parquet")
     members = out / "region_members.csv"
     if given is not None:
         _write_members(members, data.id_column, data.ids, given.region_of())
@@ -1485,6 +1486,38 @@ def region_sets_attributes(data: StoredStats) -> list[RegionSet]:
     return [
         from_attribute(data.attributes[a]) for a in ATTRIBUTE_REGION_SETS if a in data.attributes
     ]
+
+
+def _write_csv(table: pd.DataFrame, path: Path) -> None:
+    """`table.to_csv(path, index=False)`, byte for byte, for columns of floats, integers and
+    text (others: by pandas): floats as repr (numpy's text of a float64, which pandas writes)
+    and NaN as '', through the csv module as pandas does; ~4x faster for a small table."""
+    columns: list[list[Any]] = []
+    for name in table.columns:
+        values = table[name].to_numpy()
+        kind = values.dtype.kind
+        if kind == "f" and values.dtype.itemsize == 8:
+            columns.append([repr(v) if v == v else "" for v in values.tolist()])
+        elif kind in "iu":
+            columns.append([str(v) for v in values.tolist()])
+        elif kind in "OUT" and all(type(v) is str for v in values.tolist()):
+            columns.append(values.tolist())
+        else:
+            table.to_csv(path, index=False)
+            return
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow([str(c) for c in table.columns])
+        writer.writerows(zip(*columns, strict=True))
+
+
+def _write_parquet(table: pd.DataFrame, path: Path) -> None:
+    """The table as Parquet, written by pyarrow from its columns (no pandas metadata: half of
+    `to_parquet`'s time for a small table; pandas reads back the same frame)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({str(k): table[k].to_numpy() for k in table.columns}), path)
 
 
 def _write_members(path: Path, id_column: str, ids: np.ndarray, region: np.ndarray) -> None:

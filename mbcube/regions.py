@@ -118,9 +118,15 @@ def assign(
         x, y = np.asarray(centroids_xy, dtype=float).T
         index = np.full(len(x), -1)
         bounds = shapely.bounds(geoms)
+        # centroids by x (NaN last): a polygon's x range is a slice, found by bisection
+        order = np.argsort(x, kind="stable")
+        x_sorted = x[order]
         for r in range(len(geoms) - 1, -1, -1):  # the first polygon wins where they overlap
             x0, y0, x1, y1 = bounds[r]
-            near = np.flatnonzero((x >= x0) & (x <= x1) & (y >= y0) & (y <= y1))
+            lo = np.searchsorted(x_sorted, x0, side="left")
+            hi = np.searchsorted(x_sorted, x1, side="right")
+            near = order[lo:hi]
+            near = near[(y[near] >= y0) & (y[near] <= y1)]
             shapely.prepare(geoms[r])
             index[near[shapely.intersects_xy(geoms[r], x[near], y[near])]] = r
         return RegionSet(names, _one_hot(index, len(names)))
@@ -142,8 +148,18 @@ def assign(
 def from_attribute(values: Sequence[object] | np.ndarray) -> RegionSet:
     """One region per distinct value of a glacier attribute (e.g. a basin column), sorted by name;
     empty / missing values (None, NaN, '', 'nan', 'None') belong to none."""
-    text = np.asarray(values, dtype=object).astype(str)
-    names, index = np.unique(text, return_inverse=True)  # sorted
+    import pandas as pd
+
+    values = np.asarray(values, dtype=object).reshape(-1)
+    if len(values) and pd.api.types.infer_dtype(values, skipna=False) == "string":
+        # all text: the distinct values by hashing (equal as str iff equal), then sorted
+        codes, distinct = pd.factorize(values)
+        names, index = np.unique(
+            np.array([str(v) for v in distinct], dtype=str), return_inverse=True
+        )
+        index = index[codes]
+    else:
+        names, index = np.unique(values.astype(str), return_inverse=True)  # sorted
     keep = ~np.isin(names, MISSING_TEXT)
     position = np.cumsum(keep) - 1  # each distinct value's row, missing ones excluded
     rows = np.where(keep[index], position[index], -1)

@@ -80,6 +80,11 @@ class Units:
         bounds = np.searchsorted(unit, np.arange(self.n_units + 1))
         return [atom[lo:hi] for lo, hi in itertools.pairwise(bounds)]
 
+    def count(self) -> np.ndarray:
+        """(U,) int64: each unit's glaciers."""
+        per_atom = np.bincount(self.atom_of, minlength=len(self.patterns))
+        return np.einsum("a,au->u", per_atom, self.patterns.astype(np.int64))
+
     def totals(self, per_atom: np.ndarray) -> np.ndarray:
         """(U, W) sums over each unit's atoms of per-atom rows (A, W), W >= 2, added one atom
         after another in atom order from 0.0 (as the product with the patterns adds them; a

@@ -393,3 +393,130 @@ def test_key_facts_are_read_again_only_when_their_arrays_change(
         path.write_bytes(b"x" * info.st_size)
         os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
     assert list(load_stats(store).scene_ids) == scenes
+
+
+def test_plain_read_equals_zarr(tmp_path: Path) -> None:
+    """_read_plain reads zarr's own bytes: one chunk (mapped read-only), several chunks with
+    padded edge chunks, 1-D, 0-d, uint8, '.' chunk keys; a compressed array, a missing chunk
+    (fill value) and a chunk file of another size are read by zarr, with the same values."""
+    import zarr
+
+    rng = np.random.default_rng(0)
+    cases = {
+        "one": (rng.normal(size=(9, 50)), {"chunks": (9, 50)}),
+        "edges": (rng.normal(size=(5, 23)), {"chunks": (2, 7)}),
+        "line": (rng.integers(0, 255, 17).astype(np.uint8), {"chunks": (5,)}),
+        "scalar": (np.array(3.5), {}),
+        "ints": (rng.integers(-9, 9, (4, 6)), {"chunks": (4, 6)}),
+        "compressed": (rng.normal(size=(3, 8)), {"chunks": (3, 4), "compressors": "auto"}),
+        "dotted": (
+            rng.normal(size=(4, 5)),
+            {"chunks": (2, 5), "chunk_key_encoding": {"name": "default", "separator": "."}},
+        ),
+    }
+    for name, (values, options) in cases.items():
+        kwargs = {"compressors": None, **options}
+        if kwargs["compressors"] == "auto":
+            del kwargs["compressors"]
+        array = zarr.create_array(
+            str(tmp_path / name), shape=values.shape, dtype=values.dtype, **kwargs
+        )
+        array[...] = values
+        got = aggregate_module._read_plain(tmp_path / name, axis=-1 if values.ndim else 0)
+        np.testing.assert_array_equal(got, values)
+        assert got.dtype == values.dtype and got.shape == values.shape
+    one = aggregate_module._read_plain(tmp_path / "one", axis=1)
+    assert not one.flags.writeable  # mapped from the file
+    # a chunk of zeros is not stored by zarr: its fill value, read by zarr
+    holes = zarr.create_array(
+        str(tmp_path / "holes"),
+        shape=(6,),
+        chunks=(3,),
+        dtype="f8",
+        compressors=None,
+        fill_value=-1.0,
+    )
+    holes[:3] = [1.0, 2.0, 3.0]
+    np.testing.assert_array_equal(
+        aggregate_module._read_plain(tmp_path / "holes"), [1, 2, 3, -1, -1, -1]
+    )
+    short = tmp_path / "one" / "c" / "0" / "0"
+    short.write_bytes(short.read_bytes()[:-8])  # not a chunk of this array: zarr's error
+    with pytest.raises(ValueError, match="cannot reshape"):
+        aggregate_module._read_plain(tmp_path / "one", axis=1)
+
+
+def test_region_polygon_arrays_as_the_geodataframe_reader(tmp_path: Path) -> None:
+    """read_polygon_arrays gives the names and shapes of read_polygons (+ from_polygons' name
+    text): read as plain arrays in the grid CRS; reprojected, repaired, with a missing name
+    or numeric names through read_polygons; empty shapes dropped either way."""
+    from mbcube.regions import name_column_of, read_polygon_arrays, read_polygons
+
+    crs = "EPSG:32643"
+    bowtie = shapely.Polygon([(0, 0), (2000, 2000), (2000, 0), (0, 2000)])
+    square, other = shapely.box(1000, -1000, 3000, 3000), shapely.box(0, 0, 10, 10)
+    frames = {
+        "plain": ({"name": ["a", "b, c", "d"]}, [square, shapely.Polygon(), other], crs),
+        "first_column": ({"zone": [7, 8]}, [square, other], crs),
+        "reprojected": ({"name": ["a", "b"]}, [square, other], "EPSG:4326"),
+        "invalid": ({"name": ["a", "b"]}, [bowtie, other], crs),
+        "missing_name": ({"name": ["a", None]}, [square, other], crs),
+    }
+    for label, (columns, shapes, file_crs) in frames.items():
+        path = tmp_path / f"{label}.gpkg"
+        frame = gpd.GeoDataFrame(columns, geometry=shapes, crs=crs)
+        frame.to_crs(file_crs).to_file(path)
+        names, geoms = read_polygon_arrays(path, crs, name_column=None)
+        polygons = read_polygons(path, crs, name_column=None)
+        column = name_column_of(polygons)
+        assert names == [str(n) for n in polygons[column]], label
+        assert len(geoms) == len(polygons)
+        assert all(
+            shapely.equals_exact(a, b) for a, b in zip(geoms, polygons.geometry, strict=True)
+        )
+        assert all(shapely.is_valid(geoms)), label
+    assert read_polygon_arrays(tmp_path / "plain.gpkg", crs)[0] == ["a", "d"]  # 'b, c' empty
+    assert read_polygon_arrays(tmp_path / "missing_name.gpkg", crs)[0] == ["a", "nan"]
+    with pytest.raises(Exception, match="no column 'region'"):
+        read_polygon_arrays(tmp_path / "plain.gpkg", crs, name_column="region")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["Indus", "Tarim", "", "nan", "None", "a", "é", "a b", None, 1, "1", 1.0]),
+        max_size=30,
+    )
+)
+def test_attribute_regions_as_sorted_distinct_text(values: list[object]) -> None:
+    """from_attribute: one region per distinct text of the values (str(v)), sorted, missing
+    ones in none; the hashing path (all text) and the other give the same as np.unique."""
+    from mbcube.regions import MISSING_TEXT, from_attribute
+
+    got = from_attribute(np.array(values, dtype=object))
+    text = [str(v) for v in values]
+    names = sorted(set(text) - set(MISSING_TEXT))
+    assert got.names == names
+    want = np.array([[t == n for t in text] for n in names], dtype=bool)
+    want = want.reshape(len(names), len(text))
+    np.testing.assert_array_equal(got.membership, want)
+
+
+def test_region_csv_bytes_as_pandas(tmp_path: Path) -> None:
+    """_write_csv writes pandas' to_csv bytes: floats (NaN, inf, -0.0, tiny and huge), ints,
+    text with commas, quotes and newlines; other columns are left to pandas."""
+    rng = np.random.default_rng(1)
+    floats = rng.normal(size=40) * 10.0 ** rng.integers(-30, 30, 40)
+    floats[:6] = [np.nan, np.inf, -np.inf, -0.0, 1e16, 1e-5]
+    table = pd.DataFrame(
+        {
+            "name": [f'r{i}, "q"\n' if i % 7 == 0 else f"r{i}" for i in range(40)],
+            "n": rng.integers(-5, 10**12, 40),
+            "x": floats,
+            "y": np.full(40, np.nan),
+        }
+    )
+    for frame in (table, table.assign(flag=rng.random(40) < 0.5)):
+        aggregate_module._write_csv(frame, tmp_path / "got.csv")
+        frame.to_csv(tmp_path / "want.csv", index=False)
+        assert (tmp_path / "got.csv").read_bytes() == (tmp_path / "want.csv").read_bytes()

@@ -130,3 +130,78 @@ def test_more_than_64_units_and_empty_sets() -> None:
     np.testing.assert_allclose(Units.of(member).sum(values), member @ values, atol=1e-12)
     assert Units.of(np.zeros((0, 5), bool)).sum(np.ones(5)).shape == (0,)
     np.testing.assert_array_equal(Units.of(np.zeros((3, 0), bool)).sum(np.ones((2, 0))), 0.0)
+
+
+def _sequential(per_atom: np.ndarray, patterns: np.ndarray) -> np.ndarray:
+    """Each unit's atoms' rows added one after another, in atom order, from 0.0 (Python floats:
+    the order is the spec)."""
+    out = np.zeros((patterns.shape[1], per_atom.shape[1]))
+    for u in range(patterns.shape[1]):
+        for w in range(per_atom.shape[1]):
+            acc = 0.0
+            for a in range(per_atom.shape[0]):
+                if patterns[a, u]:
+                    acc = acc + float(per_atom[a, w])
+            out[u, w] = acc
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n_glaciers=st.integers(1, 60),
+    n_units=st.integers(1, 12),
+    width=st.integers(2, 9),
+)
+def test_unit_totals_add_the_atoms_in_order_bitwise(
+    seed: int, n_glaciers: int, n_units: int, width: int
+) -> None:
+    """Units.totals adds exactly the unit's atoms, in atom order (the same floats as a loop),
+    magnitudes from 1e-6 to 1e9 so that the order shows; a unit of no atom is 0."""
+    rng = np.random.default_rng(seed)
+    membership = rng.random((n_units, n_glaciers)) < 0.4
+    units = Units.of(membership)
+    n_atoms = len(units.patterns)
+    per_atom = rng.normal(size=(n_atoms, width)) * 10.0 ** rng.integers(-6, 10, (n_atoms, width))
+    got = units.totals(per_atom)
+    want = _sequential(per_atom, units.patterns)
+    assert got.tobytes() == want.tobytes()
+    np.testing.assert_array_equal(got[~membership.any(axis=1)], 0.0)
+    np.testing.assert_array_equal(units.count(), membership.sum(axis=1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), n_units=st.integers(1, 8), min_px=st.integers(1, 30))
+def test_cell_sums_in_blocks_equal_one_bincount_per_field_bitwise(
+    seed: int, n_units: int, min_px: int
+) -> None:
+    """Blocks of cells (np.add.at, CELL_BLOCK = 7 here) give the bytes of one bincount over all
+    cells per field with zeros for the cells not measured enough, then the atoms' rows summed
+    in order: the summation order does not depend on the blocks."""
+    import mbcube.unit_sums as unit_sums
+
+    glacier, cell, values = _cells(seed, 30, 9)
+    membership = np.random.default_rng(seed + 2).random((n_units, 30)) < 0.5
+    units = Units.of(membership)
+    n_atoms, size = len(units.patterns), len(units.patterns) * 9
+    valid = values["count"] >= min_px
+    share = np.divide(values["area_m2"], values["weight"], out=np.zeros(len(cell)), where=valid)
+    fields = (
+        np.where(valid, values["count"], 0.0),
+        np.where(valid, values["area_m2"], 0.0),
+        share * values["rate_sum"],
+        share * values["dh_sum"],
+        values["area_m2"],
+        values["n_px"],
+        np.where(valid, values["measured_bin_px"], 0.0),
+    )
+    key = units.atom_of[glacier] * 9 + cell
+    per_atom = np.stack([np.bincount(key, f, minlength=size).reshape(n_atoms, 9) for f in fields])
+    want = units.totals(per_atom.transpose(1, 0, 2).reshape(n_atoms, -1)).reshape(-1, 7, 9)
+    saved = unit_sums.CELL_BLOCK
+    unit_sums.CELL_BLOCK = 7
+    try:
+        got = units.cell_sums(glacier, cell, values, 9, min_px)
+    finally:
+        unit_sums.CELL_BLOCK = saved
+    assert np.ascontiguousarray(got).tobytes() == want.tobytes()
