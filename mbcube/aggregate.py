@@ -26,9 +26,10 @@ min_measured_frac_per_bin), the results also by every mass-balance parameter and
 static inputs. The statistics are
 kept per non-empty (glacier, bin, surface) cell (`CellStats`: a glacier covers a few of the
 study's bins), chunked along cells, so the cache is small and read in bounded memory; it is three
-uncompressed arrays, and the facts its keys are read from (scenes ingested and binned, the
-stored reference bound) are kept with it and read again only when their arrays' files change
-(FACT_ARRAYS). Then:
+uncompressed zarr arrays, read straight from their chunk files (`_read_plain`: a one-chunk array
+is its file mapped read-only; zarr reads any other layout), and the facts its keys are read from
+(scenes ingested and binned, the stored reference bound) are kept with it and read again only
+when their arrays' files change (FACT_ARRAYS). Then:
 
 - a new region file (`aggregate --regions`) with the cache current and the glacier tables in the
   output folder current (their record `.mbcube-tables.json` matches the cache): only the region
