@@ -448,8 +448,10 @@ def test_plain_read_equals_zarr(tmp_path: Path) -> None:
 
 def test_region_polygon_arrays_as_the_geodataframe_reader(tmp_path: Path) -> None:
     """read_polygon_arrays gives the names and shapes of read_polygons (+ from_polygons' name
-    text): read as plain arrays in the grid CRS; reprojected, repaired, with a missing name
-    or numeric names through read_polygons; empty shapes dropped either way."""
+    text): a GeoPackage of one polygon table in the grid CRS read by sqlite3, other files by
+    pyogrio's raw reader; reprojected, repaired, with a missing name, a first column of flags,
+    3-D shapes or two layers through GDAL / read_polygons; empty shapes dropped either way."""
+    import mbcube.regions as regions_module
     from mbcube.regions import name_column_of, read_polygon_arrays, read_polygons
 
     crs = "EPSG:32643"
@@ -461,11 +463,17 @@ def test_region_polygon_arrays_as_the_geodataframe_reader(tmp_path: Path) -> Non
         "reprojected": ({"name": ["a", "b"]}, [square, other], "EPSG:4326"),
         "invalid": ({"name": ["a", "b"]}, [bowtie, other], crs),
         "missing_name": ({"name": ["a", None]}, [square, other], crs),
+        "flags": ({"flag": [True, False], "name": ["a", "b"]}, [square, other], crs),
+        "measured": ({"name": ["a", "b"]}, [shapely.force_3d(square, 5.0), other], crs),
+        "two_layers": ({"name": ["a", "b"]}, [square, other], crs),
+        "shapefile": ({"name": ["a", "b"]}, [square, other], crs),
     }
     for label, (columns, shapes, file_crs) in frames.items():
-        path = tmp_path / f"{label}.gpkg"
+        path = tmp_path / (f"{label}.shp" if label == "shapefile" else f"{label}.gpkg")
         frame = gpd.GeoDataFrame(columns, geometry=shapes, crs=crs)
         frame.to_crs(file_crs).to_file(path)
+        if label == "two_layers":  # GDAL's first layer: the GeoPackage reader leaves it to GDAL
+            frame.iloc[::-1].to_file(path, layer="again")
         names, geoms = read_polygon_arrays(path, crs, name_column=None)
         polygons = read_polygons(path, crs, name_column=None)
         column = name_column_of(polygons)
@@ -475,6 +483,9 @@ def test_region_polygon_arrays_as_the_geodataframe_reader(tmp_path: Path) -> Non
             shapely.equals_exact(a, b) for a, b in zip(geoms, polygons.geometry, strict=True)
         )
         assert all(shapely.is_valid(geoms)), label
+        assert shapely.has_z(geoms).any() == (label == "measured"), label
+        by_sqlite = label not in ("measured", "two_layers", "shapefile")
+        assert (regions_module._read_geopackage(path) is not None) == by_sqlite, label
     assert read_polygon_arrays(tmp_path / "plain.gpkg", crs)[0] == ["a", "d"]  # 'b, c' empty
     assert read_polygon_arrays(tmp_path / "missing_name.gpkg", crs)[0] == ["a", "nan"]
     with pytest.raises(Exception, match="no column 'region'"):
