@@ -41,13 +41,23 @@ def atoms(membership: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     width = max(8, -(-packed.shape[1] // 8) * 8)  # whole uint64 words: <= 64 units sort as ints
     words = np.zeros((packed.shape[0], width), dtype=np.uint8)
     words[:, : packed.shape[1]] = packed
-    code: np.ndarray = (
-        words.view(np.uint64)[:, 0]
-        if width == 8
-        else words.view(np.dtype((np.void, width))).ravel()
-    )
-    _, first, atom_of = np.unique(code, return_index=True, return_inverse=True)
-    return member.T[first], atom_of.ravel()
+    # atoms ordered by code: <= 64 units as one native uint64; more as their bytes (memcmp),
+    # i.e. big-endian words compared in turn (np.lexsort: 4x np.unique on 16-byte voids)
+    if width == 8:
+        keys = [words.view(np.uint64)[:, 0]]
+        order = np.argsort(keys[0], kind="stable")
+    else:
+        big = words.view(">u8")
+        keys = [big[:, i] for i in range(big.shape[1])]
+        order = np.lexsort(keys[::-1])  # stable; the last key is the primary one
+    new = np.zeros(len(order), dtype=bool)  # first glacier of each atom, in sorted order
+    new[:1] = True
+    for key in keys:
+        found = key[order]
+        new[1:] |= found[1:] != found[:-1]
+    atom_of = np.empty(len(order), dtype=np.int64)
+    atom_of[order] = np.cumsum(new) - 1
+    return member.T[order[new]], atom_of
 
 
 #: Cells per block in `Units.cell_sums`: the per-block arrays (64 KiB) stay in the allocator's

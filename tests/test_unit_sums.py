@@ -205,3 +205,24 @@ def test_cell_sums_in_blocks_equal_one_bincount_per_field_bitwise(
     finally:
         unit_sums.CELL_BLOCK = saved
     assert np.ascontiguousarray(got).tobytes() == want.tobytes()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n_units=st.integers(0, 150), n_glaciers=st.integers(0, 80))
+def test_atoms_in_code_order_with_their_first_glacier(
+    seed: int, n_units: int, n_glaciers: int
+) -> None:
+    """Atoms come in the order of their packed unit bits (<= 64 units: as a little-endian
+    integer; more: byte by byte), once each, and each glacier's atom holds its units: the
+    order the unit sums add them in."""
+    rng = np.random.default_rng(seed)
+    member = rng.random((n_units, n_glaciers)) < rng.random()
+    member[:, n_glaciers // 2 :] = member[:, : n_glaciers - n_glaciers // 2]
+    patterns, atom_of = atoms(member)
+    np.testing.assert_array_equal(patterns[atom_of], member.T)
+    packed = [bytes(np.packbits(p)) for p in patterns]
+    if n_units <= 64:
+        codes = [int.from_bytes(b, "little") for b in packed]
+    else:
+        codes = [int.from_bytes(b, "big") for b in packed]
+    assert codes == sorted(codes) and len(set(codes)) == len(codes)
