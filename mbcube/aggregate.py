@@ -1312,10 +1312,8 @@ def _polygon_set(data: StoredStats, source: Path) -> RegionSet:
 
 
 def _joined(data: StoredStats, sets: list[RegionSet]) -> RegionSet:
-    out = RegionSet([], np.zeros((0, len(data.glacier)), dtype=bool))
-    for s in sets:
-        out = out + s
-    return out
+    """The sets' regions in one set (`RegionSet.__add__`'s names; one copy of the rows)."""
+    return RegionSet.join(sets, len(data.glacier))
 
 
 def _outlines(data: StoredStats) -> Any:
@@ -1366,10 +1364,15 @@ def region_table(
         if glaciers is None
         else {k: glaciers[k].to_numpy(dtype=float) for k in ("dh_m", "dhdt_m_yr", "mb_mwe_yr")}
     )
-    regions = regions.with_all()
     keep = surge_free(data.surge)
-    membership = np.vstack([regions.membership, regions.membership & keep[None, :]])
-    labels = ["all"] * len(regions.names) + ["no_surge"] * len(regions.names)
+    # 'all' and the regions, then the same without surge-type glaciers: one (2 (R + 1), G) array
+    n_sets = len(regions.names) + 1
+    membership = np.empty((2 * n_sets, regions.membership.shape[1]), dtype=bool)
+    membership[0] = True
+    membership[1:n_sets] = regions.membership
+    np.logical_and(membership[:n_sets], keep[None, :], out=membership[n_sets:])
+    regions = RegionSet(["all", *regions.names], membership[:n_sets])
+    labels = ["all"] * n_sets + ["no_surge"] * n_sets
     names = regions.names * 2
     units = Units.of(membership)
     stats = sum_cells(data.cells, units, data.config.min_px_per_bin)

@@ -70,13 +70,29 @@ class RegionSet:
 
     def __add__(self, other: RegionSet) -> RegionSet:
         """Both sets' regions (names kept unique: a repeated name gets a ' (2)' suffix)."""
-        names = list(self.names)
-        for n in other.names:
-            new, k = n, 2
-            while new in names:
-                new, k = f"{n} ({k})", k + 1
-            names.append(new)
+        names = _add_names(list(self.names), other.names)
         return RegionSet(names, np.vstack([self.membership, other.membership]))
+
+    @staticmethod
+    def join(sets: Sequence[RegionSet], n_glaciers: int) -> RegionSet:
+        """The regions of all `sets` in order, named as an empty set + each set in turn would
+        name them, their rows stacked once."""
+        names: list[str] = []
+        for found in sets:
+            names = _add_names(names, found.names)
+        rows = [s.membership for s in sets]
+        membership = np.vstack(rows) if rows else np.zeros((0, n_glaciers), dtype=bool)
+        return RegionSet(names, membership)
+
+
+def _add_names(names: list[str], new_names: Sequence[str]) -> list[str]:
+    """`names` followed by `new_names`, each made unique against those before it (' (2)')."""
+    for n in new_names:
+        new, k = n, 2
+        while new in names:
+            new, k = f"{n} ({k})", k + 1
+        names.append(new)
+    return names
 
 
 def _one_hot(index: np.ndarray, n_regions: int) -> np.ndarray:
