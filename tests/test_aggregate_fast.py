@@ -531,3 +531,22 @@ def test_region_csv_bytes_as_pandas(tmp_path: Path) -> None:
         aggregate_module._write_csv(frame, tmp_path / "got.csv")
         frame.to_csv(tmp_path / "want.csv", index=False)
         assert (tmp_path / "got.csv").read_bytes() == (tmp_path / "want.csv").read_bytes()
+
+
+def test_region_sets_joined_as_added_one_by_one() -> None:
+    """RegionSet.join names and stacks the sets as an empty set plus each in turn (repeated
+    names, also within one set, get ' (2)', ' (3)'); no set gives no region of G glaciers."""
+    from mbcube.regions import RegionSet
+
+    rng = np.random.default_rng(4)
+    sets = [
+        RegionSet(names, rng.random((len(names), 6)) < 0.5)
+        for names in (["a", "b", "a"], ["b", "c"], [], ["a (2)", "a"])
+    ]
+    chained = RegionSet([], np.zeros((0, 6), dtype=bool))
+    for s in sets:
+        chained = chained + s
+    joined = RegionSet.join(sets, 6)
+    assert joined.names == chained.names == ["a", "b", "a (2)", "b (2)", "c", "a (2) (2)", "a (3)"]
+    np.testing.assert_array_equal(joined.membership, chained.membership)
+    assert RegionSet.join([], 6).membership.shape == (0, 6)
