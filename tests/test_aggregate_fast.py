@@ -515,7 +515,8 @@ def test_attribute_regions_as_sorted_distinct_text(values: list[object]) -> None
 
 def test_region_csv_bytes_as_pandas(tmp_path: Path) -> None:
     """_write_csv writes pandas' to_csv bytes: floats (NaN, inf, -0.0, tiny and huge), ints,
-    text with commas, quotes and newlines; other columns are left to pandas."""
+    text with commas, quotes and newlines; other columns are left to pandas. _write_parquet:
+    pandas' column types, the same frame read back."""
     rng = np.random.default_rng(1)
     floats = rng.normal(size=40) * 10.0 ** rng.integers(-30, 30, 40)
     floats[:6] = [np.nan, np.inf, -np.inf, -0.0, 1e16, 1e-5]
@@ -531,6 +532,16 @@ def test_region_csv_bytes_as_pandas(tmp_path: Path) -> None:
         aggregate_module._write_csv(frame, tmp_path / "got.csv")
         frame.to_csv(tmp_path / "want.csv", index=False)
         assert (tmp_path / "got.csv").read_bytes() == (tmp_path / "want.csv").read_bytes()
+    # Parquet: pandas' column types (text as large_string) and the same frame read back
+    import pyarrow.parquet as pq
+
+    aggregate_module._write_parquet(table, tmp_path / "got.parquet")
+    table.to_parquet(tmp_path / "want.parquet", index=False)
+    got, want = pq.read_table(tmp_path / "got.parquet"), pq.read_table(tmp_path / "want.parquet")
+    assert got.schema.remove_metadata() == want.schema.remove_metadata()
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "got.parquet"), pd.read_parquet(tmp_path / "want.parquet")
+    )
 
 
 def test_region_sets_joined_as_added_one_by_one() -> None:
