@@ -108,10 +108,13 @@ class CorrectionsConfig(_Strict):
     penetration_constant_m: float = Field(0.0, description="Used when penetration='constant'.")
     penetration_region_pooling: Literal["empirical_bayes", "none"] = Field(
         "empirical_bayes",
-        description="'empirical_bayes': each sub-region's table is drawn toward the table of "
-        "all regions pooled, as far as its difference from it is what the few glaciers it was "
-        "measured on explain (penetration.pool_regions; regions that really differ keep their "
-        "own); 'none': each region its own table, as Lin et al. (2017).",
+        description="'empirical_bayes': a glacier without enough X band of its own "
+        "(penetration_glacier_min_x_share, penetration_min_px_per_bin) takes its sub-region's "
+        "table drawn toward the table of all regions pooled, as far as the region's difference "
+        "from it is what the few glaciers it was measured on explain (penetration.pool_regions; "
+        "regions that really differ keep their own); glaciers with X band keep their region's "
+        "table, of which they are part. 'none': every glacier its region's table, as Lin et al. "
+        "(2017).",
     )
     penetration_min_px_per_bin: int = Field(
         100,

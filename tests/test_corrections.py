@@ -199,7 +199,9 @@ def _oracle_thresholds(v: np.ndarray, mean: float, std: float, k: float) -> tupl
     ts = np.unique(np.concatenate([[0.0], np.abs(edges - med), [2 * outliers.Z_MAX]]))
     ts = ts[ts <= 2 * outliers.Z_MAX]
     g = mass(ts)
-    j = int(np.argmax(g >= half))
+    # the mass at a breakpoint carries float rounding: where it reaches n / 2 exactly (a plateau
+    # at half, e.g. an even group), the smallest t is that breakpoint, not the plateau's end
+    j = int(np.argmax(g >= half - 1e-9 * v.size))
     mad = (
         ts[0] if j == 0 else ts[j - 1] + (ts[j] - ts[j - 1]) * (half - g[j - 1]) / (g[j] - g[j - 1])
     )

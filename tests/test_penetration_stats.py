@@ -17,7 +17,7 @@ from hypothesis import strategies as stn
 from mbcube.cluster import quiet
 from mbcube.config import CorrectionsConfig
 from mbcube.corrections import penetration, penetration_table, read_table
-from mbcube.corrections.bins import bin_index, n_bins
+from mbcube.corrections.bins import ELEV_MIN_M, bin_index, n_bins
 from mbcube.ingest import ingest
 from mbcube.store import open_cube
 
@@ -264,18 +264,16 @@ def test_regions_that_differ_only_by_their_few_glaciers_share_the_pooled_table()
     rng = np.random.default_rng(5)
     moments, table, truth = _regional_moments(rng, [1.0, 1.0, 1.0, 1.0], 4, 0.15)
     kappa = np.array([0.15, 0.15])
-    pooled, how = penetration.pool_regions(table, moments, kappa)
+    how = penetration.pool_regions(table, moments, kappa)
     for r in range(1, 5):
         rho, sd = _pooling_oracle(moments, table, 0.15, r)
         np.testing.assert_allclose(how.factor[r, 0], rho, rtol=1e-12)
         np.testing.assert_allclose(how.factor_sigma[r, 0], sd, rtol=1e-12)
     assert how.weight[0, 0] == 1.0 and np.all(how.weight[1:, 0] < 0.5), how.weight
     own_err = np.sqrt(np.mean((table.penetration_m[1:, 0] - truth) ** 2))
-    pooled_err = np.sqrt(np.mean((pooled.penetration_m[1:, 0] - truth) ** 2))
+    pooled_err = np.sqrt(np.mean((how.penetration_m[1:, 0] - truth) ** 2))
     assert pooled_err < 0.75 * own_err, (pooled_err, own_err)
-    # kept: the pooled table itself, the sigmas and counts
-    np.testing.assert_array_equal(pooled.penetration_m[0], table.penetration_m[0])
-    np.testing.assert_array_equal(pooled.sigma_m, table.sigma_m)
+    np.testing.assert_array_equal(how.penetration_m[0], table.penetration_m[0])
 
 
 def test_regions_that_really_differ_keep_their_own_tables() -> None:
@@ -284,10 +282,10 @@ def test_regions_that_really_differ_keep_their_own_tables() -> None:
     the between-region spread is of the size of the factors' spread."""
     rng = np.random.default_rng(6)
     moments, table, truth = _regional_moments(rng, [0.6, 1.0, 1.4, 1.8], 12, 0.15)
-    pooled, how = penetration.pool_regions(table, moments, np.array([0.15, 0.15]))
+    how = penetration.pool_regions(table, moments, np.array([0.15, 0.15]))
     assert np.all(how.weight[1:, 0] > 0.95), how.weight
     assert 0.25 < how.between_sigma[0] < 0.7, how.between_sigma
-    np.testing.assert_allclose(pooled.penetration_m[1:, 0], table.penetration_m[1:, 0], rtol=0.02)
+    np.testing.assert_allclose(how.penetration_m[1:, 0], table.penetration_m[1:, 0], rtol=0.02)
     # and the own tables follow their region's law (ends of the 3-bin window excepted)
     np.testing.assert_allclose(table.penetration_m[1:, 0, 1:-1], truth[:, 1:-1], rtol=0.1)
 
@@ -295,8 +293,8 @@ def test_regions_that_really_differ_keep_their_own_tables() -> None:
 def test_a_single_region_keeps_its_table() -> None:
     rng = np.random.default_rng(7)
     moments, table, _ = _regional_moments(rng, [1.0], 3, 0.15)
-    pooled, how = penetration.pool_regions(table, moments, np.array([0.15, 0.15]))
-    np.testing.assert_array_equal(pooled.penetration_m, table.penetration_m)
+    how = penetration.pool_regions(table, moments, np.array([0.15, 0.15]))
+    np.testing.assert_array_equal(how.penetration_m, table.penetration_m)
     assert np.all(how.weight == 1.0)
 
 
@@ -344,10 +342,43 @@ def test_penetration_std_is_stored_and_bounded(table_store: Path, tiny_dem_study
     assert np.all(np.diff(var) <= 0) and tab.attrs["xc_noise_measured"] == 1
     # the pixel-scale variance is the spread of X - C (near 1.25 m^2)
     assert 0.8 < var[0] < 2.0
-    # the table itself is untouched by the statistics ('xband' applies no glacier offsets)
-    assert read_table(table_store).glacier_offset_m is None
-    assert tab.attrs["glacier_adjustment_applied"] == 0
-    assert np.all(tab.glacier_penetration_offset_m.values == 0)
+    # 'xband' refines no glacier by its own X band (weights 0): its offsets are the pooling's
+    assert np.all(tab.glacier_penetration_weight.values == 0)
+
+
+def test_glaciers_without_own_xband_move_to_the_pooled_table(table_store: Path) -> None:
+    """With region pooling (the default), a glacier surface without enough X band of its own
+    (share < 0.5 or < 100 pixels) is moved by the mean over its pixels with a C-band reference
+    of (penetration_pooled_m - penetration_m) at their region, surface and bin (pixel loop
+    oracle on the cube); one with its own X band keeps its region's table (offset 0)."""
+    ds = open_cube(table_store).load()
+    tab = xr.open_zarr(str(table_store), group="penetration").load()
+    config = CorrectionsConfig()
+    assert tab.attrs["glacier_adjustment_applied"] == 1
+    offsets = read_table(table_store).glacier_offset_m
+    assert offsets is not None
+    np.testing.assert_array_equal(offsets[1:], tab.glacier_penetration_offset_m.values)
+    delta = (tab.penetration_pooled_m - tab.penetration_m).values.astype(np.float64)
+    first = round((float(tab.bin[0]) - ELEV_MIN_M) / WIDTH)
+    regions = list(tab.region.values)
+    ref, gid = ds.ref_dem_m.values, ds.glacier_id.values
+    surface, region = ds.surface.values, ds.region_id.values
+    checked = {True: 0, False: 0}
+    for g in np.unique(gid[gid > 0]):
+        for s in (1, 2):
+            at = (gid == g) & (surface == s) & np.isfinite(ref)
+            if not at.any():
+                continue
+            own = (tab.glacier_penetration_n_x_px.sel(glacier=g, surface=s) >= 100) & (
+                tab.glacier_penetration_x_share.sel(glacier=g, surface=s)
+                >= config.penetration_glacier_min_x_share
+            )
+            k = np.clip(bin_index(ref[at], WIDTH) - first, 0, delta.shape[2] - 1)
+            r = np.array([regions.index(v) if v in regions else 0 for v in region[at]])
+            expect = 0.0 if bool(own) else float(np.mean(delta[r, s - 1, k]))
+            np.testing.assert_allclose(offsets[g, s - 1], expect, atol=1e-5)
+            checked[bool(own)] += 1
+    assert checked[True] > 0 and checked[False] > 0, checked
 
 
 def test_table_without_xband_has_no_statistics(table_store: Path, tmp_path: Path) -> None:

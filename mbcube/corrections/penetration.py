@@ -9,7 +9,6 @@ fill regions without X-band data), 1..R the study's regions; surface 1 clean ice
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -459,15 +458,14 @@ def between_glacier_spread(
 class RegionPooling:
     """How far each region's table was drawn toward the pooled table (`pool_regions`)."""
 
+    penetration_m: np.ndarray  #: (region index 0..R, surface, bin): the drawn tables
     weight: np.ndarray  #: (region index 0..R, surface): share of its own deviation kept, [0, 1]
     factor: np.ndarray  #: (region index, surface): rho, its table over the pooled (NaN: none own)
     factor_sigma: np.ndarray  #: (region index, surface): sd of rho from its glaciers' spread
     between_sigma: np.ndarray  #: (surface,): omega, the spread of rho between regions
 
 
-def pool_regions(
-    table: Table, moments: GlacierMoments, kappa: np.ndarray
-) -> tuple[Table, RegionPooling]:
+def pool_regions(table: Table, moments: GlacierMoments, kappa: np.ndarray) -> RegionPooling:
     """Each region's table drawn toward the pooled table by an empirical-Bayes weight.
 
     A region's table is measured on its few glaciers with X band, whose penetration differs
@@ -480,7 +478,8 @@ def pool_regions(
     w_r = omega^2 / (omega^2 + s_r^2): the region keeps T_0 + w_r (T_r - T_0). Regions that
     differ by more than their glaciers explain keep their own table (w -> 1); where the
     regions differ by no more than that, they share the pooled table, measured on all
-    glaciers (w -> 0). Sigmas, counts and filled flags are left as they are."""
+    glaciers (w -> 0). The drawn tables are for glaciers without X band of their own
+    (`pooled_offsets`): a glacier with X band is part of its region's table."""
     glacier, region, s_idx, b = moments.cells()
     n_x = moments.values[0]
     kt = _table_bin(table, b)
@@ -512,8 +511,28 @@ def pool_regions(
             var = factor_sigma[r, s] ** 2
             weight[r, s] = between[s] ** 2 / (between[s] ** 2 + var) if var > 0 else 1.0
     pooled = pen[:1] + weight[:, :, None] * (pen - pen[:1])
-    pooling = RegionPooling(weight, factor, factor_sigma, between)
-    return dataclasses.replace(table, penetration_m=pooled), pooling
+    return RegionPooling(pooled, weight, factor, factor_sigma, between)
+
+
+def pooled_offsets(
+    moments: GlacierMoments, table: Table, pooled_m: np.ndarray, n_glaciers: int
+) -> np.ndarray:
+    """(glacier index 0..G, surface) the constant that moves a glacier from `table` to the
+    tables `pooled_m` (`RegionPooling.penetration_m`) on average over its pixels with a C-band
+    reference (m): sum n_ref (pooled - table) /
+    sum n_ref over its cells (0 for index 0 and glaciers without pixels). Added to `table`, it
+    gives the glacier the mean of `pooled_m` over its hypsometry, hence the same balance."""
+    glacier, region, s_idx, b = moments.cells()
+    n_ref = moments.values[3]
+    kt = _table_bin(table, b)
+    delta = pooled_m[region, s_idx, kt] - table.penetration_m[region, s_idx, kt]
+    shape = (n_glaciers + 1, 2)
+    flat = glacier * 2 + s_idx
+    total = np.bincount(flat, weights=n_ref * delta, minlength=shape[0] * 2).reshape(shape)
+    count = np.bincount(flat, weights=n_ref, minlength=shape[0] * 2).reshape(shape)
+    out = np.divide(total, count, out=np.zeros(shape), where=count > 0)
+    out[0] = 0.0
+    return out
 
 
 @dataclass(frozen=True)

@@ -1360,6 +1360,15 @@ def table_dataset(
         )
     if pooling is not None:
         pair = ("region", "surface")
+        data["penetration_pooled_m"] = (
+            dims,
+            pooling.penetration_m.astype(np.float32),
+            {
+                "long_name": "penetration_m drawn toward the pooled table (region 0) by the "
+                "weight penetration_region_weight: for glaciers without their own X band",
+                "units": "m",
+            },
+        )
         data["penetration_region_weight"] = (
             pair,
             pooling.weight,
@@ -1435,7 +1444,11 @@ def table_dataset(
             {"long_name": "glacier_id of the cube"},
         )
         described = {
-            "offset_m": ("penetration added to the table on the glacier (weight x raw)", "m"),
+            "offset_m": (
+                "penetration added to the table on the glacier: weight x raw, or on a glacier "
+                "without its own X band the move to the pooled table (penetration_pooled_m)",
+                "m",
+            ),
             "raw_m": ("mean of X - C - datum offset - table over its X-band pixels", "m"),
             "weight": ("empirical-Bayes weight k of raw (0: table alone)", "1"),
             "x_share": ("share of its C-band pixels with X band", "1"),
@@ -1584,11 +1597,6 @@ def penetration_table(
                 spread = penetration.between_glacier_spread(
                     moments, table, float(offset), noise, res
                 )
-                pooling = None
-                if config.penetration_region_pooling == "empirical_bayes":
-                    table, pooling = penetration.pool_regions(table, moments, spread.kappa[0])
-                    std_m = spread.kappa[:, :, None] * np.abs(table.penetration_m)
-                    spread = dataclasses.replace(spread, std_m=std_m)
                 n_glaciers = int(ds.sizes["glacier"]) if "glacier" in ds.dims else 0
                 n_glaciers = max(n_glaciers, int(moments.cells()[0].max(initial=0)))
                 adjust = penetration.glacier_adjustment(
@@ -1602,13 +1610,30 @@ def penetration_table(
                     config.penetration_glacier_min_x_share,
                     config.penetration_min_px_per_bin,
                 )
-                if config.penetration == "xband_glacier":
-                    table = dataclasses.replace(table, glacier_offset_m=adjust.offset_m)
-                else:  # stored for inspection, not applied: its error is the table's
+                applied: np.ndarray | None = adjust.offset_m
+                if config.penetration != "xband_glacier":
+                    # stored for inspection, not applied: its error is the table's
                     zero = np.zeros_like(adjust.offset_m)
                     adjust = dataclasses.replace(
                         adjust, offset_m=zero, weight=zero, sigma_m=adjust.sigma_table_m
                     )
+                    applied = None
+                pooling = None
+                if config.penetration_region_pooling == "empirical_bayes":
+                    # glaciers without X band of their own take their region's table drawn
+                    # toward the pooled one; those with it stay part of their region's table
+                    pooling = penetration.pool_regions(table, moments, spread.kappa[0])
+                    own = (adjust.n_x_px >= config.penetration_min_px_per_bin) & (
+                        adjust.x_share >= config.penetration_glacier_min_x_share
+                    )
+                    moved = penetration.pooled_offsets(
+                        moments, table, pooling.penetration_m, n_glaciers
+                    )
+                    moved = np.where(own, 0.0, moved)
+                    applied = moved if applied is None else applied + moved
+                    adjust = dataclasses.replace(adjust, offset_m=adjust.offset_m + moved)
+                if applied is not None:
+                    table = dataclasses.replace(table, glacier_offset_m=applied)
                 extras = {
                     "reference_sigma_m": float(nmad),
                     "spread": spread,
