@@ -240,116 +240,17 @@ def read_polygon_arrays(
     import pyogrio.raw
 
     if Path(path).exists():
-        raw = _read_geopackage(Path(path))
-        if raw is None:
-            try:
-                meta, _, wkb, fields = pyogrio.raw.read(path)[:4]
-                raw = (meta, wkb, fields)
-            except Exception:  # unreadable here: read_polygons raises or reads it its own way
-                raw = None
-        if raw is not None:
-            found = _plain_polygons(*raw, crs, name_column)
+        try:
+            meta, _, wkb, fields = pyogrio.raw.read(path)[:4]
+        except Exception:  # unreadable here: read_polygons raises or reads it its own way
+            meta = None
+        if meta is not None:
+            found = _plain_polygons(meta, wkb, fields, crs, name_column)
             if found is not None:
                 return found
     polygons = read_polygons(path, crs, name_column)
     column = name_column or name_column_of(polygons)
     return [str(n) for n in polygons[column]], np.asarray(polygons.geometry.values)
-
-
-#: Bytes of the envelope of a GeoPackage geometry by its envelope code (flags bits 1-3).
-_GPKG_ENVELOPE = {0: 0, 1: 32, 2: 48, 3: 48, 4: 64}
-#: Declared SQLite types of a GeoPackage column read as whole numbers (GDAL: OFTInteger(64)).
-_GPKG_INTEGER = ("INTEGER", "INT", "MEDIUMINT", "SMALLINT", "TINYINT")
-
-
-def _read_geopackage(
-    path: Path,
-) -> tuple[dict[str, object], np.ndarray, list[np.ndarray]] | None:
-    """pyogrio.raw.read's (meta with crs and fields, WKB per row, columns) of a GeoPackage of
-    ONE table, of 2-D polygons in an EPSG CRS, read with sqlite3 (GDAL's opening of a
-    GeoPackage costs ~6x the read of a small file); None for any other file (GDAL reads it).
-    Rows in table order, columns as GDAL lists them (the table's own, without its integer key
-    and geometry); text columns as str (None when missing), whole-number columns as int64,
-    others as they are (so `_plain_polygons` sends them to `read_polygons`)."""
-    import sqlite3
-    from urllib.parse import quote
-
-    if path.suffix.lower() != ".gpkg":
-        return None
-
-    def name(text: str) -> str:
-        return '"' + text.replace('"', '""') + '"'
-
-    try:
-        con = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True)
-    except sqlite3.Error:
-        return None
-    try:
-        contents = con.execute("SELECT table_name, data_type FROM gpkg_contents").fetchall()
-        if len(contents) != 1 or contents[0][1] != "features":
-            return None
-        table = str(contents[0][0])
-        geometry = con.execute(
-            "SELECT column_name, srs_id, z, m FROM gpkg_geometry_columns WHERE table_name = ?",
-            (table,),
-        ).fetchall()
-        if len(geometry) != 1 or geometry[0][2] != 0 or geometry[0][3] != 0:
-            return None
-        geometry_column, srs_id = str(geometry[0][0]), geometry[0][1]
-        srs = con.execute(
-            "SELECT organization, organization_coordsys_id FROM gpkg_spatial_ref_sys "
-            "WHERE srs_id = ?",
-            (srs_id,),
-        ).fetchall()
-        if len(srs) != 1 or str(srs[0][0]).upper() != "EPSG":
-            return None
-        info = con.execute(f"PRAGMA table_info({name(table)})").fetchall()
-        keys = [c for c in info if c[5]]
-        if len(keys) != 1 or str(keys[0][2]).upper() != "INTEGER":
-            return None
-        columns = [c for c in info if not c[5] and c[1] != geometry_column]
-        rows = con.execute(
-            f"SELECT {', '.join(name(c) for c in [geometry_column, *(c[1] for c in columns)])} "
-            f"FROM {name(table)}"
-        ).fetchall()
-    except sqlite3.Error:
-        return None
-    finally:
-        con.close()
-    wkb = np.empty(len(rows), dtype=object)
-    for i, row in enumerate(rows):
-        wkb[i] = None if row[0] is None else _gpkg_wkb(row[0])
-        if row[0] is not None and wkb[i] is None:
-            return None
-    fields: list[np.ndarray] = []
-    for j, column in enumerate(columns, start=1):
-        values = [row[j] for row in rows]
-        declared = str(column[2]).upper()
-        if declared in _GPKG_INTEGER and all(type(v) is int for v in values):
-            fields.append(np.array(values, dtype=np.int64))
-        elif declared.startswith("TEXT") and all(v is None or type(v) is str for v in values):
-            fields.append(np.array(values, dtype=object))
-        else:  # another type: not a name column `_plain_polygons` takes
-            fields.append(np.array(values, dtype=object))
-    meta: dict[str, object] = {
-        "crs": f"EPSG:{srs[0][1]}",
-        "fields": np.array([c[1] for c in columns], dtype=object),
-    }
-    return meta, wkb, fields
-
-
-def _gpkg_wkb(blob: bytes) -> bytes | None:
-    """The WKB of a standard GeoPackage geometry blob of a 2-D (multi)polygon; None else."""
-    if len(blob) < 8 or blob[:2] != b"GP" or blob[2] != 0 or blob[3] & 0b100000:
-        return None
-    envelope = _GPKG_ENVELOPE.get((blob[3] >> 1) & 0b111)
-    if envelope is None or len(blob) < 8 + envelope + 5:
-        return None
-    wkb = blob[8 + envelope :]
-    if wkb[0] not in (0, 1):
-        return None
-    kind = int.from_bytes(wkb[1:5], "little" if wkb[0] == 1 else "big")
-    return wkb if kind in (3, 6) else None
 
 
 def _plain_polygons(

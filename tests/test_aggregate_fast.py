@@ -449,10 +449,9 @@ def test_plain_read_equals_zarr(tmp_path: Path) -> None:
 
 def test_region_polygon_arrays_as_the_geodataframe_reader(tmp_path: Path) -> None:
     """read_polygon_arrays gives the names and shapes of read_polygons (+ from_polygons' name
-    text): a GeoPackage of one polygon table in the grid CRS read by sqlite3, other files by
-    pyogrio's raw reader; reprojected, repaired, with a missing name, a first column of flags,
+    text): files in the grid CRS read by pyogrio's raw reader; reprojected, repaired, with a
+    missing name, a first column of flags,
     3-D shapes or two layers through GDAL / read_polygons; empty shapes dropped either way."""
-    import mbcube.regions as regions_module
     from mbcube.regions import name_column_of, read_polygon_arrays, read_polygons
 
     crs = "EPSG:32643"
@@ -473,7 +472,7 @@ def test_region_polygon_arrays_as_the_geodataframe_reader(tmp_path: Path) -> Non
         path = tmp_path / (f"{label}.shp" if label == "shapefile" else f"{label}.gpkg")
         frame = gpd.GeoDataFrame(columns, geometry=shapes, crs=crs)
         frame.to_crs(file_crs).to_file(path)
-        if label == "two_layers":  # GDAL's first layer: the GeoPackage reader leaves it to GDAL
+        if label == "two_layers":  # GDAL's first layer
             frame.iloc[::-1].to_file(path, layer="again")
         several = label == "two_layers"  # GDAL says which layer it reads
         with pytest.warns(UserWarning, match="More than one layer") if several else nullcontext():
@@ -488,8 +487,6 @@ def test_region_polygon_arrays_as_the_geodataframe_reader(tmp_path: Path) -> Non
         )
         assert all(shapely.is_valid(geoms)), label
         assert shapely.has_z(geoms).any() == (label == "measured"), label
-        by_sqlite = label not in ("measured", "two_layers", "shapefile")
-        assert (regions_module._read_geopackage(path) is not None) == by_sqlite, label
     assert read_polygon_arrays(tmp_path / "plain.gpkg", crs)[0] == ["a", "d"]  # 'b, c' empty
     assert read_polygon_arrays(tmp_path / "missing_name.gpkg", crs)[0] == ["a", "nan"]
     with pytest.raises(Exception, match="no column 'region'"):
