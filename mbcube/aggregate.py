@@ -53,8 +53,9 @@ with the stored block statistic (stats: stable_block_*, `white_correlated_split`
 the reference DEM's error is the `penetration` group's scalar reference_sigma_m when stored
 (MassBalanceConfig.reference_sigma_m, when set, wins); the between-glacier penetration spread
 is its penetration_std_m (region x surface x bin, area-weighted per glacier) when stored. When
-the group's attribute glacier_adjustment_applied is 1 (corrections.penetration
-'xband_glacier'), a glacier with a surface of weight k > 0 (glacier_penetration_weight) is
+the group's attribute glacier_adjustment_applied is 1 (per-glacier offsets applied:
+corrections.penetration 'xband_glacier', or the region pooling's moves of glaciers without X
+band, which have k = 0), a glacier with a surface of weight k > 0 (glacier_penetration_weight) is
 "adjusted": its reference and spread errors are replaced by glacier_penetration_sigma_m
 area-weighted over its surfaces (in sigma_penetration_mwe_yr; `mbcube.uncertainty`), and the
 table error of each cell is scaled by (1 - k) of its glacier and surface; a region sums its
