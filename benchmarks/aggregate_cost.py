@@ -331,7 +331,6 @@ def stage_costs(store: Path, out: Path, files: list[Path]) -> dict[str, float]:
     from mbcube.aggregate import (
         _joined,
         _polygon_set,
-        _write_csv,
         _write_members,
         _write_parquet,
         region_sets_attributes,
@@ -357,7 +356,7 @@ def stage_costs(store: Path, out: Path, files: list[Path]) -> dict[str, float]:
         marks.append(time.perf_counter())
         table = region_table(data, _joined(data, sets))
         marks.append(time.perf_counter())
-        _write_csv(table, out / "regions.csv")
+        table.to_csv(out / "regions.csv", index=False)
         marks.append(time.perf_counter())
         _write_parquet(table, out / "regions.parquet")
         marks.append(time.perf_counter())

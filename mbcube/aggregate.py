@@ -65,7 +65,6 @@ adjusted glaciers' errors as independent beyond autocorrelation_penetration_m
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import functools
 import hashlib
@@ -1476,7 +1475,7 @@ def aggregate(
     given = _polygon_set(data, Path(regions)) if regions is not None else None
     sets = region_sets(data) if given is None else [given, *region_sets_attributes(data)]
     table = region_table(data, _joined(data, sets))
-    _write_csv(table, out / "regions.csv")
+    table.to_csv(out / "regions.csv", index=False)
     _write_parquet(table, out / "regions.parquet")
     members = out / "region_members.csv"
     if given is not None:
@@ -1491,29 +1490,6 @@ def region_sets_attributes(data: StoredStats) -> list[RegionSet]:
     return [
         from_attribute(data.attributes[a]) for a in ATTRIBUTE_REGION_SETS if a in data.attributes
     ]
-
-
-def _write_csv(table: pd.DataFrame, path: Path) -> None:
-    """`table.to_csv(path, index=False)`, byte for byte, for columns of floats, integers and
-    text (others: by pandas): floats as repr (numpy's text of a float64, which pandas writes)
-    and NaN as '', through the csv module as pandas does; ~4x faster for a small table."""
-    columns: list[list[Any]] = []
-    for name in table.columns:
-        values = table[name].to_numpy()
-        kind = values.dtype.kind
-        if kind == "f" and values.dtype.itemsize == 8:
-            columns.append([repr(v) if v == v else "" for v in values.tolist()])
-        elif kind in "iu":
-            columns.append([str(v) for v in values.tolist()])
-        elif kind in "OUT" and all(type(v) is str for v in values.tolist()):
-            columns.append(values.tolist())
-        else:
-            table.to_csv(path, index=False)
-            return
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow([str(c) for c in table.columns])
-        writer.writerows(zip(*columns, strict=True))
 
 
 def _write_parquet(table: pd.DataFrame, path: Path) -> None:
