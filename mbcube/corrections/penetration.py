@@ -517,11 +517,11 @@ def pool_regions(table: Table, moments: GlacierMoments, kappa: np.ndarray) -> Re
 def pooled_offsets(
     moments: GlacierMoments, table: Table, pooled_m: np.ndarray, n_glaciers: int
 ) -> np.ndarray:
-    """(glacier index 0..G, surface) the constant that moves a glacier from `table` to the
+    """(glacier index 0..G, surface) the constant (m) that moves a glacier from `table` to the
     tables `pooled_m` (`RegionPooling.penetration_m`) on average over its pixels with a C-band
-    reference (m): sum n_ref (pooled - table) /
-    sum n_ref over its cells (0 for index 0 and glaciers without pixels). Added to `table`, it
-    gives the glacier the mean of `pooled_m` over its hypsometry, hence the same balance."""
+    reference: sum n_ref (pooled - table) / sum n_ref over its cells (0 for index 0 and
+    glaciers without pixels). Added to `table`, it gives the glacier the mean of `pooled_m`
+    over those pixels, hence (nearly) the balance the drawn table would give."""
     glacier, region, s_idx, b = moments.cells()
     n_ref = moments.values[3]
     kt = _table_bin(table, b)
