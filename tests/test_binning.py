@@ -527,6 +527,16 @@ def test_bin_cube_matches_pandas_and_truth(dem_cube, dem_study, tmp_path):
         assert float(s["stable_block_nmad_dh_m"]) == pytest.approx(nmad(means), abs=0.05)
 
 
+def _void_layers(cube: xr.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(glacier_id, surface as int64, ref_dem_m, ref_dem_x_m as float64) of a cube, in memory."""
+    return (
+        cube["glacier_id"].values.astype(np.int64),
+        cube["surface"].values.astype(np.int64),
+        cube["ref_dem_m"].values.astype(np.float64),
+        cube["ref_dem_x_m"].values.astype(np.float64),
+    )
+
+
 def _expected_n_px(
     hyps: xr.Dataset, gid: np.ndarray, surf: np.ndarray, z: np.ndarray, keep: np.ndarray
 ) -> np.ndarray:
@@ -580,10 +590,7 @@ def test_voids_binned_by_srtm_x_take_their_bins_rate(dem_cube, dem_study, tmp_pa
     cube = open_cube(store)
     hyps = xr.open_zarr(store, group="hypsometry").load()
     assert hyps.attrs["void_elevation"] == "ref_dem_x_m"
-    gid = cube["glacier_id"].values.astype(np.int64)
-    surf = cube["surface"].values.astype(np.int64)
-    ref = cube["ref_dem_m"].values.astype(np.float64)
-    ref_x = cube["ref_dem_x_m"].values.astype(np.float64)
+    gid, surf, ref, ref_x = _void_layers(cube)
     on = (gid > 0) & (surf > 0)
     z = np.where(np.isfinite(ref), ref, ref_x)
     binned_x = on & ~np.isfinite(ref) & np.isfinite(ref_x)
@@ -634,10 +641,7 @@ def test_voids_void_in_both_references_are_binned_by_interpolation(dem_cube, dem
     hyps = xr.open_zarr(store, group="hypsometry").load()
     fill_px = round(MassBalanceConfig().void_fill_distance_m / float(cube["x"][1] - cube["x"][0]))
     assert hyps.attrs["void_elevation"] == f"ref_dem_x_m, then interpolated within {fill_px} px"
-    gid = cube["glacier_id"].values.astype(np.int64)
-    surf = cube["surface"].values.astype(np.int64)
-    ref = cube["ref_dem_m"].values.astype(np.float64)
-    ref_x = cube["ref_dem_x_m"].values.astype(np.float64)
+    gid, surf, ref, ref_x = _void_layers(cube)
     on = (gid > 0) & (surf > 0)
     known = np.where(np.isfinite(ref), ref, ref_x)
     both = on & ~np.isfinite(known)

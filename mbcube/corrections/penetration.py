@@ -543,6 +543,7 @@ class GlacierAdjustment:
     offset_m: np.ndarray  #: weight x raw_m: added to the table's penetration on the glacier
     raw_m: np.ndarray  #: mean of (X - C - datum offset - table value) over its X-band pixels
     weight: np.ndarray  #: the empirical-Bayes weight k in [0, 1] (0: not covered well enough)
+    own_x: np.ndarray  #: bool: covered well enough for an offset of its own (min_px, min_share)
     x_share: np.ndarray  #: share of its pixels with a C-band reference that have X band
     n_x_px: np.ndarray  #: its pixels with both references
     noise_sigma_m: np.ndarray  #: sqrt(v): noise of raw_m (X and C errors over its X pixels)
@@ -631,6 +632,7 @@ def glacier_adjustment(
         offset_m=np.where(zero_row, 0.0, k * raw),
         raw_m=np.where(zero_row, 0.0, raw),
         weight=np.where(zero_row, 0.0, k),
+        own_x=use & ~zero_row,
         x_share=share,
         n_x_px=nx_g.astype(np.int64),
         noise_sigma_m=np.sqrt(v),

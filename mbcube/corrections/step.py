@@ -1623,13 +1623,10 @@ def penetration_table(
                     # glaciers without X band of their own take their region's table drawn
                     # toward the pooled one; those with it stay part of their region's table
                     pooling = penetration.pool_regions(table, moments, spread.kappa[0])
-                    own = (adjust.n_x_px >= config.penetration_min_px_per_bin) & (
-                        adjust.x_share >= config.penetration_glacier_min_x_share
-                    )
                     moved = penetration.pooled_offsets(
                         moments, table, pooling.penetration_m, n_glaciers
                     )
-                    moved = np.where(own, 0.0, moved)
+                    moved = np.where(adjust.own_x, 0.0, moved)
                     applied = moved if applied is None else applied + moved
                     adjust = dataclasses.replace(adjust, offset_m=adjust.offset_m + moved)
                 if applied is not None:
