@@ -264,6 +264,31 @@ class FilesConfig(_Strict):
     regions: Path | None = None
 
 
+class ChecksConfig(_Strict):
+    """Limits of the up-front validation of a study's inputs. They are not step parameters:
+    changing them recomputes nothing, it only lets other inputs through."""
+
+    min_scene_span_days: int = Field(
+        365,
+        ge=1,
+        description="A scene must be dated at least this many days after the reference date: "
+        "dh/dt over a shorter span is dominated by seasonal change and noise (and a scene on "
+        "the reference date has no span at all).",
+    )
+    h_amb_min_m: float = Field(
+        2.0,
+        gt=0,
+        description="Smallest height of ambiguity accepted (m). Bistatic X band with the "
+        "largest baselines flown gives ~4-5 m; below that the value is a unit or sign error.",
+    )
+    h_amb_max_m: float = Field(
+        2000.0,
+        gt=0,
+        description="Largest height of ambiguity accepted (m): beyond it a cycle is so tall "
+        "that the phase carries no usable height change.",
+    )
+
+
 class StudyConfig(_Strict):
     """Everything study.yaml may hold."""
 
@@ -280,6 +305,7 @@ class StudyConfig(_Strict):
     unwrap: UnwrapConfig = UnwrapConfig()
     corrections: CorrectionsConfig = CorrectionsConfig()
     massbalance: MassBalanceConfig = MassBalanceConfig()
+    checks: ChecksConfig = ChecksConfig()
 
 
 #: Parameters the static layers or scene coordinates are made from: changing them needs a new cube.
