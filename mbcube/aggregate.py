@@ -74,7 +74,7 @@ import logging
 import mmap
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -85,7 +85,8 @@ import xarray as xr
 import zarr
 
 from mbcube.config import MassBalanceConfig, StudyConfig
-from mbcube.errors import MbcubeWarning, StoreError
+from mbcube.errors import MbcubeWarning, StoreDamaged, StoreError, StoreLocked
+from mbcube.fingerprints import fingerprint, same_input
 from mbcube.massbalance import (
     GlacierStats,
     combine_scenes,
@@ -102,7 +103,19 @@ from mbcube.regions import (
     read_polygons,
     surge_free,
 )
-from mbcube.store import SCHEMA_VERSION, grid_of, open_cube, read_state, write_dataset
+from mbcube.store import (
+    SCHEMA_VERSION,
+    damaged_outputs,
+    grid_of,
+    holds_lock,
+    list_outputs,
+    open_cube,
+    read_state,
+    step_record,
+    step_records,
+    write_dataset,
+    writer_lock,
+)
 from mbcube.surge import effective_surge, surge_candidates
 from mbcube.uncertainty import (
     adjusted_units,
@@ -434,19 +447,18 @@ def _has_group(store: Path, group: str) -> bool:
 
 
 def _recorded_file(state: dict[str, Any], role: str, unchanged: bool = False) -> Path | None:
-    """The input file recorded at ingest for `role`, if it still exists (and, with unchanged,
-    still has its recorded size and mtime)."""
-    inputs = state.get("static", {})
-    record = inputs.get("inputs", {}).get(role) if isinstance(inputs, dict) else None
-    if not isinstance(record, dict):
+    """The static input file of `role` recorded at ingest, in the study folder where the last
+    ingest found it, if it is still there (and, with unchanged, still has the recorded content:
+    its size and mtime as recorded, else its digest; `mbcube.fingerprints`)."""
+    recorded = state.get("static_files", {}).get(role)
+    root = state.get("study", {}).get("root")
+    if not isinstance(recorded, dict) or not root:
         return None
-    path = Path(str(record.get("path", "")))
+    path = Path(root) / str(recorded.get("path", ""))
     if not path.is_file():
         return None
-    if unchanged:
-        stat = path.stat()
-        if (stat.st_size, stat.st_mtime_ns) != (record.get("size"), record.get("mtime_ns")):
-            return None
+    if unchanged and not same_input(fingerprint(path, Path(root), recorded), recorded):
+        return None
     return path
 
 
@@ -466,12 +478,13 @@ class _Keys:
 
 
 #: The arrays the cache keys are read from (besides the state): the scene ids and ingest
-#: flags, the binned scenes and flags, the stored reference bound.
+#: flags, the binned scenes and flags, the bin step's records, the stored reference bound.
 FACT_ARRAYS = (
     "scene",
     "scene_state",
     "stats/scene",
     "stats/binned",
+    "records/bin",
     "penetration/reference_sigma_m",
 )
 
@@ -492,8 +505,8 @@ def _fingerprint(store: Path) -> str:
 def _facts(store: Path, known: dict[str, Any]) -> dict[str, Any]:
     """The scenes ingested completely and binned, and the stored reference bound (m): from
     `known` (the cache's record) when the arrays' fingerprint is unchanged, else read."""
-    fingerprint = _fingerprint(store)
-    if known.get("fingerprint") == fingerprint:
+    stamp = _fingerprint(store)
+    if known.get("fingerprint") == stamp and "tokens" in known:
         return known
     # arrays opened by path: opening a group through zarr parses all its members' metadata
     ids = _text(_read(store / "scene")) if _is_array(store / "scene") else np.zeros(0, object)
@@ -503,9 +516,12 @@ def _facts(store: Path, known: dict[str, Any]) -> dict[str, Any]:
     flags = store / "stats" / "binned"
     binned = _read(flags) if _is_array(flags) else np.ones(len(binned_ids))
     have = {s for s, b in zip(binned_ids, binned, strict=True) if b == 1}
+    scenes = [str(s) for s, ok in zip(ids, done, strict=True) if ok and str(s) in have]
+    records = step_records(store, "bin")
     return {
-        "fingerprint": fingerprint,
-        "scenes": [str(s) for s, ok in zip(ids, done, strict=True) if ok and str(s) in have],
+        "fingerprint": stamp,
+        "scenes": scenes,
+        "tokens": [records.get(s, {}).get("token") for s in scenes],
         "reference_sigma_m": _stored_reference_sigma(store),
     }
 
@@ -516,8 +532,7 @@ def _keys(
     """The cache keys; `known`: the facts recorded with the cache ({} when none)."""
     facts = _facts(store, known)
     scenes = list(facts["scenes"])
-    records = state.get("steps", {}).get("bin", {})
-    tokens = [records.get(s, {}).get("token") for s in scenes]
+    tokens = list(facts["tokens"])
     if not scenes or any(t is None for t in tokens):
         return _Keys(scenes, None, None, facts)
     combination = {
@@ -533,11 +548,11 @@ def _keys(
         "stats": stats_key,
         "massbalance": config.model_dump(mode="json"),
         "study": state.get("study", {}).get("config"),
-        "static": state.get("static", {}).get("inputs"),
+        "static": state.get("static_inputs"),
         "reference_sigma_m": facts["reference_sigma_m"],
         # the penetration table's record (its token changes whenever it is recomputed, e.g.
         # with its spread or reference bound): the results read its sigma and spread
-        "penetration": _record_of(state, *PENETRATION_RECORD).get("token"),
+        "penetration": step_record(store, *PENETRATION_RECORD).get("token"),
     }
     return _Keys(scenes, stats_key, _digest(results), facts)
 
@@ -545,12 +560,6 @@ def _keys(
 #: (step, id) of the penetration table's record (mbcube.corrections.step.STEP, TABLE_ID; not
 #: imported: aggregate's fast path does not load the corrections).
 PENETRATION_RECORD = ("correct", "_penetration_table")
-
-
-def _record_of(state: dict[str, Any], step: str, item: str) -> dict[str, Any]:
-    """The store state's record of `item` in `step` ({} when none)."""
-    found = state.get("steps", {}).get(step, {}).get(item, {})
-    return found if isinstance(found, dict) else {}
 
 
 def _is_array(path: Path) -> bool:
@@ -596,8 +605,9 @@ _PLAIN_TYPES = frozenset(
 
 def _plain_layout(meta: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...], str] | None:
     """(shape, chunk shape, chunk key separator) of a zarr v3 array stored plain: regular
-    chunks, default chunk keys, the `bytes` codec alone (little-endian), no storage
-    transformer, a fixed-size numeric type; None for any other array."""
+    chunks, default chunk keys, the `bytes` codec (little-endian) followed by the `crc32c`
+    checksum (how mbcube writes uncompressed arrays), no storage transformer, a fixed-size
+    numeric type; None for any other array."""
     try:
         grid, keys = meta["chunk_grid"], meta["chunk_key_encoding"]
         codecs = meta["codecs"]
@@ -612,8 +622,7 @@ def _plain_layout(meta: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...
             and keys.get("name") == "default"
             and separator in ("/", ".")
             and not meta.get("storage_transformers")
-            and len(codecs) == 1
-            and codecs[0].get("name") == "bytes"
+            and [c.get("name") for c in codecs] == ["bytes", "crc32c"]
             and codecs[0].get("configuration", {}).get("endian", "little") == "little"
             and len(chunks) == len(shape)
             and all(c > 0 for c in chunks)
@@ -626,10 +635,11 @@ def _plain_layout(meta: dict[str, Any]) -> tuple[tuple[int, ...], tuple[int, ...
 def _read_plain(path: Path, axis: int = 0) -> np.ndarray:
     """A whole zarr array read straight from its chunk files when it is stored plain
     (`_plain_layout`: how `_write_cache` writes the cache) and every chunk is there: the
-    bytes are the array's, C order, edge chunks padded to the chunk shape (zarr v3). An array of
-    one chunk is that file mapped read-only (`_mapped`: no copy, no fresh memory); several
-    chunks are copied into one array. Any other array, or a chunk missing (zarr's fill value) or
-    of another size, is read by zarr (`_read_by_chunk`, one chunk along `axis` at a time).
+    bytes are the array's, C order, edge chunks padded to the chunk shape (zarr v3), each
+    followed by its CRC-32C, which is checked. An array of one chunk is that file mapped
+    read-only (`_mapped`: no copy, no fresh memory); several chunks are copied into one array.
+    Any other array, or a chunk missing (zarr's fill value) or of another size, is read by zarr
+    (`_read_by_chunk`, one chunk along `axis` at a time).
 
     The fast path reads ~15 MB of cache for 10,000 glaciers: zarr's read costs ~3x np.fromfile,
     and the fresh pages of a copy cost more than the copy on a virtual machine."""
@@ -662,20 +672,25 @@ def _read_plain(path: Path, axis: int = 0) -> np.ndarray:
 
 
 def _mapped(path: Path, dtype: np.dtype, nbytes: int) -> np.ndarray | None:
-    """The file's bytes as a read-only 1-D array of `dtype` mapped from the file (None when the
-    file is missing or not `nbytes` long). Safe against the cache being rewritten while mapped:
-    zarr replaces or deletes chunk files (`_write_cache` rewrites the whole group), it never
-    truncates a file in place, and a mapping keeps the old file's pages."""
+    """The file's first `nbytes` as a read-only 1-D array of `dtype` mapped from the file, once
+    its CRC-32C (the file's last 4 bytes) is checked (None when the file is missing or not
+    `nbytes` + 4 long; StoreDamaged when the checksum differs). Safe against the cache being
+    rewritten while mapped: zarr replaces or deletes chunk files (`_write_cache` rewrites the
+    whole group), it never truncates a file in place, and a mapping keeps the old file's
+    pages."""
+    import google_crc32c  # zarr's own CRC-32C implementation (a dependency of zarr)
+
     try:
         with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size != nbytes:
+            if os.fstat(f.fileno()).st_size != nbytes + 4:
                 return None
-            if nbytes == 0:
-                return np.zeros(0, dtype=dtype)
-            found = mmap.mmap(f.fileno(), nbytes, access=mmap.ACCESS_READ)
+            found = mmap.mmap(f.fileno(), nbytes + 4, access=mmap.ACCESS_READ)
     except OSError:
         return None
-    return np.frombuffer(found, dtype=dtype)
+    data = memoryview(found)[:nbytes]
+    if google_crc32c.value(data) != int.from_bytes(found[nbytes:], "little"):
+        raise StoreDamaged(f"{path}: the chunk does not match its checksum (damaged on disk)")
+    return np.frombuffer(data, dtype=dtype)
 
 
 def _group_attrs(path: Path) -> dict[str, Any]:
@@ -715,13 +730,42 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
     cells, cached = _read_cache(store, state, study, config, keys, cache_attrs)
     if cached is not None:
         if keys.facts is not known:  # read again, same keys: keep them for the next call
-            _remember_facts(store, keys.facts)
+            _with_lock(store, lambda: _remember_facts(store, keys.facts))
         return cached
+    if cells is None:
+        _check_stats(store, keys.scenes)
     data = _from_statistics(store, state, study, config, keys, cells)
     data = replace(data, results=data.glacier_results())
     if keys.stats_key is not None:
-        _write_cache(store, data, keys)
+        _with_lock(store, lambda: _write_cache(store, data, keys))
     return data
+
+
+def _with_lock(store: Path, write: Callable[[], None]) -> None:
+    """Run `write` (a cache write into the store) under the store's writer lock, or skip it
+    when another process writes the store (the results are the same, only not cached)."""
+    if holds_lock(store):
+        write()
+        return
+    try:
+        with writer_lock(store):
+            write()
+    except (StoreLocked, OSError) as err:  # another writer, or a read-only store
+        log.info("%s: the statistics are not cached (%s)", store, err)
+
+
+def _check_stats(store: Path, scenes: list[str]) -> None:
+    """Refuse statistics that lost files since the bin step wrote them (a deleted chunk would
+    read as zeros: silently other numbers)."""
+    records = step_records(store, "bin")
+    for scene_id in scenes:
+        damaged = damaged_outputs(store, records.get(scene_id, {}).get("outputs", {}))
+        if damaged:
+            raise StoreDamaged(
+                f"{store}: the statistics of scene {scene_id} lost {len(damaged)} file(s) "
+                f"since they were written ({damaged[0]}, ...). Repair: `mbcube bin {store} "
+                f"--scene {scene_id} --force` (or `mbcube verify {store} --repair`, then run)."
+            )
 
 
 def _from_statistics(
@@ -831,9 +875,9 @@ def _from_statistics(
         reference_date=study.reference_date,
         crs=grid.crs,
         ingest_regions=ingest_regions,
-        regions_recorded="regions" in state.get("static", {}).get("inputs", {}),
+        regions_recorded="regions" in state.get("static_inputs", {}),
         outlines=_recorded_file(state, "glaciers", unchanged=True),
-        outlines_recorded="glaciers" in state.get("static", {}).get("inputs", {}),
+        outlines_recorded="glaciers" in state.get("static_inputs", {}),
         id_column=study.glacier_id_column,
         config=config,
         results_key=keys.results_key,
@@ -1042,9 +1086,6 @@ def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
             "text": ("byte", text_bytes),
         },
         attrs={
-            "key": keys.stats_key,
-            "results_key": keys.results_key,
-            "facts": keys.facts,
             "n_surfaces": c.n_surfaces,
             "bin_lower_m": data.bin_lower_m.tolist(),
             "scene_ids": [str(i) for i in data.scene_ids],
@@ -1073,18 +1114,23 @@ def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
         "glacier_values": {"chunks": (glacier_values.shape[0], n_glaciers)} | raw,
         "text": {"chunks": (max(1, len(text_bytes)),)} | raw,
     }
-    try:
-        write_dataset(cache, store, group=CACHE_GROUP, mode="w", encoding=encoding)
-    except OSError as err:  # a read-only store: aggregate without the cache
-        log.info("could not cache the combined statistics in %s: %s", store, err)
+    # the keys last, with the manifest of what was written: a cache killed half-written, or
+    # that lost a file since, has no valid key and is made again from the statistics
+    write_dataset(cache, store, group=CACHE_GROUP, mode="w", encoding=encoding)
+    arrays = [f"{CACHE_GROUP}/{name}" for name in cache.data_vars]
+    zarr.open_group(str(store / CACHE_GROUP), mode="r+").attrs.update(
+        {
+            "key": keys.stats_key,
+            "results_key": keys.results_key,
+            "facts": keys.facts,
+            "outputs": list_outputs(store, arrays),
+        }
+    )
 
 
 def _remember_facts(store: Path, facts: dict[str, Any]) -> None:
     """Store re-read key facts with the current cache (its group's attributes)."""
-    try:
-        zarr.open_group(str(store / CACHE_GROUP), mode="r+").attrs["facts"] = facts
-    except OSError as err:  # a read-only store: the facts are read again next time
-        log.info("could not record the key facts in %s: %s", store, err)
+    zarr.open_group(str(store / CACHE_GROUP), mode="r+").attrs["facts"] = facts
 
 
 def _read_cache(
@@ -1101,8 +1147,16 @@ def _read_cache(
     if keys.stats_key is None or attrs.get("key") != keys.stats_key:
         return None, None
     group = store / CACHE_GROUP
-    per_cell = _read_plain(group / "cells", axis=1)
-    per_glacier_table = _read_plain(group / "glacier_values", axis=1)
+    damaged = damaged_outputs(store, attrs.get("outputs", {}))
+    try:
+        if damaged:
+            raise StoreDamaged(f"{', '.join(damaged)} lost or changed size")
+        per_cell = _read_plain(group / "cells", axis=1)
+        per_glacier_table = _read_plain(group / "glacier_values", axis=1)
+        text_bytes = _read_plain(group / "text").tobytes()
+    except (StoreDamaged, ValueError) as err:  # ValueError: zarr's own checksum failure
+        log.warning("%s: the cached statistics are damaged (%s): made again", store, err)
+        return None, None
     columns = list(attrs["glacier_columns"])
     n_scenes = len(attrs["scene_ids"])
     per_glacier = dict(zip(columns, per_glacier_table[: len(columns)], strict=True))
@@ -1122,7 +1176,7 @@ def _read_cache(
     )
     if attrs.get("results_key") != keys.results_key:
         return cells, None
-    text = json.loads(_read_plain(group / "text").tobytes())
+    text = json.loads(text_bytes)
     per_scene = {k: np.asarray(v, dtype=float) for k, v in text["scene_values"].items()}
     grid = grid_of(state)
     data = StoredStats(
@@ -1149,9 +1203,9 @@ def _read_cache(
         reference_date=study.reference_date,
         crs=grid.crs,
         ingest_regions=_recorded_file(state, "regions"),
-        regions_recorded="regions" in state.get("static", {}).get("inputs", {}),
+        regions_recorded="regions" in state.get("static_inputs", {}),
         outlines=_recorded_file(state, "glaciers", unchanged=True),
-        outlines_recorded="glaciers" in state.get("static", {}).get("inputs", {}),
+        outlines_recorded="glaciers" in state.get("static_inputs", {}),
         id_column=study.glacier_id_column,
         config=config,
         results={k: per_glacier[f"result_{k}"] for k in RESULT_COLUMNS},
@@ -1466,9 +1520,18 @@ def aggregate(
     `regions`: polygons (column `name`) to aggregate into instead of the study's regions (then
     also out/region_members.csv). `config`: mass-balance parameters (default: those recorded in
     the store). The glacier tables are rewritten only when the statistics, parameters or
-    static inputs changed since they were written (see TABLES_RECORD)."""
+    static inputs changed since they were written (see TABLES_RECORD). Holds the store's
+    writer lock (the statistics are read whole and the cache written); refuses to write
+    tables without a single glacier result from binned scenes (StoreDamaged)."""
+    with writer_lock(store):
+        return _aggregate(Path(store), Path(out), regions, config)
+
+
+def _aggregate(
+    store: Path, out: Path, regions: Path | None, config: MassBalanceConfig | None
+) -> tuple[Path, Path]:
     data = load_stats(store, config)
-    out = Path(out)
+    _refuse_empty(store, data)
     out.mkdir(parents=True, exist_ok=True)
     if not _tables_current(out, data):
         _write_glacier_tables(data, out)
@@ -1483,6 +1546,21 @@ def aggregate(
     elif members.exists():
         members.unlink()
     return out / "glaciers.csv", out / "regions.csv"
+
+
+def _refuse_empty(store: Path, data: StoredStats) -> None:
+    """No table is written when scenes were binned over glaciers yet no glacier has a result:
+    the statistics or the cache are damaged (a missing chunk reads as zeros or NaN)."""
+    measured = np.asarray(data.cells.measured_px, dtype=float)
+    results = np.asarray(data.results.get("mb_mwe_yr", []), dtype=float) if data.results else None
+    if results is None or not np.nansum(measured) > 0:
+        return
+    if not np.isfinite(results).any():
+        raise StoreDamaged(
+            f"{store}: {int(np.nansum(measured))} glacier pixels were binned but no glacier "
+            f"has a mass balance: the stored statistics are damaged. Run `mbcube verify "
+            f"{store}` to find what, and `mbcube verify {store} --repair` to redo it."
+        )
 
 
 def region_sets_attributes(data: StoredStats) -> list[RegionSet]:

@@ -70,14 +70,18 @@ from mbcube.config import MassBalanceConfig
 from mbcube.errors import StoreError
 from mbcube.store import (
     grid_of,
+    invalidate,
     is_current,
     open_cube,
     read_state,
     record_step,
     recorded_config,
     scene_index,
+    scene_outputs,
     step_record,
+    step_records,
     write_dataset,
+    writer_lock,
 )
 from mbcube.voids import void_filled
 
@@ -979,8 +983,9 @@ def _ensure_hypsometry(
         void_fill_px=void_fill_px,
     )
     hyps = compute(hyps, label="hypsometry")[0]
+    invalidate(store, HYPSOMETRY_STEP, HYPSOMETRY_ALL)
     write_dataset(hyps, store, group="hypsometry", mode="w")
-    token = record_step(store, HYPSOMETRY_STEP, HYPSOMETRY_ALL, record)
+    token = record_step(store, HYPSOMETRY_STEP, HYPSOMETRY_ALL, record, outputs=["hypsometry"])
     return axis, token
 
 
@@ -1062,6 +1067,8 @@ def _ensure_stats_group(
                 write_dataset(new, store, group="stats", mode="a", append_dim="scene")
                 zarr.open_group(str(store), path="stats", mode="r+").attrs.put(attrs)
             return
+    for scene_id in step_records(store, "bin"):  # every scene is binned again
+        invalidate(store, "bin", scene_id)
     ds = _placeholder_stats(ids, axis, n_glaciers)
     ds.attrs = attrs
     write_dataset(ds, store, group="stats", mode="w")
@@ -1081,6 +1088,17 @@ def bin_cube(
     Uses dh_m written by the corrections step (upstream record 'correct'); a scene is skipped when
     its statistics were made from the same dh_m, bin width and hypsometry (unless force)."""
     store = Path(store)
+    with writer_lock(store):
+        return _bin_cube(store, config, scenes, force, progress)
+
+
+def _bin_cube(
+    store: Path,
+    config: MassBalanceConfig | None,
+    scenes: Sequence[str] | None,
+    force: bool,
+    progress: Callable[[str], None] | None,
+) -> list[str]:
     cfg = config if config is not None else recorded_config(store).massbalance
     say = progress or log.info
     cube = open_cube(store)
@@ -1132,8 +1150,10 @@ def _scene_job(
     say: Callable[[str], None],
     block_px: int,
 ) -> SceneJob:
-    """Binning one scene: its statistics written at its index, then flagged binned and recorded
-    (a scene killed half-written stays flagged 0 and is binned again)."""
+    """Binning one scene: its record forgotten and its flag cleared, its statistics written at
+    its index, then flagged binned and recorded with the files it wrote (a scene killed
+    half-written has no record, stays flagged 0 and is binned again)."""
+    outputs: list[str] = []
 
     def build() -> list[Any]:
         say(f"binning scene {scene_id}")
@@ -1142,12 +1162,15 @@ def _scene_job(
         ds = ds.drop_vars(list(ds.coords)).chunk({"glacier": GLACIER_CHUNK})
         region = {str(d): slice(None) for d in ds.dims}
         region["scene"] = slice(index, index + 1)
+        invalidate(store, "bin", scene_id)
         _set_binned(store, index, 0)
+        names = [f"stats/{n}" for n in ds.data_vars if n != "binned"] + ["stats/binned"]
+        outputs.extend(scene_outputs(names, index))
         return [write_dataset(ds, store, group="stats", region=region, compute=False)]
 
     def finish(_: list[Any]) -> None:
         _set_binned(store, index, 1)
-        record_step(store, "bin", scene_id, record)
+        record_step(store, "bin", scene_id, record, outputs=outputs)
 
     return SceneJob(scene_id, f"bin scene {scene_id}", build, finish)
 

@@ -306,6 +306,12 @@ class StudyConfig(_Strict):
     corrections: CorrectionsConfig = CorrectionsConfig()
     massbalance: MassBalanceConfig = MassBalanceConfig()
     checks: ChecksConfig = ChecksConfig()
+    keep_removed_scenes: bool = Field(
+        False,
+        description="A scene whose row is removed from scenes.csv leaves the results at the next "
+        "run. False: its pixels and statistics are deleted from the cube too. True: they are "
+        "kept in the cube (scene_state 2, hidden from every step and table) for inspection.",
+    )
 
 
 #: Parameters the static layers or scene coordinates are made from: changing them needs a new cube.

@@ -1,4 +1,8 @@
-"""Errors and warnings that mbcube raises for users to read."""
+"""Errors and warnings that mbcube raises for users to read.
+
+The command line prints the expected ones (StudyError, StoreError and their kinds, and the
+file system's refusals: disk full, read-only, permission) as one line per problem with exit
+code 2; `--debug` shows the traceback."""
 
 
 class StudyError(ValueError):
@@ -7,6 +11,15 @@ class StudyError(ValueError):
 
 class StoreError(RuntimeError):
     """A cube store that is missing, of another schema version, or inconsistent."""
+
+
+class StoreLocked(StoreError):
+    """Another process is writing the store (one writer per store at a time)."""
+
+
+class StoreDamaged(StoreError):
+    """Files a step recorded are missing or do not decode: the message names them and the
+    command that repairs them."""
 
 
 class MbcubeWarning(UserWarning):

@@ -9,7 +9,9 @@ written (see store.py), so an interrupted ingest is completed by running it agai
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,22 +37,14 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 import mbcube
+from mbcube import store as st
 from mbcube.cluster import SceneJob, compute_scenes
-from mbcube.config import STATIC_KEYS, StudyConfig
+from mbcube.config import STATIC_KEYS
 from mbcube.errors import StoreError, StudyError
+from mbcube.fingerprints import changed_roles, fingerprints, identity
 from mbcube.grid import Grid
-from mbcube.store import (
-    SCENE_INGESTED,
-    SCENE_PENDING,
-    SCHEMA_VERSION,
-    extend_scene_dim,
-    file_fingerprint,
-    read_state,
-    scene_index,
-    store_exists,
-    write_dataset,
-    write_state,
-)
+from mbcube.store.location import store_problems
+from mbcube.store.state import STATE_ATTR
 from mbcube.study import SceneSpec, Study, load_study
 
 log = logging.getLogger(__name__)
@@ -88,13 +82,21 @@ VAR_ATTRS: dict[str, dict[str, str]] = {
 
 @dataclass
 class IngestReport:
-    """What an ingest did."""
+    """What an ingest did: scenes written for the first time, completed after an interrupted
+    ingest, rewritten because their row or files changed, up to date, and removed (their row
+    left scenes.csv)."""
 
     store: Path
     created: bool = False
     written: list[str] = field(default_factory=list)
     resumed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+    @property
+    def recomputed(self) -> list[str]:
+        return self.written + self.resumed + self.changed
 
 
 # ---------------------------------------------------------------- reading tiles
@@ -429,8 +431,8 @@ def scene_placeholders(study: Study, scenes: list[SceneSpec]) -> xr.Dataset:
     ds = xr.Dataset(data, coords=scene_coords(study, scenes))
     ds["scene_state"] = (
         "scene",
-        np.full(len(scenes), SCENE_PENDING, dtype="int8"),
-        {"flag_meanings": "pending ingested"},
+        np.full(len(scenes), st.SCENE_PENDING, dtype="int8"),
+        {"flag_values": "0 1 2", "flag_meanings": "pending ingested removed"},
     )
     return ds
 
@@ -455,74 +457,118 @@ def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
 
 # ---------------------------------------------------------------- the ingest
 
+STEP = "ingest"
+#: The ingest's record of the static layers (a whole-store item).
+STATIC_ITEM = "_static"
+
+
+def study_inputs(study: Study) -> list[Path]:
+    """Every input file of the study (static and per scene)."""
+    files = list(study.static_inputs().values())
+    for scene in study.scenes:
+        files += list(scene.input_files().values())
+    return files
+
 
 def ingest(
-    study_dir: Path | str,
+    study_dir: Path | str | Study,
     store: Path | str,
     progress: Callable[[str], None] | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> IngestReport:
-    """Ingest the study at `study_dir` into the cube at `store` (create, append or resume).
+    """Ingest the study at `study_dir` (a folder, or a Study already loaded) into the cube at
+    `store`: create it, append new scenes, complete interrupted ones, rewrite scenes whose row
+    or files changed and remove the scenes whose row left scenes.csv.
 
     `overrides`: parameters merged over the study's study.yaml. Parameters of later steps
     (unwrap, corrections, massbalance) may change between runs: the recorded ones are updated
     and those steps recompute what depends on them. Parameters the static layers are made from
-    (STATIC_KEYS) may not: that needs a new store."""
-    study = load_study(
-        study_dir, overrides
-    )  # contract errors are raised before anything is written
+    (STATIC_KEYS) and the static input files may not: that needs a new store. A cube is only
+    created in a new or empty folder, outside the study's folders (`store.location`); the
+    store's writer lock is held throughout."""
+    study = study_dir if isinstance(study_dir, Study) else load_study(study_dir, overrides)
     store = Path(store)
-    say = progress or (lambda msg: log.info(msg))
+    problems = store_problems(store, study.root, study_inputs(study))
+    if problems:
+        raise StoreError("\n".join(problems))
+    with st.writer_lock(store):
+        return _ingest(study, store, progress or log.info)
+
+
+def _ingest(study: Study, store: Path, say: Callable[[str], None]) -> IngestReport:
     report = IngestReport(store)
-    fingerprints = {role: file_fingerprint(p) for role, p in study.static_inputs().items()}
-    state = read_state(store) if store_exists(store) else {}
-    if state.get("static", {}).get("complete") and state["static"]["inputs"] != fingerprints:
-        changed = sorted(
-            k for k in fingerprints if state["static"]["inputs"].get(k) != fingerprints[k]
-        )
-        raise StoreError(
-            f"{store}: the static inputs {changed} changed since this cube was made. "
-            "Ingest into a new store (or delete this one)."
-        )
-    if state and state.get("grid") != study.grid.to_attrs():
-        raise StoreError(
-            f"{store}: made on another grid {state.get('grid')}. Use a new store for this study."
-        )
-
+    state = st.read_state(store) if st.store_exists(store) else {}
+    if state and not state.get("created"):
+        _wipe(store)  # a creation killed before it finished: nothing in it is recorded
+        state = {}
+    static_prints = fingerprints(study.static_inputs(), study.root, state.get("static_files"))
     if state:
-        _update_recorded_config(store, state, study.config)
-        state = read_state(store)
-
-    if not state.get("static", {}).get("complete"):
+        st.check_schema(store, state)
+        if state.get("grid") != study.grid.to_attrs():
+            raise StoreError(
+                f"{store}: made on another grid {state.get('grid')}. Use a new store for this "
+                "study."
+            )
+        changed = changed_roles(state["static_inputs"], identity(static_prints))
+        if changed:
+            raise StoreError(
+                f"{store}: the static inputs {changed} changed since this cube was made. "
+                "Ingest into a new store (or restore the files)."
+            )
+        _update_recorded_state(store, state, study, static_prints)
+    else:
         say(
-            f"creating cube {store} on grid {study.grid.ny} x {study.grid.nx} px ({study.grid.n_tiles} tiles)"
+            f"creating cube {store} on grid {study.grid.ny} x {study.grid.nx} px "
+            f"({study.grid.n_tiles} tiles)"
         )
-        _create(study, store, fingerprints)
+        _create(study, store, static_prints)
         report.created = True
-        state = read_state(store)
+    static_record = {"inputs": identity(static_prints)}
+    if not st.is_current(store, STEP, STATIC_ITEM, static_record):
+        _write_static(study, store, static_record)
 
-    existing = _existing_scenes(store)
-    new = [s for s in study.scenes if s.scene_id not in existing]
-    new_ids = {s.scene_id for s in new} | (set(existing) if report.created else set())
+    index = st.scene_index(store)
+    new = [s for s in study.scenes if s.scene_id not in index]
     if new:
         placeholders = _with_grid_mapping(scene_placeholders(study, new), study.grid)
-        write_dataset(placeholders, store, mode="a", append_dim="scene", compute=False)
-    extend_scene_dim(store)  # layers of later steps: new scenes read as "not computed yet"
-    existing = _existing_scenes(store)
+        st.write_dataset(placeholders, store, mode="a", append_dim="scene", compute=False)
+    st.extend_scene_dim(store)  # layers of later steps: new scenes read as "not computed yet"
+    index, states = st.scene_index(store), st.scene_states(store)
+    wanted = {s.scene_id for s in study.scenes}
+    keep = study.config.keep_removed_scenes
+    for scene_id, i in index.items():
+        if scene_id not in wanted and _remove_scene(store, scene_id, i, int(states[i]), keep):
+            report.removed.append(scene_id)
     jobs = []
+    new_ids = {s.scene_id for s in new}
     for scene in study.scenes:
-        index, ingested = existing[scene.scene_id]
-        inputs = {k: file_fingerprint(p) for k, p in scene.input_files().items()}
-        recorded = state.get("scenes", {}).get(scene.scene_id, {})
-        if ingested == SCENE_INGESTED and recorded.get("inputs") == inputs:
+        i = index[scene.scene_id]
+        done = st.step_record(store, STEP, scene.scene_id)
+        prints = fingerprints(scene.input_files(), study.root, done.get("run", {}).get("files"))
+        record = {"row": scene_row(study, scene), "inputs": identity(prints)}
+        if states[i] == st.SCENE_INGESTED and st.is_current(store, STEP, scene.scene_id, record):
             report.skipped.append(scene.scene_id)
             continue
-        if ingested == SCENE_INGESTED:
-            _set_scene_state(store, index, SCENE_PENDING)  # its files changed: rewrite it
-        (report.written if scene.scene_id in new_ids else report.resumed).append(scene.scene_id)
-        jobs.append(_scene_job(study, scene, store, index, inputs, say))
+        if scene.scene_id in new_ids or report.created:
+            report.written.append(scene.scene_id)
+        elif done:
+            report.changed.append(scene.scene_id)
+        else:
+            report.resumed.append(scene.scene_id)
+        jobs.append(_scene_job(study, scene, store, i, record, prints, say))
     compute_scenes(jobs)
     return report
+
+
+def scene_row(study: Study, scene: SceneSpec) -> dict[str, Any]:
+    """What a scene's results depend on in its row of scenes.csv besides its files' content:
+    date, kind, numeric h_amb (m) and number of looks (its own, or the study's default)."""
+    return {
+        "date": scene.date.isoformat(),
+        "kind": scene.kind,
+        "h_amb_m": scene.h_amb_m if isinstance(scene.h_amb_m, float) else None,
+        "nlooks": scene.nlooks or study.config.unwrap.nlooks,
+    }
 
 
 def _scene_job(
@@ -530,18 +576,27 @@ def _scene_job(
     scene: SceneSpec,
     store: Path,
     index: int,
-    inputs: dict[str, Any],
+    record: dict[str, Any],
+    prints: dict[str, Any],
     say: Callable[[str], None],
 ) -> SceneJob:
-    """Ingesting one scene: its tiles written and its coverage counted in the same pass (tiles
-    read once); then its record, and last its state flag (from then on the scene counts)."""
+    """Ingesting one scene: its record forgotten and its state set pending first, then its
+    coordinates and tiles written with its coverage counted in the same pass (tiles read once);
+    then its record, and last its state flag (from then on the scene counts)."""
 
     def build() -> list[Any]:
         say(f"ingesting scene {scene.scene_id} ({scene.kind}, {scene.date})")
+        st.invalidate(store, STEP, scene.scene_id)
+        _set_scene_state(store, index, st.SCENE_PENDING)
         layers = scene_layers(study, scene)
+        _clear_other_layers(store, index, set(layers))
+        coords = xr.Dataset(
+            {k: v for k, v in scene_coords(study, [scene]).items() if k != "scene"}
+        )
+        st.write_dataset(coords, store, region={"scene": slice(index, index + 1)})
         ds = xr.Dataset({name: (("scene", "y", "x"), arr[None]) for name, arr in layers.items()})
         region = {"scene": slice(index, index + 1), "y": slice(None), "x": slice(None)}
-        writing = write_dataset(ds, store, region=region, compute=False)
+        writing = st.write_dataset(ds, store, region=region, compute=False)
         covered = da.isfinite(layers["dem_m" if scene.kind == "dem" else "phase_rad"])
         on_glacier = xr.open_zarr(str(store))["glacier_id"].data > 0
         return [
@@ -554,52 +609,101 @@ def _scene_job(
 
     def finish(values: list[Any]) -> None:
         _, covered_px, glacier_px, total_glacier_px, size = values
-        state = read_state(store)
-        state.setdefault("scenes", {})[scene.scene_id] = {
-            "inputs": inputs,
+        run = {
+            "files": prints,
             "row": scene.row,
-            "kind": scene.kind,
-            "ingested_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "coverage_frac": float(covered_px) / size,
             "glacier_coverage_frac": float(glacier_px) / max(int(total_glacier_px), 1),
         }
-        write_state(store, state)
-        _set_scene_state(store, index, SCENE_INGESTED)
+        outputs = st.scene_outputs(list(SCENE_VARS), index)
+        st.record_step(store, STEP, scene.scene_id, record, outputs=outputs, run=run)
+        _set_scene_state(store, index, st.SCENE_INGESTED)
 
     return SceneJob(scene.scene_id, f"ingest scene {scene.scene_id}", build, finish)
 
 
-def _create(study: Study, store: Path, fingerprints: dict[str, Any]) -> None:
+def _clear_other_layers(store: Path, index: int, written: set[str]) -> None:
+    """Delete the scene's chunks of the input layers it does not write (left by an earlier
+    version of its row, e.g. of the other kind or with a mask)."""
+    for name in SCENE_VARS:
+        chunks = store / name / "c" / str(index)
+        if name not in written and chunks.is_dir():
+            shutil.rmtree(chunks)
+
+
+def _remove_scene(store: Path, scene_id: str, index: int, state: int, keep: bool) -> bool:
+    """Take a scene whose row left scenes.csv out of the results: flagged removed (hidden from
+    every step and table), its records forgotten, and unless `keep` its chunks deleted (again
+    on every run, so a removal killed half-way or `keep` turned off is completed). Returns
+    whether it was in the results until now."""
+    was_in = state != st.SCENE_REMOVED
+    if was_in:
+        _set_scene_state(store, index, st.SCENE_REMOVED)
+        for step in st.steps_recorded(store):
+            st.invalidate(store, step, scene_id)
+    if not keep and st.delete_scene_chunks(store, scene_id, index):
+        st.consolidate(store)
+    return was_in
+
+
+def _create(study: Study, store: Path, static_prints: dict[str, Any]) -> None:
+    """The cube's metadata: every static layer and the study's scenes as placeholders (nothing
+    computed), the store state (marked created once all metadata is written) and the records
+    group."""
     static = static_dataset(study)
     template = xr.merge([static, scene_placeholders(study, list(study.scenes))])
     template = _with_grid_mapping(template, study.grid)
+    state: dict[str, Any] = {
+        "schema_version": st.SCHEMA_VERSION,
+        "mbcube_version": mbcube.__version__,
+        "grid": study.grid.to_attrs(),
+        "study": {"root": str(study.root), "config": study.config.model_dump(mode="json")},
+        "static_inputs": identity(static_prints),
+        "static_files": static_prints,
+        "created": False,
+    }
     template.attrs = {
         "title": "mbcube datacube",
         "Conventions": "CF-1.10",
         "source": f"mbcube {mbcube.__version__}",
+        STATE_ATTR: json.dumps(state, sort_keys=True),
     }
-    write_dataset(template, store, mode="w", compute=False, encoding=_encoding(template))
-    state: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "mbcube_version": mbcube.__version__,
-        "grid": study.grid.to_attrs(),
-        "study": {"root": str(study.root), "config": study.config.model_dump(mode="json")},
-        "static": {"complete": False, "inputs": fingerprints},
-        "scenes": {},
-    }
-    write_state(store, state)
+    # mode "a": the folder may hold the writer's lock file (location checks refused others)
+    st.write_dataset(template, store, mode="a", compute=False, encoding=_encoding(template))
+    zarr.open_group(str(store / st.records.RECORDS_GROUP), mode="a", zarr_format=3)
+    st.write_state(store, state | {"created": True})
+
+
+def _write_static(study: Study, store: Path, record: dict[str, Any]) -> None:
+    """Write the static layers (region writes into the existing arrays), then record them."""
+    st.invalidate(store, STEP, STATIC_ITEM)
+    static = static_dataset(study)
     layers = static[[k for k, v in static.data_vars.items() if v.dims == ("y", "x")]]
-    write_dataset(layers.drop_vars(["x", "y"]), store, region={"y": slice(None), "x": slice(None)})
-    state["static"]["complete"] = True
-    write_state(store, state)
+    st.write_dataset(
+        layers.drop_vars(["x", "y"]), store, region={"y": slice(None), "x": slice(None)}
+    )
+    outputs = [f"{name}/c" for name in st.static_arrays(store)]
+    st.record_step(store, STEP, STATIC_ITEM, record, outputs=outputs)
 
 
-def _update_recorded_config(store: Path, state: dict[str, Any], config: StudyConfig) -> None:
-    """Record changed step parameters; refuse changed parameters of the static layers."""
-    new = config.model_dump(mode="json")
+def _wipe(store: Path) -> None:
+    """Empty a store whose creation was killed (mbcube's own, nothing recorded in it)."""
+    for entry in store.iterdir():
+        if entry.name == st.lock.LOCK_NAME:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _update_recorded_state(
+    store: Path, state: dict[str, Any], study: Study, static_prints: dict[str, Any]
+) -> None:
+    """Record changed step parameters and the study's current place (a moved study folder);
+    refuse changed parameters of the static layers."""
+    new = study.config.model_dump(mode="json")
     old = state["study"]["config"]
-    if new == old:
-        return
     static_changed = [k for k in STATIC_KEYS if new.get(k) != old.get(k)]
     if static_changed:
         raise StoreError(
@@ -607,16 +711,14 @@ def _update_recorded_config(store: Path, state: dict[str, Any], config: StudyCon
             f"(was {[old.get(k) for k in static_changed]}). They shape the static layers: "
             "ingest into a new store, or restore the old values in study.yaml."
         )
-    state["study"]["config"] = new
-    write_state(store, state)
-
-
-def _existing_scenes(store: Path) -> dict[str, tuple[int, int]]:
-    """scene id -> (index along scene, scene_state) of the scenes in the store."""
-    states = np.asarray(zarr.open_array(str(store / "scene_state"), mode="r")[:])
-    return {sid: (i, int(states[i])) for sid, i in scene_index(store).items()}
+    updated = state | {
+        "study": {"root": str(study.root), "config": new},
+        "static_files": static_prints,
+    }
+    if updated != state:
+        st.write_state(store, updated)
 
 
 def _set_scene_state(store: Path, index: int, value: int) -> None:
     flag = xr.Dataset({"scene_state": ("scene", np.array([value], dtype="int8"))})
-    write_dataset(flag, store, region={"scene": slice(index, index + 1)})
+    st.write_dataset(flag, store, region={"scene": slice(index, index + 1)})

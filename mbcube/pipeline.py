@@ -31,14 +31,18 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from mbcube.binning import bin_cube
 from mbcube.corrections.step import correct_cube
 from mbcube.errors import StudyError
+from mbcube.fingerprints import fingerprint, identity
 from mbcube.ingest import ingest
+from mbcube.preflight import check_run
 from mbcube.store import (
-    file_fingerprint,
+    invalidate,
     is_current,
     open_cube,
     record_step,
     recorded_config,
     step_record,
+    step_records,
+    writer_lock,
 )
 from mbcube.unwrap.step import unwrap_cube
 
@@ -161,22 +165,35 @@ def run(
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> RunReport:
-    """Run every step of `pipeline`; each step skips what is up to date (unless force)."""
+    """Run every step of `pipeline`; each step skips what is up to date (unless force).
+
+    Everything is checked first (`mbcube.preflight.check_run`: the study, the store, the output
+    folder, the disk); then the store's writer lock is held for the whole run."""
+    study = check_run(pipeline.study, pipeline.store, pipeline.out, pipeline.overrides)
+    with writer_lock(pipeline.store):
+        return _run(pipeline, study, force, progress or log.info)
+
+
+def _run(pipeline: Pipeline, study: Any, force: bool, say: Callable[[str], None]) -> RunReport:
     from mbcube.aggregate import aggregate
 
-    say = progress or log.info
     report = RunReport(out=pipeline.out)
     store = pipeline.store
     with cluster_context(pipeline.cluster):
         with _step(report, "ingest", say):
-            done = ingest(pipeline.study, store, progress=say, overrides=pipeline.overrides)
-            report.recomputed["ingest"] = done.written + done.resumed
+            done = ingest(study, store, progress=say)
+            report.recomputed["ingest"] = done.recomputed + done.removed
         for name, step in STEPS.items():
             with _step(report, name, say):
                 report.recomputed[name] = step(store, force=force, progress=say)
 
-    upstream = {s: step_record(store, "bin", s).get("token") for s in _scene_ids(store)}
-    regions = {"regions": file_fingerprint(pipeline.regions)} if pipeline.regions else {}
+    records = step_records(store, "bin")
+    upstream = {s: records.get(s, {}).get("token") for s in _scene_ids(store)}
+    regions = {}
+    if pipeline.regions:
+        regions = {
+            "regions": identity({"file": fingerprint(pipeline.regions, pipeline.regions.parent)})
+        }
     config = recorded_config(store)
     tables = {
         "params": config.model_dump(mode="json", include={"massbalance", "glacier_id_column"}),
@@ -188,6 +205,7 @@ def run(
             pipeline.out / "regions.csv"
         ).exists()
         if force or not tables_ok or not is_current(store, "aggregate", ALL, tables):
+            invalidate(store, "aggregate", ALL)
             aggregate(store, pipeline.out, regions=pipeline.regions)
             token = record_step(store, "aggregate", ALL, tables)
             report.recomputed["aggregate"] = [ALL]
@@ -205,6 +223,7 @@ def run(
             from mbcube.figures import make_figures
             from mbcube.report import write_report
 
+            invalidate(store, "report", ALL)
             make_figures(store, pipeline.out, pipeline.out / "figures")
             write_report(store, pipeline.out, pipeline.out)
             record_step(store, "report", ALL, figures)

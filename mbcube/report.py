@@ -25,7 +25,7 @@ import xarray as xr
 
 import mbcube
 from mbcube.errors import StoreError
-from mbcube.store import open_cube, read_state
+from mbcube.store import open_cube, read_state, step_records
 
 __all__ = ["format_value", "write_report"]
 
@@ -237,10 +237,10 @@ def _glaciers_part(glaciers: pd.DataFrame | None) -> str:
     )
 
 
-def _scenes_part(ds: xr.Dataset | None, state: dict[str, Any]) -> str:
+def _scenes_part(ds: xr.Dataset | None, store: Path) -> str:
     if ds is None or ds.sizes.get("scene", 0) == 0:
         return _note("No complete scenes in the store.")
-    recorded = state.get("scenes", {})
+    recorded = {s: r.get("run", {}) for s, r in step_records(store, "ingest").items()}
     ids = [str(s) for s in ds["scene"].values]
     frame = pd.DataFrame({"scene": ids})
     if "scene_date" in ds.coords:
@@ -263,10 +263,10 @@ def _scenes_part(ds: xr.Dataset | None, state: dict[str, Any]) -> str:
         frame["n_looks"] = np.where(
             frame["kind"] == "insar", ds["scene_nlooks"].values.astype(float), np.nan
         )
-    steps = state.get("steps", {})
     for step in ("unwrap", "correct", "bin"):
-        if step in steps:
-            frame[f"{step} done"] = ["yes" if s in steps[step] else "no" for s in ids]
+        done = step_records(store, step)
+        if done:
+            frame[f"{step} done"] = ["yes" if s in done else "no" for s in ids]
     return (
         "<p><i>years</i>: time since the reference DEM; <i>coverage</i>: fraction of the grid "
         "the scene covers; <i>glacier_coverage</i>: fraction of the glacier pixels; "
@@ -531,7 +531,7 @@ def write_report(
     parts = [
         ("Regions", "regions", _regions_part(regions)),
         ("Figures", "figures", _figures_part(list(figures), out)),
-        ("Scenes", "scenes", _scenes_part(ds, state)),
+        ("Scenes", "scenes", _scenes_part(ds, store)),
         ("Corrections applied per scene", "corrections", _corrections_part(ds)),
         ("Penetration", "penetration", _penetration_part(store, ds)),
         ("Unwrapping quality", "unwrap", _unwrap_part(ds)),

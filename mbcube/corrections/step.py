@@ -41,7 +41,8 @@ from mbcube.corrections.seasonal import seasonal_offset_m
 
 STEP = "correct"
 TABLE_ID = "_penetration_table"
-OUTLIER_GROUP = "outliers"  # per scene, outliers/<scene>: the outlier thresholds per group
+#: The store group of the penetration table.
+TABLE_GROUP = "penetration"
 
 
 def _run(where: str, func: Callable[..., Any], *args: Any) -> Any:
@@ -836,6 +837,13 @@ PARAMETERS: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
 }
 
 
+def scene_output_paths(scene_id: str, index: int) -> list[str]:
+    """The store-relative paths the step writes for scene `index`: its chunks of dh_m, valid and
+    the parameters, and its outlier group."""
+    names = ["dh_m", "valid", *PARAMETERS, "outlier_rejected_px"]
+    return [*st.scene_outputs(names, index), st.outlier_group_name(scene_id, index)]
+
+
 def _output_attrs(centre_m: tuple[float, float]) -> dict[str, dict[str, Any]]:
     """The attributes of the variables the step writes (dh_m, valid, the parameters)."""
     x0, y0 = centre_m
@@ -867,7 +875,7 @@ def _output_attrs(centre_m: tuple[float, float]) -> dict[str, dict[str, Any]]:
         "n_stable_px": {"long_name": "stable valid pixels used for the datum"},
         "outlier_rejected_px": {
             "long_name": "valid pixels rejected as outliers",
-            "thresholds": f"per group in the group {OUTLIER_GROUP}/<scene> "
+            "thresholds": f"per group in the group {st.OUTLIER_GROUP}/<scene> "
             "(read with mbcube.corrections.step.outlier_table)",
         },
     }
@@ -1037,7 +1045,7 @@ def _write_scene_results(
         out.arrays[name][at] = _param_array(params, name, shape)
     out.arrays["outlier_rejected_px"][at] = _rejected_px(rejected)
     table = _outlier_dataset(th, rejected, scene_id, config)
-    _write_outlier_table(out.store, outlier_group_name(scene_id, index), table)
+    _write_outlier_table(out.store, st.outlier_group_name(scene_id, index), table)
 
 
 def _scene_write_graph(
@@ -1161,14 +1169,6 @@ def _outlier_dataset(
     )
 
 
-def outlier_group_name(scene_id: str, index: int) -> str:
-    """The store group holding a scene's outlier table: outliers/<scene id>, or
-    outliers/scene_<index> when the id is not a safe Zarr node name."""
-    safe = scene_id and not scene_id.startswith("__") and scene_id not in {".", ".."}
-    safe = bool(safe) and all(c.isalnum() or c in "._-" for c in scene_id)
-    return f"{OUTLIER_GROUP}/{scene_id if safe else f'scene_{index}'}"
-
-
 #: Held around the store calls this module makes from two threads at once (the next scene's
 #: write setup while the previous scene computes its outlier table, see
 #: cluster.compute_scenes): both enter warnings.catch_warnings, which is not thread-safe.
@@ -1183,7 +1183,7 @@ def _write_outlier_table(store: Path, group: str, table: xr.Dataset) -> None:
 
 def outlier_table(store: Path, scene_id: str) -> xr.Dataset:
     """The outlier thresholds the corrections step recorded for a scene (read without dask)."""
-    group = outlier_group_name(scene_id, st.scene_index(store)[scene_id])
+    group = st.outlier_group_name(scene_id, st.scene_index(store)[scene_id])
     return xr.open_zarr(str(store), group=group, chunks=None, consolidated=False)
 
 
@@ -1478,7 +1478,7 @@ def table_dataset(
 def read_table(store: Path) -> penetration.Table:
     """The stored penetration table (read without dask), with the per-glacier offsets when the
     store applies them (penetration 'xband_glacier')."""
-    tab = xr.open_zarr(str(store), group="penetration", chunks=None)
+    tab = xr.open_zarr(str(store), group=TABLE_GROUP, chunks=None)
     offsets = None
     if int(tab.attrs.get("glacier_adjustment_applied", 0)):
         stored = np.asarray(tab.glacier_penetration_offset_m.values, dtype=np.float64)
@@ -1510,7 +1510,8 @@ def table_digest(table: penetration.Table) -> str:
 
 
 def _static_token(store: Path) -> str:
-    static = st.read_state(store).get("static", {})
+    """A digest of the static inputs' content (the table is made from the static layers)."""
+    static = st.read_state(store).get("static_inputs", {})
     return hashlib.sha1(json.dumps(static, sort_keys=True).encode()).hexdigest()
 
 
@@ -1652,8 +1653,9 @@ def penetration_table(
         if config.penetration not in ("xband", "xband_glacier"):
             source = config.penetration
     dataset = table_dataset(table, region_ids, source, **extras)
-    st.write_dataset(dataset, store, group="penetration", mode="w")
-    return st.record_step(store, STEP, TABLE_ID, record)
+    st.invalidate(store, STEP, TABLE_ID)
+    st.write_dataset(dataset, store, group=TABLE_GROUP, mode="w")
+    return st.record_step(store, STEP, TABLE_ID, record, outputs=[TABLE_GROUP])
 
 
 # ------------------------------------------------------------------------------- the step
@@ -1689,6 +1691,17 @@ def correct_cube(
     Every requested scene is checked first (seasonal month, upstream layers), so a refused scene
     stops the step before anything is written."""
     store = Path(store)
+    with st.writer_lock(store):
+        return _correct_cube(store, config, scenes, force, progress)
+
+
+def _correct_cube(
+    store: Path,
+    config: CorrectionsConfig | None,
+    scenes: Sequence[str] | None,
+    force: bool,
+    progress: Callable[[str], None] | None,
+) -> list[str]:
     config = config or st.recorded_config(store).corrections
     ds = st.open_cube(store)
     meta = xr.open_zarr(str(store), chunks=None)
@@ -1736,12 +1749,13 @@ def _scene_job(
     record: dict[str, Any],
     progress: Callable[[str], None] | None,
 ) -> SceneJob:
-    """Correcting one scene: dh_m, valid, its parameters and its outlier table written, then the
-    step recorded."""
+    """Correcting one scene: its record forgotten, dh_m, valid, its parameters and its outlier
+    table written, then the step recorded with the files it wrote."""
 
     def build() -> list[Any]:
         if progress:
             progress(f"correct scene {scene.scene_id}")
+        st.invalidate(store, STEP, scene.scene_id)
         if run.static is None:
             blocks = cube_blocks(ds, config.coreg_halo_px)
             if static_nbytes(ds, config.coreg_halo_px) <= STATIC_CACHE_BYTES:
@@ -1752,6 +1766,7 @@ def _scene_job(
         return [_scene_write_graph(ds, scene, config, table, run.static, run.outputs)]
 
     def finish(_: list[Any]) -> None:
-        st.record_step(store, STEP, scene.scene_id, record)
+        outputs = scene_output_paths(scene.scene_id, scene.index)
+        st.record_step(store, STEP, scene.scene_id, record, outputs=outputs)
 
     return SceneJob(scene.scene_id, f"correct scene {scene.scene_id}", build, finish)

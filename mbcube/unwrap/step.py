@@ -19,13 +19,16 @@ from mbcube.cluster import SceneJob, compute_scenes
 from mbcube.config import UnwrapConfig
 from mbcube.errors import StoreError
 from mbcube.store import (
+    invalidate,
     is_current,
     open_cube,
     record_step,
     recorded_config,
     scene_index,
+    scene_outputs,
     step_record,
     write_scene_region,
+    writer_lock,
 )
 from mbcube.unwrap.scene import QUALITY_VARIABLES, unwrap_scene
 
@@ -100,6 +103,17 @@ def unwrap_cube(
     phase_unw_rad (rad), component, dh_raw_m (m) and the unwrap_* quality numbers. Skips scenes
     that are up to date unless `force`. Returns the ids it (re)computed."""
     store = Path(store)
+    with writer_lock(store):
+        return _unwrap_cube(store, config, scenes, force, progress)
+
+
+def _unwrap_cube(
+    store: Path,
+    config: UnwrapConfig | None,
+    scenes: Sequence[str] | None,
+    force: bool,
+    progress: Callable[[str], None] | None,
+) -> list[str]:
     say = progress or (lambda _msg: None)
     config = config or recorded_config(store).unwrap
     ds = open_cube(store)
@@ -129,13 +143,17 @@ def unwrap_cube(
 def _scene_job(
     store: Path, scene_id: str, index: int, config: UnwrapConfig, record: dict[str, Any]
 ) -> SceneJob:
-    """Unwrapping one scene: its layers written at its index, then the step recorded."""
+    """Unwrapping one scene: its record forgotten, its layers written at its index, then the
+    step recorded with the files it wrote."""
+    outputs: list[str] = []
 
     def build() -> list[Any]:
         graph = scene_graph(store, scene_id, config)
+        invalidate(store, STEP, scene_id)
+        outputs.extend(scene_outputs([str(n) for n in graph.data_vars], index))
         return [write_scene_region(store, graph, index, compute=False)]
 
     def finish(_: list[Any]) -> None:
-        record_step(store, STEP, scene_id, record)
+        record_step(store, STEP, scene_id, record, outputs=outputs)
 
     return SceneJob(scene_id, f"unwrap scene {scene_id}", build, finish)
