@@ -53,9 +53,9 @@ OUTLINE_NAMES = ("glaciers.gpkg", "glaciers.shp", "glaciers.geojson", "glaciers.
 REGION_NAMES = ("regions.gpkg", "regions.shp", "regions.geojson", "regions.json")
 #: Values of an h_amb raster read for the up-front check: at most this many rows and columns.
 H_AMB_CHECK_PX = 256
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
 _DATE_TIME = re.compile(
-    r"(\d{4}-\d{2}-\d{2})[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}(:?\d{2})?)?"
+    r"(\d{4}-\d{2}-\d{2})[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}(:?\d{2})?)?", re.ASCII
 )
 
 
@@ -368,7 +368,8 @@ def _parse_h_amb(
 
 
 def _check_h_amb_raster(path: Path, where: str, checks: ChecksConfig, problems: _Problems) -> None:
-    """The range of an h_amb raster's values, read decimated (nodata and NaN left out)."""
+    """Check the values of an h_amb raster (m), read decimated to at most H_AMB_CHECK_PX rows and
+    columns (nearest pixels; nodata and NaN left out). Ingest checks every pixel, tile by tile."""
     label = f"{where}, field h_amb: {path}"
     try:
         with rasterio.open(path) as src:
@@ -443,12 +444,13 @@ def date_problem(
     minimum = checks.min_scene_span_days
     if span_days >= minimum:
         return None
+    days = f"{abs(span_days)} day{'' if abs(span_days) == 1 else 's'}"
     if span_days < 0:
-        how = f"is {-span_days} days before"
+        how = f"is {days} before"
     elif span_days == 0:
         how = "is on"
     else:
-        how = f"is only {span_days} day{'s' if span_days > 1 else ''} after"
+        how = f"is only {days} after"
     return (
         f"{date} {how} the reference date {reference_date}; a scene must be dated at least "
         f"{minimum} days after it. Correct the date, or set reference_date / "
