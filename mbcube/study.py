@@ -1,26 +1,46 @@
 """Read and validate a study folder (the public input contract, see README.md).
 
-Everything is checked before anything is written: all problems are collected and raised as one
-StudyError whose lines each name the file, the row or field, and the fix.
+Everything is checked before any pixel work and before anything is written: all problems are
+collected and raised as one StudyError whose lines each name the file, the row or field, and the
+fix. The limits are study.yaml's `checks` (`mbcube.config.ChecksConfig`).
+
+- Dates (scenes.csv `date`): ISO 8601 only, the whole field: a date `YYYY-MM-DD`, or a date-time
+  such as `2013-10-21T05:12:00Z` (or with a space, seconds, fractions, an offset), of which the date
+  as written is taken. A scene must be dated at least `checks.min_scene_span_days` after
+  `reference_date` (dh / years over a shorter span, or a negative one, is noise and seasonal
+  change, or has the wrong sign), and not after today.
+- Height of ambiguity (scenes.csv `h_amb`, a number in metres or a raster of metres). The phase
+  sign convention: dh_m = phase_unw_rad * h_amb_m / (2 pi), a positive phase meaning the surface
+  is higher than the reference DEM; so h_amb_m > 0 always. A processor whose phase decreases with
+  height (or whose h_amb carries the sign of the perpendicular baseline) is taken in by giving
+  |h_amb| and negating the phase. h_amb must lie in [checks.h_amb_min_m, checks.h_amb_max_m]; a
+  raster is read decimated (at most ~256 x 256 values) for that check, and ingest checks every
+  tile with the same `h_amb_problem`.
+- Outlines and region polygons: `mbcube.outlines` (read once here; the validated frames in the
+  grid CRS are `Study.outlines` and `Study.regions_frame`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import geopandas as gpd
+import numpy as np
 import pandas as pd
 import rasterio
 from pyproj import CRS
 from rasterio.errors import RasterioIOError
 from rasterio.warp import calculate_default_transform, transform_bounds
 
-from mbcube.config import StudyConfig, load_study_config
+from mbcube.config import ChecksConfig, StudyConfig, load_study_config
 from mbcube.errors import StudyError
 from mbcube.grid import Grid, utm_crs_for
+from mbcube.outlines import read_outlines, read_regions
 
 SceneKind = Literal["insar", "dem"]
 SCENE_COLUMNS_REQUIRED = ("scene_id", "date", "kind")
@@ -31,6 +51,12 @@ SCENE_FILES: dict[str, tuple[str, ...]] = {
 SCENE_COLUMNS_OPTIONAL = ("phase", "coherence", "h_amb", "mask", "dem", "nlooks", "notes")
 OUTLINE_NAMES = ("glaciers.gpkg", "glaciers.shp", "glaciers.geojson", "glaciers.json")
 REGION_NAMES = ("regions.gpkg", "regions.shp", "regions.geojson", "regions.json")
+#: Values of an h_amb raster read for the up-front check: at most this many rows and columns.
+H_AMB_CHECK_PX = 256
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
+_DATE_TIME = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}(:?\d{2})?)?", re.ASCII
+)
 
 
 @dataclass(frozen=True)
@@ -74,6 +100,11 @@ class Study:
     clean_ice: Path | None
     regions: Path | None
     grid: Grid = field(repr=False)
+    #: The glacier outlines, validated (`mbcube.outlines.read_outlines`): grid CRS, file order less
+    #: the features without a polygon, index = 0-based feature position in the file.
+    outlines: gpd.GeoDataFrame = field(repr=False, compare=False)
+    #: The region polygons, validated likewise (`mbcube.outlines.read_regions`), or None.
+    regions_frame: gpd.GeoDataFrame | None = field(default=None, repr=False, compare=False)
 
     def static_inputs(self) -> dict[str, Path]:
         """The files the static layers are made from, by role."""
@@ -149,17 +180,31 @@ def load_study(root: Path | str, overrides: dict[str, Any] | None = None) -> Stu
     ]:
         if path is not None:
             _check_raster(path, role, problems, grid)
+    outlines = regions_frame = None
     if glaciers is not None:  # None was reported above
-        _check_vector(glaciers, config.glacier_id_column, "id column", problems, unique=True)
+        outlines = read_outlines(glaciers, grid, config.glacier_id_column, problems=problems.lines)
     if regions is not None:
-        _check_vector(
-            regions, config.region_name_column, "region name column", problems, unique=True
+        regions_frame = read_regions(
+            regions, grid, config.region_name_column, problems=problems.lines
         )
-    scenes = _read_scenes(root, grid, problems)
+    scenes = _read_scenes(root, grid, config, problems)
     problems.raise_if_any(root)
-    if glaciers is None:  # unreachable: reported and raised above
+    if glaciers is None or outlines is None:  # unreachable: reported and raised above
         raise StudyError(f"{root}: glacier outlines missing.")
-    return Study(root, config, scenes, ref_dem, ref_dem_x, glaciers, ndsi, clean_ice, regions, grid)
+    return Study(
+        root,
+        config,
+        scenes,
+        ref_dem,
+        ref_dem_x,
+        glaciers,
+        ndsi,
+        clean_ice,
+        regions,
+        grid,
+        outlines,
+        regions_frame,
+    )
 
 
 def _optional(path: Path) -> Path | None:
@@ -202,32 +247,9 @@ def _check_raster(
     return CRS.from_user_input(crs)
 
 
-def _check_vector(path: Path, column: str, role: str, problems: _Problems, unique: bool) -> None:
-    import pyogrio  # geospatial vector I/O, only needed here and in ingest
-
-    try:
-        info = pyogrio.read_info(path)
-    except Exception as err:  # pyogrio raises several error types for unreadable files
-        problems.add(f"{path}: not a vector file OGR can read ({err}).")
-        return
-    if info.get("crs") is None:
-        problems.add(f"{path}: no CRS. Save the outlines with their CRS.")
-    if column not in list(info["fields"]):
-        problems.add(
-            f"{path}: {role} '{column}' not found (columns: {', '.join(info['fields'])}). "
-            "Set it in study.yaml (glacier_id_column / region_name_column)."
-        )
-        return
-    if unique:
-        values = pyogrio.read_dataframe(path, columns=[column], read_geometry=False)[column]
-        dupes = values[values.duplicated()].astype(str).unique()[:5]
-        if len(dupes):
-            problems.add(
-                f"{path}: column '{column}' has duplicate values {list(dupes)}; ids must be unique."
-            )
-
-
-def _read_scenes(root: Path, grid: Grid, problems: _Problems) -> tuple[SceneSpec, ...]:
+def _read_scenes(
+    root: Path, grid: Grid, config: StudyConfig, problems: _Problems
+) -> tuple[SceneSpec, ...]:
     csv = root / "scenes.csv"
     if not csv.exists():
         problems.add(f"{csv}: missing. Add one row per scene: scene_id,date,kind and its files.")
@@ -253,9 +275,8 @@ def _read_scenes(root: Path, grid: Grid, problems: _Problems) -> tuple[SceneSpec
     seen: set[str] = set()
     for index, values in table.iterrows():
         row = int(str(index)) + 2  # 1-based line number, after the header
-        spec = _read_scene_row(
-            root, csv, row, {str(k): str(v).strip() for k, v in values.items()}, grid, problems
-        )
+        text = {str(k): str(v).strip() for k, v in values.items()}
+        spec = _read_scene_row(root, csv, row, text, grid, config, problems)
         if spec is None:
             continue
         if spec.scene_id in seen:
@@ -268,20 +289,30 @@ def _read_scenes(root: Path, grid: Grid, problems: _Problems) -> tuple[SceneSpec
 
 
 def _read_scene_row(
-    root: Path, csv: Path, row: int, values: dict[str, str], grid: Grid, problems: _Problems
+    root: Path,
+    csv: Path,
+    row: int,
+    values: dict[str, str],
+    grid: Grid,
+    config: StudyConfig,
+    problems: _Problems,
 ) -> SceneSpec | None:
     where = f"{csv} row {row}"
     n_before = len(problems.lines)
     scene_id = values["scene_id"]
     if not scene_id:
         problems.add(f"{where}, field scene_id: empty. Give every scene an id.")
-    try:
-        date = dt.date.fromisoformat(values["date"][:10])
-    except ValueError:
+    date = parse_date(values["date"])
+    if date is None:
         problems.add(
-            f"{where}, field date: '{values['date']}' is not an ISO 8601 date (YYYY-MM-DD)."
+            f"{where}, field date: '{values['date']}' is not an ISO 8601 date (YYYY-MM-DD, or a "
+            "date-time such as 2013-10-21T05:12:00Z). Correct it."
         )
         date = dt.date.min
+    else:
+        bad_date = date_problem(date, config.reference_date, config.checks)
+        if bad_date is not None:
+            problems.add(f"{where}, field date: {bad_date}")
     kind = values["kind"]
     if kind not in SCENE_FILES:
         problems.add(f"{where}, field kind: '{kind}' must be 'insar' or 'dem'.")
@@ -303,7 +334,7 @@ def _read_scene_row(
             _check_raster(paths[name], f"field {name}", problems, grid, where=f" ({where})")
     h_amb: float | Path | None = None
     if values.get("h_amb"):
-        h_amb = _parse_h_amb(root, values["h_amb"], where, grid, problems)
+        h_amb = _parse_h_amb(root, values["h_amb"], where, grid, config.checks, problems)
     nlooks = None
     if values.get("nlooks"):
         try:
@@ -318,20 +349,113 @@ def _read_scene_row(
 
 
 def _parse_h_amb(
-    root: Path, text: str, where: str, grid: Grid, problems: _Problems
+    root: Path, text: str, where: str, grid: Grid, checks: ChecksConfig, problems: _Problems
 ) -> float | Path | None:
     try:
         value = float(text)
     except ValueError:
         path = (root / text).resolve()
+        n_before = len(problems.lines)
         _check_raster(path, "field h_amb", problems, grid, where=f" ({where})")
+        if len(problems.lines) == n_before:
+            _check_h_amb_raster(path, where, checks, problems)
         return path
-    if not math.isfinite(value) or value == 0:
-        problems.add(
-            f"{where}, field h_amb: {text} must be a finite non-zero height of ambiguity (m)."
-        )
+    problem = h_amb_problem(value, value, checks)
+    if problem is not None:
+        problems.add(f"{where}, field h_amb: {text} {problem}")
         return None
     return value
+
+
+def _check_h_amb_raster(path: Path, where: str, checks: ChecksConfig, problems: _Problems) -> None:
+    """Check the values of an h_amb raster (m), read decimated to at most H_AMB_CHECK_PX rows and
+    columns (nearest pixels; nodata and NaN left out). Ingest checks every pixel, tile by tile."""
+    label = f"{where}, field h_amb: {path}"
+    try:
+        with rasterio.open(path) as src:
+            step = max(1, math.ceil(max(src.height, src.width) / H_AMB_CHECK_PX))
+            shape = (math.ceil(src.height / step), math.ceil(src.width / step))
+            values = src.read(1, out_shape=shape, masked=True)
+    except RasterioIOError as err:
+        problems.add(f"{label} cannot be read ({err}). Check the file.")
+        return
+    finite = values.compressed()
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        problems.add(f"{label} holds no finite value (all nodata or NaN). Check the file.")
+        return
+    low, high = float(finite.min()), float(finite.max())
+    problem = h_amb_problem(low, high, checks)
+    if problem is not None:
+        fill = " Or, if 0 fills no-data pixels, set the file's nodata." if low == 0 else ""
+        problems.add(f"{label} has values {low:.6g} to {high:.6g} m; they {problem}{fill}")
+
+
+def h_amb_problem(value_min_m: float, value_max_m: float, checks: ChecksConfig) -> str | None:
+    """None when heights of ambiguity from `value_min_m` to `value_max_m` (m) are acceptable,
+    else the rest of a one-line message starting with "must" (what is wrong and the fix).
+
+    Convention: dh_m = phase_unw_rad * h_amb_m / (2 pi), positive phase = surface above the
+    reference DEM, so h_amb_m > 0; it must also lie in [checks.h_amb_min_m, checks.h_amb_max_m].
+    Callers prefix what they checked, e.g. f"{file} row 3, field h_amb: -30 {problem}" or
+    f"scene S01 tile (0, 1): h_amb values -31 to -29 m {problem}"."""
+    if not (math.isfinite(value_min_m) and math.isfinite(value_max_m)) or value_min_m == 0:
+        return "must be a finite non-zero height of ambiguity (m), > 0."
+    if value_min_m < 0:
+        return (
+            "must be > 0: mbcube takes dh = phase_unw * h_amb / (2 pi), a positive phase meaning "
+            "a surface above the reference DEM. Give |h_amb|, and negate the phase if your "
+            "processor's phase decreases with height."
+        )
+    low, high = checks.h_amb_min_m, checks.h_amb_max_m
+    if value_min_m < low or value_max_m > high:
+        return (
+            f"must lie in [{low:g}, {high:g}] m (checks.h_amb_min_m, checks.h_amb_max_m): check "
+            "that it is the height of ambiguity in metres, or set those limits in study.yaml."
+        )
+    return None
+
+
+def parse_date(text: str) -> dt.date | None:
+    """The date of an ISO 8601 date (YYYY-MM-DD) or date-time (YYYY-MM-DDTHH:MM[:SS[.f]][Z|+HH:MM],
+    'T' or a space between); the date as written is taken (no change of time zone). None when
+    `text` is anything else, in whole or in part."""
+    try:
+        if _DATE.fullmatch(text):
+            return dt.date.fromisoformat(text)
+        match = _DATE_TIME.fullmatch(text)
+        if match:
+            dt.datetime.fromisoformat(text)  # the time must be valid too
+            return dt.date.fromisoformat(match.group(1))
+    except ValueError:
+        return None
+    return None
+
+
+def date_problem(
+    date: dt.date, reference_date: dt.date, checks: ChecksConfig, today: dt.date | None = None
+) -> str | None:
+    """None when a scene of `date` may be used against a reference DEM of `reference_date`, else
+    a one-line message (what is wrong and the fix). `today`: default the local date."""
+    today = dt.date.today() if today is None else today
+    if date > today:
+        return f"{date} is after today ({today}). Correct the date."
+    span_days = (date - reference_date).days
+    minimum = checks.min_scene_span_days
+    if span_days >= minimum:
+        return None
+    days = f"{abs(span_days)} day{'' if abs(span_days) == 1 else 's'}"
+    if span_days < 0:
+        how = f"is {days} before"
+    elif span_days == 0:
+        how = "is on"
+    else:
+        how = f"is only {days} after"
+    return (
+        f"{date} {how} the reference date {reference_date}; a scene must be dated at least "
+        f"{minimum} days after it. Correct the date, or set reference_date / "
+        "checks.min_scene_span_days in study.yaml."
+    )
 
 
 def _grid_for(ref_dem: Path, config: StudyConfig, ref_crs: CRS | None) -> Grid:
