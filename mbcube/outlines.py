@@ -138,7 +138,7 @@ def _read_checked(
         return None
     usable = True
     if frame.crs is None:
-        problems.append(f"{path}: no CRS. Save the outlines with their CRS.")
+        problems.append(f"{path}: no CRS. Save the file with its CRS (e.g. ogr2ogr -a_srs).")
         usable = False
     if column not in frame.columns:
         fields = [str(c) for c in frame.columns if c != frame.geometry.name]

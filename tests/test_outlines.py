@@ -164,6 +164,22 @@ def test_regions_outside_the_grid_are_expected_but_not_all_of_them(tmp_path: Pat
         read_regions(path, GRID, "name")
 
 
+def test_file_problems_listed_together(tmp_path: Path) -> None:
+    """No CRS and a repeated id: both named at once; an unreadable file is named too."""
+    path = tmp_path / "g.gpkg"
+    with pytest.warns(UserWarning, match="'crs' was not provided"):  # pyogrio, writing it
+        gpd.GeoDataFrame({"RGIId": ["A", "B", "A"]}, geometry=[_square(0, 0)] * 3).to_file(path)
+    problems: list[str] = []
+    assert read_outlines(path, GRID, "RGIId", problems=problems) is None
+    assert problems == [
+        f"{path}: no CRS. Save the file with its CRS (e.g. ogr2ogr -a_srs).",
+        f"{path}: column 'RGIId' has duplicate values ['A']; ids must be unique.",
+    ]
+    (tmp_path / "bad.gpkg").write_text("not a GeoPackage")
+    with pytest.raises(StudyError, match=r"bad\.gpkg: not a vector file OGR can read"):
+        read_regions(tmp_path / "bad.gpkg", GRID, "name")
+
+
 def test_polygonal_part_keeps_polygons_only() -> None:
     a, b = shapely.box(0, 0, 1, 1), shapely.box(2, 0, 3, 1)
     mixed = shapely.GeometryCollection(
