@@ -586,6 +586,8 @@ def _read_by_chunk(path: Path, axis: int = 0) -> np.ndarray:
     """A whole zarr array read one chunk along `axis` at a time into one array (peak memory:
     the array and one chunk, where a single read holds decoded chunks and the result at once)."""
     found = zarr.open_array(str(path), mode="r")
+    if found.ndim == 0:
+        return np.asarray(found[...])
     step = max(int(found.chunks[axis]), 1)
     if step >= found.shape[axis]:
         return np.asarray(found[...])
@@ -687,10 +689,10 @@ def _mapped(path: Path, dtype: np.dtype, nbytes: int) -> np.ndarray | None:
             found = mmap.mmap(f.fileno(), nbytes + 4, access=mmap.ACCESS_READ)
     except OSError:
         return None
-    data = memoryview(found)[:nbytes]
+    data = np.frombuffer(found, dtype=np.uint8, count=nbytes)
     if google_crc32c.value(data) != int.from_bytes(found[nbytes:], "little"):
         raise StoreDamaged(f"{path}: the chunk does not match its checksum (damaged on disk)")
-    return np.frombuffer(data, dtype=dtype)
+    return data.view(dtype)
 
 
 def _group_attrs(path: Path) -> dict[str, Any]:
@@ -739,6 +741,42 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
     if keys.stats_key is not None:
         _with_lock(store, lambda: _write_cache(store, data, keys))
     return data
+
+
+def cache_problems(store: Path | str) -> list[str]:
+    """What is wrong with the store's cached statistics (CACHE_GROUP) when they claim to be
+    current: files lost or not decodable, or combined statistics and glacier results that
+    differ from those made again from the `stats` and `hypsometry` groups. [] when there is no
+    current cache (it is made again when needed)."""
+    store = Path(store)
+    attrs = _group_attrs(store / CACHE_GROUP)
+    state = read_state(store)
+    study = StudyConfig.model_validate(state["study"]["config"])
+    config = study.massbalance
+    keys = _keys(store, state, config, {})
+    if keys.stats_key is None or attrs.get("key") != keys.stats_key:
+        return []
+    cells, cached = _read_cache(store, state, study, config, keys, attrs)
+    if cells is None:
+        return [f"{CACHE_GROUP}: damaged (files lost or not decodable)"]
+    fresh = _from_statistics(store, state, study, config, keys, None)
+    problems = [
+        f"{CACHE_GROUP}: cell field {name} differs from the stored statistics"
+        for name in _CELL_FIELDS
+        if not np.array_equal(cells.values[name], fresh.cells.values[name], equal_nan=True)
+    ]
+    if not np.array_equal(cells.glacier, fresh.cells.glacier) or not np.array_equal(
+        cells.cell, fresh.cells.cell
+    ):
+        problems.append(f"{CACHE_GROUP}: its cells are not those of the stored statistics")
+    if cached is not None:
+        results = fresh.glacier_results()
+        problems += [
+            f"{CACHE_GROUP}: glacier result {name} differs from the stored statistics"
+            for name in RESULT_COLUMNS
+            if not np.allclose(cached.results[name], results[name], rtol=1e-12, equal_nan=True)
+        ]
+    return problems
 
 
 def _with_lock(store: Path, write: Callable[[], None]) -> None:
@@ -1371,16 +1409,34 @@ def _joined(data: StoredStats, sets: list[RegionSet]) -> RegionSet:
 
 
 def _outlines(data: StoredStats) -> Any:
-    import geopandas as gpd
+    """The cube's glacier outlines in its CRS, valid (polygonal part), in glacier order."""
+    from mbcube.outlines import polygonal_part
 
-    if data.outlines is None:
+    rows = _outline_rows(data)
+    if rows is None:
         raise StoreError(
             "region_assignment 'area_share' needs the glacier outlines recorded at ingest, "
             "which are gone or changed; use 'centroid' or restore the outline file."
         )
-    outlines = gpd.read_file(data.outlines).to_crs(data.crs)
-    outlines = outlines[outlines.geometry.notna() & ~outlines.geometry.is_empty]
-    return outlines.geometry.make_valid().reset_index(drop=True)
+    return rows.to_crs(data.crs).geometry.make_valid().map(polygonal_part).reset_index(drop=True)
+
+
+def _outline_rows(data: StoredStats) -> Any:
+    """The features of the recorded outline file, one per cube glacier in glacier order
+    (matched by id: the ingest may have dropped features without polygon area), in the file's
+    CRS; None when the file is gone, changed, or lacks some glacier's id."""
+    import geopandas as gpd
+
+    if data.outlines is None:
+        return None
+    outlines = gpd.read_file(data.outlines)
+    if data.id_column not in outlines:
+        return None
+    outlines = outlines.set_index(outlines[data.id_column].astype(str), drop=False)
+    ids = data.ids.astype(str)
+    if outlines.index.has_duplicates or not set(ids) <= set(outlines.index):
+        return None
+    return outlines.loc[ids]
 
 
 def glacier_table(data: StoredStats, regions: RegionSet | None = None) -> pd.DataFrame:
@@ -1664,15 +1720,12 @@ def _write_gpkg(data: StoredStats, glaciers: pd.DataFrame, path: Path) -> str:
             why = "not written: the ingest recorded no glacier outline file"
             log.warning("%s %s", path.name, why)
         return why
-    outlines = gpd.read_file(data.outlines)
-    outlines = outlines[outlines.geometry.notna() & ~outlines.geometry.is_empty]
-    outlines = outlines.reset_index(drop=True)
-    id_column = data.id_column
-    ids = outlines[id_column].astype(str).to_numpy() if id_column in outlines else None
-    if ids is None or len(ids) != len(glaciers) or not np.array_equal(ids, data.ids.astype(str)):
+    outlines = _outline_rows(data)
+    if outlines is None:
         why = f"not written: the outlines in {data.outlines} do not match the cube's glaciers"
         warnings.warn(f"{path.name} {why}", MbcubeWarning, stacklevel=3)
         return why
+    id_column = data.id_column
     frame = gpd.GeoDataFrame(
         glaciers.assign(**{id_column: outlines[id_column].to_numpy()}),
         geometry=outlines.geometry.to_numpy(),

@@ -76,6 +76,8 @@ from mbcube.store import (
     read_state,
     record_step,
     recorded_config,
+    require_intact,
+    require_static_intact,
     scene_index,
     scene_outputs,
     step_record,
@@ -1100,6 +1102,7 @@ def _bin_cube(
     progress: Callable[[str], None] | None,
 ) -> list[str]:
     cfg = config if config is not None else recorded_config(store).massbalance
+    require_static_intact(store)
     say = progress or log.info
     cube = open_cube(store)
     _require(cube, ["dh_m", "glacier_id", "surface", "ref_dem_m", "stable"])
@@ -1135,6 +1138,8 @@ def _bin_cube(
         i = index[scene_id]
         if not force and binned[i] == 1 and is_current(store, "bin", scene_id, record):
             continue
+        fix = f"`mbcube correct {store} --scene {scene_id} --force`"
+        require_intact(store, "correct", scene_id, fix)
         jobs.append(_scene_job(store, cube, axis, n_glaciers, scene_id, i, record, say, block_px))
     return compute_scenes(jobs)
 

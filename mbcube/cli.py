@@ -1,11 +1,19 @@
-"""The `mbcube` command (thin: parses arguments, calls library functions, prints)."""
+"""The `mbcube` command (thin: parses arguments, calls library functions, prints).
+
+Every expected failure (bad input, a locked, damaged, read-only or full store) prints one line
+per problem, naming the file, row or field and the fix, and exits with code 2; `--debug`
+shows the traceback instead. Warnings print as one line without source paths."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -18,6 +26,24 @@ app = typer.Typer(
 )
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
+
+#: Set by --debug: errors raise with their traceback instead of one line each.
+_DEBUG = {"on": False}
+
+
+@app.callback()
+def _main(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback of an error (for a bug report).")
+    ] = False,
+) -> None:
+    _DEBUG["on"] = debug
+    if not debug:
+        warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:
+    return f"warning: {message}\n"
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -35,6 +61,54 @@ def _setup_logging(quiet: bool) -> None:
 def _fail(err: Exception) -> None:
     typer.echo(f"error: {err}", err=True)
     raise typer.Exit(2)
+
+
+#: File system refusals printed as one line: errno -> (what happened, the fix).
+_OS_ERRORS = {
+    errno.ENOSPC: ("disk full", "free space there and run again: the run resumes where it stopped"),
+    errno.EDQUOT: ("disk quota exceeded", "free space there and run again"),
+    errno.EROFS: ("read-only file system", "give a writable --store / --out"),
+    errno.EACCES: ("permission denied", "give a path you may write to"),
+    errno.EPERM: ("not permitted", "give a path you may write to"),
+}
+
+
+def expected_error_lines(err: BaseException, store: Path | None = None) -> list[str] | None:
+    """The lines to print for an expected failure, or None for a bug (shown with its
+    traceback)."""
+    if isinstance(err, (StudyError, StoreError)):
+        return [line for line in str(err).splitlines() if line.strip()]
+    if isinstance(err, OSError) and err.errno in _OS_ERRORS:
+        what, fix = _OS_ERRORS[err.errno]
+        where = err.filename or store or "?"
+        return [f"{where}: {what} ({err.strerror}); {fix}."]
+    if isinstance(err, OSError) and err.filename:
+        return [f"{err.filename}: {err.strerror or err}."]
+    if isinstance(err, ValueError) and "checksum" in str(err).lower():
+        where = f"`mbcube verify {store}`" if store else "`mbcube verify STORE`"
+        return [f"a chunk of the store is damaged ({err}); {where} names it and repairs it."]
+    return None
+
+
+@contextmanager
+def _handled(store: Path | None = None) -> Iterator[None]:
+    """Expected failures as one line each and exit code 2 (unless --debug)."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        typer.echo("interrupted: run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
+    except Exception as err:
+        lines = None if _DEBUG["on"] else expected_error_lines(err, store)
+        if lines is None:
+            raise
+        first, *rest = lines
+        typer.echo(f"error: {first}", err=True)
+        for line in rest:
+            typer.echo(f"  {line.strip()}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -69,29 +143,55 @@ def ingest(
     store: Annotated[Path, typer.Option(help="Cube store (Zarr directory).")],
     quiet: Quiet = False,
 ) -> None:
-    """Ingest a study into its cube (create, append new scenes, or complete an interrupted run)."""
+    """Ingest a study into its cube: create it, append new scenes, complete interrupted ones,
+    rewrite scenes whose row or files changed, remove scenes whose row was deleted."""
     from mbcube.ingest import ingest as run_ingest
+    from mbcube.preflight import check_run
 
     _setup_logging(quiet)
-    try:
-        report = run_ingest(study, store)
-    except (StudyError, StoreError) as err:
-        _fail(err)
+    with _handled(store):
+        report = run_ingest(check_run(study, store), store)
     typer.echo(
         f"{store}: {len(report.written)} scene(s) written, {len(report.resumed)} completed, "
-        f"{len(report.skipped)} up to date"
+        f"{len(report.changed)} rewritten (row or files changed), {len(report.removed)} "
+        f"removed, {len(report.skipped)} up to date"
     )
 
 
 @app.command()
 def info(store: Annotated[Path, typer.Argument(help="Cube store.")]) -> None:
-    """Print the cube's grid, scenes, coverage and size on disk."""
+    """Print the cube's grid, scenes, coverage, the steps each scene went through (files a step
+    recorded that are gone are marked damaged), its writer and size on disk. Takes no lock."""
     from mbcube.summary import cube_summary
 
-    try:
+    with _handled(store):
         typer.echo(cube_summary(store))
-    except StoreError as err:
-        _fail(err)
+
+
+@app.command()
+def verify(
+    store: Annotated[Path, typer.Argument(help="Cube store.")],
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair", help="Forget what is damaged, so that the next run redoes it (only that)."
+        ),
+    ] = False,
+    quick: Annotated[
+        bool,
+        typer.Option("--quick", help="Only presence and sizes of the files (no chunk decoded)."),
+    ] = False,
+) -> None:
+    """Check every file the steps recorded: present, of its size, decoding with its checksum;
+    the cached statistics equal to the stored ones. Exit code 1 when something is damaged."""
+    from mbcube.verify import verify as run_verify
+
+    with _handled(store):
+        report = run_verify(store, decode=not quick, repair_it=repair)
+    for line in report.lines():
+        typer.echo(line)
+    if not report.ok and not report.repaired:
+        raise typer.Exit(1)
 
 
 Cluster = Annotated[
@@ -114,12 +214,16 @@ def _run_step(
     step: str, store: Path, cluster: str | None, scenes: list[str] | None, force: bool
 ) -> None:
     from mbcube.pipeline import STEPS, cluster_context
+    from mbcube.store import open_cube
+    from mbcube.store.location import writable_problem
 
-    try:
+    with _handled(store):
+        open_cube(store)  # not a cube: its own one-line error
+        unwritable = writable_problem(store, "the store")
+        if unwritable:
+            raise StoreError(unwritable)
         with cluster_context(cluster or "local"):
             done = STEPS[step](store, scenes=scenes, force=force, progress=typer.echo)
-    except (StudyError, StoreError) as err:
-        _fail(err)
     typer.echo(f"{store}: {step}: {len(done)} scene(s) recomputed, the rest up to date")
 
 
@@ -165,12 +269,14 @@ def aggregate(
 
     from mbcube.aggregate import aggregate as run_aggregate
     from mbcube.aggregate import tables_record
+    from mbcube.store.location import out_problems
 
     start = time.perf_counter()
-    try:
+    with _handled(store):
+        problems = out_problems(out, store, None, [])
+        if problems:
+            raise StoreError("\n".join(problems))
         run_aggregate(store, out, regions=regions)
-    except (StudyError, StoreError) as err:
-        _fail(err)
     seconds = time.perf_counter() - start
     _print_results(out, quiet=False, figures=False)
     gpkg = tables_record(out).get("gpkg", "")
@@ -202,13 +308,11 @@ def run(
     from mbcube.pipeline import run as run_pipeline
 
     _setup_logging(quiet)
-    try:
+    with _handled(store):
         pipeline = load_pipeline(source, store=store, out=out, cluster=cluster)
         say = (lambda _: None) if quiet else typer.echo
         with no_progress_bars(quiet):
             report = run_pipeline(pipeline, force=force, progress=say)
-    except (StudyError, StoreError) as err:
-        _fail(err)
     _print_results(pipeline.out, quiet)
     if report.nothing_recomputed and not quiet:
         typer.echo("everything was up to date: nothing recomputed")

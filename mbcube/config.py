@@ -275,6 +275,14 @@ class ChecksConfig(_Strict):
         "dh/dt over a shorter span is dominated by seasonal change and noise (and a scene on "
         "the reference date has no span at all).",
     )
+    allow_scenes_before_reference: bool = Field(
+        False,
+        description="Also accept scenes dated at least min_scene_span_days BEFORE the reference "
+        "date (a study whose reference DEM is the later one, e.g. an old DEM differenced "
+        "against a recent reference: the rate dh / span keeps its sign). Off by default: the "
+        "paper's scenes all follow SRTM, and a date typed before the reference flips the sign "
+        "of the result.",
+    )
     h_amb_min_m: float = Field(
         2.0,
         gt=0,

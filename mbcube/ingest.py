@@ -39,13 +39,13 @@ from rasterio.windows import Window
 import mbcube
 from mbcube import store as st
 from mbcube.cluster import SceneJob, compute_scenes
-from mbcube.config import STATIC_KEYS
+from mbcube.config import STATIC_KEYS, ChecksConfig
 from mbcube.errors import StoreError, StudyError
 from mbcube.fingerprints import changed_roles, fingerprints, identity
 from mbcube.grid import Grid
 from mbcube.store.location import store_problems
 from mbcube.store.state import STATE_ATTR
-from mbcube.study import SceneSpec, Study, load_study
+from mbcube.study import SceneSpec, Study, h_amb_problem, load_study
 
 log = logging.getLogger(__name__)
 
@@ -222,34 +222,12 @@ def _box(left: float, bottom: float, right: float, top: float) -> Any:
 # ---------------------------------------------------------------- the static layers
 
 
-def read_outlines(study: Study) -> gpd.GeoDataFrame:
-    """Glacier outlines in the grid CRS, valid geometries, in file order."""
-    outlines = gpd.read_file(study.glaciers)
-    if outlines.crs is None:
-        raise StudyError(f"{study.glaciers}: no CRS.")
-    outlines = outlines[outlines.geometry.notna() & ~outlines.geometry.is_empty].to_crs(
-        study.grid.crs
-    )
-    outlines["geometry"] = outlines.geometry.make_valid()
-    return outlines.reset_index(drop=True)
-
-
-def read_regions(study: Study) -> gpd.GeoDataFrame | None:
-    if study.regions is None:
-        return None
-    regions = gpd.read_file(study.regions)
-    if regions.crs is None:
-        raise StudyError(f"{study.regions}: no CRS.")
-    regions = regions.to_crs(study.grid.crs)
-    regions["geometry"] = regions.geometry.make_valid()
-    return regions.reset_index(drop=True)
-
-
 def static_dataset(study: Study) -> xr.Dataset:
     """The static layers (lazy) and the glacier and region tables."""
     grid, cfg = study.grid, study.config
-    outlines = read_outlines(study)
-    regions = read_regions(study)
+    # validated by load_study (mbcube.outlines): grid CRS, repaired, in file order
+    outlines = study.outlines.reset_index(drop=True)
+    regions = None if study.regions_frame is None else study.regions_frame.reset_index(drop=True)
     n = len(outlines)
     ref = raster_layer(study.ref_dem, grid, Resampling.bilinear, "ref_dem_m")
     glacier_id = vector_layer(outlines.geometry, np.arange(1, n + 1), grid, "int32", "glacier_id")
@@ -360,6 +338,14 @@ def scene_layers(study: Study, scene: SceneSpec) -> dict[str, da.Array]:
     )
     if isinstance(scene.h_amb_m, Path):
         h_amb = raster_layer(scene.h_amb_m, grid, Resampling.bilinear, f"hamb-{scene.scene_id}")
+        h_amb = da.map_blocks(
+            _checked_h_amb,
+            h_amb,
+            str(scene.h_amb_m),
+            scene.scene_id,
+            study.config.checks,
+            dtype="float32",
+        )
     else:
         h_amb = da.full(grid.shape, scene.h_amb_m, chunks=grid.chunks, dtype="float32")
     in_scene = da.isfinite(phase)
@@ -390,6 +376,21 @@ def _checked(
                 else "Coherence must lie in [0, 1]."
             )
         )
+    return block
+
+
+def _checked_h_amb(block: np.ndarray, path: str, scene_id: str, checks: ChecksConfig) -> np.ndarray:
+    """Refuse heights of ambiguity out of the study's limits (`mbcube.study.h_amb_problem`):
+    the whole raster is checked tile by tile as it is ingested (the study check reads it
+    decimated)."""
+    finite = block[np.isfinite(block)]
+    if finite.size:
+        problem = h_amb_problem(float(finite.min()), float(finite.max()), checks)
+        if problem:
+            raise StudyError(
+                f"{path}: scene {scene_id}, field h_amb: values {finite.min():.6g} to "
+                f"{finite.max():.6g} m {problem}"
+            )
     return block
 
 
@@ -458,8 +459,6 @@ def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
 # ---------------------------------------------------------------- the ingest
 
 STEP = "ingest"
-#: The ingest's record of the static layers (a whole-store item).
-STATIC_ITEM = "_static"
 
 
 def study_inputs(study: Study) -> list[Path]:
@@ -524,7 +523,7 @@ def _ingest(study: Study, store: Path, say: Callable[[str], None]) -> IngestRepo
         _create(study, store, static_prints)
         report.created = True
     static_record = {"inputs": identity(static_prints)}
-    if not st.is_current(store, STEP, STATIC_ITEM, static_record):
+    if not st.is_current(store, STEP, st.records.STATIC_ITEM, static_record):
         _write_static(study, store, static_record)
 
     index = st.scene_index(store)
@@ -590,9 +589,7 @@ def _scene_job(
         _set_scene_state(store, index, st.SCENE_PENDING)
         layers = scene_layers(study, scene)
         _clear_other_layers(store, index, set(layers))
-        coords = xr.Dataset(
-            {k: v for k, v in scene_coords(study, [scene]).items() if k != "scene"}
-        )
+        coords = xr.Dataset({k: v for k, v in scene_coords(study, [scene]).items() if k != "scene"})
         st.write_dataset(coords, store, region={"scene": slice(index, index + 1)})
         ds = xr.Dataset({name: (("scene", "y", "x"), arr[None]) for name, arr in layers.items()})
         region = {"scene": slice(index, index + 1), "y": slice(None), "x": slice(None)}
@@ -676,14 +673,14 @@ def _create(study: Study, store: Path, static_prints: dict[str, Any]) -> None:
 
 def _write_static(study: Study, store: Path, record: dict[str, Any]) -> None:
     """Write the static layers (region writes into the existing arrays), then record them."""
-    st.invalidate(store, STEP, STATIC_ITEM)
+    st.invalidate(store, STEP, st.records.STATIC_ITEM)
     static = static_dataset(study)
     layers = static[[k for k, v in static.data_vars.items() if v.dims == ("y", "x")]]
     st.write_dataset(
         layers.drop_vars(["x", "y"]), store, region={"y": slice(None), "x": slice(None)}
     )
     outputs = [f"{name}/c" for name in st.static_arrays(store)]
-    st.record_step(store, STEP, STATIC_ITEM, record, outputs=outputs)
+    st.record_step(store, STEP, st.records.STATIC_ITEM, record, outputs=outputs)
 
 
 def _wipe(store: Path) -> None:

@@ -442,7 +442,7 @@ def date_problem(
         return f"{date} is after today ({today}). Correct the date."
     span_days = (date - reference_date).days
     minimum = checks.min_scene_span_days
-    if span_days >= minimum:
+    if span_days >= minimum or (checks.allow_scenes_before_reference and -span_days >= minimum):
         return None
     days = f"{abs(span_days)} day{'' if abs(span_days) == 1 else 's'}"
     if span_days < 0:
@@ -451,10 +451,12 @@ def date_problem(
         how = "is on"
     else:
         how = f"is only {days} after"
+    side = "before or after" if checks.allow_scenes_before_reference else "after"
     return (
         f"{date} {how} the reference date {reference_date}; a scene must be dated at least "
-        f"{minimum} days after it. Correct the date, or set reference_date / "
-        "checks.min_scene_span_days in study.yaml."
+        f"{minimum} days {side} it. Correct the date, or set reference_date / "
+        "checks.min_scene_span_days (or checks.allow_scenes_before_reference, for a later "
+        "reference DEM) in study.yaml."
     )
 
 

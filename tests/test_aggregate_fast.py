@@ -261,8 +261,9 @@ def test_gpkg_not_written_when_the_outlines_are_gone(recorded: Synthetic, tmp_pa
     study = tmp_path / "study"
     shutil.copytree(recorded.study, study, ignore=shutil.ignore_patterns("scenes", "truth"))
     state = read_state(store)
-    state["static"]["inputs"]["glaciers"]["path"] = str(study / "glaciers.gpkg")
-    state["static"]["inputs"]["glaciers"]["size"] = -1  # not the recorded file any more
+    state["study"]["root"] = str(study)  # the study as if moved here...
+    outlines = gpd.read_file(study / "glaciers.gpkg")
+    outlines.iloc[1:].to_file(study / "glaciers.gpkg")  # ...and its outlines changed since
     from mbcube.errors import MbcubeWarning
     from mbcube.store import write_state
 
@@ -397,10 +398,15 @@ def test_key_facts_are_read_again_only_when_their_arrays_change(
 
 
 def test_plain_read_equals_zarr(tmp_path: Path) -> None:
-    """_read_plain reads zarr's own bytes: one chunk (mapped read-only), several chunks with
-    padded edge chunks, 1-D, 0-d, uint8, '.' chunk keys; a compressed array, a missing chunk
-    (fill value) and a chunk file of another size are read by zarr, with the same values."""
+    """_read_plain reads zarr's own bytes (checked by their CRC-32C, as mbcube writes them): one
+    chunk (mapped read-only), several chunks with padded edge chunks, 1-D, 0-d, uint8, '.' chunk
+    keys; a compressed array, one without checksum, a missing chunk (fill value) and a chunk
+    file of another size are read by zarr, with the same values; a chunk whose bytes changed
+    fails its checksum."""
     import zarr
+    from zarr.codecs import Crc32cCodec
+
+    from mbcube.errors import StoreDamaged
 
     rng = np.random.default_rng(0)
     cases = {
@@ -414,9 +420,10 @@ def test_plain_read_equals_zarr(tmp_path: Path) -> None:
             rng.normal(size=(4, 5)),
             {"chunks": (2, 5), "chunk_key_encoding": {"name": "default", "separator": "."}},
         ),
+        "unchecked": (rng.normal(size=(3, 8)), {"chunks": (3, 8), "compressors": None}),
     }
     for name, (values, options) in cases.items():
-        kwargs = {"compressors": None, **options}
+        kwargs = {"compressors": [Crc32cCodec()], **options}
         if kwargs["compressors"] == "auto":
             del kwargs["compressors"]
         array = zarr.create_array(
@@ -434,16 +441,21 @@ def test_plain_read_equals_zarr(tmp_path: Path) -> None:
         shape=(6,),
         chunks=(3,),
         dtype="f8",
-        compressors=None,
+        compressors=[Crc32cCodec()],
         fill_value=-1.0,
     )
     holes[:3] = [1.0, 2.0, 3.0]
     np.testing.assert_array_equal(
         aggregate_module._read_plain(tmp_path / "holes"), [1, 2, 3, -1, -1, -1]
     )
-    short = tmp_path / "one" / "c" / "0" / "0"
-    short.write_bytes(short.read_bytes()[:-8])  # not a chunk of this array: zarr's error
-    with pytest.raises(ValueError, match="cannot reshape"):
+    chunk = tmp_path / "one" / "c" / "0" / "0"
+    flipped = bytearray(chunk.read_bytes())
+    flipped[100] ^= 1
+    chunk.write_bytes(bytes(flipped))  # same size, one bit changed: the mapped read checks
+    with pytest.raises(StoreDamaged, match="checksum"):
+        aggregate_module._read_plain(tmp_path / "one", axis=1)
+    chunk.write_bytes(bytes(flipped)[:-8])  # not a chunk of this array: zarr's checksum error
+    with pytest.raises(ValueError, match="checksum"):
         aggregate_module._read_plain(tmp_path / "one", axis=1)
 
 

@@ -39,12 +39,12 @@ from mbcube.errors import MbcubeWarning, StoreError
 from mbcube.ingest import ingest
 from mbcube.massbalance import filled_profile
 from mbcube.store import (
+    invalidate,
     open_cube,
-    read_state,
     record_step,
     scene_index,
+    step_records,
     write_scene_region,
-    write_state,
 )
 from mbcube.synth import generate_study
 from mbcube.voids import fill_voids, void_filled
@@ -404,7 +404,7 @@ def _add_dh(store: Path) -> None:
     """dh_m = dem_m - ref_dem_m and a 'correct' record for scenes that lack one, as the
     corrections step would leave them."""
     cube = open_cube(store)
-    done = read_state(store).get("steps", {}).get("correct", {})
+    done = step_records(store, "correct")
     for scene_id, i in scene_index(store).items():
         if scene_id in done:
             continue
@@ -732,10 +732,8 @@ def test_bin_cube_refuses_unknown_scenes_and_missing_dh(dem_cube, tmp_path):
     store = _copy(dem_cube, tmp_path)
     with pytest.raises(StoreError, match=r"not \(completely\) ingested"):
         bin_cube(store, scenes=["nope"])
-    state = read_state(store)
     first = next(iter(scene_index(store)))
-    del state["steps"]["correct"][first]
-    write_state(store, state)
+    invalidate(store, "correct", first)
     with pytest.raises(StoreError, match=rf"\['{first}'\] have no corrected dh"):
         bin_cube(store)
 

@@ -34,9 +34,10 @@ from mbcube.corrections.seasonal import seasonal_offset_m
 from mbcube.corrections.step import SceneInputs, outlier_table, scene_graph
 from mbcube.errors import MbcubeWarning
 from mbcube.ingest import ingest
-from mbcube.store import open_cube, step_record
+from mbcube.store import STATIC_ITEM, open_cube, step_record
 from mbcube.synth.noise import value_noise
 from tests.conftest import raise_if_dask_computes
+from tests.storetools import rerecord
 
 # ------------------------------------------------------------------------------ kernels
 
@@ -560,6 +561,7 @@ def test_scene_without_stable_ground_is_refused(corrected: Path, tmp_path: Path)
 
     stable = zarr.open_array(str(store / "stable"), mode="r+")
     stable[:] = 0
+    rerecord(store, "ingest", STATIC_ITEM)
     with quiet(), pytest.raises(CorrectionsError, match=r"scene S01_\w+: only 0 valid pixels"):
         correct_cube(store, CorrectionsConfig(penetration="none"))
     ds = open_cube(store)

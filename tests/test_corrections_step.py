@@ -32,6 +32,7 @@ from mbcube.errors import MbcubeWarning
 from mbcube.ingest import ingest
 from mbcube.store import open_cube, read_state, scene_index
 from tests.conftest import raise_if_dask_computes
+from tests.storetools import rerecord
 
 SCENE_VARS = ["dh_m", "valid", *PARAMETERS, "outlier_rejected_px"]
 CONFIG = CorrectionsConfig(penetration="constant", penetration_constant_m=1.5)
@@ -46,6 +47,7 @@ def raw_store(tiny_dem_study: Path, tmp_path_factory: pytest.TempPathFactory) ->
     dem = zarr.open_array(str(store / "dem_m"), mode="r+")
     ny, nx = (int(c) for c in dem.chunks[1:])
     dem[0, :ny, :nx] = np.nan
+    rerecord(store, "ingest", str(open_cube(store).scene.values[0]))
     return store
 
 

@@ -22,7 +22,7 @@ from rasterio.windows import Window
 from mbcube.errors import StoreError, StudyError
 from mbcube.grid import Grid
 from mbcube.ingest import ingest, scene_layers, static_dataset
-from mbcube.store import SCENE_PENDING, open_cube, read_state, recorded_config
+from mbcube.store import SCENE_PENDING, open_cube, recorded_config, step_records
 from mbcube.study import load_study
 from mbcube.synth import generate_study
 from tests.conftest import raise_if_dask_computes
@@ -226,7 +226,7 @@ def test_changed_scene_file_is_rewritten(
         data = dst.read(1)
         dst.write(np.where(np.isfinite(data), 0.5, np.nan).astype("float32"), 1)
     report = ingest(study, store)
-    assert report.resumed == ["S01_20111019"] and len(report.skipped) == 2
+    assert report.changed == ["S01_20111019"] and len(report.skipped) == 2
     values = open_cube(store)["coherence"].sel(scene="S01_20111019").values
     assert np.nanmin(values) == np.nanmax(values) == 0.5
 
@@ -237,7 +237,11 @@ def test_changed_reference_refuses_the_store(
     study = study_copy(tiny_study)
     store = tmp_path / "cube.zarr"
     ingest(study, store)
-    os.utime(study / "reference" / "srtm_c.tif", ns=(1, 1))
+    reference = study / "reference" / "srtm_c.tif"
+    os.utime(reference, ns=(1, 1))  # touched, same content: not a change
+    assert ingest(study, store).recomputed == []
+    with rasterio.open(reference, "r+") as dst:
+        dst.write(dst.read(1) + np.float32(1.0), 1)
     with pytest.raises(StoreError, match=r"static inputs \['ref_dem'\] changed"):
         ingest(study, store)
 
@@ -298,10 +302,12 @@ def test_sigkill_during_ingest_then_rerun_equals_uninterrupted(tmp_path: Path) -
     assert report.skipped and report.resumed
     a, b = open_cube(store).load(), open_cube(reference).load()
     xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
-    scenes_a, scenes_b = read_state(store)["scenes"], read_state(reference)["scenes"]
+    scenes_a, scenes_b = step_records(store, "ingest"), step_records(reference, "ingest")
+    assert set(scenes_a) == set(scenes_b)
     for sid in scenes_b:
         assert scenes_a[sid]["inputs"] == scenes_b[sid]["inputs"]
-        assert scenes_a[sid]["coverage_frac"] == scenes_b[sid]["coverage_frac"]
+        assert scenes_a[sid]["run"]["coverage_frac"] == scenes_b[sid]["run"]["coverage_frac"]
+        assert scenes_a[sid]["outputs"] == scenes_b[sid]["outputs"]  # the same files
 
 
 def test_step_parameters_may_change_static_ones_may_not(

@@ -228,7 +228,8 @@ TODAY = dt.date.today()
 LATER = (TODAY + dt.timedelta(days=30)).isoformat()
 SPAN = (
     "a scene must be dated at least 365 days after it. Correct the date, or set "
-    "reference_date / checks.min_scene_span_days in study.yaml."
+    "reference_date / checks.min_scene_span_days (or checks.allow_scenes_before_reference, "
+    "for a later reference DEM) in study.yaml."
 )
 
 
@@ -390,3 +391,18 @@ def test_several_problems_in_one_error(
     ]
     for line, fragment in zip(lines[1:], expected, strict=True):
         assert line.startswith("  - ") and fragment in line, (fragment, line)
+
+
+def test_scenes_before_a_later_reference_only_when_allowed() -> None:
+    """A study whose reference DEM is the later one (Exploradores: a 2000 DEM against a 2012
+    reference) sets checks.allow_scenes_before_reference; the minimum span holds both ways."""
+    from mbcube.config import ChecksConfig
+    from mbcube.study import date_problem
+
+    reference = dt.date(2012, 3, 18)
+    before = dt.date(2000, 2, 11)
+    assert "4419 days before" in str(date_problem(before, reference, ChecksConfig()))
+    allowed = ChecksConfig(allow_scenes_before_reference=True)
+    assert date_problem(before, reference, allowed) is None
+    near = reference - dt.timedelta(days=100)
+    assert "at least 365 days before or after it" in str(date_problem(near, reference, allowed))

@@ -46,10 +46,11 @@ TABLE_GROUP = "penetration"
 
 
 def _run(where: str, func: Callable[..., Any], *args: Any) -> Any:
-    """func(*args), re-raising any error with the scene and tile it happened in."""
+    """func(*args), re-raising any error with the scene and tile it happened in (the file
+    system's own errors, e.g. a full disk, pass unchanged: they name their file)."""
     try:
         return func(*args)
-    except CorrectionsError:
+    except (CorrectionsError, OSError):
         raise
     except Exception as err:
         raise CorrectionsError(f"corrections, {where}: {type(err).__name__}: {err}") from err
@@ -1703,6 +1704,7 @@ def _correct_cube(
     progress: Callable[[str], None] | None,
 ) -> list[str]:
     config = config or st.recorded_config(store).corrections
+    st.require_static_intact(store)
     ds = st.open_cube(store)
     meta = xr.open_zarr(str(store), chunks=None)
     ids = [str(s) for s in ds.scene.values]
@@ -1735,6 +1737,14 @@ def _correct_cube(
         record = {"params": _step_params(config), "upstream": upstream, "penetration": table_token}
         if not force and st.is_current(store, STEP, scene.scene_id, record):
             continue
+        fix = (
+            f"`mbcube unwrap {store} --scene {scene.scene_id} --force`"
+            if scene.kind == "insar"
+            else f"`mbcube ingest STUDY --store {store}`"
+        )
+        st.require_intact(
+            store, "unwrap" if scene.kind == "insar" else "ingest", scene.scene_id, fix
+        )
         jobs.append(_scene_job(store, ds, scene, config, table, run, record, progress))
     return compute_scenes(jobs)
 

@@ -31,11 +31,15 @@ from mbcube.store.cube import (
 )
 from mbcube.store.lock import holds_lock, writer_lock
 from mbcube.store.records import (
+    RUN_KEYS,
+    STATIC_ITEM,
     damaged_outputs,
     invalidate,
     is_current,
     list_outputs,
     record_step,
+    require_intact,
+    require_static_intact,
     scene_outputs,
     step_record,
     step_records,
@@ -54,6 +58,8 @@ from mbcube.store.state import (
 )
 
 __all__ = [
+    "RUN_KEYS",
+    "STATIC_ITEM",
     "OUTLIER_GROUP",
     "SCENE_INGESTED",
     "SCENE_PENDING",
@@ -77,6 +83,8 @@ __all__ = [
     "read_state",
     "record_step",
     "recorded_config",
+    "require_intact",
+    "require_static_intact",
     "scene_index",
     "scene_outputs",
     "scene_states",

@@ -26,7 +26,9 @@ def store_problems(store: Path, study_root: Path | None, inputs: Iterable[Path])
         return [f"{store}: --store is a file, not a folder. Give a new or empty folder."]
     problems = []
     if not is_cube(store):
-        others = sorted(p.name for p in store.iterdir() if p.name != LOCK_NAME) if store.is_dir() else []
+        others = (
+            sorted(p.name for p in store.iterdir() if p.name != LOCK_NAME) if store.is_dir() else []
+        )
         if others:
             kind = "a Zarr store mbcube did not make" if store_exists(store) else "files"
             shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")

@@ -32,7 +32,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from mbcube.errors import StoreError
+from mbcube.errors import StoreDamaged, StoreError
 
 RECORDS_GROUP = "records"
 #: Items whose name starts with this are whole-store items, not scenes.
@@ -40,6 +40,8 @@ WHOLE = "_"
 #: Keys of a record that describe the run, not what its result depends on (`run`: facts a step
 #: keeps for later, e.g. the inputs' modification times or a scene's coverage).
 RUN_KEYS = ("token", "outputs", "recorded_utc", "run")
+#: The ingest's record of the static layers.
+STATIC_ITEM = "_static"
 #: Files zarr writes first and renames into place (left behind by a kill, never data).
 TEMPORARY_SUFFIX = ".partial"
 
@@ -146,6 +148,25 @@ def damaged_outputs(path: Path, manifest: Manifest) -> list[str]:
             if found.get(name) != size:
                 damaged.append(str(Path(prefix) / name) if name else prefix)
     return damaged
+
+
+def require_intact(path: Path, step: str, item: str, fix: str) -> None:
+    """Refuse to read what `step` wrote for `item` when files it recorded are missing or
+    changed size (a missing chunk reads as fill values: other numbers, silently). `fix`: the
+    command that redoes it."""
+    damaged = damaged_outputs(Path(path), step_record(path, step, item).get("outputs", {}))
+    if damaged:
+        what = f"scene {item}" if not item.startswith(WHOLE) else item[1:]
+        raise StoreDamaged(
+            f"{path}: {len(damaged)} file(s) that step '{step}' wrote for {what} are missing or "
+            f"changed ({damaged[0]}{', ...' if len(damaged) > 1 else ''}). Repair: {fix}."
+        )
+
+
+def require_static_intact(path: Path) -> None:
+    """Refuse to read the static layers when files the ingest recorded for them are gone."""
+    fix = f"`mbcube verify {path} --repair`, then `mbcube ingest STUDY --store {path}`"
+    require_intact(path, "ingest", STATIC_ITEM, fix)
 
 
 def scene_outputs(names: Sequence[str], index: int) -> list[str]:

@@ -24,6 +24,7 @@ from mbcube.store import (
     open_cube,
     record_step,
     recorded_config,
+    require_intact,
     scene_index,
     scene_outputs,
     step_record,
@@ -136,6 +137,7 @@ def _unwrap_cube(
         if not force and is_current(store, STEP, scene_id, record):
             say(f"unwrap {scene_id}: up to date")
             continue
+        require_intact(store, "ingest", scene_id, f"`mbcube ingest STUDY --store {store}`")
         jobs.append(_scene_job(store, scene_id, index[scene_id], config, record))
     return compute_scenes(jobs)
 
