@@ -769,7 +769,7 @@ def cache_problems(store: Path | str) -> list[str]:
         cells.cell, fresh.cells.cell
     ):
         problems.append(f"{CACHE_GROUP}: its cells are not those of the stored statistics")
-    if cached is not None:
+    if cached is not None and cached.results is not None:
         results = fresh.glacier_results()
         problems += [
             f"{CACHE_GROUP}: glacier result {name} differs from the stored statistics"

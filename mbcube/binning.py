@@ -1117,6 +1117,9 @@ def _bin_cube(
         raise StoreError(
             f"{store}: scenes {missing} have no corrected dh yet. Run `mbcube correct {store}` first."
         )
+    for scene_id in wanted:  # before anything is written
+        fix = f"`mbcube correct {store} --scene {scene_id} --force`"
+        require_intact(store, "correct", scene_id, fix)
     n_glaciers = cube.sizes["glacier"]
     # force redoes the hypsometry only with all scenes (a new one means rebinning every scene)
     res = grid_of(read_state(store)).res
@@ -1138,8 +1141,6 @@ def _bin_cube(
         i = index[scene_id]
         if not force and binned[i] == 1 and is_current(store, "bin", scene_id, record):
             continue
-        fix = f"`mbcube correct {store} --scene {scene_id} --force`"
-        require_intact(store, "correct", scene_id, fix)
         jobs.append(_scene_job(store, cube, axis, n_glaciers, scene_id, i, record, say, block_px))
     return compute_scenes(jobs)
 

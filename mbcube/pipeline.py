@@ -44,6 +44,7 @@ from mbcube.store import (
     step_records,
     writer_lock,
 )
+from mbcube.study import Study
 from mbcube.unwrap.step import unwrap_cube
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def run(
         return _run(pipeline, study, force, progress or log.info)
 
 
-def _run(pipeline: Pipeline, study: Any, force: bool, say: Callable[[str], None]) -> RunReport:
+def _run(pipeline: Pipeline, study: Study, force: bool, say: Callable[[str], None]) -> RunReport:
     from mbcube.aggregate import aggregate
 
     report = RunReport(out=pipeline.out)

@@ -302,6 +302,11 @@ def _read_scene_row(
     scene_id = values["scene_id"]
     if not scene_id:
         problems.add(f"{where}, field scene_id: empty. Give every scene an id.")
+    elif scene_id.startswith("_"):
+        problems.add(
+            f"{where}, field scene_id: '{scene_id}' starts with '_', which names the store's own "
+            "records (e.g. _static). Rename the scene."
+        )
     date = parse_date(values["date"])
     if date is None:
         problems.add(

@@ -174,6 +174,8 @@ def test_unknown_column_and_duplicate_id(
         study, lambda t: t.rename(columns={"n_looks": "nlooks"}).assign(scene_id=["a", "a", "b"])
     )
     _expect_error(study, tmp_path, "row 3, field scene_id: 'a' is used twice")
+    _edit_scenes(study, lambda t: t.assign(scene_id=["a", "_static", "b"]))
+    _expect_error(study, tmp_path, "row 3, field scene_id: '_static' starts with '_'")
 
 
 def test_outline_id_column_missing(

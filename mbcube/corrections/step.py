@@ -1725,6 +1725,12 @@ def _correct_cube(
             raise CorrectionsError(
                 f"scene {sid}: step '{upstream_step}' has not finished it; run it first."
             )
+        fix = (
+            f"`mbcube unwrap {store} --scene {sid} --force`"
+            if kind == "insar"
+            else f"`mbcube ingest STUDY --store {store}`"
+        )
+        st.require_intact(store, upstream_step, sid, fix)  # before anything is written
         inputs.append((SceneInputs(sid, i, kind, month), upstream))
     penetration_table(store, config, force=force, progress=progress)
     table = read_table(store)
@@ -1737,14 +1743,6 @@ def _correct_cube(
         record = {"params": _step_params(config), "upstream": upstream, "penetration": table_token}
         if not force and st.is_current(store, STEP, scene.scene_id, record):
             continue
-        fix = (
-            f"`mbcube unwrap {store} --scene {scene.scene_id} --force`"
-            if scene.kind == "insar"
-            else f"`mbcube ingest STUDY --store {store}`"
-        )
-        st.require_intact(
-            store, "unwrap" if scene.kind == "insar" else "ingest", scene.scene_id, fix
-        )
         jobs.append(_scene_job(store, ds, scene, config, table, run, record, progress))
     return compute_scenes(jobs)
 

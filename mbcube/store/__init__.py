@@ -58,13 +58,13 @@ from mbcube.store.state import (
 )
 
 __all__ = [
-    "RUN_KEYS",
-    "STATIC_ITEM",
     "OUTLIER_GROUP",
+    "RUN_KEYS",
     "SCENE_INGESTED",
     "SCENE_PENDING",
     "SCENE_REMOVED",
     "SCHEMA_VERSION",
+    "STATIC_ITEM",
     "check_schema",
     "checked_codecs",
     "consolidate",

@@ -26,7 +26,7 @@ import os
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -209,11 +209,11 @@ def _scene_index(path: Path) -> dict[str, int]:
     return {str(s): i for i, s in enumerate(np.asarray(ids).ravel())}
 
 
-def _open_array(path: Path, step: str, mode: str = "r") -> Any:
+def _open_array(path: Path, step: str, mode: Literal["r", "r+"] = "r") -> Any:
     where = path / RECORDS_GROUP / step
     if not (where / "zarr.json").is_file():
         return None
-    return zarr.open_array(str(where), mode=mode)  # type: ignore[arg-type]
+    return zarr.open_array(str(where), mode=mode)
 
 
 def _whole_records(path: Path) -> dict[str, Any]:
