@@ -59,7 +59,7 @@ from mbcube.aggregate import CACHE_GROUP, aggregate, load_stats, region_sets, re
 from mbcube.config import MassBalanceConfig, StudyConfig
 from mbcube.errors import MbcubeWarning
 from mbcube.grid import Grid
-from mbcube.store import SCHEMA_VERSION, write_dataset, write_state
+from mbcube.store import SCHEMA_VERSION, record_step, write_dataset, write_state
 
 RESULTS = Path(__file__).with_name("RESULTS-aggregate.md")
 CRS = "EPSG:32643"
@@ -108,17 +108,21 @@ def _root(grid: Grid, n_glaciers: int, cx: np.ndarray, cy: np.ndarray, n_scenes:
     )
 
 
-def _state(grid: Grid, root: xr.Dataset, steps: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "grid": grid.to_attrs(),
-        "study": {"root": "", "config": StudyConfig().model_dump(mode="json")},
-        "static": {"complete": True, "inputs": {}},
-        "scenes": {},
-        "steps": {
-            step: {str(s): {"token": f"{step}-{s}"} for s in root["scene"].values} for step in steps
+def _record(path: Path, grid: Grid, root: xr.Dataset, step: str) -> None:
+    """The store state, and a record of `step` for every scene."""
+    write_state(
+        path,
+        {
+            "schema_version": SCHEMA_VERSION,
+            "grid": grid.to_attrs(),
+            "study": {"root": "", "config": StudyConfig().model_dump(mode="json")},
+            "static_inputs": {},
+            "static_files": {},
+            "created": True,
         },
-    }
+    )
+    for scene in root["scene"].values:
+        record_step(path, step, str(scene), {"benchmark": True})
 
 
 # ------------------------------------------------------------------------------ the pixel cube
@@ -208,7 +212,7 @@ def make_pixel_cube(
     )
     encoding = {"dh_m": {"_FillValue": np.nan}, "ref_dem_m": {"_FillValue": np.nan}}
     write_dataset(ds, path, mode="w", encoding=encoding)
-    write_state(path, _state(grid, root, {"correct": True}))
+    _record(path, grid, root, "correct")
     return path
 
 
@@ -381,7 +385,7 @@ def make_store(path: Path, n_glaciers: int, n_scenes: int, n_bins: int = 100) ->
     cy = rng.uniform(Y0 - span, Y0, n_glaciers)
     root = _root(grid, n_glaciers, cx, cy, n_scenes)
     write_dataset(root, path, mode="w")
-    write_state(path, _state(grid, root, {"bin": True}))
+    _record(path, grid, root, "bin")
     # each glacier spans ~15 consecutive bins; each scene sees ~60 % of the glaciers
     bins = 3000.0 + 50.0 * np.arange(n_bins)
     low = rng.integers(0, n_bins - 16, n_glaciers)

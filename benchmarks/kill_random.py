@@ -3,7 +3,8 @@
 A small mixed study (insar and dem scenes: every step, unwrapping included) is run once without
 interruption: its tables and cube are the reference. Then, for each trial (seeded), a fresh store
 is made by runs of `mbcube run` each SIGKILLed after a random delay (uniform over the
-uninterrupted run's wall time), 1 to MAX_KILLS of them, then one run to the end. The result must
+uninterrupted run's wall time), 1 to MAX_KILLS of them (a run that finishes before its kill time
+ends the series), then one run to the end. The result must
 equal the reference: glaciers.csv and regions.csv byte for byte, the corrected pixels (dh_m,
 valid) and the binned statistics identical, and `mbcube verify` clean. Half of the trials also
 change a correction parameter for the killed runs and revert it for the last one (the
@@ -113,14 +114,16 @@ def main() -> None:
         for _ in range(int(rng.integers(1, MAX_KILLS + 1))):
             delay = float(rng.uniform(0.0, full_s))
             proc = mbcube_run(study, store, out)
+            runs += 1
             try:
-                proc.wait(timeout=delay)  # finished before its kill time: nothing to kill
+                proc.wait(timeout=delay)  # finished before its kill time: the store is complete
+                delays.append(f"{delay:.1f} (finished first)")
+                break
             except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 kills += 1
-            runs += 1
-            delays.append(delay)
+                delays.append(f"{delay:.1f}")
         if revert:
             set_outlier_nmad(study, None)
         run_to_end(study, store, out)
@@ -128,7 +131,7 @@ def main() -> None:
         differs = same_result(store, out, reference)
         identical += not differs
         rows.append((trial, revert, delays, differs))
-        killed = ", ".join(f"{d:.1f}" for d in delays)
+        killed = ", ".join(delays)
         verdict = "identical" if not differs else "DIFFERS in " + ", ".join(differs)
         reverted = " (param reverted)" if revert else ""
         print(f"trial {trial}: killed at {killed} s{reverted}: {verdict}", flush=True)
@@ -136,13 +139,14 @@ def main() -> None:
     summary = (
         f"\n## {dt.datetime.now():%Y-%m-%d %H:%M} randomized kills (seed {args.seed})\n\n"
         f"Study: 256 x 256 px, 8 glaciers, 4 scenes (insar and dem), uninterrupted run "
-        f"{full_s:.1f} s. {args.trials} trials, {runs} `mbcube run` processes, {kills} SIGKILLs "
-        f"at uniform random times; half the trials killed with outlier_nmad 1.5, then reverted. "
+        f"{full_s:.1f} s. {args.trials} trials, {runs} `mbcube run` processes, {kills} of them "
+        f"SIGKILLed at uniform random times in [0, {full_s:.1f}] s; in half the trials the killed "
+        f"runs had outlier_nmad 1.5, reverted for the last run. "
         f"**{identical} of {args.trials} trials identical** to the uninterrupted run (tables byte "
         f"for byte, dh_m, valid, stats, `mbcube verify` clean).\n\n"
         "| trial | reverted | kill delays (s) | result |\n|---|---|---|---|\n"
         + "".join(
-            f"| {t} | {'yes' if r else 'no'} | {', '.join(f'{d:.1f}' for d in ds)} | "
+            f"| {t} | {'yes' if r else 'no'} | {', '.join(ds)} | "
             f"{'identical' if not diff else 'differs: ' + ', '.join(diff)} |\n"
             for t, r, ds, diff in rows
         )

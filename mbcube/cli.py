@@ -351,16 +351,24 @@ def demo(
     cluster: Cluster = None,
     quiet: Quiet = False,
 ) -> None:
-    """Generate the built-in synthetic demo study (if missing) and run the whole pipeline on it."""
+    """Generate the built-in synthetic demo study (if missing) and run the whole pipeline on it.
+    A demo cube made by an older mbcube (another schema) is made again."""
+    import shutil
+
+    from mbcube.store import SCHEMA_VERSION, is_cube, read_state
     from mbcube.synth import generate_study
 
     study = out / "study"
     if not (study / "scenes.csv").exists():
         typer.echo(f"generating the demo study in {study} ...")
         generate_study(study, "demo")
+    cube = out / "cube.zarr"
+    if is_cube(cube) and read_state(cube).get("schema_version") != SCHEMA_VERSION:
+        typer.echo(f"{cube}: made by an older mbcube; the demo cube is made again")
+        shutil.rmtree(cube)
     run(
         study,
-        store=out / "cube.zarr",
+        store=cube,
         out=out / "results",
         cluster=cluster,
         force=False,
