@@ -83,7 +83,7 @@ from mbcube.store import (
     step_record,
     step_records,
     write_dataset,
-    writer_lock,
+    writes_store,
 )
 from mbcube.voids import void_filled
 
@@ -1076,6 +1076,7 @@ def _ensure_stats_group(
     write_dataset(ds, store, group="stats", mode="w")
 
 
+@writes_store
 def bin_cube(
     store: Path,
     config: MassBalanceConfig | None = None,
@@ -1088,19 +1089,8 @@ def bin_cube(
     into the `stats` group of the cube at `store`; return the ids of the scenes (re)computed.
 
     Uses dh_m written by the corrections step (upstream record 'correct'); a scene is skipped when
-    its statistics were made from the same dh_m, bin width and hypsometry (unless force)."""
-    store = Path(store)
-    with writer_lock(store):
-        return _bin_cube(store, config, scenes, force, progress)
-
-
-def _bin_cube(
-    store: Path,
-    config: MassBalanceConfig | None,
-    scenes: Sequence[str] | None,
-    force: bool,
-    progress: Callable[[str], None] | None,
-) -> list[str]:
+    its statistics were made from the same dh_m, bin width and hypsometry (unless force). Holds
+    the store's writer lock."""
     cfg = config if config is not None else recorded_config(store).massbalance
     require_static_intact(store)
     say = progress or log.info

@@ -59,6 +59,7 @@ class CubeStep(Protocol):
     def __call__(
         self,
         store: Path,
+        /,
         *,
         scenes: Sequence[str] | None = None,
         force: bool = False,

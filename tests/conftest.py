@@ -11,6 +11,7 @@ import dask
 import pytest
 
 from mbcube.ingest import ingest
+from mbcube.pipeline import Pipeline
 from mbcube.synth import generate_study
 from tests.slurm import slurm  # noqa: F401  (the session's single-node SLURM, see cluster/)
 
@@ -35,6 +36,26 @@ def tiny_cube(tiny_study: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     store = tmp_path_factory.mktemp("tiny_cube") / "cube.zarr"
     ingest(tiny_study, store)
     return store
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    """A small DEM-kind study (no unwrapping: 3 scenes, 6 glaciers, 192 x 192 px in 9 tiles)
+    run once to the end on dask's threads. Read-only: copy it (`tests.storetools.copy_run`)."""
+    import warnings
+
+    from mbcube.errors import MbcubeWarning
+    from mbcube.pipeline import load_pipeline, run
+
+    root = tmp_path_factory.mktemp("small_run")
+    study = generate_study(
+        root / "study", "tiny", kind="dem", size_px=192, tile_px=64, n_glaciers=6, seed=5
+    )
+    pipeline = load_pipeline(study, cluster="threads")
+    with warnings.catch_warnings():  # too little X band for a table per region and surface
+        warnings.filterwarnings("ignore", "penetration", MbcubeWarning)
+        run(pipeline)
+    return pipeline
 
 
 @pytest.fixture

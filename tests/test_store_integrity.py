@@ -25,36 +25,14 @@ from typer.testing import CliRunner
 from mbcube.aggregate import CACHE_GROUP, aggregate
 from mbcube.cli import app
 from mbcube.errors import StoreDamaged, StudyError
-from mbcube.pipeline import Pipeline, load_pipeline, run
+from mbcube.pipeline import Pipeline, run
 from mbcube.store import scene_index
-from mbcube.synth import generate_study
 from mbcube.verify import verify
+from tests.storetools import copy_run, same_tables
 
-SMALL = {"kind": "dem", "size_px": 192, "tile_px": 64, "n_glaciers": 6, "seed": 5}
 CODE = "import sys; from mbcube.cli import app; sys.argv[0] = 'mbcube'; app()"
-TABLES = ("glaciers.csv", "regions.csv")
 
 pytestmark = pytest.mark.filterwarnings("ignore:penetration:mbcube.MbcubeWarning")
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
-    """The small DEM study, run once to the end (read-only: tests copy it)."""
-    root = tmp_path_factory.mktemp("integrity")
-    pipeline = load_pipeline(generate_study(root / "study", "tiny", **SMALL), cluster="threads")
-    run(pipeline)
-    return pipeline
-
-
-def _copy(small: Pipeline, tmp_path: Path) -> Pipeline:
-    study = Path(shutil.copytree(small.study, tmp_path / "study"))
-    shutil.copytree(small.store, tmp_path / "cube.zarr")
-    return load_pipeline(study, store=tmp_path / "cube.zarr", cluster="threads")
-
-
-def _same_tables(out: Path, reference: Path) -> None:
-    for name in TABLES:
-        pd.testing.assert_frame_equal(pd.read_csv(out / name), pd.read_csv(reference / name))
 
 
 def _cli(*args: str) -> tuple[int, str]:
@@ -82,33 +60,35 @@ def _flip_a_bit(path: Path) -> None:
 
 
 def test_deleted_cache_chunk_gives_the_right_tables_not_nan(
-    small: Pipeline, tmp_path: Path
+    small_run: Pipeline, tmp_path: Path
 ) -> None:
-    pipeline = _copy(small, tmp_path)
+    pipeline = copy_run(small_run, tmp_path)
     for chunk in (pipeline.store / CACHE_GROUP / "glacier_values" / "c").rglob("*"):
         if chunk.is_file():
             chunk.unlink()
     aggregate(pipeline.store, tmp_path / "out")
-    _same_tables(tmp_path / "out", small.out)
+    same_tables(tmp_path / "out", small_run.out)
     assert verify(pipeline.store).ok  # the cache was made again, whole
 
 
-def test_flipped_bit_in_the_cache_gives_the_right_tables(small: Pipeline, tmp_path: Path) -> None:
-    pipeline = _copy(small, tmp_path)
+def test_flipped_bit_in_the_cache_gives_the_right_tables(
+    small_run: Pipeline, tmp_path: Path
+) -> None:
+    pipeline = copy_run(small_run, tmp_path)
     cells = next(
         p for p in (pipeline.store / CACHE_GROUP / "cells" / "c").rglob("*") if p.is_file()
     )
     _flip_a_bit(cells)  # same size: only its checksum tells
     assert "massbalance_cache: damaged" in verify(pipeline.store).lines()[1]
     aggregate(pipeline.store, tmp_path / "out")
-    _same_tables(tmp_path / "out", small.out)
+    same_tables(tmp_path / "out", small_run.out)
 
 
-def test_deleted_dh_chunk_is_named_refused_and_redone(small: Pipeline, tmp_path: Path) -> None:
+def test_deleted_dh_chunk_is_named_refused_and_redone(small_run: Pipeline, tmp_path: Path) -> None:
     """Before: a re-bin silently used the missing chunk as NaN. Now `info` marks the scene's
     corrections damaged, `bin --force` refuses naming the file and the fix, `run` redoes that
     scene's corrections and the tables equal the clean run's."""
-    pipeline = _copy(small, tmp_path)
+    pipeline = copy_run(small_run, tmp_path)
     scene = sorted(scene_index(pipeline.store), key=scene_index(pipeline.store).get)[1]
     _chunk(pipeline.store, "dh_m", 1).unlink()
     code, output = _cli("info", str(pipeline.store))
@@ -118,12 +98,12 @@ def test_deleted_dh_chunk_is_named_refused_and_redone(small: Pipeline, tmp_path:
     assert "dh_m/c/1/" in output and f"mbcube correct {pipeline.store} --scene {scene}" in output
     report = run(pipeline)
     assert report.recomputed["correct"] == report.recomputed["bin"] == [scene]
-    _same_tables(pipeline.out, small.out)
+    same_tables(pipeline.out, small_run.out)
 
 
-def test_truncated_chunk_is_one_line_then_redone(small: Pipeline, tmp_path: Path) -> None:
+def test_truncated_chunk_is_one_line_then_redone(small_run: Pipeline, tmp_path: Path) -> None:
     """A truncated chunk (before: a 447-line zstd traceback): its size tells; `run` redoes it."""
-    pipeline = _copy(small, tmp_path)
+    pipeline = copy_run(small_run, tmp_path)
     chunk = _chunk(pipeline.store, "dh_m", 0)
     chunk.write_bytes(chunk.read_bytes()[:50])
     code, output = _cli("bin", str(pipeline.store), "--force", "--cluster", "threads")
@@ -132,16 +112,16 @@ def test_truncated_chunk_is_one_line_then_redone(small: Pipeline, tmp_path: Path
         "run", str(pipeline.study), "--store", str(pipeline.store), "--cluster", "threads"
     )
     assert code == 0, output
-    _same_tables(pipeline.out, small.out)
+    same_tables(pipeline.out, small_run.out)
 
 
 def test_flipped_bit_found_by_verify_repaired_by_the_next_run(
-    small: Pipeline, tmp_path: Path
+    small_run: Pipeline, tmp_path: Path
 ) -> None:
     """A chunk of the same size whose bytes changed: only its checksum tells. Reading it is one
     line naming verify; verify names the file, the step and the scene (exit 1); --repair makes
     the next run redo exactly that scene; then verify is clean and the tables equal."""
-    pipeline = _copy(small, tmp_path)
+    pipeline = copy_run(small_run, tmp_path)
     scene = sorted(scene_index(pipeline.store), key=scene_index(pipeline.store).get)[2]
     chunk = _chunk(pipeline.store, "dh_m", 2)
     _flip_a_bit(chunk)
@@ -158,13 +138,13 @@ def test_flipped_bit_found_by_verify_repaired_by_the_next_run(
     report = run(pipeline)
     assert report.recomputed["correct"] == report.recomputed["bin"] == [scene]
     assert verify(pipeline.store).ok
-    _same_tables(pipeline.out, small.out)
+    same_tables(pipeline.out, small_run.out)
 
 
 def test_deleted_stats_chunk_refused_by_aggregate_and_redone_by_run(
-    small: Pipeline, tmp_path: Path
+    small_run: Pipeline, tmp_path: Path
 ) -> None:
-    pipeline = _copy(small, tmp_path)
+    pipeline = copy_run(small_run, tmp_path)
     shutil.rmtree(pipeline.store / CACHE_GROUP)  # aggregate must read the statistics
     _chunk(pipeline.store, "stats/count", 0).unlink()
     with pytest.raises(StoreDamaged, match=r"statistics of scene \S+ lost 1 file"):
@@ -172,13 +152,13 @@ def test_deleted_stats_chunk_refused_by_aggregate_and_redone_by_run(
     assert not (tmp_path / "out").exists()  # no table written
     report = run(pipeline)
     assert len(report.recomputed["bin"]) == 1
-    _same_tables(pipeline.out, small.out)
+    same_tables(pipeline.out, small_run.out)
 
 
 def test_verify_of_a_sound_store_and_leftover_temporary_files(
-    small: Pipeline, tmp_path: Path
+    small_run: Pipeline, tmp_path: Path
 ) -> None:
-    pipeline = _copy(small, tmp_path)
+    pipeline = copy_run(small_run, tmp_path)
     code, output = _cli("verify", str(pipeline.store))
     assert code == 0 and "ok" in output, output
     (pipeline.store / "dh_m" / "c" / "0" / "0" / "x.1234.partial").write_bytes(b"half")
@@ -212,9 +192,9 @@ def test_every_problem_listed_before_any_pixel_work(tiny_study: Path, tmp_path: 
 
 
 def test_outlines_off_the_grid_refused_before_any_pixel_work(
-    small: Pipeline, tmp_path: Path
+    small_run: Pipeline, tmp_path: Path
 ) -> None:
-    study = Path(shutil.copytree(small.study, tmp_path / "study"))
+    study = Path(shutil.copytree(small_run.study, tmp_path / "study"))
     outlines = gpd.read_file(study / "glaciers.gpkg")
     outlines.geometry = outlines.geometry.translate(xoff=500_000)  # another place
     outlines.to_file(study / "glaciers.gpkg")
@@ -223,8 +203,8 @@ def test_outlines_off_the_grid_refused_before_any_pixel_work(
     assert not (tmp_path / "cube.zarr").exists()
 
 
-def test_warnings_print_one_line_without_source_paths(small: Pipeline, tmp_path: Path) -> None:
-    study = Path(shutil.copytree(small.study, tmp_path / "study"))
+def test_warnings_print_one_line_without_source_paths(small_run: Pipeline, tmp_path: Path) -> None:
+    study = Path(shutil.copytree(small_run.study, tmp_path / "study"))
     outlines = gpd.read_file(study / "glaciers.gpkg")
     x0, y0 = outlines.geometry.iloc[0].centroid.coords[0]
     bowtie = shapely.Polygon([(x0, y0), (x0 + 300, y0 + 300), (x0 + 300, y0), (x0, y0 + 300)])
@@ -266,9 +246,9 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
-def read_only(small: Pipeline, tmp_path: Path) -> Iterator[Path]:
+def read_only(small_run: Pipeline, tmp_path: Path) -> Iterator[Path]:
     """A copy of the small study's store, mounted read-only."""
-    source = Path(shutil.copytree(small.store, tmp_path / "source.zarr"))
+    source = Path(shutil.copytree(small_run.store, tmp_path / "source.zarr"))
     where = tmp_path / "ro.zarr"
     where.mkdir()
     _mount("--bind", str(source), str(where))
@@ -277,23 +257,23 @@ def read_only(small: Pipeline, tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["umount", str(where)], check=True)
 
 
-def test_disk_too_small_refused_before_any_pixel_work(small: Pipeline, tiny_disk: Path) -> None:
-    code, output = _cli("run", str(small.study), "--store", str(tiny_disk / "cube.zarr"))
+def test_disk_too_small_refused_before_any_pixel_work(small_run: Pipeline, tiny_disk: Path) -> None:
+    code, output = _cli("run", str(small_run.study), "--store", str(tiny_disk / "cube.zarr"))
     assert code == 2 and len(_errors(output)) == 1, output
     assert "GiB free" in output and "Traceback" not in output
     assert not (tiny_disk / "cube.zarr").exists()
 
 
-def test_disk_full_while_writing_is_one_line(small: Pipeline, tiny_disk: Path) -> None:
+def test_disk_full_while_writing_is_one_line(small_run: Pipeline, tiny_disk: Path) -> None:
     (tiny_disk / "filler").write_bytes(b"\0" * (1024 * 1024 - 4096))
-    code, output = _cli("aggregate", str(small.store), "--out", str(tiny_disk / "out"))
+    code, output = _cli("aggregate", str(small_run.store), "--out", str(tiny_disk / "out"))
     assert code == 2 and len(_errors(output)) == 1, output
     assert "disk full" in output and "Traceback" not in output
 
 
-def test_read_only_store_is_one_line(small: Pipeline, read_only: Path, tmp_path: Path) -> None:
+def test_read_only_store_is_one_line(small_run: Pipeline, read_only: Path, tmp_path: Path) -> None:
     for args in (
-        ("run", str(small.study), "--store", str(read_only), "--out", str(tmp_path / "o")),
+        ("run", str(small_run.study), "--store", str(read_only), "--out", str(tmp_path / "o")),
         ("correct", str(read_only), "--force", "--cluster", "threads"),
     ):
         code, output = _cli(*args)
@@ -303,13 +283,13 @@ def test_read_only_store_is_one_line(small: Pipeline, read_only: Path, tmp_path:
     assert code == 0 and "ingested" in output, output
 
 
-def test_disk_estimate_bounds_what_the_run_writes(small: Pipeline, tmp_path: Path) -> None:
+def test_disk_estimate_bounds_what_the_run_writes(small_run: Pipeline, tmp_path: Path) -> None:
     """The disk estimate is an upper bound of what the run writes, not a guess below it: the
     small study's cube (mostly metadata and tables at this size) takes less than estimated."""
     from mbcube.preflight import disk_needed_bytes
     from mbcube.store import size_on_disk_bytes
     from mbcube.study import load_study
 
-    estimate = disk_needed_bytes(load_study(small.study), tmp_path / "new.zarr")
-    assert size_on_disk_bytes(small.store) < estimate < 20 * size_on_disk_bytes(small.store)
+    estimate = disk_needed_bytes(load_study(small_run.study), tmp_path / "new.zarr")
+    assert size_on_disk_bytes(small_run.store) < estimate < 20 * size_on_disk_bytes(small_run.store)
     assert np.isfinite(estimate)

@@ -32,38 +32,13 @@ from mbcube.errors import StoreLocked
 from mbcube.ingest import ingest
 from mbcube.pipeline import Pipeline, load_pipeline, run
 from mbcube.store.lock import LOCK_NAME, writer_lock, writer_status
-from mbcube.synth import generate_study
 from mbcube.verify import verify
+from tests.storetools import copy_run, same_tables
 
-#: A small DEM-kind study (no unwrapping): 3 scenes, 6 glaciers, 192 x 192 px in 9 tiles.
-SMALL = {"kind": "dem", "size_px": 192, "tile_px": 64, "n_glaciers": 6, "seed": 5}
 CODE = "import sys; from mbcube.cli import app; sys.argv[0] = 'mbcube'; app()"
-TABLES = ("glaciers.csv", "regions.csv")
 
 # this small study has too little X band for a table of its own per region and surface
 pytestmark = pytest.mark.filterwarnings("ignore:penetration:mbcube.MbcubeWarning")
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
-    """The small study, run once to the end (read-only: tests copy it)."""
-    root = tmp_path_factory.mktemp("safety")
-    pipeline = load_pipeline(generate_study(root / "study", "tiny", **SMALL), cluster="threads")
-    run(pipeline)
-    return pipeline
-
-
-def _copy(small: Pipeline, tmp_path: Path, store: bool = True) -> Pipeline:
-    """The study (and its store) copied into tmp_path: a moved study with its cube."""
-    study = Path(shutil.copytree(small.study, tmp_path / "study"))
-    if store:
-        shutil.copytree(small.store, tmp_path / "cube.zarr")
-    return load_pipeline(study, store=tmp_path / "cube.zarr", cluster="threads")
-
-
-def _same_tables(out: Path, reference: Path) -> None:
-    for name in TABLES:
-        pd.testing.assert_frame_equal(pd.read_csv(out / name), pd.read_csv(reference / name))
 
 
 def _listing(folder: Path) -> dict[str, bytes]:
@@ -85,25 +60,25 @@ def _scenes(study: Path) -> pd.DataFrame:
 
 
 def test_store_over_other_files_is_refused_and_they_are_kept(
-    small: Pipeline, tmp_path: Path
+    small_run: Pipeline, tmp_path: Path
 ) -> None:
     mine = tmp_path / "thesis"
     (mine / "data").mkdir(parents=True)
     (mine / "thesis.tex").write_text("years of work")
     (mine / "data" / "field.csv").write_text("a,b\n1,2\n")
     before = _listing(mine)
-    code, output = _cli("ingest", str(small.study), "--store", str(mine))
+    code, output = _cli("ingest", str(small_run.study), "--store", str(mine))
     assert code == 2, output
     assert "never overwrites what it did not make" in output and "thesis.tex" in output
     assert _listing(mine) == before  # nothing deleted, nothing added (not even a lock file)
-    code, output = _cli("run", str(small.study), "--store", str(mine), "--cluster", "threads")
+    code, output = _cli("run", str(small_run.study), "--store", str(mine), "--cluster", "threads")
     assert code == 2 and _listing(mine) == before
 
 
-def test_store_in_or_around_the_study_is_refused(small: Pipeline, tmp_path: Path) -> None:
+def test_store_in_or_around_the_study_is_refused(small_run: Pipeline, tmp_path: Path) -> None:
     """`mbcube run S --store S` deleted the study; a store inside the study or an input's folder,
     or results written into the study folder, are refused too, the study untouched."""
-    study = _copy(small, tmp_path, store=False).study
+    study = copy_run(small_run, tmp_path, store=False).study
     before = _listing(study)
     for store in (study, study / "cube.zarr", study / "reference" / "cube.zarr"):
         code, output = _cli("run", str(study), "--store", str(store), "--cluster", "threads")
@@ -116,9 +91,9 @@ def test_store_in_or_around_the_study_is_refused(small: Pipeline, tmp_path: Path
     assert _listing(study) == before and not (tmp_path / "c.zarr").exists()
 
 
-def test_empty_folder_takes_a_cube(small: Pipeline, tmp_path: Path) -> None:
+def test_empty_folder_takes_a_cube(small_run: Pipeline, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    report = ingest(small.study, tmp_path / "empty")
+    report = ingest(small_run.study, tmp_path / "empty")
     assert report.created and len(report.written) == 3
     assert not (tmp_path / "empty" / LOCK_NAME).exists()  # released, removed
 
@@ -171,12 +146,12 @@ def _wait_for(proc: subprocess.Popen[str], pattern: str) -> list[str]:
 
 
 def test_two_runs_at_once_one_is_refused_the_store_stays_valid(
-    small: Pipeline, tmp_path: Path
+    small_run: Pipeline, tmp_path: Path
 ) -> None:
     """Two `mbcube run` on one store: the second is refused with one line (exit 2) while the
     first goes on; readers are not blocked; the store verifies and the tables equal a clean
     run's."""
-    pipeline = _copy(small, tmp_path, store=False)
+    pipeline = copy_run(small_run, tmp_path, store=False)
     first = _start_run(pipeline, tmp_path / "a")
     _wait_for(first, r"^\[correct\] \.\.\.")  # the cube exists, pixel steps running
     second = subprocess.run(
@@ -207,13 +182,13 @@ def test_two_runs_at_once_one_is_refused_the_store_stays_valid(
     assert first.wait(timeout=600) == 0
     assert not (tmp_path / "b").exists()
     assert verify(pipeline.store).ok
-    _same_tables(tmp_path / "a", small.out)
+    same_tables(tmp_path / "a", small_run.out)
 
 
 def test_lock_of_a_killed_run_is_stale_and_the_next_run_resumes(
-    small: Pipeline, tmp_path: Path
+    small_run: Pipeline, tmp_path: Path
 ) -> None:
-    pipeline = _copy(small, tmp_path, store=False)
+    pipeline = copy_run(small_run, tmp_path, store=False)
     proc = _start_run(pipeline, pipeline.out)
     _wait_for(proc, r"^\[correct\] \.\.\.")
     proc.send_signal(signal.SIGKILL)
@@ -225,30 +200,32 @@ def test_lock_of_a_killed_run_is_stale_and_the_next_run_resumes(
     run(pipeline)  # takes the stale lock over
     assert not (pipeline.store / LOCK_NAME).exists()
     assert verify(pipeline.store).ok
-    _same_tables(pipeline.out, small.out)
+    same_tables(pipeline.out, small_run.out)
 
 
 # ------------------------------------------------------------------ provenance of what matters
 
 
-def test_moved_or_copied_study_is_up_to_date(small: Pipeline, tmp_path: Path) -> None:
+def test_moved_or_copied_study_is_up_to_date(small_run: Pipeline, tmp_path: Path) -> None:
     """Fingerprints are relative to the study and of the files' content: a study moved (mtimes
     kept) or copied (new mtimes) with its cube recomputes no pixel, and the outlines are found
     at the new place (glaciers.gpkg)."""
     for name, copy in (("moved", shutil.copy2), ("copied", shutil.copy)):
-        study = Path(shutil.copytree(small.study, tmp_path / name / "study", copy_function=copy))
-        store = Path(shutil.copytree(small.store, tmp_path / name / "cube.zarr"))
+        study = Path(
+            shutil.copytree(small_run.study, tmp_path / name / "study", copy_function=copy)
+        )
+        store = Path(shutil.copytree(small_run.store, tmp_path / name / "cube.zarr"))
         report = run(load_pipeline(study, store=store, cluster="threads"))
         for step in ("ingest", "unwrap", "correct", "bin"):
             assert report.recomputed[step] == [], (name, step, report.recomputed)
         out = tmp_path / name / "results"
-        _same_tables(out, small.out)
+        same_tables(out, small_run.out)
         assert (out / "glaciers.gpkg").exists()
 
 
-def test_edited_date_redoes_that_scene_only(small: Pipeline, tmp_path: Path) -> None:
+def test_edited_date_redoes_that_scene_only(small_run: Pipeline, tmp_path: Path) -> None:
     """A scene's date edited in scenes.csv (before: ignored, even with --force)."""
-    pipeline = _copy(small, tmp_path)
+    pipeline = copy_run(small_run, tmp_path)
     scenes = _scenes(pipeline.study)
     changed = scenes.scene_id.iloc[1]
     new_date = "2014-01-20"
@@ -264,7 +241,7 @@ def test_edited_date_redoes_that_scene_only(small: Pipeline, tmp_path: Path) -> 
     years = float(cube.scene_years.sel(scene=changed))
     assert years == pytest.approx((np.datetime64(new_date) - ref).astype(int) / 365.25)
     assert int(cube.scene_month.sel(scene=changed)) == 1
-    before = pd.read_csv(small.out / "glaciers.csv")
+    before = pd.read_csv(small_run.out / "glaciers.csv")
     after = pd.read_csv(pipeline.out / "glaciers.csv")
     assert not np.allclose(after.mb_mwe_yr, before.mb_mwe_yr, equal_nan=True)
 
@@ -286,11 +263,11 @@ def test_edited_h_amb_rewrites_that_scene(
     assert float(st.open_cube(store).scene_h_amb_m.sel(scene=changed)) == 61.5
 
 
-def test_removed_row_leaves_the_results(small: Pipeline, tmp_path: Path) -> None:
+def test_removed_row_leaves_the_results(small_run: Pipeline, tmp_path: Path) -> None:
     """A row deleted from scenes.csv: its scene leaves every table (equal to a cube made without
     it) and its pixels leave the cube; kept when study.yaml asks; a row put back is ingested
     again and the tables come back."""
-    pipeline = _copy(small, tmp_path)
+    pipeline = copy_run(small_run, tmp_path)
     scenes = _scenes(pipeline.study)
     gone = scenes.scene_id.iloc[1]
     scenes.drop(index=1).to_csv(pipeline.study / "scenes.csv", index=False)
@@ -309,16 +286,16 @@ def test_removed_row_leaves_the_results(small: Pipeline, tmp_path: Path) -> None
         pipeline.study, store=tmp_path / "without.zarr", out=tmp_path / "without", cluster="threads"
     )
     run(without)
-    _same_tables(pipeline.out, without.out)
+    same_tables(pipeline.out, without.out)
     # put back: ingested again, the original tables
     scenes.to_csv(pipeline.study / "scenes.csv", index=False)
     report = run(pipeline)
     assert report.recomputed["ingest"] == report.recomputed["bin"] == [gone]
-    _same_tables(pipeline.out, small.out)
+    same_tables(pipeline.out, small_run.out)
 
 
-def test_removed_row_kept_in_the_cube_when_asked(small: Pipeline, tmp_path: Path) -> None:
-    pipeline = _copy(small, tmp_path)
+def test_removed_row_kept_in_the_cube_when_asked(small_run: Pipeline, tmp_path: Path) -> None:
+    pipeline = copy_run(small_run, tmp_path)
     config = yaml.safe_load((pipeline.study / "study.yaml").read_text())
     config["keep_removed_scenes"] = True
     (pipeline.study / "study.yaml").write_text(yaml.safe_dump(config))
@@ -337,14 +314,14 @@ def test_removed_row_kept_in_the_cube_when_asked(small: Pipeline, tmp_path: Path
 
 
 def test_step_failed_mid_write_then_parameter_reverted_is_redone(
-    small: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    small_run: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A scene whose corrections stop half-way (here: its 5th tile write fails) with a new
     parameter, then the parameter reverted: before, the scene kept its old record over pixels
     written with the new parameter and counted as up to date (2,595 fewer valid pixels in the
     probe). Now its record was forgotten before the first write: it is redone, and the cube and
     tables equal the uninterrupted run's."""
-    pipeline = _copy(small, tmp_path)
+    pipeline = copy_run(small_run, tmp_path)
     config = yaml.safe_load((pipeline.study / "study.yaml").read_text()) or {}
     original = (pipeline.study / "study.yaml").read_text()
     config.setdefault("corrections", {})["outlier_nmad"] = 1.0
@@ -365,18 +342,18 @@ def test_step_failed_mid_write_then_parameter_reverted_is_redone(
     (pipeline.study / "study.yaml").write_text(original)
     report = run(pipeline)
     assert len(report.recomputed["correct"]) >= 2  # the first (rewritten) and the failed one
-    reference = st.open_cube(small.store)[["dh_m", "valid"]].load().drop_attrs()
+    reference = st.open_cube(small_run.store)[["dh_m", "valid"]].load().drop_attrs()
     got = st.open_cube(pipeline.store)[["dh_m", "valid"]].load().drop_attrs()
     xr.testing.assert_identical(got, reference)
-    _same_tables(pipeline.out, small.out)
+    same_tables(pipeline.out, small_run.out)
 
 
 def test_run_killed_then_parameter_reverted_gives_the_clean_result(
-    small: Pipeline, tmp_path: Path
+    small_run: Pipeline, tmp_path: Path
 ) -> None:
     """The same with a real SIGKILL of `mbcube run` while the corrections of its second scene
     compute with the new parameter."""
-    pipeline = _copy(small, tmp_path)
+    pipeline = copy_run(small_run, tmp_path)
     original = (pipeline.study / "study.yaml").read_text()
     config = yaml.safe_load(original) or {}
     config.setdefault("corrections", {})["outlier_nmad"] = 1.0
@@ -389,16 +366,18 @@ def test_run_killed_then_parameter_reverted_gives_the_clean_result(
     proc.wait()
     (pipeline.study / "study.yaml").write_text(original)
     run(pipeline)
-    reference = st.open_cube(small.store)[["dh_m", "valid"]].load().drop_attrs()
+    reference = st.open_cube(small_run.store)[["dh_m", "valid"]].load().drop_attrs()
     got = st.open_cube(pipeline.store)[["dh_m", "valid"]].load().drop_attrs()
     xr.testing.assert_identical(got, reference)
-    _same_tables(pipeline.out, small.out)
+    same_tables(pipeline.out, small_run.out)
     assert verify(pipeline.store).ok
 
 
-def test_records_live_per_scene_outside_the_root_metadata(small: Pipeline) -> None:
+def test_records_live_per_scene_outside_the_root_metadata(small_run: Pipeline) -> None:
     """The run state in the root zarr.json stays small: records are one chunk per scene."""
-    state = json.loads(json.loads((small.store / "zarr.json").read_text())["attributes"]["mbcube"])
+    state = json.loads(
+        json.loads((small_run.store / "zarr.json").read_text())["attributes"]["mbcube"]
+    )
     assert set(state) == {
         "schema_version",
         "mbcube_version",
@@ -408,9 +387,11 @@ def test_records_live_per_scene_outside_the_root_metadata(small: Pipeline) -> No
         "static_files",
         "created",
     }
-    chunks = sorted(p.name for p in (small.store / "records" / "correct" / "c").iterdir())
+    chunks = sorted(p.name for p in (small_run.store / "records" / "correct" / "c").iterdir())
     assert chunks == ["0", "1", "2"]
-    record = st.step_record(small.store, "correct", str(st.open_cube(small.store).scene.values[0]))
+    record = st.step_record(
+        small_run.store, "correct", str(st.open_cube(small_run.store).scene.values[0])
+    )
     assert record["outputs"]["dh_m/c/0"] and record["token"]
 
 

@@ -1677,6 +1677,7 @@ class _RunState:
     outputs: SceneOutputs | None = None
 
 
+@st.writes_store
 def correct_cube(
     store: Path,
     config: CorrectionsConfig | None = None,
@@ -1690,19 +1691,7 @@ def correct_cube(
     and inputs (unless force). Returns the ids of the scenes (re)computed.
 
     Every requested scene is checked first (seasonal month, upstream layers), so a refused scene
-    stops the step before anything is written."""
-    store = Path(store)
-    with st.writer_lock(store):
-        return _correct_cube(store, config, scenes, force, progress)
-
-
-def _correct_cube(
-    store: Path,
-    config: CorrectionsConfig | None,
-    scenes: Sequence[str] | None,
-    force: bool,
-    progress: Callable[[str], None] | None,
-) -> list[str]:
+    stops the step before anything is written. Holds the store's writer lock."""
     config = config or st.recorded_config(store).corrections
     st.require_static_intact(store)
     ds = st.open_cube(store)

@@ -29,7 +29,7 @@ from mbcube.store.cube import (
     write_dataset,
     write_scene_region,
 )
-from mbcube.store.lock import holds_lock, writer_lock
+from mbcube.store.lock import holds_lock, writer_lock, writes_store
 from mbcube.store.records import (
     RUN_KEYS,
     STATIC_ITEM,
@@ -99,4 +99,5 @@ __all__ = [
     "write_scene_region",
     "write_state",
     "writer_lock",
+    "writes_store",
 ]

@@ -52,10 +52,7 @@ def out_problems(
     not writable."""
     out = Path(out).resolve()
     problems = []
-    protected = {p.resolve().parent for p in inputs}
-    if study_root is not None:
-        protected.add(Path(study_root).resolve())
-    if out in protected:
+    if out in _protected_folders(study_root, inputs):
         problems.append(
             f"{out}: --out is the study folder or an input's folder; its tables (glaciers.gpkg, "
             "...) could replace the study's files. Give a folder of its own, e.g. --out "
@@ -73,11 +70,8 @@ def out_problems(
 def _overlap_problems(
     path: Path, role: str, study_root: Path | None, inputs: Iterable[Path]
 ) -> list[str]:
-    folders = {p.resolve().parent: "an input's folder" for p in inputs}
-    if study_root is not None:
-        folders[Path(study_root).resolve()] = "the study folder"
     problems = []
-    for folder, what in sorted(folders.items()):
+    for folder, what in sorted(_protected_folders(study_root, inputs).items()):
         if path == folder or path.is_relative_to(folder):
             problems.append(
                 f"{path}: {role} is inside {what} {folder}; the cube must not live among the "
@@ -91,6 +85,14 @@ def _overlap_problems(
             )
             break
     return problems
+
+
+def _protected_folders(study_root: Path | None, inputs: Iterable[Path]) -> dict[Path, str]:
+    """The study folder and the inputs' folders (resolved), each with what it is."""
+    folders = {Path(p).resolve().parent: "an input's folder" for p in inputs}
+    if study_root is not None:
+        folders[Path(study_root).resolve()] = "the study folder"
+    return folders
 
 
 def writable_problem(path: Path, role: str) -> str | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -25,13 +26,16 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
 from mbcube.errors import StoreLocked
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 LOCK_NAME = ".mbcube.lock"
 #: Tries (and seconds between them) before another writer's lock refuses this one.
@@ -60,6 +64,17 @@ def writer_lock(store: Path | str) -> Iterator[None]:
             if held[1] == 0:
                 del _held[path]
                 _release(path, held[0])
+
+
+def writes_store(func: Callable[Concatenate[Path, P], R]) -> Callable[Concatenate[Path, P], R]:
+    """Decorate a step `func(store, ...)` to run holding the store's writer lock."""
+
+    @functools.wraps(func)
+    def locked(store: Path, *args: P.args, **kwargs: P.kwargs) -> R:
+        with writer_lock(store):
+            return func(Path(store), *args, **kwargs)
+
+    return locked
 
 
 def holds_lock(store: Path | str) -> bool:

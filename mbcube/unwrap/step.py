@@ -29,7 +29,7 @@ from mbcube.store import (
     scene_outputs,
     step_record,
     write_scene_region,
-    writer_lock,
+    writes_store,
 )
 from mbcube.unwrap.scene import QUALITY_VARIABLES, unwrap_scene
 
@@ -92,6 +92,7 @@ def scene_graph(store: Path, scene_id: str, config: UnwrapConfig) -> xr.Dataset:
     return xr.Dataset(data)
 
 
+@writes_store
 def unwrap_cube(
     store: Path,
     config: UnwrapConfig | None = None,
@@ -102,19 +103,8 @@ def unwrap_cube(
 ) -> list[str]:
     """Unwrap the insar scenes of the cube at `store` (all complete ones, or `scenes`) and write
     phase_unw_rad (rad), component, dh_raw_m (m) and the unwrap_* quality numbers. Skips scenes
-    that are up to date unless `force`. Returns the ids it (re)computed."""
-    store = Path(store)
-    with writer_lock(store):
-        return _unwrap_cube(store, config, scenes, force, progress)
-
-
-def _unwrap_cube(
-    store: Path,
-    config: UnwrapConfig | None,
-    scenes: Sequence[str] | None,
-    force: bool,
-    progress: Callable[[str], None] | None,
-) -> list[str]:
+    that are up to date unless `force`. Returns the ids it (re)computed. Holds the store's
+    writer lock."""
     say = progress or (lambda _msg: None)
     config = config or recorded_config(store).unwrap
     ds = open_cube(store)
