@@ -116,6 +116,7 @@ from mbcube.store import (
     write_dataset,
     writer_lock,
 )
+from mbcube.store.lock import writer_lock_if_writable
 from mbcube.surge import effective_surge, surge_candidates
 from mbcube.uncertainty import (
     adjusted_units,
@@ -1577,9 +1578,10 @@ def aggregate(
     also out/region_members.csv). `config`: mass-balance parameters (default: those recorded in
     the store). The glacier tables are rewritten only when the statistics, parameters or
     static inputs changed since they were written (see TABLES_RECORD). Holds the store's
-    writer lock (the statistics are read whole and the cache written); refuses to write
-    tables without a single glacier result from binned scenes (StoreDamaged)."""
-    with writer_lock(store):
+    writer lock (the statistics are read whole and the cache written), or none on a store it
+    may not write (then nothing is cached); refuses to write tables without a single glacier
+    result from binned scenes (StoreDamaged)."""
+    with writer_lock_if_writable(store):
         return _aggregate(Path(store), Path(out), regions, config)
 
 

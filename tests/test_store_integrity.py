@@ -281,6 +281,9 @@ def test_read_only_store_is_one_line(small_run: Pipeline, read_only: Path, tmp_p
         assert "read-only" in output and "Traceback" not in output
     code, output = _cli("info", str(read_only))  # readers work
     assert code == 0 and "ingested" in output, output
+    code, output = _cli("aggregate", str(read_only), "--out", str(tmp_path / "tables"))
+    assert code == 0, output  # reads, caches nothing
+    same_tables(tmp_path / "tables", small_run.out)
 
 
 def test_disk_estimate_bounds_what_the_run_writes(small_run: Pipeline, tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
 
@@ -64,6 +64,23 @@ def writer_lock(store: Path | str) -> Iterator[None]:
             if held[1] == 0:
                 del _held[path]
                 _release(path, held[0])
+
+
+@contextmanager
+def writer_lock_if_writable(store: Path | str) -> Iterator[bool]:
+    """The writer lock when the store can be written (yields True); on a store this process may
+    not write (a read-only file system, no permission), no lock (yields False): no writer can
+    change it through this process, and the caller only reads. A lock held by another process
+    still refuses (StoreLocked)."""
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(writer_lock(store))
+        except OSError as err:
+            if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            yield False
+            return
+        yield True
 
 
 def writes_store(func: Callable[Concatenate[Path, P], R]) -> Callable[Concatenate[Path, P], R]:
