@@ -548,7 +548,7 @@ def _ingest(study: Study, store: Path, say: Callable[[str], None]) -> IngestRepo
         if states[i] == st.SCENE_INGESTED and st.is_current(store, STEP, scene.scene_id, record):
             report.skipped.append(scene.scene_id)
             continue
-        if scene.scene_id in new_ids or report.created:
+        if scene.scene_id in new_ids or report.created or states[i] == st.SCENE_REMOVED:
             report.written.append(scene.scene_id)
         elif done:
             report.changed.append(scene.scene_id)
@@ -579,16 +579,19 @@ def _scene_job(
     prints: dict[str, Any],
     say: Callable[[str], None],
 ) -> SceneJob:
-    """Ingesting one scene: its record forgotten and its state set pending first, then its
-    coordinates and tiles written with its coverage counted in the same pass (tiles read once);
-    then its record, and last its state flag (from then on the scene counts)."""
+    """Ingesting one scene: its state set pending, the records of every step and every chunk it
+    had forgotten first (all of it came from an earlier version of its row or an interrupted
+    ingest), then its coordinates and tiles written with its coverage counted in the same pass
+    (tiles read once); then its record, and last its state flag (from then on it counts)."""
 
     def build() -> list[Any]:
         say(f"ingesting scene {scene.scene_id} ({scene.kind}, {scene.date})")
-        st.invalidate(store, STEP, scene.scene_id)
         _set_scene_state(store, index, st.SCENE_PENDING)
+        for step in st.steps_recorded(store):  # all it had is obsolete: made again downstream
+            st.invalidate(store, step, scene.scene_id)
+        if st.delete_scene_chunks(store, scene.scene_id, index):
+            st.consolidate(store)
         layers = scene_layers(study, scene)
-        _clear_other_layers(store, index, set(layers))
         coords = xr.Dataset({k: v for k, v in scene_coords(study, [scene]).items() if k != "scene"})
         st.write_dataset(coords, store, region={"scene": slice(index, index + 1)})
         ds = xr.Dataset({name: (("scene", "y", "x"), arr[None]) for name, arr in layers.items()})
@@ -617,15 +620,6 @@ def _scene_job(
         _set_scene_state(store, index, st.SCENE_INGESTED)
 
     return SceneJob(scene.scene_id, f"ingest scene {scene.scene_id}", build, finish)
-
-
-def _clear_other_layers(store: Path, index: int, written: set[str]) -> None:
-    """Delete the scene's chunks of the input layers it does not write (left by an earlier
-    version of its row, e.g. of the other kind or with a mask)."""
-    for name in SCENE_VARS:
-        chunks = store / name / "c" / str(index)
-        if name not in written and chunks.is_dir():
-            shutil.rmtree(chunks)
 
 
 def _remove_scene(store: Path, scene_id: str, index: int, state: int, keep: bool) -> bool:

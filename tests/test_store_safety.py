@@ -263,6 +263,31 @@ def test_edited_h_amb_rewrites_that_scene(
     assert float(st.open_cube(store).scene_h_amb_m.sel(scene=changed)) == 61.5
 
 
+def test_scene_changed_to_another_kind_keeps_nothing_of_the_old_one(
+    tiny_study: Path, tiny_cube: Path, tmp_path: Path
+) -> None:
+    """A row rewritten from insar to dem: its insar layers leave the cube with its records."""
+    study = Path(shutil.copytree(tiny_study, tmp_path / "study"))
+    store = Path(shutil.copytree(tiny_cube, tmp_path / "cube.zarr"))
+    scenes = _scenes(study)
+    changed = scenes.scene_id.iloc[0]
+    scenes.loc[0, ["kind", "phase", "coherence", "h_amb", "dem"]] = [
+        "dem",
+        "",
+        "",
+        "",
+        "reference/srtm_c.tif",
+    ]
+    scenes.to_csv(study / "scenes.csv", index=False)
+    assert ingest(study, store).changed == [changed]
+    cube = st.open_cube(store).sel(scene=changed)
+    assert str(cube.scene_kind.values) == "dem"
+    assert np.isnan(cube.phase_rad.values).all() and np.isnan(cube.h_amb_m.values).all()
+    assert np.isfinite(cube.dem_m.values).sum() > 0.9 * cube.dem_m.size
+    assert not (store / "phase_rad" / "c" / "0").exists()
+    assert set(st.step_record(store, "ingest", changed)["row"].items()) >= {("kind", "dem")}
+
+
 def test_removed_row_leaves_the_results(small_run: Pipeline, tmp_path: Path) -> None:
     """A row deleted from scenes.csv: its scene leaves every table (equal to a cube made without
     it) and its pixels leave the cube; kept when study.yaml asks; a row put back is ingested
