@@ -7,6 +7,7 @@ shows the traceback instead. Warnings print as one line without source paths."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import sys
 import warnings
@@ -76,17 +77,23 @@ _OS_ERRORS = {
 def expected_error_lines(err: BaseException, store: Path | None = None) -> list[str] | None:
     """The lines to print for an expected failure, or None for a bug (shown with its
     traceback)."""
+    import zarr.errors  # here: the command starts without zarr
     if isinstance(err, (StudyError, StoreError)):
         return [line for line in str(err).splitlines() if line.strip()]
     if isinstance(err, OSError) and err.errno in _OS_ERRORS:
         what, fix = _OS_ERRORS[err.errno]
         where = err.filename or store or "?"
         return [f"{where}: {what} ({err.strerror}); {fix}."]
-    if isinstance(err, OSError) and err.filename:
+    if isinstance(err, OSError) and err.filename and not isinstance(err, zarr.errors.BaseZarrError):
         return [f"{err.filename}: {err.strerror or err}."]
+    verify = f"`mbcube verify {store}`" if store else "`mbcube verify STORE`"
     if isinstance(err, ValueError) and "checksum" in str(err).lower():
-        where = f"`mbcube verify {store}`" if store else "`mbcube verify STORE`"
-        return [f"a chunk of the store is damaged ({err}); {where} names it and repairs it."]
+        return [f"a chunk of the store is damaged ({err}); {verify} names it and repairs it."]
+    if isinstance(err, json.JSONDecodeError | zarr.errors.BaseZarrError):
+        return [
+            f"a metadata document of the store is damaged or missing ({type(err).__name__}: "
+            f"{err}); {verify} names it and repairs it."
+        ]
     return None
 
 

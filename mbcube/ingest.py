@@ -419,23 +419,29 @@ def years_since(start: dt.date, end: dt.date) -> float:
 
 def scene_placeholders(study: Study, scenes: list[SceneSpec]) -> xr.Dataset:
     """Metadata of new scenes: coordinates, scene_state = 0, and lazy empty layers (never computed)."""
-    grid = study.grid
-    shape, chunks = (len(scenes), *grid.shape), ((1,) * len(scenes), *grid.chunks)
-    data = {
-        name: (
-            ("scene", "y", "x"),
-            da.full(shape, fill, chunks=chunks, dtype=dtype),
-            VAR_ATTRS[name],
-        )
-        for name, (dtype, fill) in SCENE_VARS.items()
-    }
-    ds = xr.Dataset(data, coords=scene_coords(study, scenes))
+    ds = empty_scene_layers(study.grid, len(scenes)).assign_coords(scene_coords(study, scenes))
     ds["scene_state"] = (
         "scene",
         np.full(len(scenes), st.SCENE_PENDING, dtype="int8"),
         {"flag_values": "0 1 2", "flag_meanings": "pending ingested removed"},
     )
     return ds
+
+
+def empty_scene_layers(grid: Grid, n_scenes: int) -> xr.Dataset:
+    """The scenes' input layers (SCENE_VARS) for `n_scenes` scenes as lazy fill values, one
+    chunk per scene and tile (never computed: a template of their metadata)."""
+    shape, chunks = (n_scenes, *grid.shape), ((1,) * n_scenes, *grid.chunks)
+    return xr.Dataset(
+        {
+            name: (
+                ("scene", "y", "x"),
+                da.full(shape, fill, chunks=chunks, dtype=dtype),
+                VAR_ATTRS[name],
+            )
+            for name, (dtype, fill) in SCENE_VARS.items()
+        }
+    )
 
 
 def _with_grid_mapping(ds: xr.Dataset, grid: Grid) -> xr.Dataset:
@@ -533,6 +539,7 @@ def _ingest(study: Study, store: Path, say: Callable[[str], None]) -> IngestRepo
         st.write_dataset(placeholders, store, mode="a", append_dim="scene", compute=False)
     st.extend_scene_dim(store)  # layers of later steps: new scenes read as "not computed yet"
     index, states = st.scene_index(store), st.scene_states(store)
+    _ensure_scene_layers(study, store, len(index))
     wanted = {s.scene_id for s in study.scenes}
     keep = study.config.keep_removed_scenes
     for scene_id, i in index.items():
@@ -557,6 +564,12 @@ def _ingest(study: Study, store: Path, say: Callable[[str], None]) -> IngestRepo
         jobs.append(_scene_job(study, scene, store, i, record, prints, say))
     compute_scenes(jobs)
     return report
+
+
+def _ensure_scene_layers(study: Study, store: Path, n_scenes: int) -> None:
+    """Create the scenes' input layers the store lacks (metadata only: `mbcube verify --repair`
+    deletes a layer whose metadata is damaged, and the ingest of its scenes writes it again)."""
+    st.ensure_variables(store, empty_scene_layers(study.grid, n_scenes))
 
 
 def scene_row(study: Study, scene: SceneSpec) -> dict[str, Any]:

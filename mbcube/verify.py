@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mbcube import store as st
 from mbcube.aggregate import CACHE_GROUP, cache_problems
-from mbcube.store.integrity import METADATA, Damage, check, repair, temporary_files
+from mbcube.store.integrity import NEW_STORE, Damage, check, repair, temporary_files
 
 
 @dataclass
@@ -43,10 +43,10 @@ class VerifyReport:
         out = [f"{self.store}: {len(found)} problem(s):", *(f"  - {line}" for line in found)]
         study = st.read_state(self.store).get("study", {}).get("root", "STUDY")
         rerun = f"`mbcube run {study} --store {self.store}`"
-        if any(d.step == METADATA for d in self.damages):
+        if any(d.step == NEW_STORE for d in self.damages):
             out.append(
-                "damaged metadata is not rebuilt in place: ingest the study into a new store "
-                f"(`mbcube run {study} --store NEW`)"
+                "the static layers, coordinates or root of a store are not made again in place: "
+                f"ingest the study into a new store (`mbcube run {study} --store NEW`)"
             )
         if self.repaired:
             out.append(f"repaired: the next run redoes {len(self.redo)} item(s); run {rerun}")
@@ -58,11 +58,16 @@ class VerifyReport:
 def verify(store: Path | str, *, decode: bool = True, repair_it: bool = False) -> VerifyReport:
     """Check the store (and repair it with `repair_it`); see the module docstring."""
     store = Path(store)
-    st.open_cube(store)  # a store that is not a cube of this schema: its own error
+    if not st.store_exists(store):
+        st.open_cube(store)  # no cube here: its own error
+    st.check_schema(store, st.read_state(store))  # not a cube of this schema: its own error
     with st.writer_lock(store):
         report = VerifyReport(store, check(store, decode=decode))
-        if not any(d.path.endswith("zarr.json") for d in report.damages):
-            report.cache = cache_problems(store)
+        if not report.damages:  # the cache is made from the rest: checked when that is sound
+            try:
+                report.cache = cache_problems(store)
+            except Exception as err:  # anything unreadable in it or in what it is made of
+                report.cache = [f"{CACHE_GROUP}: cannot be checked ({type(err).__name__}: {err})"]
         report.temporary_files = len(temporary_files(store))
         if repair_it and (not report.ok or report.temporary_files):
             report.redo = repair(store, report.damages)

@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import geopandas as gpd
@@ -139,6 +139,51 @@ def test_flipped_bit_found_by_verify_repaired_by_the_next_run(
     assert report.recomputed["correct"] == report.recomputed["bin"] == [scene]
     assert verify(pipeline.store).ok
     same_tables(pipeline.out, small_run.out)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+@pytest.mark.parametrize(
+    ("what", "damage"),
+    [
+        ("records/correct/c/1", _flip_a_bit),  # a step's record of a scene
+        ("stats/binned/c/1", _flip_a_bit),  # a scene's flag
+        ("scene_state/c/0", _flip_a_bit),  # every scene's ingest flag (one chunk)
+        ("dh_m/zarr.json", _truncate),  # a step's layer: made again
+        ("stats/zarr.json", _truncate),  # a step's group: made again
+    ],
+)
+def test_damaged_records_flags_and_metadata_are_found_and_repaired(
+    small_run: Pipeline, tmp_path: Path, what: str, damage: Callable[[Path], None]
+) -> None:
+    """Before: reading a damaged flag failed verify itself; damaged metadata left a store that
+    failed every run with a traceback. Now verify names it (exit 1), --repair forgets or
+    deletes what depends on it, the next run makes it again, equal to the clean run."""
+    pipeline = copy_run(small_run, tmp_path)
+    damage(pipeline.store / what)
+    code, output = _cli("info", str(pipeline.store))
+    assert "Traceback" not in output, output
+    code, output = _cli("verify", str(pipeline.store))
+    assert code == 1 and what.split("/c/")[0] in output and "Traceback" not in output, output
+    code, output = _cli("verify", str(pipeline.store), "--repair")
+    assert code == 0 and "repaired" in output, output
+    code, output = _cli(
+        "run", str(pipeline.study), "--store", str(pipeline.store), "--cluster", "threads"
+    )
+    assert code == 0, output
+    assert verify(pipeline.store).ok
+    same_tables(pipeline.out, small_run.out)
+
+
+def test_damaged_static_metadata_asks_for_a_new_store(small_run: Pipeline, tmp_path: Path) -> None:
+    pipeline = copy_run(small_run, tmp_path)
+    _truncate(pipeline.store / "ref_dem_m" / "zarr.json")
+    code, output = _cli("verify", str(pipeline.store), "--repair")
+    assert code == 0 and "Traceback" not in output, output
+    assert "ref_dem_m/zarr.json: does not parse" in output and "into a new store" in output
+    assert verify(pipeline.store).damages  # left as it is: nothing made again from nothing
 
 
 def test_deleted_stats_chunk_refused_by_aggregate_and_redone_by_run(

@@ -3,16 +3,25 @@
 Each step record lists the files the step wrote (`records.list_outputs`). `check` compares them
 with the store as it is (a file missing, or of another size) and, with `decode`, reads every
 recorded chunk through zarr, whose CRC-32C codec (`cube.checked_codecs`) refuses a chunk whose
-bytes changed; every metadata document (`zarr.json`) must parse. It also checks the flags the
-steps keep beside their records (a scene flagged ingested or binned without its record).
+bytes changed; every metadata document (`zarr.json`) must parse, every record and scene flag
+must decode, and the flags must agree with the records (a scene flagged ingested or binned
+without its record). Nothing here trusts what it reads: a damaged record or flag is reported,
+never raised.
+
 `repair` forgets the records of what is damaged (and clears those flags), so that the next run
-redoes exactly that and what depends on it; zarr's temporary files left by a kill are removed.
+redoes exactly that and what depends on it. A node whose metadata is damaged is deleted when a
+step makes it again (the layers, groups and records of the steps, the scenes' input layers),
+with the records of everything it held; the static layers, coordinates and the root cannot be
+made again in place (the study is ingested into a new store). zarr's temporary files left by a
+kill are removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,11 +32,15 @@ import numpy as np
 import zarr
 
 from mbcube.store import records
-from mbcube.store.cube import SCENE_INGESTED, SCENE_PENDING, scene_index, scene_states
-from mbcube.store.records import TEMPORARY_SUFFIX, WHOLE
+from mbcube.store.cube import SCENE_INGESTED, SCENE_PENDING, consolidate, scene_index
+from mbcube.store.records import RECORDS_GROUP, STATIC_ITEM, TEMPORARY_SUFFIX, WHOLE
 
 #: Chunks decoded at once (threads: zarr's codecs release the GIL in their C code).
 DECODE_THREADS = 4
+#: The pseudo-step of damage that `repair` cannot mend in place (a new store is needed).
+NEW_STORE = "new store"
+#: Store groups a step makes whole (deleted and made again when their metadata is damaged).
+DERIVED_GROUPS = ("stats", "hypsometry", "penetration", "massbalance_cache")
 
 
 @dataclass(frozen=True)
@@ -41,16 +54,20 @@ class Damage:
     problem: str  #: 'missing', 'size N, recorded M', 'does not decode: ...', ...
 
     def line(self) -> str:
+        if self.step == NEW_STORE:
+            return f"{self.path}: {self.problem} (not made again in place)"
         what = f"scene {self.item}" if not self.item.startswith(WHOLE) else self.item[1:]
         return f"{self.path}: {self.problem} (written by step '{self.step}' for {what})"
 
 
 def check(store: Path, decode: bool = True) -> list[Damage]:
-    """Every damaged item of the store: recorded files missing, resized or (with `decode`) not
-    decodable; metadata documents that do not parse; scene flags without their records."""
+    """Every damaged item of the store: metadata that does not parse; records and flags that do
+    not decode; recorded files missing, resized or (with `decode`) not decodable; scene flags
+    without their records."""
     store = Path(store)
     found = _metadata_damage(store)
     unreadable = {d.path for d in found}
+    found += _record_damage(store)
     for step, item, record in _all_records(store):
         manifest = record.get("outputs", {})
         damaged = records.damaged_outputs(store, manifest)
@@ -70,20 +87,31 @@ def check(store: Path, decode: bool = True) -> list[Damage]:
 
 def repair(store: Path, damages: list[Damage]) -> list[str]:
     """Forget the records of the damaged items (and clear their scenes' flags: an ingest to
-    redo is pending, a binning to redo is not binned), and remove zarr's temporary files left
-    by a kill. Returns what the next run will redo, as "step item"."""
+    redo is pending, a binning to redo is not binned), delete damaged derived nodes (see the
+    module docstring), and remove zarr's temporary files left by a kill. Returns what the next
+    run will redo, as "step item"."""
     store = Path(store)
-    index = scene_index(store) if (store / "scene").is_dir() else {}
+    damages = damages + _deleted_nodes(store, [d for d in damages if d.step == "metadata"])
+    index = scene_index(store) if (store / "scene" / "zarr.json").is_file() else {}
     redo = []
-    for step, item in sorted({(d.step, d.item) for d in damages if d.step != METADATA}):
+    flags = {d.path for d in damages if d.step == FLAGS}
+    for step, item in sorted({(d.step, d.item) for d in damages if d.step not in _NOT_RECORDS}):
         records.invalidate(store, step, item)
-        if item in index and step == "ingest":
+        if item in index and step == "ingest" and "scene_state" not in flags:
             _set_flag(store / "scene_state", index[item], SCENE_PENDING)
-        if item in index and step == "bin" and (store / "stats" / "binned").is_dir():
+        if item in index and step == "bin" and "stats/binned" not in flags:
             _set_flag(store / "stats" / "binned", index[item], 0)
         redo.append(f"{step} {item}")
+    for damage in damages:
+        if damage.step == "records":  # a record that does not decode: forgotten
+            (store / damage.path).unlink(missing_ok=True)
+            redo.append(f"{damage.path.split('/')[1]} {damage.item}")
+    for flag in sorted({d.path for d in damages if d.step == FLAGS}):
+        _rewrite_flags(store, flag, index)
     for path in temporary_files(store):
         path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError, ValueError):  # metadata left damaged: a new store
+        consolidate(store)
     return redo
 
 
@@ -95,22 +123,45 @@ def temporary_files(store: Path) -> list[Path]:
     return found
 
 
+#: Damage to a flag array (scene_state, stats/binned), rewritten from the records.
+FLAGS = "flags"
+#: Damage entries that are not a step's record of an item.
+_NOT_RECORDS = ("metadata", "records", FLAGS, NEW_STORE)
+
+
 def _all_records(store: Path) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    for key, record in sorted(records.whole_records(store).items()):
+    try:
+        whole = records.whole_records(store)
+    except Exception:  # the records group's metadata: reported by _metadata_damage
+        whole = {}
+    for key, record in sorted(whole.items()):
         step, item = key.split("/", 1)
         yield step, item, record
     for step in records.steps_recorded(store):
-        for item, record in sorted(records.step_records(store, step).items()):
+        for item, record in sorted(_quietly(records.step_records, store, step, {}).items()):
             yield step, item, record
 
 
-#: The pseudo-step of damaged metadata: not repaired in place (`repair` leaves it).
-METADATA = "metadata"
+def _quietly(func: Any, store: Path, step: str, default: Any) -> Any:
+    try:
+        return func(store, step)
+    except Exception:  # its metadata is damaged: reported by _metadata_damage
+        return default
+
+
+def _record_damage(store: Path) -> list[Damage]:
+    """Records whose chunk does not decode or parse."""
+    ids = {i: s for s, i in _safe_scene_index(store).items()}
+    found = []
+    for step in records.steps_recorded(store):
+        for i in _quietly(records.damaged_records, store, step, []):
+            path = f"{RECORDS_GROUP}/{step}/c/{i}"
+            found.append(Damage("records", ids.get(i, str(i)), path, "record does not decode"))
+    return found
 
 
 def _metadata_damage(store: Path) -> list[Damage]:
-    """Metadata documents that do not parse as JSON (the node is unreadable; mbcube does not
-    rebuild a node's metadata in place: the study is ingested into a new store)."""
+    """Metadata documents that do not parse as JSON (the node is unreadable)."""
     found = []
     for folder, _, names in os.walk(store):
         if "zarr.json" not in names:
@@ -120,17 +171,56 @@ def _metadata_damage(store: Path) -> list[Damage]:
             json.loads(path.read_bytes())
         except (OSError, ValueError) as err:
             relative = path.relative_to(store).as_posix()
-            found.append(Damage(METADATA, WHOLE + "store", relative, f"does not parse: {err}"))
+            node = Path(relative).parent.as_posix()
+            step = "metadata" if _remade_node(store, node) is not None else NEW_STORE
+            found.append(Damage(step, WHOLE + "store", relative, f"does not parse: {err}"))
     return found
+
+
+def _deleted_nodes(store: Path, metadata: list[Damage]) -> list[Damage]:
+    """Delete the nodes whose metadata is damaged (and a step makes again); return the records
+    of what they held, to forget."""
+    found = []
+    for damage in metadata:
+        target = _remade_node(store, Path(damage.path).parent.as_posix())
+        if target is None:
+            continue
+        for step, item, record in list(_all_records(store)):
+            prefixes = record.get("outputs", {})
+            if any(p == target or p.startswith(target + "/") for p in prefixes):
+                found.append(Damage(step, item, target, "deleted: its metadata was damaged"))
+        if target == RECORDS_GROUP:
+            (store / target / "zarr.json").unlink(missing_ok=True)  # whole-store records
+        else:
+            shutil.rmtree(store / target, ignore_errors=True)
+    return found
+
+
+def _remade_node(store: Path, node: str) -> str | None:
+    """The node to delete so that a step makes it again, for damaged metadata at `node` (a
+    store-relative folder); None when no step does (root, static layers, coordinates)."""
+    parts = node.split("/")
+    if node in ("", "."):
+        return None
+    if parts[0] == RECORDS_GROUP:
+        return "/".join(parts[:2])
+    if parts[0] in DERIVED_GROUPS:
+        return parts[0]
+    if parts[0] == "outliers" and len(parts) >= 2:
+        return "/".join(parts[:2])
+    static = records.step_record(store, "ingest", STATIC_ITEM).get("outputs", {})
+    if f"{parts[0]}/c" in static or parts[0] in ("scene", "x", "y", "spatial_ref"):
+        return None
+    if parts[0].startswith("scene_") or parts[0] == "outliers":
+        return None
+    return parts[0]  # a per-scene layer: the ingest's, or a step's output
 
 
 def _decode_damage(
     store: Path, step: str, item: str, manifest: dict[str, dict[str, int]], skip: set[str]
 ) -> list[Damage]:
-    """Recorded chunks that zarr cannot decode (checksum, codec) and metadata that does not
-    parse."""
+    """Recorded chunks that zarr cannot decode (checksum, codec)."""
     chunks: list[tuple[str, str, tuple[int, ...]]] = []
-    found = []
     for prefix, files in manifest.items():
         for name in files:
             path = f"{prefix}/{name}" if name else prefix
@@ -143,9 +233,6 @@ def _decode_damage(
                 continue
             chunks.append((path, array, key))
     arrays: dict[str, Any] = {}
-    for _, array, _ in chunks:
-        if array not in arrays:
-            arrays[array] = zarr.open_array(str(store / array), mode="r")
 
     def decode(job: tuple[str, str, tuple[int, ...]]) -> Damage | None:
         path, array, key = job
@@ -159,6 +246,14 @@ def _decode_damage(
             return Damage(step, item, path, f"does not decode: {type(err).__name__}: {err}")
         return None
 
+    found = []
+    for path, array, _ in chunks:
+        if array not in arrays:
+            try:
+                arrays[array] = zarr.open_array(str(store / array), mode="r")
+            except Exception as err:  # its metadata is damaged: reported by _metadata_damage
+                found.append(Damage(step, item, path, f"its array does not open: {err}"))
+    chunks = [c for c in chunks if c[1] in arrays]
     with ThreadPoolExecutor(DECODE_THREADS) as pool:
         found += [d for d in pool.map(decode, chunks) if d is not None]
     return found
@@ -178,29 +273,58 @@ def _chunk_of(path: str) -> tuple[str | None, tuple[int, ...]]:
 
 
 def _flag_damage(store: Path) -> list[Damage]:
-    """Scenes flagged ingested without an ingest record, or binned without a bin record."""
-    if not (store / "scene_state").is_dir():
-        return []
+    """Scene flags that do not decode, scenes flagged ingested without an ingest record, or
+    binned without a bin record."""
     found = []
-    ingested = records.step_records(store, "ingest")
-    binned_ok = records.step_records(store, "bin")
-    states = scene_states(store)
-    binned = _flags(store / "stats" / "binned")
-    for scene_id, i in scene_index(store).items():
-        if states[i] == SCENE_INGESTED and scene_id not in ingested:
-            found.append(Damage("ingest", scene_id, "scene_state", "ingested without a record"))
-        if binned is not None and i < len(binned) and binned[i] == 1 and scene_id not in binned_ok:
-            found.append(Damage("bin", scene_id, "stats/binned", "binned without a record"))
+    ingested = _quietly(records.step_records, store, "ingest", {})
+    binned_ok = _quietly(records.step_records, store, "bin", {})
+    for scene_id, i in _safe_scene_index(store).items():
+        for flag, step, ok, done in (
+            ("scene_state", "ingest", ingested, SCENE_INGESTED),
+            ("stats/binned", "bin", binned_ok, 1),
+        ):
+            try:
+                value = _flag(store / flag, i)
+            except Exception as err:  # zarr's checksum or codec error
+                found.append(Damage(FLAGS, scene_id, flag, f"does not decode: {err}"))
+                continue
+            if value == done and scene_id not in ok:
+                found.append(Damage(step, scene_id, flag, f"flag {done} without a record"))
     return found
 
 
-def _flags(path: Path) -> np.ndarray | None:
+def _safe_scene_index(store: Path) -> dict[str, int]:
+    try:
+        return scene_index(store)
+    except Exception:  # the scene coordinate is damaged: reported by the other checks
+        return {}
+
+
+def _flag(path: Path, index: int) -> int | None:
+    """One scene's flag (None when the flag array does not exist or is shorter)."""
     if not (path / "zarr.json").is_file():
         return None
-    return np.asarray(zarr.open_array(str(path), mode="r")[:])
+    array = zarr.open_array(str(path), mode="r")
+    return int(np.asarray(array[index])) if index < array.shape[0] else None
+
+
+def _rewrite_flags(store: Path, flag: str, index: dict[str, int]) -> None:
+    """Write a whole flag array (its chunks do not decode) again from the records: a scene is
+    ingested (binned) when it has an ingest (bin) record, else pending (not binned); a scene
+    removed from the study is flagged removed again by the next ingest."""
+    step, done = ("ingest", SCENE_INGESTED) if flag == "scene_state" else ("bin", 1)
+    have = records.step_records(store, step)
+    array = zarr.open_array(str(store / flag), mode="r+")
+    values = [0] * array.shape[0]
+    for scene_id, i in index.items():
+        if i < len(values) and scene_id in have:
+            values[i] = done
+    array[:] = values
 
 
 def _set_flag(path: Path, index: int, value: int) -> None:
+    if not (path / "zarr.json").is_file():
+        return
     array = zarr.open_array(str(path), mode="r+")
     if index < array.shape[0]:
         array[index] = value

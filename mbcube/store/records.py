@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import uuid
 from collections.abc import Iterable, Sequence
@@ -33,6 +34,8 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from mbcube.errors import StoreDamaged, StoreError
+
+log = logging.getLogger(__name__)
 
 RECORDS_GROUP = "records"
 #: Items whose name starts with this are whole-store items, not scenes.
@@ -58,7 +61,7 @@ def step_record(path: Path, step: str, item: str) -> dict[str, Any]:
     array = _open_array(path, step)
     if index is None or array is None or index >= array.shape[0]:
         return {}
-    return _parse(str(array[index]))
+    return _parse(_read_one(array, index))
 
 
 def step_records(path: Path, step: str) -> dict[str, dict[str, Any]]:
@@ -67,12 +70,30 @@ def step_records(path: Path, step: str) -> dict[str, dict[str, Any]]:
     array = _open_array(path, step)
     if array is None:
         return {}
-    raw = np.asarray(array[:]).ravel()
+    try:
+        raw = [str(r) for r in np.asarray(array[:]).ravel()]
+    except ValueError:  # a damaged record: read them one by one
+        raw = [_read_one(array, i) for i in range(array.shape[0])]
     found = {}
     for scene_id, index in _scene_index(path).items():
-        if index < len(raw) and str(raw[index]):
-            found[scene_id] = _parse(str(raw[index]))
+        if index < len(raw) and raw[index]:
+            found[scene_id] = _parse(raw[index])
     return found
+
+
+def damaged_records(path: Path, step: str) -> list[int]:
+    """The scene indices whose record of `step` does not decode (checksum) or parse."""
+    array = _open_array(Path(path), step)
+    if array is None:
+        return []
+    bad = []
+    for i in range(array.shape[0]):
+        try:
+            raw = str(array[i])
+            json.loads(raw) if raw else None
+        except ValueError:
+            bad.append(i)
+    return bad
 
 
 def whole_records(path: Path) -> dict[str, dict[str, Any]]:
@@ -189,6 +210,15 @@ def steps_recorded(path: Path) -> list[str]:
 def _depends(record: dict[str, Any]) -> Any:
     """The part of a record its result depends on, JSON-normalised for comparison."""
     return json.loads(json.dumps({k: v for k, v in record.items() if k not in RUN_KEYS}))
+
+
+def _read_one(array: Any, index: int) -> str:
+    """One scene's raw record; "" (none: the item is redone) when its chunk does not decode."""
+    try:
+        return str(array[index])
+    except ValueError as err:  # zarr's checksum or codec error
+        log.warning("%s: the record of scene %d does not decode (%s): redone", array, index, err)
+        return ""
 
 
 def _parse(raw: str) -> dict[str, Any]:
