@@ -190,14 +190,15 @@ def verify(
     ] = False,
 ) -> None:
     """Check every file the steps recorded: present, of its size, decoding with its checksum;
-    the cached statistics equal to the stored ones. Exit code 1 when something is damaged."""
+    every other chunk decoding; the cached statistics equal to the stored ones. Exit code 1 when
+    something is damaged (with --repair: when something cannot be repaired in place)."""
     from mbcube.verify import verify as run_verify
 
     with _handled(store):
         report = run_verify(store, decode=not quick, repair_it=repair)
     for line in report.lines():
         typer.echo(line)
-    if not report.ok and not report.repaired:
+    if report.needs_new_store or (not report.ok and not report.repaired):
         raise typer.Exit(1)
 
 

@@ -34,6 +34,15 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.damages and not self.cache
 
+    @property
+    def needs_new_store(self) -> bool:
+        """Damage that no step makes again in place (static layers, coordinates, root)."""
+        return any(d.step == NEW_STORE for d in self.damages)
+
+    @property
+    def repairable(self) -> bool:
+        return bool(self.cache) or any(d.step != NEW_STORE for d in self.damages)
+
     def lines(self) -> list[str]:
         """What to print: one line per problem, then the command that repairs them."""
         found = [d.line() for d in self.damages] + self.cache
@@ -43,14 +52,14 @@ class VerifyReport:
         out = [f"{self.store}: {len(found)} problem(s):", *(f"  - {line}" for line in found)]
         study = st.read_state(self.store).get("study", {}).get("root", "STUDY")
         rerun = f"`mbcube run {study} --store {self.store}`"
-        if any(d.step == NEW_STORE for d in self.damages):
+        if self.needs_new_store:
             out.append(
                 "the static layers, coordinates or root of a store are not made again in place: "
                 f"ingest the study into a new store (`mbcube run {study} --store NEW`)"
             )
-        if self.repaired:
+        if self.repairable and self.repaired:
             out.append(f"repaired: the next run redoes {len(self.redo)} item(s); run {rerun}")
-        else:
+        elif self.repairable:
             out.append(f"repair: `mbcube verify {self.store} --repair`, then {rerun}")
         return out
 

@@ -79,7 +79,8 @@ def test_flipped_bit_in_the_cache_gives_the_right_tables(
         p for p in (pipeline.store / CACHE_GROUP / "cells" / "c").rglob("*") if p.is_file()
     )
     _flip_a_bit(cells)  # same size: only its checksum tells
-    assert "massbalance_cache: damaged" in verify(pipeline.store).lines()[1]
+    lines = verify(pipeline.store).lines()
+    assert f"{cells.relative_to(pipeline.store).as_posix()}: does not decode" in lines[1], lines
     aggregate(pipeline.store, tmp_path / "out")
     same_tables(tmp_path / "out", small_run.out)
 
@@ -153,6 +154,7 @@ def _truncate(path: Path) -> None:
         ("scene_state/c/0", _flip_a_bit),  # every scene's ingest flag (one chunk)
         ("dh_m/zarr.json", _truncate),  # a step's layer: made again
         ("stats/zarr.json", _truncate),  # a step's group: made again
+        ("stats/bin/c/0", _flip_a_bit),  # a coordinate of a step's group: made again
     ],
 )
 def test_damaged_records_flags_and_metadata_are_found_and_repaired(
@@ -181,9 +183,14 @@ def test_damaged_static_metadata_asks_for_a_new_store(small_run: Pipeline, tmp_p
     pipeline = copy_run(small_run, tmp_path)
     _truncate(pipeline.store / "ref_dem_m" / "zarr.json")
     code, output = _cli("verify", str(pipeline.store), "--repair")
-    assert code == 0 and "Traceback" not in output, output
+    assert code == 1 and "Traceback" not in output and "repaired" not in output, output
     assert "ref_dem_m/zarr.json: does not parse" in output and "into a new store" in output
     assert verify(pipeline.store).damages  # left as it is: nothing made again from nothing
+    pipeline = copy_run(small_run, tmp_path / "ids")
+    _flip_a_bit(pipeline.store / "scene" / "c" / "0")  # the scene ids: known nowhere else
+    code, output = _cli("verify", str(pipeline.store), "--repair")
+    assert code == 1 and "scene/c/0: the scene ids do not decode" in output, output
+    assert "into a new store" in output
 
 
 def test_deleted_stats_chunk_refused_by_aggregate_and_redone_by_run(

@@ -56,7 +56,7 @@ def write_dataset(ds: xr.Dataset, path: Path, **to_zarr_kwargs: Any) -> Any:
         ds.attrs = stored | ds.attrs if group else stored
     if "region" not in to_zarr_kwargs:
         encoding = dict(to_zarr_kwargs.get("encoding") or {})
-        for name in ds.data_vars:
+        for name in ds.variables:  # data variables and coordinates
             if overwrite or not (target / str(name) / "zarr.json").exists():
                 given = dict(encoding.get(str(name), {}))
                 compressed = given.get("compressors", ()) is not None

@@ -56,6 +56,8 @@ class Damage:
     def line(self) -> str:
         if self.step == NEW_STORE:
             return f"{self.path}: {self.problem} (not made again in place)"
+        if self.step in (NODE, FLAGS, "metadata"):
+            return f"{self.path}: {self.problem} (made again by the next run after --repair)"
         what = f"scene {self.item}" if not self.item.startswith(WHOLE) else self.item[1:]
         return f"{self.path}: {self.problem} (written by step '{self.step}' for {what})"
 
@@ -67,6 +69,11 @@ def check(store: Path, decode: bool = True) -> list[Damage]:
     store = Path(store)
     found = _metadata_damage(store)
     unreadable = {d.path for d in found}
+    try:
+        scene_index(store)
+    except Exception as err:  # the scene ids: every record is found by them
+        problem = f"the scene ids do not decode ({type(err).__name__}: {err})"
+        return [*found, Damage(NEW_STORE, WHOLE + "store", "scene/c/0", problem)]
     found += _record_damage(store)
     for step, item, record in _all_records(store):
         manifest = record.get("outputs", {})
@@ -82,6 +89,8 @@ def check(store: Path, decode: bool = True) -> list[Damage]:
         if decode:
             found += _decode_damage(store, step, item, manifest, unreadable | set(damaged))
     found += _flag_damage(store)
+    if decode:
+        found += _unrecorded_damage(store, _recorded_files(store) | unreadable)
     return found
 
 
@@ -92,7 +101,8 @@ def repair(store: Path, damages: list[Damage]) -> list[str]:
     run will redo, as "step item"."""
     store = Path(store)
     damages = damages + _deleted_nodes(store, [d for d in damages if d.step == "metadata"])
-    index = scene_index(store) if (store / "scene" / "zarr.json").is_file() else {}
+    damages = damages + _deleted_nodes(store, [d for d in damages if d.step == NODE])
+    index = _safe_scene_index(store)
     redo = []
     flags = {d.path for d in damages if d.step == FLAGS}
     for step, item in sorted({(d.step, d.item) for d in damages if d.step not in _NOT_RECORDS}):
@@ -123,10 +133,14 @@ def temporary_files(store: Path) -> list[Path]:
     return found
 
 
-#: Damage to a flag array (scene_state, stats/binned), rewritten from the records.
+#: Damage to a flag array (FLAG_ARRAYS), rewritten from the records.
 FLAGS = "flags"
+FLAG_ARRAYS = ("scene_state", "stats/binned")
+#: Damage to a chunk no record lists (coordinates, a group's coordinates): its node is made
+#: again where a step makes it (like damaged metadata), else a new store is needed.
+NODE = "node"
 #: Damage entries that are not a step's record of an item.
-_NOT_RECORDS = ("metadata", "records", FLAGS, NEW_STORE)
+_NOT_RECORDS = ("metadata", "records", FLAGS, NODE, NEW_STORE)
 
 
 def _all_records(store: Path) -> Iterator[tuple[str, str, dict[str, Any]]]:
@@ -182,7 +196,11 @@ def _deleted_nodes(store: Path, metadata: list[Damage]) -> list[Damage]:
     of what they held, to forget."""
     found = []
     for damage in metadata:
-        target = _remade_node(store, Path(damage.path).parent.as_posix())
+        if damage.step == NODE:  # a chunk: its array
+            node = _chunk_of(damage.path)[0] or damage.path
+        else:  # a metadata document: its node
+            node = Path(damage.path).parent.as_posix()
+        target = _remade_node(store, node)
         if target is None:
             continue
         for step, item, record in list(_all_records(store)):
@@ -214,6 +232,50 @@ def _remade_node(store: Path, node: str) -> str | None:
     if parts[0].startswith("scene_") or parts[0] == "outliers":
         return None
     return parts[0]  # a per-scene layer: the ingest's, or a step's output
+
+
+def _recorded_files(store: Path) -> set[str]:
+    """Every store-relative file some record lists."""
+    found = set()
+    for _, _, record in _all_records(store):
+        for prefix, files in record.get("outputs", {}).items():
+            found |= {f"{prefix}/{name}" if name else prefix for name in files}
+    return found
+
+
+def _unrecorded_damage(store: Path, recorded: set[str]) -> list[Damage]:
+    """Chunks no record lists (coordinates, scene flags and ids, groups' coordinates) that do
+    not decode."""
+    found = []
+    for folder, dirs, names in os.walk(store):
+        dirs[:] = [d for d in dirs if d != RECORDS_GROUP or Path(folder) != store]
+        if "zarr.json" not in names or not (Path(folder) / "c").exists():
+            continue
+        array = Path(folder).relative_to(store).as_posix()
+        if f"{array}/zarr.json" in recorded or array in FLAG_ARRAYS:
+            continue  # unreadable metadata, or flags: reported once, by their own checks
+        manifest = {f"{array}/c": list_chunk_files(store, f"{array}/c", recorded)}
+        if not manifest[f"{array}/c"]:
+            continue
+        for damage in _decode_damage(store, NODE, WHOLE + "store", manifest, set()):
+            step = NODE if _remade_node(store, array) is not None else NEW_STORE
+            found.append(Damage(step, damage.item, damage.path, damage.problem))
+    return found
+
+
+def list_chunk_files(store: Path, prefix: str, skip: set[str]) -> dict[str, int]:
+    """The chunk files under `prefix` (store-relative) that are not in `skip`, with sizes."""
+    root = store / prefix
+    if root.is_file():
+        return {} if prefix in skip else {"": root.stat().st_size}
+    found = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            full = Path(folder) / name
+            name_in = full.relative_to(root).as_posix()
+            if f"{prefix}/{name_in}" not in skip and not name.endswith(TEMPORARY_SUFFIX):
+                found[name_in] = full.stat().st_size
+    return found
 
 
 def _decode_damage(
@@ -278,15 +340,19 @@ def _flag_damage(store: Path) -> list[Damage]:
     found = []
     ingested = _quietly(records.step_records, store, "ingest", {})
     binned_ok = _quietly(records.step_records, store, "bin", {})
+    undecodable: set[str] = set()
     for scene_id, i in _safe_scene_index(store).items():
         for flag, step, ok, done in (
             ("scene_state", "ingest", ingested, SCENE_INGESTED),
             ("stats/binned", "bin", binned_ok, 1),
         ):
+            if flag in undecodable:
+                continue
             try:
                 value = _flag(store / flag, i)
             except Exception as err:  # zarr's checksum or codec error
-                found.append(Damage(FLAGS, scene_id, flag, f"does not decode: {err}"))
+                found.append(Damage(FLAGS, WHOLE + flag, flag, f"does not decode: {err}"))
+                undecodable.add(flag)
                 continue
             if value == done and scene_id not in ok:
                 found.append(Damage(step, scene_id, flag, f"flag {done} without a record"))
