@@ -116,6 +116,7 @@ from mbcube.store import (
     write_dataset,
     writer_lock,
 )
+from mbcube.store.location import RESULTS_MARKER, out_problems, recorded_study
 from mbcube.store.lock import writer_lock_if_writable
 from mbcube.surge import effective_surge, surge_candidates
 from mbcube.uncertainty import (
@@ -206,7 +207,7 @@ CACHE_VERSION = 9
 #: Cells per chunk of the cache (8 bytes x 2^18 = 2 MiB per field and chunk).
 CELL_CHUNK = 1 << 18
 #: The output folder's record of the glacier tables it holds.
-TABLES_RECORD = ".mbcube-tables.json"
+TABLES_RECORD = RESULTS_MARKER
 _CELL_FIELDS = ("count", "weight", "rate_sum", "dh_sum", "area_m2", "n_px", "measured_bin_px")
 
 
@@ -709,11 +710,14 @@ def _digest(value: object) -> str:
     return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> StoredStats:
+def load_stats(
+    store: Path | str, config: MassBalanceConfig | None = None, *, cache: bool = True
+) -> StoredStats:
     """Read the statistics of the cube at `store` and combine each glacier's scenes.
 
     From the store's cache when it is current (no scene statistics read), else from the `stats`
-    and `hypsometry` groups (then cached)."""
+    and `hypsometry` groups (then cached, unless `cache` is False: readers such as `ds.mb`
+    never write the store)."""
     store = Path(store)
     if not (store / "zarr.json").exists():
         open_cube(store)  # raises the store's own error
@@ -732,14 +736,14 @@ def load_stats(store: Path | str, config: MassBalanceConfig | None = None) -> St
     keys = _keys(store, state, config, known)
     cells, cached = _read_cache(store, state, study, config, keys, cache_attrs)
     if cached is not None:
-        if keys.facts is not known:  # read again, same keys: keep them for the next call
+        if cache and keys.facts is not known:  # read again, same keys: keep them
             _with_lock(store, lambda: _remember_facts(store, keys.facts))
         return cached
     if cells is None:
         _check_stats(store, keys.scenes)
     data = _from_statistics(store, state, study, config, keys, cells)
     data = replace(data, results=data.glacier_results())
-    if keys.stats_key is not None:
+    if cache and keys.stats_key is not None:
         _with_lock(store, lambda: _write_cache(store, data, keys))
     return data
 
@@ -751,6 +755,8 @@ def cache_problems(store: Path | str) -> list[str]:
     current cache (it is made again when needed)."""
     store = Path(store)
     attrs = _group_attrs(store / CACHE_GROUP)
+    if not attrs.get("key") or not _has_group(store, "stats"):
+        return []  # no cache (it is made when needed), or nothing binned yet
     state = read_state(store)
     study = StudyConfig.model_validate(state["study"]["config"])
     config = study.massbalance
@@ -1588,9 +1594,14 @@ def aggregate(
 def _aggregate(
     store: Path, out: Path, regions: Path | None, config: MassBalanceConfig | None
 ) -> tuple[Path, Path]:
+    problems = out_problems(out, store, *recorded_study(store))
+    if problems:
+        raise StoreError("\n".join(problems))
     data = load_stats(store, config)
     _refuse_empty(store, data)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / TABLES_RECORD).exists():  # first: the folder is mbcube's results from now on
+        (out / TABLES_RECORD).write_text("{}")
     if not _tables_current(out, data):
         _write_glacier_tables(data, out)
     given = _polygon_set(data, Path(regions)) if regions is not None else None
@@ -1737,9 +1748,12 @@ def _write_gpkg(data: StoredStats, glaciers: pd.DataFrame, path: Path) -> str:
     return "written"
 
 
-def mass_balance_dataset(store: Path | str, config: MassBalanceConfig | None = None) -> xr.Dataset:
-    """The glacier table as a Dataset along `glacier` (the cube's glacier index), for `ds.mb`."""
-    data = load_stats(Path(store), config)
+def mass_balance_dataset(
+    store: Path | str, config: MassBalanceConfig | None = None, *, cache: bool = True
+) -> xr.Dataset:
+    """The glacier table as a Dataset along `glacier` (the cube's glacier index), for `ds.mb`
+    (`cache`: see `load_stats`)."""
+    data = load_stats(Path(store), config, cache=cache)
     polygons = region_sets(data)[0] if data.ingest_regions is not None else None
     table = glacier_table(data, polygons)
     ds = xr.Dataset(
@@ -1769,12 +1783,15 @@ def regions_dataset(
     store: Path | str,
     config: MassBalanceConfig | None = None,
     regions: Path | RegionSet | None = None,
+    *,
+    cache: bool = True,
 ) -> xr.Dataset:
     """The region table as a Dataset with dims (region, glaciers), glaciers = all | no_surge.
 
     `regions`: a polygon file, or a RegionSet (e.g. `mbcube.regions.from_ids`, glaciers in the
-    cube's order); default: the study's regions and basins. Region 'all' is the whole study."""
-    data = load_stats(Path(store), config)
+    cube's order); default: the study's regions and basins. Region 'all' is the whole study.
+    `cache`: see `load_stats`."""
+    data = load_stats(Path(store), config, cache=cache)
     if isinstance(regions, RegionSet):
         sets = [regions]
     else:

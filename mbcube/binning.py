@@ -120,6 +120,8 @@ HYPSOMETRY_STEP = "hypsometry"
 #: ~100 bins x 2 surfaces x 8 B = 6.5 MB, so reading some glaciers never loads all of them.
 GLACIER_CHUNK = 4096
 HYPSOMETRY_ALL = "_all"
+#: The bin step's record of the `stats` group as a whole (written once the group is made).
+STATS_ITEM = "_stats_group"
 
 
 class BinningError(RuntimeError):
@@ -1053,27 +1055,29 @@ def block_side_px(autocorrelation_m: float, res_m: float) -> int:
 def _ensure_stats_group(
     store: Path, axis: BinAxis, n_glaciers: int, hyps_token: str, block_px: int
 ) -> None:
-    """Create the `stats` group (all store scenes, zero) when missing or made on another bin axis,
-    hypsometry or block size; append zero placeholders for scenes the store gained since."""
+    """Create the `stats` group (all store scenes, zero) when missing, made on another bin axis,
+    hypsometry or block size, or not finished (its record STATS_ITEM is written once it is
+    whole); append zero placeholders for scenes the store gained since."""
     ids = sorted(scene_index(store), key=scene_index(store).__getitem__)
     attrs = _stats_attrs(axis, hyps_token, block_px)
-    if _group_exists(store, "stats"):
-        old = zarr.open_group(str(store), path="stats", mode="r").attrs.asdict()
-        if all(old.get(k) == v for k, v in attrs.items()):
-            have = [str(s) for s in _open_group(store, "stats")["scene"].values]
-            if have != ids[: len(have)]:
-                raise StoreError(f"{store}: the stats group's scenes {have} do not match the cube")
+    record = {"attrs": attrs}
+    if _group_exists(store, "stats") and is_current(store, "bin", STATS_ITEM, record):
+        have = [str(s) for s in _open_group(store, "stats")["scene"].values]
+        if have == ids[: len(have)]:
             if len(have) < len(ids):
+                invalidate(store, "bin", STATS_ITEM)  # a kill while appending: made again
                 new = _placeholder_stats(ids[len(have) :], axis, n_glaciers)
                 new = new.drop_vars(["glacier", "bin", "surface", "stable_dh_bin"])
                 write_dataset(new, store, group="stats", mode="a", append_dim="scene")
-                zarr.open_group(str(store), path="stats", mode="r+").attrs.put(attrs)
+                record_step(store, "bin", STATS_ITEM, record)
             return
+    invalidate(store, "bin", STATS_ITEM)
     for scene_id in step_records(store, "bin"):  # every scene is binned again
         invalidate(store, "bin", scene_id)
     ds = _placeholder_stats(ids, axis, n_glaciers)
     ds.attrs = attrs
     write_dataset(ds, store, group="stats", mode="w")
+    record_step(store, "bin", STATS_ITEM, record)
 
 
 @writes_store

@@ -7,7 +7,6 @@ shows the traceback instead. Warnings print as one line without source paths."""
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import sys
 import warnings
@@ -18,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mbcube.errors import StoreError, StudyError
+from mbcube.errors import StoreError, StudyError, is_damage
 
 app = typer.Typer(
     add_completion=False,
@@ -74,31 +73,33 @@ _OS_ERRORS = {
 }
 
 
-def expected_error_lines(err: BaseException, store: Path | None = None) -> list[str] | None:
+def expected_error_lines(
+    err: BaseException, store: Path | None = None, out: Path | None = None
+) -> list[str] | None:
     """The lines to print for an expected failure, or None for a bug (shown with its
-    traceback)."""
+    traceback). `store`, `out`: the command's store and output folder, named when the error
+    does not name its file."""
     import zarr.errors  # here: the command starts without zarr
+
     if isinstance(err, (StudyError, StoreError)):
         return [line for line in str(err).splitlines() if line.strip()]
     if isinstance(err, OSError) and err.errno in _OS_ERRORS:
         what, fix = _OS_ERRORS[err.errno]
-        where = err.filename or store or "?"
+        where = err.filename or " or ".join(str(p) for p in (store, out) if p) or "?"
         return [f"{where}: {what} ({err.strerror}); {fix}."]
     if isinstance(err, OSError) and err.filename and not isinstance(err, zarr.errors.BaseZarrError):
         return [f"{err.filename}: {err.strerror or err}."]
     verify = f"`mbcube verify {store}`" if store else "`mbcube verify STORE`"
-    if isinstance(err, ValueError) and "checksum" in str(err).lower():
-        return [f"a chunk of the store is damaged ({err}); {verify} names it and repairs it."]
-    if isinstance(err, json.JSONDecodeError | zarr.errors.BaseZarrError):
+    if is_damage(err) or isinstance(err, zarr.errors.BaseZarrError):
         return [
-            f"a metadata document of the store is damaged or missing ({type(err).__name__}: "
-            f"{err}); {verify} names it and repairs it."
+            f"the store is damaged ({type(err).__name__}: {err}); {verify} names what and "
+            "repairs it."
         ]
     return None
 
 
 @contextmanager
-def _handled(store: Path | None = None) -> Iterator[None]:
+def _handled(store: Path | None = None, out: Path | None = None) -> Iterator[None]:
     """Expected failures as one line each and exit code 2 (unless --debug)."""
     try:
         yield
@@ -108,7 +109,7 @@ def _handled(store: Path | None = None) -> Iterator[None]:
         typer.echo("interrupted: run the same command again to resume", err=True)
         raise typer.Exit(130) from None
     except Exception as err:
-        lines = None if _DEBUG["on"] else expected_error_lines(err, store)
+        lines = None if _DEBUG["on"] else expected_error_lines(err, store, out)
         if lines is None:
             raise
         first, *rest = lines
@@ -277,13 +278,9 @@ def aggregate(
 
     from mbcube.aggregate import aggregate as run_aggregate
     from mbcube.aggregate import tables_record
-    from mbcube.store.location import out_problems
 
     start = time.perf_counter()
-    with _handled(store):
-        problems = out_problems(out, store, None, [])
-        if problems:
-            raise StoreError("\n".join(problems))
+    with _handled(store, out):
         run_aggregate(store, out, regions=regions)
     seconds = time.perf_counter() - start
     _print_results(out, quiet=False, figures=False)
@@ -316,7 +313,7 @@ def run(
     from mbcube.pipeline import run as run_pipeline
 
     _setup_logging(quiet)
-    with _handled(store):
+    with _handled(store, out):
         pipeline = load_pipeline(source, store=store, out=out, cluster=cluster)
         say = (lambda _: None) if quiet else typer.echo
         with no_progress_bars(quiet):

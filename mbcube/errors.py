@@ -24,3 +24,16 @@ class StoreDamaged(StoreError):
 
 class MbcubeWarning(UserWarning):
     """Something the user should know; the tests turn these into errors."""
+
+
+def is_damage(err: BaseException) -> bool:
+    """A failure to read the store that means it is damaged: StoreDamaged, a chunk failing its
+    checksum, a codec that cannot decode its bytes, a metadata document that does not parse."""
+    import json
+
+    text = str(err).lower()
+    return (
+        isinstance(err, StoreDamaged | json.JSONDecodeError)
+        or (isinstance(err, ValueError) and "checksum" in text)
+        or (isinstance(err, RuntimeError) and "decompression" in text)
+    )

@@ -19,6 +19,7 @@ skip a figure with a log message (`MissingInputError` when a figure function is 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import re
@@ -37,7 +38,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from mbcube.config import MassBalanceConfig, StudyConfig
-from mbcube.errors import StoreError
+from mbcube.errors import StoreError, is_damage
 from mbcube.store import open_cube, read_state
 
 __all__ = [
@@ -59,7 +60,9 @@ VOID_COLOUR = "#e9dcc0"  # map background where the reference DEM has no data
 SURFACE_STYLE = {1: ("clean ice", "tab:blue"), 2: ("debris-covered", "tab:brown")}
 ALL_GLACIERS = "all glaciers"
 #: The files make_figures writes (and removes when a later run does not make them again).
-FIGURE_PATTERNS = ("dhdt_map_*.png", "mass_balance_map.png", "profile_*.png", "transect.png")
+#: The figures' names written by the last run (JSON list), in the figures folder: the only files
+#: there that mbcube deletes.
+FIGURES_RECORD = ".mbcube-figures.json"
 
 
 class MissingInputError(StoreError):
@@ -988,8 +991,9 @@ def make_figures(
     """Write every figure the inputs allow as PNG into `out`; return their paths.
 
     Files: dhdt_map_<region>.png, mass_balance_map.png, profile_<region>.png, transect.png.
-    A figure whose input is missing is skipped with a log message; such files left in `out` by
-    an earlier run are removed, so `out` holds exactly this run's figures.
+    A figure whose input is missing is skipped with a log message; figures an earlier run left in
+    `out` are removed (those listed in FIGURES_RECORD: never a file mbcube did not write), so
+    `out` holds exactly this run's figures. A damaged store fails the call (`is_damage`).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1012,13 +1016,26 @@ def make_figures(
         except MissingInputError as err:
             log.warning("figure %s skipped: %s", stem, err)
             continue
-        except Exception:  # one bad figure must not cost the others and the report
+        except Exception as err:  # one bad figure must not cost the others and the report...
+            if is_damage(err):  # ...but a damaged store is said once, loudly
+                raise
             log.exception("figure %s failed; the other figures are still made", stem)
             continue
         path = out / f"{stem}.png"
         fig.savefig(path, dpi=dpi)
         written.append(path)
-    for pattern in FIGURE_PATTERNS:  # figures of an earlier run that this run did not make
-        for stale in set(out.glob(pattern)) - set(written):
-            stale.unlink()
+    _forget_stale_figures(out, written)
     return written
+
+
+def _forget_stale_figures(out: Path, written: list[Path]) -> None:
+    """Delete the figures an earlier run made (listed in FIGURES_RECORD) that this run did not
+    make, so that `out` holds exactly this run's figures; files mbcube did not write stay."""
+    record = out / FIGURES_RECORD
+    try:
+        earlier = set(json.loads(record.read_text()))
+    except (OSError, ValueError, TypeError):
+        earlier = set()
+    for name in earlier - {p.name for p in written}:
+        (out / Path(name).name).unlink(missing_ok=True)
+    record.write_text(json.dumps(sorted(p.name for p in written)))

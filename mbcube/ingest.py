@@ -666,13 +666,20 @@ def _create(study: Study, store: Path, static_prints: dict[str, Any]) -> None:
         "static_files": static_prints,
         "created": False,
     }
-    template.attrs = {
-        "title": "mbcube datacube",
-        "Conventions": "CF-1.10",
-        "source": f"mbcube {mbcube.__version__}",
-        STATE_ATTR: json.dumps(state, sort_keys=True),
-    }
-    # mode "a": the folder may hold the writer's lock file (location checks refused others)
+    # the root group first, with the state (not yet created): from its first byte on, the
+    # folder is a cube mbcube made, which a later ingest completes (mode "a": the folder may
+    # hold the writer's lock file; the location checks refused any other content)
+    zarr.open_group(
+        str(store),
+        mode="a",
+        zarr_format=3,
+        attributes={
+            "title": "mbcube datacube",
+            "Conventions": "CF-1.10",
+            "source": f"mbcube {mbcube.__version__}",
+            STATE_ATTR: json.dumps(state, sort_keys=True),
+        },
+    )
     st.write_dataset(template, store, mode="a", compute=False, encoding=_encoding(template))
     zarr.open_group(str(store / st.records.RECORDS_GROUP), mode="a", zarr_format=3)
     st.write_state(store, state | {"created": True})

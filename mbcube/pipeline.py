@@ -44,6 +44,7 @@ from mbcube.store import (
     step_records,
     writer_lock,
 )
+from mbcube.store.location import RESULTS_MARKER
 from mbcube.study import Study
 from mbcube.unwrap.step import unwrap_cube
 
@@ -51,6 +52,17 @@ log = logging.getLogger(__name__)
 
 #: The record key of whole-store steps (not per scene).
 ALL = "_all"
+#: The tables aggregate writes into the output folder (recorded, so that a lost or changed one
+#: is written again by the next run).
+TABLE_FILES = (
+    "glaciers.csv",
+    "glaciers.parquet",
+    "glaciers.gpkg",
+    "regions.csv",
+    "regions.parquet",
+    "region_members.csv",
+    RESULTS_MARKER,
+)
 
 
 class CubeStep(Protocol):
@@ -202,33 +214,31 @@ def _run(pipeline: Pipeline, study: Study, force: bool, say: Callable[[str], Non
         "upstream": upstream,
         "out": str(pipeline.out),
     } | regions
+    out = pipeline.out.resolve()
     with _step(report, "aggregate", say):
-        tables_ok = (pipeline.out / "glaciers.csv").exists() and (
-            pipeline.out / "regions.csv"
-        ).exists()
-        if force or not tables_ok or not is_current(store, "aggregate", ALL, tables):
+        if force or not is_current(store, "aggregate", ALL, tables):
             invalidate(store, "aggregate", ALL)
             aggregate(store, pipeline.out, regions=pipeline.regions)
-            token = record_step(store, "aggregate", ALL, tables)
+            tables_written = [str(p) for p in sorted(out.iterdir()) if p.name in TABLE_FILES]
+            token = record_step(store, "aggregate", ALL, tables, outputs=tables_written)
             report.recomputed["aggregate"] = [ALL]
         else:
             token = step_record(store, "aggregate", ALL)["token"]
             report.recomputed["aggregate"] = []
 
     with _step(report, "report", say):
-        figures = {"upstream": token, "out": str(pipeline.out)}
-        if (
-            force
-            or not (pipeline.out / "report.html").exists()
-            or not is_current(store, "report", ALL, figures)
-        ):
-            from mbcube.figures import make_figures
+        study_config = config.model_dump(mode="json", include={"name", "reference_date"})
+        figures = {"upstream": token, "out": str(pipeline.out), "study": study_config}
+        if force or not is_current(store, "report", ALL, figures):
+            from mbcube.figures import FIGURES_RECORD, make_figures
             from mbcube.report import write_report
 
             invalidate(store, "report", ALL)
-            make_figures(store, pipeline.out, pipeline.out / "figures")
+            made = make_figures(store, pipeline.out, pipeline.out / "figures")
             write_report(store, pipeline.out, pipeline.out)
-            record_step(store, "report", ALL, figures)
+            names = [*(p.name for p in made), FIGURES_RECORD]
+            files = [*(out / "figures" / n for n in names), out / "report.html"]
+            record_step(store, "report", ALL, figures, outputs=[str(p) for p in files])
             report.recomputed["report"] = [ALL]
         else:
             report.recomputed["report"] = []

@@ -85,8 +85,9 @@ def disk_needed_bytes(study: Study, store: Path) -> int:
     are rewritten in place."""
     grid = study.grid
     n_px = grid.ny * grid.nx
-    known = set(st.scene_index(store)) if st.is_cube(store) else set()
-    total = 0 if st.is_cube(store) else STATIC_BYTES_PER_PX * n_px + STORE_METADATA_BYTES
+    made = st.is_cube(store) and bool(st.read_state(store).get("created"))
+    known = set(st.scene_index(store)) if made else set()
+    total = 0 if made else STATIC_BYTES_PER_PX * n_px + STORE_METADATA_BYTES
     cells = len(study.outlines) * _elevation_bins(study) * 2
     for scene in study.scenes:
         if scene.scene_id not in known:

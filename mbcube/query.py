@@ -2,18 +2,22 @@
 series, its elevation profile and its mass balance. `ds.mb` (mbcube.accessor) wraps these.
 
 `ds` is the cube as `xr.open_zarr(store)` (or `mbcube.store.open_cube`) returns it; the stored
-statistics groups are found beside it through `ds.encoding["source"]`.
+statistics groups are found beside it through `ds.encoding["source"]`. These are readers: they
+take no lock and write nothing (`read_stats`).
 """
 
 from __future__ import annotations
 
 import difflib
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import xarray as xr
 
-from mbcube.errors import StoreError
+from mbcube.errors import MbcubeWarning, StoreError
 
 #: Surface codes of the `surface` layer and the statistics' `surface` dimension.
 SURFACES = {"clean": 1, "debris": 2}
@@ -28,6 +32,34 @@ def store_of(ds: xr.Dataset) -> Path:
             "open it with xr.open_zarr(store) or mbcube.store.open_cube(store)."
         )
     return Path(source)
+
+
+T = TypeVar("T")
+
+
+def read_stats(store: Path, read: Callable[[Path], T]) -> T:
+    """`read(store)` as a reader: no lock taken, nothing written. While another process writes
+    the store, a warning says the values may change, and what is not written yet is said as
+    such instead of a read error."""
+    from mbcube.store.lock import writer_status  # here: `import mbcube` stays light
+
+    status = writer_status(store)
+    writing = status if status and status.endswith("(writing)") else None
+    if writing:
+        warnings.warn(
+            f"{store} is being written ({writing}): these values may change when it finishes",
+            MbcubeWarning,
+            stacklevel=3,
+        )
+    try:
+        return read(store)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        if writing is None:
+            raise
+        raise StoreError(
+            f"{store} is being written ({writing}) and its statistics are not complete: ask "
+            "again when it finishes."
+        ) from err
 
 
 def open_group(ds: xr.Dataset, group: str) -> xr.Dataset:
@@ -67,7 +99,8 @@ def glaciers_in_region(ds: xr.Dataset, name: str) -> list[int]:
     if "region_name" in ds and name in [str(v) for v in ds["region_name"].values]:
         from mbcube.aggregate import load_stats, region_sets
 
-        data = load_stats(store_of(ds))  # the assignment rule of the tables, no balance computed
+        # the assignment rule of the tables, no balance computed
+        data = read_stats(store_of(ds), lambda store: load_stats(store, cache=False))
         region = region_sets(data)[0].region_of()
         return [int(g) for g in data.glacier[region == name]]
     if "glacier_attr_basin" in ds:
@@ -145,9 +178,11 @@ def mass_balance(
 
     if (glacier is None) == (region is None):
         raise ValueError("give exactly one of glacier= (number or id) or region= (name)")
+    store = store_of(ds)
     if glacier is not None:
-        return mass_balance_dataset(store_of(ds)).sel(glacier=glacier_index(ds, glacier))
-    table = regions_dataset(store_of(ds))
+        table = read_stats(store, lambda s: mass_balance_dataset(s, cache=False))
+        return table.sel(glacier=glacier_index(ds, glacier))
+    table = read_stats(store, lambda s: regions_dataset(s, cache=False))
     if region not in table["region"].values:
         raise KeyError(f"region {region!r}: regions are {list(table['region'].values)}")
     return table.sel(region=region)

@@ -5,7 +5,8 @@ size, every chunk decoding with its checksum, metadata parsing, flags matching r
 cached statistics of aggregate (`mbcube.aggregate.cache_problems`: the same numbers as the
 stored statistics give again). `repair` forgets the records of what is damaged and deletes a
 damaged cache, so that the next `mbcube run` redoes exactly that and what depends on it.
-Holds the store's writer lock (a run in progress would look damaged half-way).
+Holds the store's writer lock (a run in progress would look damaged half-way); a store it may not
+write (read-only) is checked without it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from mbcube import store as st
 from mbcube.aggregate import CACHE_GROUP, cache_problems
 from mbcube.store.integrity import NEW_STORE, Damage, check, repair, temporary_files
+from mbcube.store.lock import writer_lock_if_writable
 
 
 @dataclass
@@ -70,7 +72,8 @@ def verify(store: Path | str, *, decode: bool = True, repair_it: bool = False) -
     if not st.store_exists(store):
         st.open_cube(store)  # no cube here: its own error
     st.check_schema(store, st.read_state(store))  # not a cube of this schema: its own error
-    with st.writer_lock(store):
+    lock = st.writer_lock(store) if repair_it else writer_lock_if_writable(store)
+    with lock:
         report = VerifyReport(store, check(store, decode=decode))
         if not report.damages:  # the cache is made from the rest: checked when that is sound
             try:

@@ -165,7 +165,7 @@ def oracle_glacier_rates(syn: Synthetic, min_px: int) -> dict[int, float]:
 
 def test_glacier_table_matches_pixel_oracle_and_truth(synthetic: Synthetic, tmp_path: Path) -> None:
     config = MassBalanceConfig()
-    glaciers_csv, regions_csv = aggregate(synthetic.store, tmp_path, config=config)
+    glaciers_csv, regions_csv = aggregate(synthetic.store, tmp_path / "out", config=config)
     table = pd.read_csv(glaciers_csv)
     assert list(table.columns) == ["RGIId", *GLACIER_COLUMNS]
     oracle = oracle_glacier_rates(synthetic, config.min_px_per_bin)

@@ -346,12 +346,15 @@ def test_missing_groups_and_tables_skip_figures(results: Results, tmp_path: Path
     for group in ("stats", "hypsometry", "penetration"):
         shutil.rmtree(store / group)
     (tmp_path / "figures").mkdir()
-    stale = tmp_path / "figures" / "profile_old_region.png"
+    stale = tmp_path / "figures" / "profile_old_region.png"  # an earlier run's figure
     stale.write_bytes(b"")
+    (tmp_path / "figures" / figures.FIGURES_RECORD).write_text('["profile_old_region.png"]')
     keep = tmp_path / "figures" / "my_own.png"
     keep.write_bytes(b"")
+    mine = tmp_path / "figures" / "profile_my_own_glacier.png"  # named like a figure: not ours
+    mine.write_bytes(b"")
     paths = figures.make_figures(store, tmp_path / "no_tables", tmp_path / "figures", dpi=40)
-    assert not stale.exists() and keep.exists()
+    assert not stale.exists() and keep.exists() and mine.exists()
     # no tables: regions come from the cube (region at each glacier's centroid); maps only
     assert paths and all(p.name.startswith("dhdt_map_") for p in paths)
     with pytest.raises(figures.MissingInputError):

@@ -77,8 +77,22 @@ def open_cube(path: Path | str, *, complete_only: bool = True) -> xr.Dataset:
         raise StoreError(
             f"{path}: no cube here. Create one with `mbcube ingest STUDY --store {path}`."
         )
-    check_schema(path, read_state(path))
-    ds = xr.open_zarr(str(path), chunks={})
+    state = read_state(path)
+    check_schema(path, state)
+    if not state.get("created"):
+        raise StoreError(
+            f"{path}: the cube's creation was interrupted; `mbcube ingest STUDY --store {path}` "
+            "(or `mbcube run`) makes it again."
+        )
+    try:
+        ds = xr.open_zarr(str(path), chunks={})
+    except (KeyError, ValueError, OSError) as err:
+        if isinstance(err, OSError) and err.errno is not None:
+            raise  # the file system's own error (permission, ...): said as it is
+        raise StoreError(
+            f"{path}: the cube's metadata does not open ({type(err).__name__}: {err}). "
+            f"`mbcube verify {path}` names what is damaged."
+        ) from err
     if complete_only and "scene" in ds.dims:
         states = scene_states(path)  # tiny: read, not computed
         ds = ds.isel(scene=np.flatnonzero(states == SCENE_INGESTED))

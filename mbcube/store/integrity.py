@@ -56,7 +56,7 @@ class Damage:
     def line(self) -> str:
         if self.step == NEW_STORE:
             return f"{self.path}: {self.problem} (not made again in place)"
-        if self.step in (NODE, FLAGS, "metadata"):
+        if self.step in (NODE, FLAGS, "metadata", CONSOLIDATED):
             return f"{self.path}: {self.problem} (made again by the next run after --repair)"
         what = f"scene {self.item}" if not self.item.startswith(WHOLE) else self.item[1:]
         return f"{self.path}: {self.problem} (written by step '{self.step}' for {what})"
@@ -69,6 +69,7 @@ def check(store: Path, decode: bool = True) -> list[Damage]:
     store = Path(store)
     found = _metadata_damage(store)
     unreadable = {d.path for d in found}
+    found += _consolidated_damage(store, unreadable)
     try:
         scene_index(store)
     except Exception as err:  # the scene ids: every record is found by them
@@ -139,8 +140,10 @@ FLAG_ARRAYS = ("scene_state", "stats/binned")
 #: Damage to a chunk no record lists (coordinates, a group's coordinates): its node is made
 #: again where a step makes it (like damaged metadata), else a new store is needed.
 NODE = "node"
+#: Damage to the root's consolidated metadata: written again from the nodes' own documents.
+CONSOLIDATED = "consolidated"
 #: Damage entries that are not a step's record of an item.
-_NOT_RECORDS = ("metadata", "records", FLAGS, NODE, NEW_STORE)
+_NOT_RECORDS = ("metadata", "records", FLAGS, NODE, NEW_STORE, CONSOLIDATED)
 
 
 def _all_records(store: Path) -> Iterator[tuple[str, str, dict[str, Any]]]:
@@ -188,6 +191,36 @@ def _metadata_damage(store: Path) -> list[Damage]:
             node = Path(relative).parent.as_posix()
             step = "metadata" if _remade_node(store, node) is not None else NEW_STORE
             found.append(Damage(step, WHOLE + "store", relative, f"does not parse: {err}"))
+    return found
+
+
+#: Nodes whose attributes change without the root's consolidated copy being rewritten (the
+#: records, the cache's remembered key facts): their copies are not compared.
+UNCONSOLIDATED = (RECORDS_GROUP, "massbalance_cache")
+
+
+def _consolidated_damage(store: Path, unreadable: set[str]) -> list[Damage]:
+    """The root's consolidated copy of the nodes' metadata (what `xr.open_zarr` reads) where it
+    differs from the nodes' own documents: `repair` writes it again from them."""
+    try:
+        copies = json.loads((store / "zarr.json").read_bytes())["consolidated_metadata"]
+        copies = copies["metadata"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return [Damage(CONSOLIDATED, WHOLE + "store", "zarr.json", f"no consolidated copy: {err}")]
+    found = []
+    for node, copy in sorted(copies.items()):
+        if node.split("/")[0] in UNCONSOLIDATED or f"{node}/zarr.json" in unreadable:
+            continue
+        try:
+            own = json.loads((store / node / "zarr.json").read_bytes())
+        except (OSError, ValueError):
+            own = None
+        if isinstance(own, dict) and isinstance(copy, dict):  # a group's own consolidated copy
+            own.pop("consolidated_metadata", None)  # of its members is not in the root's
+            copy = {k: v for k, v in copy.items() if k != "consolidated_metadata"}
+        if own != copy:
+            problem = f"the root's consolidated copy of {node}'s metadata differs from its own"
+            found.append(Damage(CONSOLIDATED, WHOLE + "store", "zarr.json", problem))
     return found
 
 

@@ -13,7 +13,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from mbcube.store.lock import LOCK_NAME
-from mbcube.store.state import is_cube, store_exists
+from mbcube.store.state import is_cube, read_state, store_exists
+
+#: The file that marks a folder of mbcube's results (written first into a new results folder;
+#: it also records what the glacier tables were made from).
+RESULTS_MARKER = ".mbcube-tables.json"
 
 
 def store_problems(store: Path, study_root: Path | None, inputs: Iterable[Path]) -> list[str]:
@@ -52,6 +56,14 @@ def out_problems(
     not writable."""
     out = Path(out).resolve()
     problems = []
+    if out.is_dir() and not (out / RESULTS_MARKER).is_file():
+        others = sorted(p.name for p in out.iterdir())
+        if others:
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            problems.append(
+                f"{out}: --out holds files mbcube did not write ({shown}); results go into a "
+                "new or empty folder, or one mbcube wrote before. Give another --out."
+            )
     if out in _protected_folders(study_root, inputs):
         problems.append(
             f"{out}: --out is the study folder or an input's folder; its tables (glaciers.gpkg, "
@@ -65,6 +77,19 @@ def out_problems(
     if writable:
         problems.append(writable)
     return problems
+
+
+def recorded_study(store: Path) -> tuple[Path | None, list[Path]]:
+    """The study folder and static input files recorded in the cube (where its last ingest
+    found them), for the checks of commands given only a store (`mbcube aggregate --out`): a
+    folder holding other inputs, e.g. the scenes', is refused as holding files mbcube did not
+    write."""
+    state = read_state(Path(store))
+    root = state.get("study", {}).get("root")
+    if not root:
+        return None, []
+    files = [f.get("path") for f in state.get("static_files", {}).values()]
+    return Path(root), [Path(root) / f for f in files if f]
 
 
 def _overlap_problems(
