@@ -93,6 +93,7 @@ class IngestReport:
     changed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    static_written: bool = False
 
     @property
     def recomputed(self) -> list[str]:
@@ -520,6 +521,15 @@ def _ingest(study: Study, store: Path, say: Callable[[str], None]) -> IngestRepo
                 f"{store}: the static inputs {changed} changed since this cube was made. "
                 "Ingest into a new store (or restore the files)."
             )
+        moved_from = state.get("study", {}).get("root")
+        if moved_from and Path(moved_from) != study.root and Path(moved_from).is_dir():
+            log.warning(
+                "%s was last run from %s, which is still there; now from %s: scenes whose rows "
+                "are not in this study's scenes.csv leave the cube",
+                store,
+                moved_from,
+                study.root,
+            )
         _update_recorded_state(store, state, study, static_prints)
     else:
         say(
@@ -530,7 +540,10 @@ def _ingest(study: Study, store: Path, say: Callable[[str], None]) -> IngestRepo
         report.created = True
     static_record = {"inputs": identity(static_prints)}
     if not st.is_current(store, STEP, st.records.STATIC_ITEM, static_record):
+        if not report.created:
+            say("writing the static layers again (their files were damaged or missing)")
         _write_static(study, store, static_record)
+        report.static_written = True
 
     index = st.scene_index(store)
     new = [s for s in study.scenes if s.scene_id not in index]
@@ -642,6 +655,11 @@ def _remove_scene(store: Path, scene_id: str, index: int, state: int, keep: bool
     whether it was in the results until now."""
     was_in = state != st.SCENE_REMOVED
     if was_in:
+        log.warning(
+            "scene %s: its row left scenes.csv: removed from the results%s",
+            scene_id,
+            " (its pixels are kept: keep_removed_scenes)" if keep else " and from the cube",
+        )
         _set_scene_state(store, index, st.SCENE_REMOVED)
         for step in st.steps_recorded(store):
             st.invalidate(store, step, scene_id)

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 #: The record key of whole-store steps (not per scene).
 ALL = "_all"
+#: What the ingest's entry of a run report says when it wrote the static layers again.
+STATIC = "static layers"
 #: The tables aggregate writes into the output folder (recorded, so that a lost or changed one
 #: is written again by the next run).
 TABLE_FILES = (
@@ -196,7 +198,8 @@ def _run(pipeline: Pipeline, study: Study, force: bool, say: Callable[[str], Non
     with cluster_context(pipeline.cluster):
         with _step(report, "ingest", say):
             done = ingest(study, store, progress=say)
-            report.recomputed["ingest"] = done.recomputed + done.removed
+            static = [STATIC] if done.static_written and not done.created else []
+            report.recomputed["ingest"] = static + done.recomputed + done.removed
         for name, step in STEPS.items():
             with _step(report, name, say):
                 report.recomputed[name] = step(store, force=force, progress=say)

@@ -36,7 +36,6 @@ STATS_BYTES_PER_CELL = 3 * 8
 #: table, hypsometry and caches (~1.3 MB on a 192 x 192 px study), and per scene its records,
 #: outlier table and metadata (~100 kB there).
 STORE_METADATA_BYTES, SCENE_METADATA_BYTES = 4 * 1024**2, 256 * 1024
-GIB = 1024**3
 
 
 def check_run(
@@ -114,10 +113,18 @@ def _disk_problems(study: Study, store: Path) -> list[str]:
     if needed <= free:
         return []
     return [
-        f"{Path(store).resolve()}: the run may write up to {needed / GIB:.2f} GiB (uncompressed "
-        f"estimate) but the file system has {free / GIB:.2f} GiB free. Free space there, or "
-        "give a --store on a larger disk."
+        f"{Path(store).resolve()}: the run may write up to {_size(needed)} (uncompressed "
+        f"estimate) but the file system has {_size(free)} free. Free space there, or give a "
+        "--store on a larger disk."
     ]
+
+
+def _size(n_bytes: int) -> str:
+    """A size for people: GiB, MiB or kiB."""
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2)):
+        if n_bytes >= size:
+            return f"{n_bytes / size:.2f} {unit}"
+    return f"{n_bytes / 1024:.0f} kiB"
 
 
 def _covered_share(scene: SceneSpec, grid: Grid) -> float:

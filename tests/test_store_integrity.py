@@ -8,10 +8,13 @@ tracebacks of hundreds of lines."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,13 +23,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import shapely
+import xarray as xr
 from typer.testing import CliRunner
 
 from mbcube.aggregate import CACHE_GROUP, aggregate
 from mbcube.cli import app
-from mbcube.errors import StoreDamaged, StudyError
+from mbcube.errors import MbcubeWarning, StoreDamaged, StudyError
 from mbcube.pipeline import Pipeline, run
-from mbcube.store import scene_index
+from mbcube.store import invalidate, scene_index
+from mbcube.store.lock import LOCK_NAME, writer_lock
 from mbcube.verify import verify
 from tests.storetools import copy_run, same_tables
 
@@ -142,6 +147,13 @@ def test_flipped_bit_found_by_verify_repaired_by_the_next_run(
     same_tables(pipeline.out, small_run.out)
 
 
+def _consolidated_shape(path: Path) -> None:
+    """A digit changed in the root's consolidated copy of dh_m's shape (valid JSON)."""
+    meta = json.loads(path.read_text())
+    meta["consolidated_metadata"]["metadata"]["dh_m"]["shape"][1] += 7
+    path.write_text(json.dumps(meta))
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
 
@@ -155,6 +167,8 @@ def _truncate(path: Path) -> None:
         ("dh_m/zarr.json", _truncate),  # a step's layer: made again
         ("stats/zarr.json", _truncate),  # a step's group: made again
         ("stats/bin/c/0", _flip_a_bit),  # a coordinate of a step's group: made again
+        ("scene_years/c/0", _flip_a_bit),  # the scenes' coordinates: every scene ingested again
+        ("zarr.json", _consolidated_shape),  # the root's copy of a node's metadata
     ],
 )
 def test_damaged_records_flags_and_metadata_are_found_and_repaired(
@@ -168,7 +182,8 @@ def test_damaged_records_flags_and_metadata_are_found_and_repaired(
     code, output = _cli("info", str(pipeline.store))
     assert "Traceback" not in output, output
     code, output = _cli("verify", str(pipeline.store))
-    assert code == 1 and what.split("/c/")[0] in output and "Traceback" not in output, output
+    named = "consolidated copy of dh_m" if what == "zarr.json" else what.split("/c/")[0]
+    assert code == 1 and named in output and "Traceback" not in output, output
     code, output = _cli("verify", str(pipeline.store), "--repair")
     assert code == 0 and "repaired" in output, output
     code, output = _cli(
@@ -191,6 +206,63 @@ def test_damaged_static_metadata_asks_for_a_new_store(small_run: Pipeline, tmp_p
     code, output = _cli("verify", str(pipeline.store), "--repair")
     assert code == 1 and "scene/c/0: the scene ids do not decode" in output, output
     assert "into a new store" in output
+
+
+def test_stats_group_left_half_made_is_made_again(small_run: Pipeline, tmp_path: Path) -> None:
+    """The bin step killed while it made the `stats` group (before: every later run failed until
+    --force): the group has no record of being whole, so the next run makes it again."""
+    pipeline = copy_run(small_run, tmp_path)
+    invalidate(pipeline.store, "bin", "_stats_group")  # as if killed before it was recorded...
+    shutil.rmtree(pipeline.store / "stats" / "count")  # ...half-way through its arrays
+    report = run(pipeline)
+    assert len(report.recomputed["bin"]) == 3
+    same_tables(pipeline.out, small_run.out)
+
+
+def test_run_killed_as_the_cube_is_created_resumes(small_run: Pipeline, tmp_path: Path) -> None:
+    """Killed within milliseconds of the cube's first file (before: a store mbcube would not
+    touch again, or tracebacks): the next run completes it."""
+    pipeline = copy_run(small_run, tmp_path, store=False)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            CODE,
+            "run",
+            str(pipeline.study),
+            "--store",
+            str(pipeline.store),
+            "--cluster",
+            "threads",
+            "--quiet",
+        ],
+    )
+    while proc.poll() is None and not (pipeline.store / "zarr.json").exists():
+        time.sleep(0.0005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    code, output = _cli("info", str(pipeline.store))
+    assert code in (0, 2) and "Traceback" not in output, output  # a one-line error at worst
+    run(pipeline)
+    same_tables(pipeline.out, small_run.out)
+
+
+def test_readers_take_no_lock_write_nothing_and_warn_while_a_writer_works(
+    small_run: Pipeline, tmp_path: Path
+) -> None:
+    import mbcube  # noqa: F401  (registers ds.mb)
+
+    pipeline = copy_run(small_run, tmp_path)
+    shutil.rmtree(pipeline.store / CACHE_GROUP)
+    ds = xr.open_zarr(pipeline.store)
+    first = str(ds.glacier_rgi_id.values[0])
+    balance = float(ds.mb.mass_balance(glacier=first)["mb_mwe_yr"])
+    glaciers = pd.read_csv(small_run.out / "glaciers.csv").set_index("RGIId")
+    assert balance == pytest.approx(glaciers.loc[first, "mb_mwe_yr"], rel=1e-9)
+    assert not (pipeline.store / CACHE_GROUP).exists()  # nothing written...
+    assert not (pipeline.store / LOCK_NAME).exists()  # ...and no lock taken
+    with writer_lock(pipeline.store), pytest.warns(MbcubeWarning, match="is being written"):
+        ds.mb.mass_balance(glacier=first)
 
 
 def test_deleted_stats_chunk_refused_by_aggregate_and_redone_by_run(
@@ -312,7 +384,7 @@ def read_only(small_run: Pipeline, tmp_path: Path) -> Iterator[Path]:
 def test_disk_too_small_refused_before_any_pixel_work(small_run: Pipeline, tiny_disk: Path) -> None:
     code, output = _cli("run", str(small_run.study), "--store", str(tiny_disk / "cube.zarr"))
     assert code == 2 and len(_errors(output)) == 1, output
-    assert "GiB free" in output and "Traceback" not in output
+    assert "1.00 MiB free" in output and "Traceback" not in output
     assert not (tiny_disk / "cube.zarr").exists()
 
 
@@ -321,6 +393,7 @@ def test_disk_full_while_writing_is_one_line(small_run: Pipeline, tiny_disk: Pat
     code, output = _cli("aggregate", str(small_run.store), "--out", str(tiny_disk / "out"))
     assert code == 2 and len(_errors(output)) == 1, output
     assert "disk full" in output and "Traceback" not in output
+    assert str(tiny_disk / "out") in output  # the full disk is the output folder's
 
 
 def test_read_only_store_is_one_line(small_run: Pipeline, read_only: Path, tmp_path: Path) -> None:
@@ -335,6 +408,8 @@ def test_read_only_store_is_one_line(small_run: Pipeline, read_only: Path, tmp_p
     assert code == 0 and "ingested" in output, output
     code, output = _cli("aggregate", str(read_only), "--out", str(tmp_path / "tables"))
     assert code == 0, output  # reads, caches nothing
+    code, output = _cli("verify", str(read_only))  # a check reads only
+    assert code == 0 and "ok" in output, output
     same_tables(tmp_path / "tables", small_run.out)
 
 

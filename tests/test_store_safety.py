@@ -89,6 +89,46 @@ def test_store_in_or_around_the_study_is_refused(small_run: Pipeline, tmp_path: 
     code, output = _cli("run", str(study), "--store", str(tmp_path / "c.zarr"), "--out", str(study))
     assert code == 2 and "--out is the study folder" in output, output
     assert _listing(study) == before and not (tmp_path / "c.zarr").exists()
+    # a folder of the study's (here: the synthetic truth, tables named like the results)
+    code, output = _cli(
+        "run", str(study), "--store", str(tmp_path / "c.zarr"), "--out", str(study / "truth")
+    )
+    assert code == 2 and "holds files mbcube did not write" in output, output
+    assert _listing(study) == before
+    # `mbcube aggregate` knows the cube's study: the outlines' folder is refused too
+    shutil.copytree(small_run.store, tmp_path / "cube.zarr")
+    run(load_pipeline(study, store=tmp_path / "cube.zarr", cluster="threads"))
+    code, output = _cli("aggregate", str(tmp_path / "cube.zarr"), "--out", str(study))
+    assert code == 2 and "--out is the study folder" in output, output
+    assert (study / "glaciers.gpkg").read_bytes() == before["glaciers.gpkg"]
+
+
+def test_results_never_replace_files_mbcube_did_not_write(
+    small_run: Pipeline, tmp_path: Path
+) -> None:
+    """An --out folder with the user's files is refused; in mbcube's own results folder, a file
+    of the user's named like a figure stays (only the figures mbcube recorded are cleaned)."""
+    mine = tmp_path / "mine"
+    (mine / "figures").mkdir(parents=True)
+    (mine / "glaciers.csv").write_text("my own table")
+    code, output = _cli("aggregate", str(small_run.store), "--out", str(mine))
+    assert code == 2 and "holds files mbcube did not write (figures, glaciers.csv)" in output
+    assert (mine / "glaciers.csv").read_text() == "my own table"
+    pipeline = copy_run(small_run, tmp_path / "copy")
+    run(pipeline)
+    own = pipeline.out / "figures" / "profile_my_own_glacier.png"
+    own.write_bytes(b"mine")
+    (pipeline.out / "glaciers.parquet").unlink()  # and one of mbcube's own files lost
+    report = run(pipeline)  # not forced: the lost table is found and written again
+    assert own.read_bytes() == b"mine"
+    assert report.recomputed["aggregate"] and (pipeline.out / "glaciers.parquet").exists()
+
+
+def test_a_store_inside_another_cube_is_refused(small_run: Pipeline, tmp_path: Path) -> None:
+    outer = Path(shutil.copytree(small_run.store, tmp_path / "cube.zarr"))
+    code, output = _cli("ingest", str(small_run.study), "--store", str(outer / "inner.zarr"))
+    assert code == 2 and f"inside the cube {outer}" in output, output
+    assert not (outer / "inner.zarr").exists()
 
 
 def test_empty_folder_takes_a_cube(small_run: Pipeline, tmp_path: Path) -> None:

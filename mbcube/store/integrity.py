@@ -56,7 +56,7 @@ class Damage:
     def line(self) -> str:
         if self.step == NEW_STORE:
             return f"{self.path}: {self.problem} (not made again in place)"
-        if self.step in (NODE, FLAGS, "metadata", CONSOLIDATED):
+        if self.step in (NODE, FLAGS, "metadata", CONSOLIDATED, SCENE_COORD):
             return f"{self.path}: {self.problem} (made again by the next run after --repair)"
         what = f"scene {self.item}" if not self.item.startswith(WHOLE) else self.item[1:]
         return f"{self.path}: {self.problem} (written by step '{self.step}' for {what})"
@@ -104,6 +104,11 @@ def repair(store: Path, damages: list[Damage]) -> list[str]:
     damages = damages + _deleted_nodes(store, [d for d in damages if d.step == "metadata"])
     damages = damages + _deleted_nodes(store, [d for d in damages if d.step == NODE])
     index = _safe_scene_index(store)
+    coords = [d for d in damages if d.step == SCENE_COORD]
+    for damage in coords:
+        (store / damage.path).unlink(missing_ok=True)
+    if coords:  # every scene is ingested again (its coordinates with it)
+        damages = damages + [Damage("ingest", s, "scene coordinates", "") for s in index]
     redo = []
     flags = {d.path for d in damages if d.step == FLAGS}
     for step, item in sorted({(d.step, d.item) for d in damages if d.step not in _NOT_RECORDS}):
@@ -142,8 +147,19 @@ FLAG_ARRAYS = ("scene_state", "stats/binned")
 NODE = "node"
 #: Damage to the root's consolidated metadata: written again from the nodes' own documents.
 CONSOLIDATED = "consolidated"
+#: Damage to a chunk of the scenes' coordinates taken from their rows (SCENE_COORDS): the chunk
+#: is deleted and every scene ingested again.
+SCENE_COORD = "scene coordinates"
+SCENE_COORDS = (
+    "scene_date",
+    "scene_month",
+    "scene_years",
+    "scene_kind",
+    "scene_nlooks",
+    "scene_h_amb_m",
+)
 #: Damage entries that are not a step's record of an item.
-_NOT_RECORDS = ("metadata", "records", FLAGS, NODE, NEW_STORE, CONSOLIDATED)
+_NOT_RECORDS = ("metadata", "records", FLAGS, NODE, NEW_STORE, CONSOLIDATED, SCENE_COORD)
 
 
 def _all_records(store: Path) -> Iterator[tuple[str, str, dict[str, Any]]]:
@@ -291,6 +307,9 @@ def _unrecorded_damage(store: Path, recorded: set[str]) -> list[Damage]:
         if not manifest[f"{array}/c"]:
             continue
         for damage in _decode_damage(store, NODE, WHOLE + "store", manifest, set()):
+            if array in SCENE_COORDS:  # written again by the ingest of every scene
+                found.append(Damage(SCENE_COORD, WHOLE + "store", damage.path, damage.problem))
+                continue
             step = NODE if _remade_node(store, array) is not None else NEW_STORE
             found.append(Damage(step, damage.item, damage.path, damage.problem))
     return found

@@ -42,6 +42,12 @@ def store_problems(store: Path, study_root: Path | None, inputs: Iterable[Path])
                 "does not exist yet (or an empty folder)."
             )
         problems += _overlap_problems(store, "--store", study_root, inputs)
+        outer = next((p for p in store.parents if is_cube(p)), None)
+        if outer is not None:
+            problems.append(
+                f"{store}: --store is inside the cube {outer}; a cube inside another would be "
+                "taken for part of it. Give a path outside it."
+            )
     writable = writable_problem(store, "--store")
     if writable:
         problems.append(writable)
