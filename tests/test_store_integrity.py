@@ -134,6 +134,11 @@ def test_flipped_bit_found_by_verify_repaired_by_the_next_run(
     code, output = _cli("bin", str(pipeline.store), "--force", "--cluster", "threads")
     assert code == 2 and len(_errors(output)) == 1 and "Traceback" not in output, output
     assert f"mbcube verify {pipeline.store}" in output
+    # the copy's first run makes its report, reading the pixels: one line, no tracebacks
+    code, output = _cli(
+        "run", str(pipeline.study), "--store", str(pipeline.store), "--cluster", "threads"
+    )
+    assert code == 2 and len(_errors(output)) == 1 and "Traceback" not in output, output
     code, output = _cli("verify", str(pipeline.store))
     assert code == 1, output
     relative = chunk.relative_to(pipeline.store).as_posix()
