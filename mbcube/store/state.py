@@ -21,6 +21,9 @@ from mbcube.grid import Grid
 #: Version of the cube's layout; a cube of another version is refused with the fix.
 SCHEMA_VERSION = 2
 STATE_ATTR = "mbcube"
+#: The last root zarr.json parsed, under its (path, inode, size, mtime) key (every rewrite is a
+#: new file renamed into place: a new inode).
+_PARSED: dict[str, Any] = {}
 
 
 def store_exists(path: Path) -> bool:
@@ -41,7 +44,7 @@ def read_state(path: Path) -> dict[str, Any]:
 
     Read straight from the root `zarr.json` (a few ms, where opening the group through zarr
     takes ~70 ms: steps read it several times per scene)."""
-    raw = root_metadata(Path(path)).get("attributes", {}).get(STATE_ATTR)
+    raw = root_metadata(Path(path), cached=True).get("attributes", {}).get(STATE_ATTR)
     return json.loads(raw) if isinstance(raw, str) else {}
 
 
@@ -60,10 +63,20 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, target)
 
 
-def root_metadata(path: Path) -> dict[str, Any]:
-    """The root `zarr.json` of the store at `path`, parsed."""
+def root_metadata(path: Path, *, cached: bool = False) -> dict[str, Any]:
+    """The root `zarr.json` of the store at `path`, parsed. `cached`: the parse kept while the
+    file's size and modification time stay the same (it holds the consolidated metadata of every
+    node and is read several times per command); the caller must not change it."""
+    target = path / "zarr.json"
     try:
-        meta = json.loads((path / "zarr.json").read_text())
+        stat = target.stat()
+        key = (str(target.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if not cached or _PARSED.get("key") != key:
+            meta = json.loads(target.read_bytes())
+            if cached:
+                _PARSED.update(key=key, meta=meta)
+        else:
+            meta = _PARSED["meta"]
     except FileNotFoundError as err:
         raise StoreError(f"{path}: no cube here (no zarr.json).") from err
     except json.JSONDecodeError as err:
