@@ -47,7 +47,7 @@ def _messages(record: list[warnings.WarningMessage]) -> list[str]:
 
 
 def test_self_intersecting_outline_repaired_with_id_and_area_change(tmp_path: Path) -> None:
-    bow = _bow_tie(100, 100)
+    bow = _bow_tie(400, 100)  # apart from the squares: no overlap
     path = _write(tmp_path / "g.gpkg", ["G1", "G2", "G3"], [_square(0, 0), bow, _square(2000, 0)])
     with pytest.warns(MbcubeWarning) as record:
         out = read_outlines(path, GRID, "RGIId")
@@ -65,11 +65,12 @@ def test_self_intersecting_outline_repaired_with_id_and_area_change(tmp_path: Pa
 
 def test_many_repairs_give_one_warning_largest_change_first(tmp_path: Path) -> None:
     scales = [0.2 + 0.01 * i for i in range(30)]
-    geoms = [_bow_tie(0, 0, s) for s in scales]  # overlapping outlines are fine here
+    geoms = [_bow_tie(0, 0, s) for s in scales]  # they overlap too: a warning of its own
     path = _write(tmp_path / "g.gpkg", [f"B{i:02d}" for i in range(30)], list(geoms))
     with pytest.warns(MbcubeWarning) as record:
         read_outlines(path, GRID, "RGIId")
-    (message,) = _messages(record.list)
+    (message, overlap) = _messages(record.list)
+    assert "435 pairs of glacier outlines overlap" in overlap  # 30 * 29 / 2: each in the next
     assert "30 invalid glacier outlines" in message and "(first 5 of 30)" in message
     change = 0.25 * scales[-1] ** 2  # the area change (km2) of the largest, B29
     assert change == pytest.approx((shapely.make_valid(geoms[-1]).area - geoms[-1].area) / 1e6)
