@@ -379,6 +379,9 @@ def _read_table(
     rows = []
     for row, record in records[1:]:
         values = [v.strip() for v in record]
+        if any("\x00" in v for v in values):
+            problems.add(f"{csv} row {row}: holds a NUL character. Save the file as UTF-8 text.")
+            continue
         if len(values) > n and not any(values[n:]):
             values = values[:n]  # trailing commas
         if len(values) != n:
