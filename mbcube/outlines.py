@@ -23,10 +23,11 @@ grid CRS, every geometry a valid (Multi)Polygon:
   the overlap, so the earlier glacier loses those pixels (all of them when it lies inside the
   later one: area 0 and a NaN mass balance). Smaller overlaps, such as the slivers between
   neighbours digitised separately, move at most about a pixel and are silent. Pairs are found
-  with a spatial index (STRtree), so a 10,000-outline file costs well under a second;
+  with a spatial index (STRtree), then tested (DE-9IM relate) before their overlap is computed:
+  about 1.2 s for 10,000 outlines of ~140 vertices sharing borders;
 - glacier outlines on the grid smaller than one pixel (area < res_m^2) that hold no pixel centre
-  (burnt as ingest burns them) get no pixel: named in a warning saying their mass balance will be
-  NaN. (A small outline that does hold a centre gets one pixel and a result.)
+  get no pixel when ingest burns them: named in a warning saying their mass balance will be NaN.
+  (A small outline that does hold a centre gets one pixel and a result: silent.)
 
 Warnings are grouped by kind: 5,000 repaired outlines give one warning with the count and the first
 few ids, not 5,000 warnings.
@@ -60,6 +61,8 @@ __all__ = ["overlapping_pairs", "polygonal_part", "read_outlines", "read_regions
 #: Overlapping glacier outlines are named when the overlap is more than this share of the
 #: smaller outline and more than one grid pixel's area.
 OVERLAP_MIN_SHARE = 0.01
+#: Pixel centres searched at most for an outline smaller than a pixel (a long thin sliver).
+PIXEL_SEARCH_MAX = 1_000_000
 #: How many ids a grouped warning names before "... (first k of n)".
 SHOW_REPAIRED = 5
 SHOW_IDS = 10
@@ -380,28 +383,22 @@ def _warn_pixelless(path: Path, geoms: np.ndarray, labels: list[str], grid: Grid
 
 
 def _holds_pixel(geom: shapely.Geometry, grid: Grid) -> bool:
-    """Whether `geom` burns at least one pixel of the grid (pixel centre inside, as ingest burns
-    outlines with rasterio)."""
-    import rasterio.features
-    from rasterio.errors import NotGeoreferencedWarning
-    from rasterio.transform import from_origin
-
+    """Whether `geom` holds the centre of a grid pixel (ingest burns a pixel whose centre lies
+    inside an outline). A centre on the boundary counts, so that no outline is named wrongly;
+    an outline spanning more than PIXEL_SEARCH_MAX pixel centres is taken to hold one."""
     left, bottom, right, top = shapely.bounds(geom)
-    col0 = max(0, int(np.floor((left - grid.x0) / grid.res)))
-    col1 = min(grid.nx, int(np.ceil((right - grid.x0) / grid.res)))
-    row0 = max(0, int(np.floor((grid.y0 - top) / grid.res)))
-    row1 = min(grid.ny, int(np.ceil((grid.y0 - bottom) / grid.res)))
+    col0 = max(0, int(np.floor((left - grid.x0) / grid.res - 0.5)))
+    col1 = min(grid.nx, int(np.ceil((right - grid.x0) / grid.res + 0.5)))
+    row0 = max(0, int(np.floor((grid.y0 - top) / grid.res - 0.5)))
+    row1 = min(grid.ny, int(np.ceil((grid.y0 - bottom) / grid.res + 0.5)))
     if col1 <= col0 or row1 <= row0:
         return False
-    transform = from_origin(
-        grid.x0 + col0 * grid.res, grid.y0 - row0 * grid.res, grid.res, grid.res
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        burnt = rasterio.features.rasterize(
-            [(geom, 1)], out_shape=(row1 - row0, col1 - col0), transform=transform, dtype="uint8"
-        )
-    return bool(burnt.any())
+    if (col1 - col0) * (row1 - row0) > PIXEL_SEARCH_MAX:
+        return True
+    x_m = grid.x0 + (np.arange(col0, col1) + 0.5) * grid.res
+    y_m = grid.y0 - (np.arange(row0, row1) + 0.5) * grid.res
+    xx, yy = np.meshgrid(x_m, y_m)
+    return bool(shapely.intersects_xy(geom, xx.ravel(), yy.ravel()).any())
 
 
 def _overlaps(geoms: np.ndarray, finite: np.ndarray, grid: Grid) -> np.ndarray:

@@ -373,3 +373,30 @@ def test_synthetic_studies_load_without_warnings(tmp_path: Path) -> None:
             warnings.simplefilter("error", MbcubeWarning)
             study = load_study(root)
         assert study.outlines["surge"].isin([0, 1]).all()
+
+
+def test_pixel_centre_search_agrees_with_the_burn() -> None:
+    """Random small triangles and squares (< one pixel, anywhere on the grid and across its
+    edge): holding a pixel centre <=> rasterio burns at least one pixel of them (as ingest)."""
+    import rasterio.features
+
+    from mbcube.outlines import _holds_pixel
+
+    rng = np.random.default_rng(11)
+    held = 0
+    for k in range(300):
+        x, y = rng.uniform(-40, 3040, 2)
+        size = rng.uniform(5, 40)
+        geom = (
+            shapely.box(X0 + x, Y0 + y, X0 + x + size, Y0 + y + size * 0.6)
+            if k % 2
+            else shapely.Polygon(
+                [(X0 + x, Y0 + y), (X0 + x + size, Y0 + y), (X0 + x, Y0 + y + size)]
+            )
+        )
+        burnt = rasterio.features.rasterize(
+            [(geom, 1)], out_shape=GRID.shape, transform=GRID.transform, dtype="uint8"
+        )
+        assert _holds_pixel(geom, GRID) == bool(burnt.any()), geom.wkt
+        held += bool(burnt.any())
+    assert 50 < held < 250  # both cases well represented
