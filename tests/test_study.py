@@ -431,13 +431,16 @@ def _rewrite_csv(study: Path, edit: Callable[[list[str]], list[str]]) -> Path:
 def test_trailing_commas_of_spreadsheet_exports_are_accepted(
     tiny_study: Path, study_copy: Callable[[Path], Path]
 ) -> None:
-    """A trailing comma on every data row (and on the header, or several) adds only empty
-    fields: accepted, the same scenes as without them."""
+    """A trailing comma on every data row (and on the header, or several, and a row of commas
+    only) adds only empty fields: accepted, the same scenes as without them."""
     study = study_copy(tiny_study)
     expected = load_study(study).scenes
     _rewrite_csv(study, lambda lines: [lines[0], *(f"{line}," for line in lines[1:])])
     assert load_study(study).scenes == expected
     _rewrite_csv(study, lambda lines: [f"{line},," for line in lines] + [",,,,"])
+    assert load_study(study).scenes == expected
+    csv = study / "scenes.csv"  # Excel's UTF-8 CSV: a byte-order mark and CRLF line ends
+    csv.write_bytes(b"\xef\xbb\xbf" + csv.read_text().replace("\n", "\r\n").encode())
     assert load_study(study).scenes == expected
 
 
