@@ -345,22 +345,98 @@ def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _StudyYamlLoader(yaml.SafeLoader):
+    """`yaml.safe_load`'s loader (the same tags and types) that refuses a key given twice in one
+    mapping (YAML's "the last wins" hides an edit) and turns a value error (`2000-02-30`) into a
+    YAMLError naming the key path (e.g. 'massbalance.bin_width_m') and line. Merge keys (`<<`) may
+    still be overridden, as YAML intends."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.key_paths: dict[int, str] = {}  # id(node) -> key path of the value it holds
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, OverflowError) as err:  # e.g. a date's day out of range
+            where = self.key_paths.get(id(node))
+            key = f"key '{where}' " if where else ""
+            raise yaml.YAMLError(
+                f"{key}at line {node.start_mark.line + 1}: value {node.value!r} cannot be read "
+                f"({err}). Correct it (dates as YYYY-MM-DD)."
+            ) from err
+
+    def construct_sequence(self, node: yaml.Node, deep: bool = False) -> list[Any]:
+        parent = self.key_paths.get(id(node), "")
+        for i, item in enumerate(node.value):
+            self.key_paths[id(item)] = f"{parent}[{i}]"
+        return super().construct_sequence(node, deep=deep)  # type: ignore[arg-type]
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if not isinstance(node, yaml.MappingNode):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"expected a mapping, found {node.id}", node.start_mark
+            )
+        parent = self.key_paths.get(id(node), "")
+        own = {id(k) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"}
+        self.flatten_mapping(node)  # merged keys first, then the node's own keys
+        mapping: dict[Any, Any] = {}
+        seen: dict[Any, int] = {}  # the node's own keys -> line
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                return super().construct_mapping(node, deep=deep)  # raises its ConstructorError
+            name = f"{parent}.{key}" if parent else str(key)
+            line = key_node.start_mark.line + 1
+            if id(key_node) in own:
+                if key in seen:
+                    raise yaml.YAMLError(
+                        f"key '{name}' is given twice (lines {seen[key]} and {line}); YAML "
+                        "would silently keep the last. Keep one."
+                    )
+                seen[key] = line
+            self.key_paths[id(value_node)] = name
+            mapping[key] = self.construct_object(value_node, deep=deep)
+        return mapping
+
+
 def load_study_config(path: Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
     """Read study.yaml (a missing file gives the defaults) with `overrides` merged over it.
 
-    A bad file or key gives a StudyError naming the key."""
+    Read as `yaml.safe_load` does, except that a key given twice is refused. A bad file, key or
+    value gives a one-line StudyError naming the file, the key (or line) and the fix."""
     raw: Any = {}
     if path.exists():
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            # a SafeLoader: yaml.safe_load's tags and types only
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StudyYamlLoader) or {}
+        except (OSError, UnicodeDecodeError) as err:
+            raise StudyError(f"{path}: cannot be read as UTF-8 text ({err}).") from err
+        except yaml.MarkedYAMLError as err:
+            mark = err.problem_mark or err.context_mark
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            context = ""
+            if err.context:
+                line = f" (line {err.context_mark.line + 1})" if err.context_mark else ""
+                context = f", {err.context}{line}"
+            raise StudyError(
+                " ".join(
+                    f"{path}: not valid YAML{at}: {err.problem or err}{context}. Fix the syntax "
+                    "there: indent with spaces, write 'key: value', quote values holding ': ' "
+                    "or ' #'.".split()
+                )
+            ) from err
         except yaml.YAMLError as err:
-            raise StudyError(f"{path}: not valid YAML ({err}).") from err
+            raise StudyError(" ".join(f"{path}: {err}".split())) from err
     if not isinstance(raw, dict):
         raise StudyError(f"{path}: expected a mapping of keys to values at the top level.")
     try:
         return StudyConfig.model_validate(merged(raw, overrides or {}))
     except ValidationError as err:
         problems = "; ".join(
-            f"key '{'.'.join(str(p) for p in e['loc'])}': {e['msg']}" for e in err.errors()
+            f"key '{'.'.join(str(p) for p in e['loc'])}': {' '.join(e['msg'].split())}"
+            for e in err.errors()
         )
         raise StudyError(f"{path}: {problems}. Fix or remove these keys.") from err

@@ -16,12 +16,28 @@ fix. The limits are study.yaml's `checks` (`mbcube.config.ChecksConfig`).
   |h_amb| and negating the phase. h_amb must lie in [checks.h_amb_min_m, checks.h_amb_max_m]; a
   raster is read decimated (at most ~256 x 256 values) for that check, and ingest checks every
   tile with the same `h_amb_problem`.
+- Phase and coherence rasters (scenes.csv `phase`, `coherence`) are read decimated likewise:
+  finite phase must lie in [-pi, pi] (radians, wrapped) and coherence in [0, 1], to the tolerance
+  ingest uses tile by tile (`VALUE_TOLERANCE`); every bad file is listed at once.
+- scenes.csv is read as CSV (RFC 4180: a field holding a comma is quoted). A row with more fields
+  than the header is a problem (e.g. h_amb written `62,9`), unless all the extra fields are empty:
+  the trailing commas of spreadsheet exports are accepted (so are empty names at the end of the
+  header). A row with fewer fields is a problem; rows of empty fields only are skipped. Rows are
+  named by their line number in the file (the header is line 1).
+- Scene ids (`scene_id_problem`) name the scene's records and store groups: non-empty, at most
+  SCENE_ID_MAX_CHARS characters, printable, one path component (no '/' or '\\', not made of
+  dots only), not starting with '_' (the store's own records; Zarr reserves '__'), not
+  'zarr.json', and unique even ignoring case (case-insensitive file systems).
 - Outlines and region polygons: `mbcube.outlines` (read once here; the validated frames in the
   grid CRS are `Study.outlines` and `Study.regions_frame`).
+
+Each problem is one line: line breaks inside a message (from a library's error text or a value
+holding one) are replaced by a space.
 """
 
 from __future__ import annotations
 
+import csv as csvlib
 import datetime as dt
 import math
 import re
@@ -31,7 +47,6 @@ from typing import Any, Literal
 
 import geopandas as gpd
 import numpy as np
-import pandas as pd
 import rasterio
 from pyproj import CRS
 from rasterio.errors import RasterioIOError
@@ -51,8 +66,20 @@ SCENE_FILES: dict[str, tuple[str, ...]] = {
 SCENE_COLUMNS_OPTIONAL = ("phase", "coherence", "h_amb", "mask", "dem", "nlooks", "notes")
 OUTLINE_NAMES = ("glaciers.gpkg", "glaciers.shp", "glaciers.geojson", "glaciers.json")
 REGION_NAMES = ("regions.gpkg", "regions.shp", "regions.geojson", "regions.json")
-#: Values of an h_amb raster read for the up-front check: at most this many rows and columns.
+#: Values of an h_amb, phase or coherence raster read for the up-front check: at most this
+#: many rows and columns.
 H_AMB_CHECK_PX = 256
+#: The longest scene id (characters): it names the scene's store group (a file name).
+SCENE_ID_MAX_CHARS = 128
+#: Up-front value limits of scene rasters, by field: (low, high, the fix). Ingest checks every
+#: tile against the same limits (`mbcube.ingest._checked`).
+VALUE_LIMITS: dict[str, tuple[float, float, str]] = {
+    "phase": (-math.pi, math.pi, "give the wrapped phase in radians (degrees x pi / 180)"),
+    "coherence": (0.0, 1.0, "give coherence as a fraction in [0, 1] (a percentage / 100)"),
+}
+#: Relative tolerance of those limits for float rounding: values within
+#: VALUE_TOLERANCE * max(|low|, |high|, 1) of [low, high] pass (as at ingest).
+VALUE_TOLERANCE = 1e-4
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)
 _DATE_TIME = re.compile(
     r"(\d{4}-\d{2}-\d{2})[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}(:?\d{2})?)?", re.ASCII
@@ -131,7 +158,12 @@ class _Problems:
     def raise_if_any(self, root: Path) -> None:
         if self.lines:
             head = f"study {root} has {len(self.lines)} problem(s):"
-            raise StudyError("\n  - ".join([head, *self.lines]))
+            raise StudyError("\n  - ".join([head, *(_one_line(line) for line in self.lines)]))
+
+
+def _one_line(text: str) -> str:
+    """`text` with its line breaks (and the indentation around them) replaced by one space."""
+    return re.sub(r"\s*[\r\n]+\s*", " ", text.strip())
 
 
 def load_study(root: Path | str, overrides: dict[str, Any] | None = None) -> Study:
@@ -182,7 +214,13 @@ def load_study(root: Path | str, overrides: dict[str, Any] | None = None) -> Stu
             _check_raster(path, role, problems, grid)
     outlines = regions_frame = None
     if glaciers is not None:  # None was reported above
-        outlines = read_outlines(glaciers, grid, config.glacier_id_column, problems=problems.lines)
+        outlines = read_outlines(
+            glaciers,
+            grid,
+            config.glacier_id_column,
+            surge_column=config.surge_column,
+            problems=problems.lines,
+        )
     if regions is not None:
         regions_frame = read_regions(
             regions, grid, config.region_name_column, problems=problems.lines
@@ -254,14 +292,12 @@ def _read_scenes(
     if not csv.exists():
         problems.add(f"{csv}: missing. Add one row per scene: scene_id,date,kind and its files.")
         return ()
-    try:
-        table = pd.read_csv(csv, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        problems.add(f"{csv}: not a readable CSV ({err}).")
+    table = _read_table(csv, problems)
+    if table is None:
         return ()
-    table.columns = [c.strip() for c in table.columns]
-    missing = [c for c in SCENE_COLUMNS_REQUIRED if c not in table.columns]
-    unknown = [c for c in table.columns if c not in SCENE_COLUMNS_REQUIRED + SCENE_COLUMNS_OPTIONAL]
+    columns, rows = table
+    missing = [c for c in SCENE_COLUMNS_REQUIRED if c not in columns]
+    unknown = [c for c in columns if c not in SCENE_COLUMNS_REQUIRED + SCENE_COLUMNS_OPTIONAL]
     if missing:
         problems.add(f"{csv}: missing column(s) {missing}.")
     if unknown:
@@ -272,20 +308,97 @@ def _read_scenes(
     if missing or unknown:
         return ()
     scenes = []
-    seen: set[str] = set()
-    for index, values in table.iterrows():
-        row = int(str(index)) + 2  # 1-based line number, after the header
-        text = {str(k): str(v).strip() for k, v in values.items()}
+    seen: dict[str, tuple[str, int]] = {}  # casefolded id -> (id, row)
+    for row, text in rows:
         spec = _read_scene_row(root, csv, row, text, grid, config, problems)
         if spec is None:
             continue
-        if spec.scene_id in seen:
-            problems.add(f"{csv} row {row}, field scene_id: '{spec.scene_id}' is used twice.")
-        seen.add(spec.scene_id)
+        key = spec.scene_id.casefold()
+        if key in seen:
+            first, first_row = seen[key]
+            if first == spec.scene_id:
+                problems.add(f"{csv} row {row}, field scene_id: '{spec.scene_id}' is used twice.")
+            else:
+                problems.add(
+                    f"{csv} row {row}, field scene_id: '{spec.scene_id}' differs from "
+                    f"'{first}' (row {first_row}) only in case, which names the same store "
+                    "group on case-insensitive file systems. Rename one."
+                )
+        seen.setdefault(key, (spec.scene_id, row))
         scenes.append(spec)
     if not scenes and not problems.lines:
         problems.add(f"{csv}: no scenes. Add at least one row.")
     return tuple(scenes)
+
+
+def _read_table(
+    csv: Path, problems: _Problems
+) -> tuple[list[str], list[tuple[int, dict[str, str]]]] | None:
+    """scenes.csv's column names and data rows (line number, values by column, stripped), or
+    None when it cannot be used (problems listed).
+
+    A row with more fields than the header is a problem unless every extra field is empty (the
+    trailing commas of spreadsheet exports); so is a row with fewer fields. Empty names at the
+    end of the header are dropped, rows of empty fields only skipped (both: spreadsheet exports)."""
+    records: list[tuple[int, list[str]]] = []
+    line = 0
+    try:
+        with csv.open(newline="", encoding="utf-8-sig") as file:  # -sig: Excel's BOM
+            reader = csvlib.reader(file, skipinitialspace=True, strict=True)
+            for record in reader:
+                records.append((line + 1, record))  # the line the record starts on
+                line = reader.line_num
+    except UnicodeDecodeError as err:
+        problems.add(f"{csv}: not UTF-8 text ({err}). Save it as UTF-8 CSV.")
+        return None
+    except (OSError, csvlib.Error) as err:
+        problems.add(
+            f"{csv}: not a readable CSV at line {line + 1} ({err}). Check the quotes of that "
+            "line (a field holding a comma or a quote is quoted, and its quotes doubled)."
+        )
+        return None
+    records = [(n, r) for n, r in records if any(v.strip() for v in r)]
+    if not records:
+        problems.add(
+            f"{csv}: empty. Write the header scene_id,date,kind,... and one row per scene."
+        )
+        return None
+    header_line, header = records[0]
+    columns = [c.strip() for c in header]
+    while columns and not columns[-1]:
+        columns.pop()
+    unnamed = [i + 1 for i, c in enumerate(columns) if not c]
+    twice = sorted({c for c in columns if c and columns.count(c) > 1})
+    if unnamed:
+        problems.add(f"{csv} line {header_line}: column(s) {unnamed} of the header have no name.")
+    if twice:
+        problems.add(f"{csv} line {header_line}: column(s) {twice} appear more than once.")
+    if unnamed or twice:
+        return None
+    n = len(columns)
+    rows = []
+    for row, record in records[1:]:
+        values = [v.strip() for v in record]
+        if any("\x00" in v for v in values):
+            problems.add(f"{csv} row {row}: holds a NUL character. Save the file as UTF-8 text.")
+            continue
+        if len(values) > n and not any(values[n:]):
+            values = values[:n]  # trailing commas
+        if len(values) != n:
+            more = len(values) > n
+            fix = (
+                'Quote a value holding a comma ("62,9"), write decimals with a point (62.9), '
+                "and remove extra fields."
+                if more
+                else "Give every column a field, empty ones too (',,')."
+            )
+            problems.add(
+                f"{csv} row {row}: {len(values)} fields, the header has {n} "
+                f"({','.join(columns)}). {fix}"
+            )
+            continue
+        rows.append((row, dict(zip(columns, values, strict=True))))
+    return columns, rows
 
 
 def _read_scene_row(
@@ -300,13 +413,9 @@ def _read_scene_row(
     where = f"{csv} row {row}"
     n_before = len(problems.lines)
     scene_id = values["scene_id"]
-    if not scene_id:
-        problems.add(f"{where}, field scene_id: empty. Give every scene an id.")
-    elif scene_id.startswith("_"):
-        problems.add(
-            f"{where}, field scene_id: '{scene_id}' starts with '_', which names the store's own "
-            "records (e.g. _static). Rename the scene."
-        )
+    bad_id = scene_id_problem(scene_id)
+    if bad_id is not None:
+        problems.add(f"{where}, field scene_id: {bad_id}")
     date = parse_date(values["date"])
     if date is None:
         problems.add(
@@ -336,7 +445,10 @@ def _read_scene_row(
     for name in ("phase", "coherence", "mask", "dem"):
         if values.get(name) and (name in needed or name == "mask"):
             paths[name] = (root / values[name]).resolve()
+            n_files = len(problems.lines)
             _check_raster(paths[name], f"field {name}", problems, grid, where=f" ({where})")
+            if name in VALUE_LIMITS and len(problems.lines) == n_files:
+                _check_value_raster(paths[name], where, name, problems)
     h_amb: float | Path | None = None
     if values.get("h_amb"):
         h_amb = _parse_h_amb(root, values["h_amb"], where, grid, config.checks, problems)
@@ -372,20 +484,77 @@ def _parse_h_amb(
     return value
 
 
+def scene_id_problem(scene_id: str) -> str | None:
+    """None when `scene_id` may name a scene, else the rest of a one-line message (what is wrong
+    and the fix). A scene id names the scene's records and store groups (one path component of
+    the store; `mbcube.store.outlier_group_name` maps ids with other characters to a safe name)."""
+    if not scene_id:
+        return "empty. Give every scene an id."
+    shown = (
+        repr(scene_id)
+        if len(scene_id) <= 40
+        else f"{scene_id[:40]!r}... ({len(scene_id)} characters)"
+    )
+    if len(scene_id) > SCENE_ID_MAX_CHARS:
+        return f"{shown} is longer than {SCENE_ID_MAX_CHARS} characters. Use a shorter id."
+    if not scene_id.isprintable():
+        return f"{shown} holds a line break, tab or other control character. Remove it."
+    if scene_id.startswith("_"):
+        return (
+            f"{shown} starts with '_', which names the store's own records (e.g. _static; Zarr "
+            "reserves '__'). Rename the scene."
+        )
+    if "/" in scene_id or "\\" in scene_id:
+        return f"{shown} holds '/' or '\\'; it must be one file name. Rename the scene."
+    if not scene_id.strip("."):
+        return f"{shown} is made of dots only, a relative path. Rename the scene."
+    if scene_id.casefold() == "zarr.json":
+        return f"{shown} is the name of Zarr's metadata file. Rename the scene."
+    return None
+
+
+def _decimated(path: Path) -> np.ndarray:
+    """The finite values of band 1 of `path` (float64), read decimated to at most
+    H_AMB_CHECK_PX rows and columns (nearest pixels; nodata and NaN left out). Raises
+    RasterioIOError."""
+    with rasterio.open(path) as src:
+        step = max(1, math.ceil(max(src.height, src.width) / H_AMB_CHECK_PX))
+        shape = (math.ceil(src.height / step), math.ceil(src.width / step))
+        values = src.read(1, out_shape=shape, masked=True)
+    finite = np.asarray(values.compressed(), dtype="float64")
+    return finite[np.isfinite(finite)]
+
+
+def _check_value_raster(path: Path, where: str, name: str, problems: _Problems) -> None:
+    """Check that the finite values of a phase or coherence raster (field `name`) lie within
+    VALUE_LIMITS, read decimated (`_decimated`); ingest checks every pixel, tile by tile."""
+    low, high, fix = VALUE_LIMITS[name]
+    label = f"{where}, field {name}: {path}"
+    try:
+        finite = _decimated(path)
+    except RasterioIOError as err:
+        problems.add(f"{label} cannot be read ({err}). Check the file.")
+        return
+    if finite.size == 0:
+        return  # a scene that covers nothing: ingest records its coverage
+    tolerance = VALUE_TOLERANCE * max(abs(low), abs(high), 1.0)
+    found_low, found_high = float(finite.min()), float(finite.max())
+    if found_low < low - tolerance or found_high > high + tolerance:
+        problems.add(
+            f"{label} has values {found_low:.4g} to {found_high:.4g}, outside [{low:.4g}, "
+            f"{high:.4g}]: {fix}."
+        )
+
+
 def _check_h_amb_raster(path: Path, where: str, checks: ChecksConfig, problems: _Problems) -> None:
     """Check the values of an h_amb raster (m), read decimated to at most H_AMB_CHECK_PX rows and
     columns (nearest pixels; nodata and NaN left out). Ingest checks every pixel, tile by tile."""
     label = f"{where}, field h_amb: {path}"
     try:
-        with rasterio.open(path) as src:
-            step = max(1, math.ceil(max(src.height, src.width) / H_AMB_CHECK_PX))
-            shape = (math.ceil(src.height / step), math.ceil(src.width / step))
-            values = src.read(1, out_shape=shape, masked=True)
+        finite = _decimated(path)
     except RasterioIOError as err:
         problems.add(f"{label} cannot be read ({err}). Check the file.")
         return
-    finite = values.compressed()
-    finite = finite[np.isfinite(finite)]
     if finite.size == 0:
         problems.add(f"{label} holds no finite value (all nodata or NaN). Check the file.")
         return

@@ -47,7 +47,7 @@ def _messages(record: list[warnings.WarningMessage]) -> list[str]:
 
 
 def test_self_intersecting_outline_repaired_with_id_and_area_change(tmp_path: Path) -> None:
-    bow = _bow_tie(100, 100)
+    bow = _bow_tie(400, 100)  # apart from the squares: no overlap
     path = _write(tmp_path / "g.gpkg", ["G1", "G2", "G3"], [_square(0, 0), bow, _square(2000, 0)])
     with pytest.warns(MbcubeWarning) as record:
         out = read_outlines(path, GRID, "RGIId")
@@ -65,11 +65,12 @@ def test_self_intersecting_outline_repaired_with_id_and_area_change(tmp_path: Pa
 
 def test_many_repairs_give_one_warning_largest_change_first(tmp_path: Path) -> None:
     scales = [0.2 + 0.01 * i for i in range(30)]
-    geoms = [_bow_tie(0, 0, s) for s in scales]  # overlapping outlines are fine here
+    geoms = [_bow_tie(0, 0, s) for s in scales]  # they overlap too: a warning of its own
     path = _write(tmp_path / "g.gpkg", [f"B{i:02d}" for i in range(30)], list(geoms))
     with pytest.warns(MbcubeWarning) as record:
         read_outlines(path, GRID, "RGIId")
-    (message,) = _messages(record.list)
+    (message, overlap) = _messages(record.list)
+    assert "435 pairs of glacier outlines overlap" in overlap  # 30 * 29 / 2: each in the next
     assert "30 invalid glacier outlines" in message and "(first 5 of 30)" in message
     change = 0.25 * scales[-1] ** 2  # the area change (km2) of the largest, B29
     assert change == pytest.approx((shapely.make_valid(geoms[-1]).area - geoms[-1].area) / 1e6)
@@ -228,3 +229,174 @@ def test_tiny_studies_load_outlines_and_regions_without_warnings(
             study.outlines.area.to_numpy(), file.to_crs(CRS).area.to_numpy(), rtol=1e-12
         )
         assert study.regions_frame is not None and len(study.regions_frame) == 3
+
+
+# ---------------------------------------------------------------- ids, surge, overlaps, tiny ones
+
+
+def _write_frame(
+    path: Path, columns: dict[str, list[object]], geoms: list[shapely.Geometry]
+) -> Path:
+    gpd.GeoDataFrame(columns, geometry=geoms, crs=CRS).to_file(path)
+    return path
+
+
+def test_empty_and_null_ids_are_one_problem_naming_the_features(tmp_path: Path) -> None:
+    """Two null ids and a blank one: one problem naming features 2, 3 and 5 (not 'duplicate
+    values [nan]'); a real duplicate is still named on its own line."""
+    squares = [_square(400 * i, 0) for i in range(6)]
+    path = _write_frame(tmp_path / "g.gpkg", {"RGIId": ["A", None, None, "B", "  ", "B"]}, squares)
+    problems: list[str] = []
+    assert read_outlines(path, GRID, "RGIId", problems=problems) is None
+    assert problems == [
+        f"{path}: 3 glacier outlines with an empty or null id column 'RGIId', at feature(s) 2, "
+        "3, 5 (1-based, in file order). Give every glacier outline its id.",
+        f"{path}: column 'RGIId' has duplicate values ['B']; ids must be unique.",
+    ]
+    regions = _write_frame(tmp_path / "r.gpkg", {"name": ["west", ""]}, squares[:2])
+    with pytest.raises(StudyError, match=r"1 region polygon with an empty or null region name "):
+        read_regions(regions, GRID, "name")
+
+
+def test_surge_values_other_than_0_1_or_empty_are_refused(tmp_path: Path) -> None:
+    squares = [_square(400 * i, 0) for i in range(6)]
+    ids = [f"G{i}" for i in range(1, 7)]
+    good = _write_frame(
+        tmp_path / "ok.gpkg", {"RGIId": ids, "surge": [0, 1, None, 1, 0, 0]}, squares
+    )
+    out = read_outlines(good, GRID, "RGIId", surge_column="surge")
+    assert out is not None and len(out) == 6
+    path = _write_frame(
+        tmp_path / "g.gpkg", {"RGIId": ids, "surge": ["0", "1", "", "5", "yes", "1.0"]}, squares
+    )
+    problems: list[str] = []
+    assert read_outlines(path, GRID, "RGIId", surge_column="surge", problems=problems) is None
+    assert problems == [
+        f"{path}: column 'surge' (study.yaml surge_column) must hold 0, 1 or nothing (unknown); "
+        "2 glacier outlines hold other values: G4 (5), G5 (yes). Correct them, or set "
+        "surge_column in study.yaml (null: no surge column)."
+    ]
+    assert read_outlines(path, GRID, "RGIId") is not None  # no surge column named: not read
+
+
+def _burnt_pixels(out: gpd.GeoDataFrame) -> np.ndarray:
+    """Pixels per glacier (1..N) when burnt as ingest burns them (file order, later wins)."""
+    from mbcube.ingest import vector_layer
+
+    ids = vector_layer(out.geometry, np.arange(1, len(out) + 1), GRID, "int32", "t").compute()
+    return np.bincount(ids.ravel(), minlength=len(out) + 1)[1:]
+
+
+def test_overlapping_outlines_named_with_area_and_who_takes_it(tmp_path: Path) -> None:
+    """G1/G2 overlap by half of G1 (0.045 km2): named, G2 takes it; G3 lies inside the later G4:
+    named, it gets no pixel. A 1 m sliver (300 m2 < one 900 m2 pixel) and 10 m along 1.5 km
+    (15,000 m2 < 1 % of 2.25 km2) are silent. The claims are checked by burning the outlines."""
+    geoms = [
+        _square(0, 0),
+        _square(150, 0),
+        _square(600, 100, 100),
+        _square(500, 0),
+        _square(1000, 0),
+        _square(1299, 0),
+        shapely.box(X0, Y0 + 1500, X0 + 1500, Y0 + 3000),
+        shapely.box(X0 + 1490, Y0 + 1500, X0 + 2990, Y0 + 3000),
+    ]
+    ids = ["G1", "G2", "G3", "G4", "S1", "S2", "B1", "B2"]
+    path = _write(tmp_path / "g.gpkg", ids, geoms)
+    with pytest.warns(MbcubeWarning) as record:
+        out = read_outlines(path, GRID, "RGIId")
+    (message,) = _messages(record.list)
+    assert message == (
+        f"{path}: 2 pairs of glacier outlines overlap by more than 1% of the smaller and one "
+        "pixel (900 m2); the later outline in the file takes the overlap and the earlier glacier "
+        "loses those pixels; largest first: G1 / G2 0.045 km2 (to G2), G3 / G4 0.010 km2 (to "
+        "G4, all of G3: it gets no pixel). Fix the outlines."
+    )
+    assert out is not None
+    pixels = dict(zip(ids, _burnt_pixels(out).tolist(), strict=True))
+    assert pixels["G3"] == 0 and pixels["G4"] == 100  # 300 m x 300 m: 10 x 10 pixels
+    assert pixels["G2"] == 100 and pixels["G1"] == 50  # G1 keeps the half G2 does not cover
+    assert pixels["B1"] == pixels["B2"] == 50 * 50  # the 10 m overlap holds no pixel centre
+
+
+def test_outlines_smaller_than_a_pixel_without_a_pixel_centre_are_named(tmp_path: Path) -> None:
+    """Pixel centres are 15 m + k x 30 m from the grid's corner. T1 (26 m square between
+    centres) and T2 (a 5 m x 100 m strip between columns) get no pixel: named, their mass
+    balance NaN. T3 (20 m around a centre) gets one pixel and a result: silent."""
+    geoms = [
+        _square(0, 0, 600),
+        _square(1017, 17, 26),
+        shapely.box(X0 + 1518, Y0 + 10, X0 + 1523, Y0 + 110),
+        _square(2005, 5, 20),
+    ]
+    ids = ["BIG", "T1", "T2", "T3"]
+    path = _write(tmp_path / "g.gpkg", ids, geoms)
+    with pytest.warns(MbcubeWarning) as record:
+        out = read_outlines(path, GRID, "RGIId")
+    (message,) = _messages(record.list)
+    assert message == (
+        f"{path}: 2 glacier outlines smaller than one grid pixel (30 m x 30 m) hold no pixel "
+        "centre, so get no pixel: their mass balance will be NaN: T1, T2. Use a finer grid "
+        "(study.yaml grid.res_m) or leave them out."
+    )
+    assert out is not None
+    assert _burnt_pixels(out).tolist() == [400, 0, 0, 1]
+
+
+def test_overlap_check_finds_pairs_as_a_brute_force_oracle() -> None:
+    """overlapping_pairs (STRtree, relate, then intersection) against every pair intersected."""
+    from mbcube.outlines import overlapping_pairs
+
+    rng = np.random.default_rng(3)
+    centres = rng.uniform(0, 3000, (80, 2))
+    geoms = shapely.buffer(shapely.points(centres), rng.uniform(20, 200, 80), quad_segs=4)
+    i, j, area = overlapping_pairs(geoms, 900.0)
+    found = {(int(a), int(b)): float(c) for a, b, c in zip(i, j, area, strict=True)}
+    expected = {}
+    for a in range(80):
+        for b in range(a + 1, 80):
+            overlap = geoms[a].intersection(geoms[b]).area
+            if overlap > 900 and overlap > 0.01 * min(geoms[a].area, geoms[b].area):
+                expected[(a, b)] = overlap
+    assert len(expected) > 20 and found.keys() == expected.keys()
+    np.testing.assert_allclose([found[k] for k in expected], list(expected.values()), rtol=1e-9)
+
+
+def test_synthetic_studies_load_without_warnings(tmp_path: Path) -> None:
+    """The mixed study and seed 7 with 30 glaciers (tiny and tiny --kind dem: above) have no
+    overlapping or pixel-less outlines and surge values 0/1 only: no warning, no problem."""
+    from mbcube.synth import generate_study
+
+    for name, overrides in [("mixed", {"kind": "mixed"}), ("seed7", {"seed": 7, "n_glaciers": 30})]:
+        root = generate_study(tmp_path / name, "tiny", **overrides)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", MbcubeWarning)
+            study = load_study(root)
+        assert study.outlines["surge"].isin([0, 1]).all()
+
+
+def test_pixel_centre_search_agrees_with_the_burn() -> None:
+    """Random small triangles and squares (< one pixel, anywhere on the grid and across its
+    edge): holding a pixel centre <=> rasterio burns at least one pixel of them (as ingest)."""
+    import rasterio.features
+
+    from mbcube.outlines import _holds_pixel
+
+    rng = np.random.default_rng(11)
+    held = 0
+    for k in range(300):
+        x, y = rng.uniform(-40, 3040, 2)
+        size = rng.uniform(5, 40)
+        geom = (
+            shapely.box(X0 + x, Y0 + y, X0 + x + size, Y0 + y + size * 0.6)
+            if k % 2
+            else shapely.Polygon(
+                [(X0 + x, Y0 + y), (X0 + x + size, Y0 + y), (X0 + x, Y0 + y + size)]
+            )
+        )
+        burnt = rasterio.features.rasterize(
+            [(geom, 1)], out_shape=GRID.shape, transform=GRID.transform, dtype="uint8"
+        )
+        assert _holds_pixel(geom, GRID) == bool(burnt.any()), geom.wkt
+        held += bool(burnt.any())
+    assert 50 < held < 250  # both cases well represented

@@ -408,3 +408,275 @@ def test_scenes_before_a_later_reference_only_when_allowed() -> None:
     assert date_problem(before, reference, allowed) is None
     near = reference - dt.timedelta(days=100)
     assert "at least 365 days before or after it" in str(date_problem(near, reference, allowed))
+
+
+# ---------------------------------------------------------------- one pass, one line each
+
+
+def _problems(message: str) -> list[str]:
+    """The problem lines of a StudyError's message, checking that each problem is one line."""
+    head, *lines = message.split("\n")
+    count = int(head.split(" has ")[1].split(" problem")[0])
+    assert len(lines) == count, f"{count} problems on {len(lines)} lines:\n{message}"
+    assert all(line.startswith("  - ") and line.strip() != "-" for line in lines), message
+    return [line[4:] for line in lines]
+
+
+def _rewrite_csv(study: Path, edit: Callable[[list[str]], list[str]]) -> Path:
+    csv = study / "scenes.csv"
+    csv.write_text("\n".join(edit(csv.read_text().splitlines())) + "\n")
+    return csv
+
+
+def test_trailing_commas_of_spreadsheet_exports_are_accepted(
+    tiny_study: Path, study_copy: Callable[[Path], Path]
+) -> None:
+    """A trailing comma on every data row (and on the header, or several, and a row of commas
+    only) adds only empty fields: accepted, the same scenes as without them."""
+    study = study_copy(tiny_study)
+    expected = load_study(study).scenes
+    _rewrite_csv(study, lambda lines: [lines[0], *(f"{line}," for line in lines[1:])])
+    assert load_study(study).scenes == expected
+    _rewrite_csv(study, lambda lines: [f"{line},," for line in lines] + [",,,,"])
+    assert load_study(study).scenes == expected
+    csv = study / "scenes.csv"  # Excel's UTF-8 CSV: a byte-order mark and CRLF line ends
+    csv.write_bytes(b"\xef\xbb\xbf" + csv.read_text().replace("\n", "\r\n").encode())
+    assert load_study(study).scenes == expected
+
+
+def test_row_with_more_or_fewer_fields_is_one_line_naming_the_row(
+    tiny_study: Path, study_copy: Callable[[Path], Path]
+) -> None:
+    """h_amb written with a decimal comma (62,9) gives row 2 one field too many; a row cut
+    short has too few; a non-empty field after a trailing comma is too many as well."""
+    study = study_copy(tiny_study)
+
+    def edit(lines: list[str]) -> list[str]:
+        lines[1] = lines[1].replace(",48.857,", ",62,9,")
+        lines[2] = ",".join(lines[2].split(",")[:5])
+        lines[3] = lines[3] + ",,x"
+        return lines
+
+    csv = _rewrite_csv(study, edit)
+    problems = _problems(_load_error(study))
+    assert problems == [
+        f"{csv} row 2: 10 fields, the header has 9 (scene_id,date,kind,phase,coherence,h_amb,"
+        'mask,dem,nlooks). Quote a value holding a comma ("62,9"), write decimals with a point '
+        "(62.9), and remove extra fields.",
+        f"{csv} row 3: 5 fields, the header has 9 (scene_id,date,kind,phase,coherence,h_amb,"
+        "mask,dem,nlooks). Give every column a field, empty ones too (',,').",
+        f"{csv} row 4: 11 fields, the header has 9 (scene_id,date,kind,phase,coherence,h_amb,"
+        'mask,dem,nlooks). Quote a value holding a comma ("62,9"), write decimals with a point '
+        "(62.9), and remove extra fields.",
+    ]
+    _rewrite_csv(
+        study, lambda lines: [lines[0], lines[1].replace(",62,9,", ',"62.9",'), lines[3][:-3]]
+    )
+    assert [s.h_amb_m for s in load_study(study).scenes] == [62.9, 43.552]  # quoted: one field
+
+
+def test_csv_syntax_errors_are_one_line(
+    tiny_study: Path, study_copy: Callable[[Path], Path]
+) -> None:
+    """A quote never closed, a stray quote, a NUL byte and a header naming a column twice: one
+    line each, naming the file (and line) and the fix; never a traceback."""
+    study = study_copy(tiny_study)
+    header, row, *rest = (study / "scenes.csv").read_text().splitlines()
+    csv = _rewrite_csv(study, lambda _: [header, *rest, row.replace(",insar,", ',"insar,')])
+    (line,) = _problems(_load_error(study))
+    assert line.startswith(f"{csv}: not a readable CSV at line 4 (unexpected end of data)")
+    assert line.endswith("its quotes doubled).")
+    _rewrite_csv(study, lambda _: [header, row.replace(",insar,", ',"insar"x,'), *rest])
+    (line,) = _problems(_load_error(study))
+    assert "not a readable CSV at line 2 (',' expected after '\"')" in line
+    _rewrite_csv(study, lambda _: [header, row.replace(",insar,", ",ins\0ar,"), *rest])
+    assert _problems(_load_error(study)) == [
+        f"{csv} row 2: holds a NUL character. Save the file as UTF-8 text."
+    ]
+    _rewrite_csv(study, lambda _: [header.replace("nlooks", "date"), row, *rest])
+    assert _problems(_load_error(study)) == [
+        f"{csv} line 1: column(s) ['date'] appear more than once."
+    ]
+
+
+def _write_yaml(study: Path, text: str) -> Path:
+    (study / "study.yaml").write_text(text)
+    return study / "study.yaml"
+
+
+def test_yaml_value_error_is_one_line_naming_the_key(
+    tiny_study: Path, study_copy: Callable[[Path], Path]
+) -> None:
+    """2000-02-30 is a YAML date whose day does not exist: YAML's own parser raised a bare
+    ValueError (a 158-line traceback); now one line naming the key, its line and the fix."""
+    study = study_copy(tiny_study)
+    path = _write_yaml(study, "grid:\n  tile_px: 128\nreference_date: 2000-02-30\n")
+    message = _load_error(study)
+    assert message == (
+        f"{path}: key 'reference_date' at line 3: value '2000-02-30' cannot be read (day is out "
+        "of range for month). Correct it (dates as YYYY-MM-DD)."
+    )
+    _write_yaml(study, "corrections:\n  seasonal_offset_m:\n    10: 2001-13-01\n")
+    assert "key 'corrections.seasonal_offset_m.10' at line 3: value '2001-13-01'" in (
+        _load_error(study)
+    )
+
+
+def test_yaml_syntax_errors_are_one_line_with_line_and_column(
+    tiny_study: Path, study_copy: Callable[[Path], Path]
+) -> None:
+    study = study_copy(tiny_study)
+    path = _write_yaml(study, "grid:\n  tile_px: 128\n   res_m: 30\n")
+    assert _load_error(study) == (
+        f"{path}: not valid YAML at line 3, column 9: mapping values are not allowed here. Fix "
+        "the syntax there: indent with spaces, write 'key: value', quote values holding ': ' or "
+        "' #'."
+    )
+    _write_yaml(study, "grid: {tile_px: 128\nreference_date: 2000-02-16\n")
+    message = _load_error(study)
+    assert "\n" not in message
+    assert "not valid YAML at line 2, column 15: expected ',' or '}', but got ':', while " in (
+        message
+    )
+    assert "parsing a flow mapping (line 1)" in message
+
+
+def test_duplicate_yaml_keys_are_refused_naming_the_key(
+    tiny_study: Path, study_copy: Callable[[Path], Path]
+) -> None:
+    """A key given twice (the last silently won) is refused at every level; a merge key (<<)
+    may still be overridden, and everything else reads as yaml.safe_load reads it."""
+    import yaml
+
+    study = study_copy(tiny_study)
+    path = _write_yaml(study, "reference_date: 2000-02-16\nreference_date: 2011-01-01\n")
+    assert _load_error(study) == (
+        f"{path}: key 'reference_date' is given twice (lines 1 and 2); YAML would silently keep "
+        "the last. Keep one."
+    )
+    _write_yaml(study, "checks:\n  h_amb_max_m: 3000\n  h_amb_min_m: 1\n  h_amb_max_m: 6000\n")
+    assert "key 'checks.h_amb_max_m' is given twice (lines 2 and 4)" in _load_error(study)
+    text = (
+        "grid: {tile_px: 128}\nchecks:\n  <<: {h_amb_max_m: 3000, h_amb_min_m: 1}\n"
+        "  h_amb_max_m: 6000\nreference_date: 2000-02-16\n"
+    )
+    _write_yaml(study, text)
+    config = load_study(study).config
+    assert (config.checks.h_amb_min_m, config.checks.h_amb_max_m) == (1.0, 6000.0)
+    assert yaml.safe_load(text)["checks"] == {"h_amb_max_m": 6000, "h_amb_min_m": 1}
+
+
+@pytest.mark.parametrize(
+    ("scene_id", "expected"),
+    [
+        ("zarr.json", "'zarr.json' is the name of Zarr's metadata file. Rename the scene."),
+        ("ZARR.JSON", "'ZARR.JSON' is the name of Zarr's metadata file. Rename the scene."),
+        ("__S01", "'__S01' starts with '_', which names the store's own records"),
+        ("..", "'..' is made of dots only, a relative path. Rename the scene."),
+        ("a/b", "'a/b' holds '/' or '\\'; it must be one file name. Rename the scene."),
+        ("a\\b", "'a\\\\b' holds '/' or '\\'; it must be one file name. Rename the scene."),
+        ("x" * 300, f"'{'x' * 40}'... (300 characters) is longer than 128 characters."),
+        ('"a\nb"', "'a\\nb' holds a line break, tab or other control character. Remove it."),
+    ],
+    ids=["zarr-json", "zarr-json-upper", "dunder", "dot-dot", "slash", "backslash", "long", "nl"],
+)
+def test_unsafe_scene_ids_are_refused_in_the_study_check(
+    tiny_study: Path, study_copy: Callable[[Path], Path], scene_id: str, expected: str
+) -> None:
+    study = study_copy(tiny_study)
+    csv = _rewrite_csv(study, lambda lines: [lines[0], f"{scene_id}{lines[1][12:]}", *lines[2:]])
+    (line,) = _problems(_load_error(study))
+    assert line.startswith(f"{csv} row 2, field scene_id: {expected}"), line
+
+
+def test_scene_ids_differing_only_in_case_are_refused(
+    tiny_study: Path, study_copy: Callable[[Path], Path]
+) -> None:
+    study = study_copy(tiny_study)
+    _edit_scenes(study, lambda t: t.assign(scene_id=["S01", "s01", "é" * 128]))
+    (line,) = _problems(_load_error(study))
+    assert line.endswith(
+        "row 3, field scene_id: 's01' differs from 'S01' (row 2) only in case, which names the "
+        "same store group on case-insensitive file systems. Rename one."
+    )
+
+
+def test_outlier_groups_of_unusual_ids_get_safe_names() -> None:
+    """Ids that are not safe as one Zarr node and file name map to scene_<index>: zarr.json (any
+    case), 129+ characters (a 300-character one failed with 'File name too long'), non-ASCII
+    letters (255 bytes hold fewer of them); the usual ids keep their name."""
+    from mbcube.store import outlier_group_name
+
+    assert outlier_group_name("S01_20111019", 0) == "outliers/S01_20111019"
+    assert outlier_group_name("x" * 128, 1) == f"outliers/{'x' * 128}"
+    for unusual in ["zarr.json", "Zarr.JSON", "x" * 129, "é" * 100, "...", "__a", "a b", ""]:
+        assert outlier_group_name(unusual, 7) == "outliers/scene_7", unusual
+
+
+def _scale_raster(path: Path, factor: float) -> tuple[float, float]:
+    """Multiply a raster's values by `factor` in place; its finite min and max after."""
+    with rasterio.open(path, "r+") as ds:
+        values = ds.read(1) * factor
+        ds.write(values, 1)
+    return float(np.nanmin(values)), float(np.nanmax(values))
+
+
+def test_phase_in_degrees_and_coherence_in_percent_listed_at_once(
+    tiny_study: Path, study_copy: Callable[[Path], Path]
+) -> None:
+    """Both found up front by a decimated read, in one error, before anything is made (they
+    were found one per run, after the cube was created)."""
+    study = study_copy(tiny_study)
+    phase = study / "scenes" / "S01_20111019_phase.tif"
+    coherence = study / "scenes" / "S03_20111218_coh.tif"
+    phase_deg = _scale_raster(phase, 180 / np.pi)
+    coh_pct = _scale_raster(coherence, 100.0)
+    assert phase_deg[0] < -170 and phase_deg[1] > 170 and coh_pct[1] > 90
+    problems = _problems(_load_error(study))
+    assert len(problems) == 2
+    first, second = problems
+    assert first.startswith(f"{study}/scenes.csv row 2, field phase: {phase} has values ")
+    assert first.endswith(
+        "outside [-3.142, 3.142]: give the wrapped phase in radians (degrees x pi / 180)."
+    )
+    low, high = (float(v) for v in first.split("has values ")[1].split(",")[0].split(" to "))
+    assert phase_deg[0] - 0.05 <= low < -170 and 170 < high <= phase_deg[1] + 0.05  # 4 digits
+    assert second.startswith(f"{study}/scenes.csv row 4, field coherence: {coherence} has ")
+    assert second.endswith(
+        "outside [0, 1]: give coherence as a fraction in [0, 1] (a percentage / 100)."
+    )
+    _scale_raster(phase, np.pi / 180)  # back to radians (float32 rounding stays in tolerance)
+    _scale_raster(coherence, 0.01)
+    assert len(load_study(study).scenes) == 3
+
+
+def test_phase_check_reads_a_large_raster_decimated(tmp_path: Path) -> None:
+    """A 1000 x 1000 phase raster is read at 250 x 250 (step 4, nearest pixels; nodata left
+    out); values within the tolerance of +-pi pass, a bad quarter is found with its range."""
+    from rasterio.transform import from_origin
+
+    from mbcube.study import H_AMB_CHECK_PX, _check_value_raster, _decimated, _Problems
+
+    values = np.zeros((1000, 1000), dtype="float32")
+    values[:, :500] = 3.1416  # within the tolerance of pi
+    values[:10] = -9999.0  # nodata
+    path = tmp_path / "phase.tif"
+    profile = {"driver": "GTiff", "width": 1000, "height": 1000, "count": 1, "dtype": "float32"}
+    transform = from_origin(500000, 4000000, 1, 1)
+    with rasterio.open(
+        path, "w", **profile, crs="EPSG:32643", transform=transform, nodata=-9999.0
+    ) as ds:
+        ds.write(values, 1)
+    assert H_AMB_CHECK_PX == 256  # so 250 x 250 values, less 2 or 3 rows of nodata:
+    assert 250 * 247 <= _decimated(path).size <= 250 * 248
+    found = _Problems()
+    _check_value_raster(path, "row 2", "phase", found)
+    assert found.lines == []
+    values[500:, 500:] = -4.0
+    with rasterio.open(path, "r+") as ds:
+        ds.write(values, 1)
+    _check_value_raster(path, "row 2", "phase", found)
+    assert found.lines == [
+        f"row 2, field phase: {path} has values -4 to 3.142, outside [-3.142, 3.142]: give the "
+        "wrapped phase in radians (degrees x pi / 180)."
+    ]

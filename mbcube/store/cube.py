@@ -204,9 +204,18 @@ def _full_length_template(path: Path, ds: xr.Dataset) -> xr.Dataset:
 
 def outlier_group_name(scene_id: str, index: int) -> str:
     """The store group holding a scene's outlier table: outliers/<scene id>, or
-    outliers/scene_<index> when the id is not a safe Zarr node name."""
-    safe = scene_id and not scene_id.startswith("__") and scene_id not in {".", ".."}
-    safe = bool(safe) and all(c.isalnum() or c in "._-" for c in scene_id)
+    outliers/scene_<index> when the id is not a safe Zarr node and file name: safe is 1 to 128
+    ASCII letters, digits, '.', '_' or '-', not dots only, not starting with '__' (reserved by
+    Zarr) and not 'zarr.json' in any case (Zarr's metadata file, on case-insensitive file
+    systems too)."""
+    safe = (
+        0 < len(scene_id) <= 128
+        and scene_id.isascii()
+        and all(c.isalnum() or c in "._-" for c in scene_id)
+        and not scene_id.startswith("__")
+        and scene_id.strip(".") != ""
+        and scene_id.lower() != "zarr.json"
+    )
     return f"{OUTLIER_GROUP}/{scene_id if safe else f'scene_{index}'}"
 
 
