@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import dask
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mbcube.config import read_yaml
 from mbcube.errors import StudyError
 
 #: When True, `compute` shows no progress bar (scripts, `--quiet`).
@@ -282,9 +282,9 @@ def load_profile(profile: str) -> tuple[ClusterSpec, dict[str, Any]]:
             "like tcp://host:8786 (the profile folder is env MBCUBE_CLUSTER_DIR, else cluster/)."
         )
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ClusterProfileError(f"cluster profile {path}: not valid YAML: {err}") from err
+        raw = read_yaml(path) or {}
+    except StudyError as err:
+        raise ClusterProfileError(f"cluster profile {err}") from err
     if not isinstance(raw, dict):
         raise ClusterProfileError(f"cluster profile {path}: expected a mapping at the top level")
     raw = _expand(raw)

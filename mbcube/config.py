@@ -402,34 +402,38 @@ class _StudyYamlLoader(yaml.SafeLoader):
         return mapping
 
 
+def read_yaml(path: Path) -> Any:
+    """A YAML file read as `yaml.safe_load` does, except that a key given twice is refused; any
+    problem is a one-line StudyError naming the file, the key or line, and the fix."""
+    try:
+        # a SafeLoader: yaml.safe_load's tags and types only
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_StudyYamlLoader)
+    except (OSError, UnicodeDecodeError) as err:
+        raise StudyError(f"{path}: cannot be read as UTF-8 text ({err}).") from err
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context = ""
+        if err.context:
+            line = f" (line {err.context_mark.line + 1})" if err.context_mark else ""
+            context = f", {err.context}{line}"
+        raise StudyError(
+            " ".join(
+                f"{path}: not valid YAML{at}: {err.problem or err}{context}. Fix the syntax "
+                "there: indent with spaces, write 'key: value', quote values holding ': ' "
+                "or ' #'.".split()
+            )
+        ) from err
+    except yaml.YAMLError as err:
+        raise StudyError(" ".join(f"{path}: {err}".split())) from err
+
+
 def load_study_config(path: Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
     """Read study.yaml (a missing file gives the defaults) with `overrides` merged over it.
 
     Read as `yaml.safe_load` does, except that a key given twice is refused. A bad file, key or
     value gives a one-line StudyError naming the file, the key (or line) and the fix."""
-    raw: Any = {}
-    if path.exists():
-        try:
-            # a SafeLoader: yaml.safe_load's tags and types only
-            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StudyYamlLoader) or {}
-        except (OSError, UnicodeDecodeError) as err:
-            raise StudyError(f"{path}: cannot be read as UTF-8 text ({err}).") from err
-        except yaml.MarkedYAMLError as err:
-            mark = err.problem_mark or err.context_mark
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            context = ""
-            if err.context:
-                line = f" (line {err.context_mark.line + 1})" if err.context_mark else ""
-                context = f", {err.context}{line}"
-            raise StudyError(
-                " ".join(
-                    f"{path}: not valid YAML{at}: {err.problem or err}{context}. Fix the syntax "
-                    "there: indent with spaces, write 'key: value', quote values holding ': ' "
-                    "or ' #'.".split()
-                )
-            ) from err
-        except yaml.YAMLError as err:
-            raise StudyError(" ".join(f"{path}: {err}".split())) from err
+    raw = (read_yaml(path) or {}) if path.exists() else {}
     if not isinstance(raw, dict):
         raise StudyError(f"{path}: expected a mapping of keys to values at the top level.")
     try:

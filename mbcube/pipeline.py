@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mbcube.binning import bin_cube
+from mbcube.config import read_yaml
 from mbcube.corrections.step import correct_cube
 from mbcube.errors import StudyError
 from mbcube.fingerprints import fingerprint, identity
@@ -132,11 +132,15 @@ def load_pipeline(
         spec = PipelineFile(study=source.resolve())
         base = source.parent
     elif source.suffix in (".yaml", ".yml") and source.exists():
+        raw = read_yaml(source) or {}
         try:
-            raw = yaml.safe_load(source.read_text()) or {}
             spec = PipelineFile.model_validate(raw)
-        except (yaml.YAMLError, ValidationError) as err:
-            raise StudyError(f"{source}: not a valid pipeline file: {err}") from err
+        except ValidationError as err:
+            problems = "; ".join(
+                f"key '{'.'.join(str(p) for p in e['loc'])}': {' '.join(e['msg'].split())}"
+                for e in err.errors()
+            )
+            raise StudyError(f"{source}: not a valid pipeline file: {problems}.") from err
         base = source.parent
     else:
         raise StudyError(

@@ -249,10 +249,23 @@ def test_changed_reference_refuses_the_store(
 def test_bad_phase_values_name_the_scene_and_leave_it_pending(
     tiny_study: Path, study_copy: Callable[[Path], Path], tmp_path: Path
 ) -> None:
+    """A phase value out of range that the study's decimated check does not see (one pixel on a
+    row its read skips) is refused by ingest's check of every tile, naming file, scene, field."""
     study = study_copy(tiny_study)
     path = study / "scenes" / "S02_20121116_phase.tif"
-    with rasterio.open(path, "r+") as dst:
-        dst.write(np.degrees(dst.read(1)).astype("float32"), 1)  # degrees, not radians
+    with rasterio.open(path) as src:
+        phase, shape = src.read(1), (min(src.height, 256), min(src.width, 256))
+    row, col = np.argwhere(np.isfinite(phase))[len(np.argwhere(np.isfinite(phase))) // 2]
+    for row in range(phase.shape[0]):  # a row the decimated read skips
+        spiked = phase.copy()
+        spiked[row, col] = 400.0  # degrees, not radians
+        with rasterio.open(path, "r+") as dst:
+            dst.write(spiked, 1)
+        with rasterio.open(path) as src:
+            if np.nanmax(src.read(1, out_shape=shape)) < 4:
+                break
+    else:
+        pytest.fail("every row is read by the decimated check")
     store = tmp_path / "cube.zarr"
     with pytest.raises(
         StudyError, match=r"S02_20121116_phase.tif: scene S02_20121116, field phase: values in"
