@@ -82,6 +82,24 @@ class UnwrapConfig(_Strict):
         description="Stitched components smaller than this (px) are left out (component 0): "
         "speckle fragments between masked pixels whose cycle cannot be known.",
     )
+    repair: Literal["data", "none"] = Field(
+        "data",
+        description="Cycle slips on glaciers (a tongue thinning by more than h_amb / 2 at its "
+        "outline): 'data' unwraps the tiles of a slipped glacier again with its own elevation "
+        "profile as prior; 'none' only finds and flags them (mbcube.unwrap.profiles).",
+    )
+    repair_rounds: int = Field(
+        2, ge=1, le=5, description="Rounds of unwrapping with the data prior (at most)."
+    )
+    profile_bin_m: float = Field(
+        50.0, gt=0, description="Elevation bin of the glacier profiles that find slips (m)."
+    )
+    alias_min_px: int = Field(
+        20, ge=1, description="A glacier counts as slipped (or in doubt) from this many pixels ..."
+    )
+    alias_min_frac: float = Field(
+        0.01, ge=0, le=1, description="... and this fraction of its unwrapped pixels."
+    )
 
 
 class CorrectionsConfig(_Strict):

@@ -14,6 +14,7 @@ window: the engine needs ~100 bytes/px, a kept tile result 8 bytes/px.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,18 @@ from dask.base import tokenize
 
 from mbcube.config import UnwrapConfig
 from mbcube.unwrap.errors import TileUnwrapError, UnwrapInputError
+from mbcube.unwrap.profiles import ProfileHistogram
+from mbcube.unwrap.repair import (
+    GLACIER_VARIABLES,
+    RoundPlan,
+    edge_again,
+    glacier_flags,
+    plan_round,
+    repair_tile,
+    summarize_again,
+    tile_histogram,
+    user_prior_rad,
+)
 from mbcube.unwrap.stitch import EdgeStats, edge_stats, solve_offsets
 from mbcube.unwrap.tie import tie_cycles
 from mbcube.unwrap.tiles import (
@@ -172,6 +185,8 @@ class UnwrappedScene:
     component: da.Array
     dh_raw_m: da.Array
     quality: dict[str, da.Array]
+    #: per glacier (G,) arrays of `GLACIER_VARIABLES` (empty without glacier_id)
+    glacier_flags: dict[str, da.Array]
 
 
 ArrayLike = Any  # numpy or dask array
@@ -188,6 +203,7 @@ def _tile_task(
     nlooks: float,
     coherence_min: float,
     engine: str,
+    prior_rad: np.ndarray | None,
 ) -> TileResult:
     try:
         return unwrap_tile(
@@ -200,6 +216,7 @@ def _tile_task(
             nlooks=nlooks,
             coherence_min=coherence_min,
             engine=engine,
+            prior_rad=prior_rad,
         )
     except UnwrapInputError as err:
         raise UnwrapInputError(f"unwrap scene {scene_id}, {tile.where()}: {err}") from err
@@ -225,6 +242,10 @@ def unwrap_scene(
     stable: ArrayLike | None = None,
     ref_void: ArrayLike | None = None,
     *,
+    glacier_id: ArrayLike | None = None,
+    elevation_m: ArrayLike | None = None,
+    prior_dh_m: ArrayLike | None = None,
+    n_glaciers: int | None = None,
     config: UnwrapConfig | None = None,
     nlooks: float | None = None,
     tile_px: int | None = None,
@@ -237,7 +258,14 @@ def unwrap_scene(
     (1 = reference DEM void). Tiles are the chunks of `phase_rad` (or `tile_px` squares, for
     numpy input); config.mode "whole" unwraps the scene as one block, "tiled" tile by tile with
     config.halo_px of overlap, "auto" tiles scenes above config.whole_scene_max_px pixels.
-    nlooks: the scene's number of looks (default config.nlooks). Nothing is computed here.
+    nlooks: the scene's number of looks (default config.nlooks).
+
+    Glaciers: with glacier_id (int, 0 = off-glacier, 1..n_glaciers) and elevation_m (the
+    reference DEM, m), each glacier's profile finds cycle slips and, with config.repair "data",
+    unwraps the tiles of slipped glaciers again with their profile as prior
+    (`mbcube.unwrap.repair`); the result holds per-glacier flags. prior_dh_m: a user's prior dh
+    (m, NaN where unknown), removed before every unwrapping and added back after.
+    Nothing is computed here.
     """
     config = config or UnwrapConfig()
     looks = float(nlooks if nlooks is not None and np.isfinite(nlooks) else config.nlooks)
@@ -255,16 +283,30 @@ def unwrap_scene(
         if np.ndim(h_amb_m) == 0
         else _as_dask(h_amb_m, chunks)
     )
-    layers = {
+    optional = {
+        "radar_mask": radar_mask,
+        "stable": stable,
+        "ref_void": ref_void,
+        "glacier_id": glacier_id,
+        "elevation": elevation_m,
+        "prior_dh": prior_dh_m,
+    }
+    layers: dict[str, da.Array | None] = {
         "coherence": _as_dask(coherence, chunks),
         "h_amb": h_amb,
-        "radar_mask": None if radar_mask is None else _as_dask(radar_mask, chunks),
-        "stable": None if stable is None else _as_dask(stable, chunks),
-        "ref_void": None if ref_void is None else _as_dask(ref_void, chunks),
+        **{k: None if v is None else _as_dask(v, chunks) for k, v in optional.items()},
     }
     for name, layer in layers.items():
         if layer is not None and layer.shape != shape:
             raise ValueError(f"{name} has shape {layer.shape}, phase_rad {shape}")
+    glaciers = layers["glacier_id"] is not None and layers["elevation"] is not None
+    if glaciers and n_glaciers is None:
+        raise ValueError("unwrap_scene: give n_glaciers with glacier_id")
+    user_prior = (
+        None
+        if layers["prior_dh"] is None
+        else da.map_blocks(user_prior_rad, layers["prior_dh"], h_amb, dtype=np.float64)
+    )
     mode = config.mode
     if mode == "auto":
         mode = "whole" if shape[0] * shape[1] <= config.whole_scene_max_px else "tiled"
@@ -278,31 +320,40 @@ def unwrap_scene(
         looks,
         mode,
         scene_id,
+        n_glaciers,
     )
+
+    def cut(layer: da.Array | None, w: tuple[slice, slice]) -> da.Array | None:
+        return None if layer is None else layer[w]
+
+    def window_inputs(tile: Tile) -> list[Any]:
+        w = tile.window
+        return [
+            phase[w],
+            cut(layers["coherence"], w),
+            cut(layers["h_amb"], w),
+            cut(layers["radar_mask"], w),
+            cut(layers["ref_void"], w),
+        ]
+
     results, summaries = [], []
     for t, tile in enumerate(tiles):
-        w = tile.window
-
-        def cut(layer: da.Array | None, w: tuple[slice, slice] = w) -> da.Array | None:
-            return None if layer is None else layer[w]
-
         result = dask.delayed(_tile_task, pure=True)(
             scene_id,
             tile,
-            phase[w],
-            cut(layers["coherence"]),
-            cut(layers["h_amb"]),
-            cut(layers["radar_mask"]),
-            cut(layers["ref_void"]),
+            *window_inputs(tile),
             looks,
             config.coherence_min,
             config.engine,
+            cut(user_prior, tile.window),
             dask_key_name=f"unwrap-tile-{token}-{t}",
         )
         results.append(result)
         summaries.append(
             dask.delayed(summarize, pure=True)(
-                result, cut(layers["stable"]), dask_key_name=f"unwrap-summary-{token}-{t}"
+                result,
+                cut(layers["stable"], tile.window),
+                dask_key_name=f"unwrap-summary-{token}-{t}",
             )
         )
     pairs = overlapping_pairs(tiles)
@@ -312,16 +363,99 @@ def unwrap_scene(
         )
         for a, b in pairs
     ]
+    solve = {
+        "min_stable_px_to_tie": config.min_stable_px_to_tie,
+        "min_edge_px": config.min_edge_px,
+        "min_edge_agreement": config.min_edge_agreement,
+        "min_component_px": config.min_component_px,
+    }
     solution = dask.delayed(solve_scene, pure=True)(
-        summaries,
-        pairs,
-        edges,
-        min_stable_px_to_tie=config.min_stable_px_to_tie,
-        min_edge_px=config.min_edge_px,
-        min_edge_agreement=config.min_edge_agreement,
-        min_component_px=config.min_component_px,
-        dask_key_name=f"unwrap-solve-{token}",
+        summaries, pairs, edges, **solve, dask_key_name=f"unwrap-solve-{token}"
     )
+    flags: dict[str, da.Array] = {}
+    gid, elevation = layers["glacier_id"], layers["elevation"]
+    if gid is not None and elevation is not None and n_glaciers is not None:
+        cores = [(slice(*t.core_rows), slice(*t.core_cols)) for t in tiles]
+        limits = (config.alias_min_px, config.alias_min_frac)
+
+        def plan(solution: Any, previous: Any, name: str) -> Any:
+            hists = [
+                dask.delayed(_tile_histogram, pure=True)(
+                    results[t],
+                    solution,
+                    t,
+                    gid[cores[t]],
+                    elevation[cores[t]],
+                    config.profile_bin_m,
+                    dask_key_name=f"unwrap-hist{name}-{token}-{t}",
+                )
+                for t in range(len(tiles))
+            ]
+            return dask.delayed(plan_round, pure=True)(
+                hists, previous, *limits, dask_key_name=f"unwrap-plan{name}-{token}"
+            )
+
+        first = current = plan(solution, None, "0")
+        rounds = config.repair_rounds if config.repair == "data" else 0
+        for r in range(1, rounds + 1):
+            results = [
+                dask.delayed(repair_tile, pure=True)(
+                    results[t],
+                    current,
+                    tile,
+                    *window_inputs(tile),
+                    gid[tile.window],
+                    elevation[tile.window],
+                    cut(user_prior, tile.window),
+                    bin_m=config.profile_bin_m,
+                    nlooks=looks,
+                    coherence_min=config.coherence_min,
+                    engine=config.engine,
+                    dask_key_name=f"unwrap-tile{r}-{token}-{t}",
+                )
+                for t, tile in enumerate(tiles)
+            ]
+            summaries = [
+                dask.delayed(summarize_again, pure=True)(
+                    results[t],
+                    summaries[t],
+                    cut(layers["stable"], tile.window),
+                    dask_key_name=f"unwrap-summary{r}-{token}-{t}",
+                )
+                for t, tile in enumerate(tiles)
+            ]
+            edges = [
+                dask.delayed(edge_again, pure=True)(
+                    results[a], results[b], edges[i], dask_key_name=f"unwrap-edge{r}-{token}-{i}"
+                )
+                for i, (a, b) in enumerate(pairs)
+            ]
+            solution = dask.delayed(_solve_again, pure=True)(
+                current,
+                solution,
+                summaries,
+                pairs,
+                edges,
+                solve,
+                dask_key_name=f"unwrap-solve{r}-{token}",
+            )
+            current = plan(solution, current, str(r))
+        covered = (
+            da.zeros(0, dtype=np.int64)
+            if user_prior is None
+            else da.unique(da.where(da.isfinite(layers["prior_dh"]), gid, 0))
+        )
+        result_flags = dask.delayed(_flags, pure=True)(
+            first, current, covered, n_glaciers, *limits, dask_key_name=f"unwrap-flags-{token}"
+        )
+        flags = {
+            name: da.from_delayed(
+                dask.delayed(operator.getitem, pure=True)(result_flags, name),
+                (n_glaciers,),
+                dtype=np.dtype(dtype),
+            )
+            for name, (dtype, _) in GLACIER_VARIABLES.items()
+        }
     blocks: list[list[list[Any]]] = [[[None] * len(grid[0]) for _ in grid] for _ in range(3)]
     for t, tile in enumerate(tiles):
         core = slice(*tile.core_rows), slice(*tile.core_cols)
@@ -339,7 +473,46 @@ def unwrap_scene(
         )
         for name, (dtype, _) in QUALITY_VARIABLES.items()
     }
-    return UnwrappedScene(arrays[0], arrays[1], arrays[2], quality)
+    return UnwrappedScene(arrays[0], arrays[1], arrays[2], quality, flags)
+
+
+def _tile_histogram(
+    result: TileResult,
+    solution: SceneSolution,
+    index: int,
+    glacier_id: np.ndarray,
+    elevation_m: np.ndarray,
+    bin_m: float,
+) -> ProfileHistogram:
+    return tile_histogram(
+        result, solution.shift_cycles[index], solution.tied[index], glacier_id, elevation_m, bin_m
+    )
+
+
+def _solve_again(
+    plan: RoundPlan,
+    previous: SceneSolution,
+    summaries: list[TileSummary],
+    pairs: list[tuple[int, int]],
+    edges: list[EdgeStats],
+    solve: dict[str, Any],
+) -> SceneSolution:
+    """The scene stitched and tied again, or the previous solution when the round changed no
+    tile."""
+    if plan.repair.size == 0:
+        return previous
+    return solve_scene(summaries, pairs, edges, **solve)
+
+
+def _flags(
+    first: RoundPlan,
+    final: RoundPlan,
+    covered: np.ndarray,
+    n_glaciers: int,
+    min_px: int,
+    min_frac: float,
+) -> dict[str, np.ndarray]:
+    return glacier_flags(first, final, covered[covered > 0], n_glaciers, min_px, min_frac)
 
 
 def _quality_value(solution: SceneSolution, name: str, dtype: str) -> np.ndarray:
@@ -354,11 +527,17 @@ def unwrap_numpy(
     stable: np.ndarray | None = None,
     ref_void: np.ndarray | None = None,
     **kwargs: Any,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """`unwrap_scene` computed at once (dask's synchronous scheduler): phase_unw_rad,
-    component, dh_raw_m and the quality numbers. For tests and small arrays."""
+    component, dh_raw_m and the quality numbers (floats), with the per-glacier flags ((G,)
+    arrays) when glacier_id is given. For tests and small arrays."""
     out = unwrap_scene(phase_rad, coherence, h_amb_m, radar_mask, stable, ref_void, **kwargs)
-    phase, comp, dh, quality = dask.compute(
-        out.phase_unw_rad, out.component, out.dh_raw_m, out.quality, scheduler="sync"
+    phase, comp, dh, quality, flags = dask.compute(
+        out.phase_unw_rad,
+        out.component,
+        out.dh_raw_m,
+        out.quality,
+        out.glacier_flags,
+        scheduler="sync",
     )
-    return phase, comp, dh, {k: v.item() for k, v in quality.items()}
+    return phase, comp, dh, {**{k: v.item() for k, v in quality.items()}, **flags}

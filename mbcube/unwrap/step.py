@@ -31,6 +31,7 @@ from mbcube.store import (
     write_scene_region,
     writes_store,
 )
+from mbcube.unwrap.repair import GLACIER_VARIABLES
 from mbcube.unwrap.scene import QUALITY_VARIABLES, unwrap_scene
 
 STEP = "unwrap"
@@ -70,6 +71,7 @@ def scene_graph(store: Path, scene_id: str, config: UnwrapConfig) -> xr.Dataset:
         raise StoreError(f"{store}: the cube has no {missing}: nothing to unwrap.")
     nlooks = float(_small(store, "scene_nlooks")[index]) if "scene_nlooks" in ds.coords else None
     scene = ds.isel(scene=ids.index(scene_id))
+    glaciers = "glacier_id" in ds and "ref_dem_m" in ds and "glacier" in ds.dims
     out = unwrap_scene(
         scene["phase_rad"].data,
         scene["coherence"].data,
@@ -77,6 +79,10 @@ def scene_graph(store: Path, scene_id: str, config: UnwrapConfig) -> xr.Dataset:
         scene["radar_mask"].data if "radar_mask" in scene else None,
         ds["stable"].data if "stable" in ds else None,
         ds["ref_void"].data if "ref_void" in ds else None,
+        glacier_id=ds["glacier_id"].data if glaciers else None,
+        elevation_m=ds["ref_dem_m"].data if glaciers else None,
+        prior_dh_m=_prior_dh(ds, scene) if "prior_dhdt_m_yr" in ds else None,
+        n_glaciers=ds.sizes["glacier"] if glaciers else None,
         config=config,
         nlooks=nlooks,
         scene_id=scene_id,
@@ -89,7 +95,16 @@ def scene_graph(store: Path, scene_id: str, config: UnwrapConfig) -> xr.Dataset:
     }
     for name, (_, doc) in QUALITY_VARIABLES.items():
         data[name] = (("scene",), out.quality[name][None], {"long_name": doc})
+    for name, (_, doc) in GLACIER_VARIABLES.items():
+        if name in out.glacier_flags:
+            data[name] = (("scene", "glacier"), out.glacier_flags[name][None], {"long_name": doc})
     return xr.Dataset(data)
+
+
+def _prior_dh(ds: xr.Dataset, scene: xr.Dataset) -> Any:
+    """The user's prior dh (m) of a scene: the study's prior rate (m/yr) x the scene's years
+    since the reference date (lazy)."""
+    return ds["prior_dhdt_m_yr"].data * np.float32(scene["scene_years"].values)
 
 
 @writes_store

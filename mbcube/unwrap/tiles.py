@@ -107,6 +107,8 @@ class TileResult:
     n_regions: int
     n_in_scene: int  # core pixels with finite wrapped phase
     engine_called: bool
+    #: unwrapped again in this round (False: the previous round's result, passed through)
+    changed: bool = True
 
 
 @dataclass
@@ -133,9 +135,13 @@ def unwrap_tile(
     nlooks: float,
     coherence_min: float,
     engine: str = "snaphu",
+    prior_rad: np.ndarray | None = None,
 ) -> TileResult:
     """Unwrap one tile window (all arrays are the window's). A window without valid pixels is
-    not sent to the engine."""
+    not sent to the engine. With `prior_rad` (the phase of a prior dh, rad), the engine
+    unwraps the wrapped residual phase - prior and the prior is added back: the result is
+    still congruent to the phase modulo 2 pi, and jumps the prior predicts (a glacier tongue
+    thinning by more than h_amb / 2 at its outline) are no longer in what the engine sees."""
     check_inputs(phase_rad, coherence, h_amb_m)
     valid = valid_mask(phase_rad, coherence, h_amb_m, radar_mask, ref_void, coherence_min)
     core = tile.core_in_window
@@ -145,7 +151,11 @@ def unwrap_tile(
         return TileResult(
             tile, np.full(valid.shape, np.nan, np.float32), labels, 0, n_in_scene, False
         )
-    unw = run_engine(engine, phase_rad, coherence, valid, nlooks)
+    if prior_rad is None:
+        unw = run_engine(engine, phase_rad, coherence, valid, nlooks)
+    else:
+        residual = np.angle(np.exp(1j * (np.where(valid, phase_rad, 0.0) - prior_rad)))
+        unw = run_engine(engine, residual, coherence, valid, nlooks) + prior_rad
     unw = np.where(valid, unw, np.nan).astype(np.float32)
     return TileResult(tile, unw, labels, n, n_in_scene, True)
 
