@@ -90,6 +90,7 @@ from mbcube.fingerprints import fingerprint, same_input
 from mbcube.massbalance import (
     GlacierStats,
     combine_scenes,
+    cross_scene_doubt,
     select_scenes,
     unit_results,
     with_void_area,
@@ -124,6 +125,7 @@ from mbcube.uncertainty import (
     datum_sigma_m,
     quadrature,
     stable_moments,
+    unwrap_sigma_m_yr,
     white_correlated_split,
 )
 from mbcube.unit_sums import UNIT_FIELDS, Units
@@ -150,6 +152,16 @@ SIGMA_COLUMNS = [
     "sigma_seasonal_mwe_yr",
     "sigma_unmeasured_mwe_yr",
     "sigma_density_mwe_yr",
+    "sigma_unwrap_mwe_yr",
+]
+#: Flag of a glacier whose cycle is in doubt (`mbcube.unwrap.profiles.FLAG_DOUBT`).
+FLAG_DOUBT = 2
+#: Per glacier: what the unwrapping found (`mbcube.unwrap.profiles`), over the used scenes.
+UNWRAP_COLUMNS = [
+    "unwrap_flag",
+    "unwrap_prior",
+    "unwrap_repaired_area_km2",
+    "unwrap_doubt_area_km2",
 ]
 GLACIER_COLUMNS = [
     "region",
@@ -167,6 +179,7 @@ GLACIER_COLUMNS = [
     "n_scenes",
     "period",
     "filled_frac",
+    *UNWRAP_COLUMNS,
 ]  # preceded by the id column
 #: Glacier results computed from the statistics (cached with them).
 RESULT_COLUMNS = [
@@ -180,6 +193,7 @@ RESULT_COLUMNS = [
     "volume_km3_yr",
     "mass_gt_yr",
     "filled_frac",
+    *UNWRAP_COLUMNS,
 ]
 REGION_COLUMNS = [
     "name",
@@ -203,7 +217,7 @@ GLACIER_BLOCK = 4096
 #: The store group caching the glacier-level statistics and results.
 CACHE_GROUP = "massbalance_cache"
 #: Layout version of the cache (a cache of another layout is recomputed).
-CACHE_VERSION = 9
+CACHE_VERSION = 11
 #: Cells per chunk of the cache (8 bytes x 2^18 = 2 MiB per field and chunk).
 CELL_CHUNK = 1 << 18
 #: The output folder's record of the glacier tables it holds.
@@ -235,6 +249,9 @@ class CellStats:
     scene_weight: np.ndarray
     n_bins: int
     n_surfaces: int
+    #: (S, G) pixels of each scene in cells where it disagrees with the other scenes by a
+    #: cycle (`mbcube.massbalance.cross_scene_doubt`); None: not compared
+    scene_doubt_px: np.ndarray | None = None
 
     @property
     def n_glaciers(self) -> int:
@@ -286,6 +303,9 @@ class CellStats:
             else np.zeros((n_scenes, 0)),
             n_bins=n_bins,
             n_surfaces=n_surf,
+            scene_doubt_px=np.concatenate([p.scene_doubt_px for p in parts], axis=1)
+            if parts and all(p.scene_doubt_px is not None for p in parts)
+            else None,
         )
 
     def dense(self, start: int = 0, stop: int | None = None) -> GlacierStats:
@@ -413,6 +433,9 @@ class StoredStats:
     #: (glacier_penetration_sigma_m area-weighted over surfaces; NaN: no offset on the glacier);
     #: None: the store applies no offsets (`mbcube.uncertainty`)
     adjusted_sigma_m: np.ndarray | None = None
+    #: (S, G) per scene and glacier: the unwrap step's `mbcube.unwrap.repair.GLACIER_VARIABLES`
+    #: of the used scenes; None: no insar scene was unwrapped
+    unwrap: dict[str, np.ndarray] | None = None
 
     @functools.cached_property
     def stats(self) -> GlacierStats:
@@ -438,10 +461,12 @@ class StoredStats:
                     else (np.isfinite(adj[part]).astype(float), np.nan_to_num(adj[part])),
                 )
             )
-        return {
+        results = {
             k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0)
             for k in RESULT_COLUMNS
+            if k not in UNWRAP_COLUMNS and k != "sigma_unwrap_mwe_yr"
         }
+        return _with_unwrap(self, results)
 
 
 def _has_group(store: Path, group: str) -> bool:
@@ -832,7 +857,17 @@ def _from_statistics(
     months = cube_scenes["scene_month"].values.astype(int)
     bins = stats["bin"].values.astype(float)
     if cells is None:
-        cells = _combine(store, stats, glacier, scenes, years, months, config)
+        h_amb = _unwrap_arrays(cube, scenes)
+        cells = _combine(
+            store,
+            stats,
+            glacier,
+            scenes,
+            years,
+            months,
+            config,
+            None if h_amb is None else h_amb["unwrap_h_amb_m"],
+        )
     scene_stats = stats[[v for v in stats.data_vars if stats[v].dims[:1] == ("scene",)]]
     scene_stats = scene_stats[[v for v in scene_stats.data_vars if "glacier" not in stats[v].dims]]
     scene_stats = scene_stats.sel(scene=scenes)
@@ -929,7 +964,63 @@ def _from_statistics(
         stable_white_sigma_m=white,
         reference_sigma_m=keys.facts["reference_sigma_m"],
         adjusted_sigma_m=adjusted,
+        unwrap=_unwrap_arrays(cube, scenes),
     )
+
+
+def _unwrap_arrays(cube: xr.Dataset, scenes: list[str]) -> dict[str, np.ndarray] | None:
+    """The unwrap step's per scene and glacier variables of `scenes` ((S, G) numpy), or None."""
+    from mbcube.unwrap.repair import GLACIER_VARIABLES  # not at the top: the fast path
+
+    if not all(name in cube for name in GLACIER_VARIABLES):
+        return None
+    picked = cube[list(GLACIER_VARIABLES)].sel(scene=scenes)
+    return {name: picked[name].values for name in GLACIER_VARIABLES}
+
+
+def _with_unwrap(data: StoredStats, results: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`results` with the unwrapping columns (UNWRAP_COLUMNS, sigma_unwrap_mwe_yr, added to
+    mb_sigma_mwe_yr in quadrature). Per glacier over its used scenes (weight > 0): the worst
+    flag, the prior of the highest code, the largest areas; the term of
+    `mbcube.uncertainty.unwrap_sigma_m_yr`. Pixels in doubt are the unwrap step's and those of
+    cells where a scene disagrees with the others by a cycle (flag 2, in doubt)."""
+    n = len(data.glacier)
+    u = data.unwrap
+    zeros = np.zeros(n)
+    if u is None:
+        sigma, flag, prior, repaired, doubt = zeros, zeros, zeros, zeros, zeros
+    else:
+        used = data.cells.scene_weight > 0
+        across = data.cells.scene_doubt_px
+        in_doubt = u["unwrap_doubt_px"] + (0 if across is None else across)
+        in_doubt = np.minimum(in_doubt, u["unwrap_glacier_px"])
+        sigma = unwrap_sigma_m_yr(
+            data.cells.scene_weight,
+            in_doubt,
+            u["unwrap_glacier_px"],
+            u["unwrap_h_amb_m"],
+            data.scene_years,
+        )
+        km2 = data.pixel_size_m**2 / 1e6
+
+        def worst(values: np.ndarray) -> np.ndarray:
+            return np.where(used, values, 0).max(axis=0).astype(float) if len(used) else zeros
+
+        flag = worst(np.where(in_doubt > 0, FLAG_DOUBT, u["unwrap_flag"]))
+        prior = worst(u["unwrap_prior"])
+        repaired = worst(u["unwrap_repaired_px"]) * km2
+        doubt = worst(in_doubt) * km2
+    term = sigma * data.config.density_kg_m3 / 1000.0
+    out = dict(results)
+    out["sigma_unwrap_mwe_yr"] = np.where(np.isfinite(results["mb_mwe_yr"]), term, np.nan)
+    out["mb_sigma_mwe_yr"] = np.hypot(results["mb_sigma_mwe_yr"], np.nan_to_num(term))
+    out.update(
+        unwrap_flag=flag,
+        unwrap_prior=prior,
+        unwrap_repaired_area_km2=repaired,
+        unwrap_doubt_area_km2=doubt,
+    )
+    return out
 
 
 def _white_sigma(
@@ -962,8 +1053,10 @@ def _combine(
     years: np.ndarray,
     months: np.ndarray,
     config: MassBalanceConfig,
+    h_amb_m: np.ndarray | None = None,
 ) -> CellStats:
-    """Scene selection and combination in bounded memory.
+    """Scene selection and combination in bounded memory; with h_amb_m ((S, G), NaN for DEM
+    scenes) also each scene's cells that disagree with the other scenes by a cycle.
 
     The scene statistics are read one stored chunk (scene x slab of glaciers) at a time and kept
     as their non-empty cells; then blocks of glaciers are made dense (scenes x block x bins x
@@ -1037,7 +1130,14 @@ def _combine(
             min_frac=config.min_measured_frac_per_bin,
             **void,
         )
-        parts.append(CellStats.from_dense(combined))
+        doubt = (
+            None
+            if h_amb_m is None
+            else cross_scene_doubt(
+                count_b, sum_b, years, use, h_amb_m[:, part], config.min_px_per_bin
+            )
+        )
+        parts.append(replace(CellStats.from_dense(combined), scene_doubt_px=doubt))
     return CellStats.concat(parts, len(scenes), n_b, n_f)
 
 
@@ -1099,6 +1199,7 @@ def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
         *(results[k] for k in RESULT_COLUMNS),
         *c.scene_px,
         *c.scene_weight,
+        *(np.zeros_like(c.scene_px) if c.scene_doubt_px is None else c.scene_doubt_px),
     ]
     dates = np.asarray(data.scene_dates, dtype="datetime64[ns]").astype("datetime64[D]")
     per_scene = [
@@ -1145,7 +1246,7 @@ def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
             ],
             "about": "mbcube aggregate: glacier statistics (scenes combined, per non-empty "
             "glacier x bin x surface cell) and glacier results; glacier_values ends with "
-            "scene_px then scene_weight of each scene; text: UTF-8 JSON of the ids, outline "
+            "scene_px, scene_weight then scene_doubt_px of each scene; text: UTF-8 JSON of the ids, outline "
             "attributes and per-scene values",
         },
     )
@@ -1215,7 +1316,8 @@ def _read_cache(
         void_area_m2=per_glacier["void_area_m2"],
         void_px=per_glacier["void_px"],
         scene_px=scene_glacier[:n_scenes],
-        scene_weight=scene_glacier[n_scenes:],
+        scene_weight=scene_glacier[n_scenes : 2 * n_scenes],
+        scene_doubt_px=scene_glacier[2 * n_scenes : 3 * n_scenes],
         n_bins=len(bins),
         n_surfaces=int(attrs.get("n_surfaces", 2)),
     )
@@ -1466,7 +1568,15 @@ def glacier_table(data: StoredStats, regions: RegionSet | None = None) -> pd.Dat
             table[name] = values[name]
     table["n_scenes"] = (data.cells.scene_px > 0).sum(axis=0)
     table["period"] = _periods(data)
+    table["unwrap_flag"] = table["unwrap_flag"].astype(int)
+    table["unwrap_prior"] = _prior_names(table["unwrap_prior"].to_numpy())
     return table[[data.id_column, *GLACIER_COLUMNS]]
+
+
+def _prior_names(codes: np.ndarray) -> np.ndarray:
+    """Prior codes (`mbcube.unwrap.profiles.PRIOR_NAMES`) as names: none | data | user."""
+    names = np.array(["none", "data", "user"], dtype=object)
+    return names[np.clip(codes.astype(int), 0, len(names) - 1)]
 
 
 def region_table(
@@ -1479,7 +1589,10 @@ def region_table(
     per_glacier = (
         data.glacier_results()
         if glaciers is None
-        else {k: glaciers[k].to_numpy(dtype=float) for k in ("dh_m", "dhdt_m_yr", "mb_mwe_yr")}
+        else {
+            k: glaciers[k].to_numpy(dtype=float)
+            for k in ("dh_m", "dhdt_m_yr", "mb_mwe_yr", "sigma_unwrap_mwe_yr")
+        }
     )
     keep = surge_free(data.surge)
     # 'all' and the regions, then the same without surge-type glaciers: one (2 (R + 1), G) array
@@ -1523,10 +1636,18 @@ def region_table(
                 rest_spread, rest_area, out=np.zeros(len(names)), where=rest_area > 0
             )
     values = _results(data, stats, area_weighted_mean(data.penetration_sigma_m), spread, adjusted)
-    _void_areas_at_glacier_means(data, values, stats, per_glacier, units)
     mb_g = per_glacier["mb_mwe_yr"]
     measured_area = area_g * np.isfinite(mb_g)
-    total_w, weighted_mb = units.sum(np.stack([measured_area, measured_area * np.nan_to_num(mb_g)]))
+    unwrap_g = np.nan_to_num(per_glacier["sigma_unwrap_mwe_yr"])
+    total_w, weighted_mb, unwrap_var = units.sum(
+        np.stack(
+            [measured_area, measured_area * np.nan_to_num(mb_g), (measured_area * unwrap_g) ** 2]
+        )
+    )
+    # glaciers' cycle errors are independent: in quadrature, by measured area
+    unwrap = np.divide(np.sqrt(unwrap_var), total_w, out=np.zeros(len(names)), where=total_w > 0)
+    values["sigma_unwrap_mwe_yr"] = np.where(np.isfinite(values["mb_mwe_yr"]), unwrap, np.nan)
+    _void_areas_at_glacier_means(data, values, stats, per_glacier, units)
     area_weighted = np.divide(
         weighted_mb, total_w, out=np.full(len(names), np.nan), where=total_w > 0
     )

@@ -122,7 +122,7 @@ def _handled(store: Path | None = None, out: Path | None = None) -> Iterator[Non
 @app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write the study into.")],
-    preset: Annotated[str, typer.Option(help="tiny | demo | large")] = "tiny",
+    preset: Annotated[str, typer.Option(help="tiny | demo | tongues | large")] = "tiny",
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     kind: Annotated[str | None, typer.Option(help="insar | dem | mixed")] = None,
     scenes: Annotated[int | None, typer.Option(help="Number of scenes.")] = None,

@@ -189,6 +189,43 @@ def select_scenes(
     return np.where(enough[None, :], only_preferred, covers)
 
 
+#: A scene's rate in a cell this far from the other scenes' median (in its own cycle h_amb / T)
+#: means a cycle slip in one of them.
+CROSS_SCENE_CYCLES = 0.6
+
+
+def cross_scene_doubt(
+    count: np.ndarray,
+    sum_dh_m: np.ndarray,
+    scene_years: np.ndarray,
+    use: np.ndarray,
+    h_amb_m: np.ndarray,
+    min_px_per_bin: int,
+) -> np.ndarray:
+    """(S, G) pixels of each scene in cells (bin x surface) where its rate (m/yr) differs from
+    the median rate of the other used scenes measuring the cell (>= min_px_per_bin pixels each)
+    by more than CROSS_SCENE_CYCLES x h_amb / |T| of the scene: where scenes disagree by a
+    cycle, one of them slipped, and which one cannot be told from two scenes, so each is in
+    doubt. count, sum_dh_m: (S, G, B, F); scene_years (S,); use (S, G); h_amb_m (S, G), NaN for
+    DEM scenes (compared against, never in doubt)."""
+    n_scenes = count.shape[0]
+    out = np.zeros(count.shape[:2])
+    if n_scenes < 2:
+        return out
+    ok = use[:, :, None, None] & (count >= min_px_per_bin)
+    years = np.asarray(scene_years, dtype=float)[:, None, None, None]
+    rate = np.where(ok, sum_dh_m / np.where(count > 0, count, 1.0) / years, np.nan)
+    cycle = np.abs(np.asarray(h_amb_m, dtype=float) / years[:, :, 0, 0])  # (S, G)
+    for s in range(n_scenes):
+        others = np.delete(rate, s, axis=0)
+        seen = np.isfinite(others).any(axis=0)
+        with np.errstate(invalid="ignore"):
+            median = np.nanmedian(np.where(seen[None], others, 0.0), axis=0)
+            bad = seen & (np.abs(rate[s] - median) > CROSS_SCENE_CYCLES * cycle[s][:, None, None])
+        out[s] = np.where(bad, count[s], 0).sum(axis=(1, 2))
+    return out
+
+
 def combine_scenes(
     count: np.ndarray,
     sum_dh_m: np.ndarray,

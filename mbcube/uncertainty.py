@@ -78,6 +78,13 @@ n_su its pixels):
   filled cell). A void in one piece is thus counted whole (linearly); on the synthetic studies
   its error is void share x (glacier mean - void's true mean), which this matches.
 - density: |dh/dt| x density_sigma / 1000 (60 kg/m3; fully correlated everywhere).
+- unwrapping (`unwrap_sigma_m_yr`): a glacier's pixels whose phase cycle is in doubt
+  (`mbcube.unwrap.profiles`: slips no prior repaired, or a part of its profile whose cycle
+  cannot be confirmed) may be off by a whole height of ambiguity h_s (m). Such an error is not
+  random noise but one cycle on the whole doubtful area, so it is counted whole, once per scene
+  and added over the scenes (not in quadrature): sigma_unwrap = sum_s w_s (D_s / N_s) h_s / T_s,
+  D_s the pixels in doubt and N_s the glacier's unwrapped pixels in scene s. Different glaciers'
+  cycles are found independently, so a region sums its glaciers' terms in quadrature, by area.
 
 **Glaciers with their own X-band offset** (corrections.penetration 'xband_glacier', stored
 attribute glacier_adjustment_applied = 1; `mbcube.corrections.penetration.glacier_adjustment`):
@@ -141,6 +148,7 @@ __all__ = [
     "stable_moments",
     "unit_uncertainty",
     "unmeasured_sigma_m_yr",
+    "unwrap_sigma_m_yr",
     "white_correlated_split",
 ]
 
@@ -394,6 +402,27 @@ def unmeasured_sigma_m_yr(
     total = area.sum(axis=(1, 2)) + void
     share = np.divide(spread_area, total, out=np.zeros(len(area)), where=total > 0)
     return share * np.sqrt(var)
+
+
+def unwrap_sigma_m_yr(
+    scene_weight: np.ndarray,
+    doubt_px: np.ndarray,
+    glacier_px: np.ndarray,
+    h_amb_m: np.ndarray,
+    scene_years: np.ndarray,
+) -> np.ndarray:
+    """The unwrapping term (m/yr) of G glaciers (module docstring). scene_weight, doubt_px,
+    glacier_px (pixels unwrapped), h_amb_m (the glacier's mean height of ambiguity): (S, G);
+    scene_years (S,). Scenes without pixels in doubt (DEM scenes among them) add 0."""
+    share = np.divide(
+        np.asarray(doubt_px, float),
+        np.asarray(glacier_px, float),
+        out=np.zeros(np.shape(doubt_px)),
+        where=np.asarray(glacier_px) > 0,
+    )
+    cycle = np.where(share > 0, np.nan_to_num(np.asarray(h_amb_m, float)), 0.0)
+    years = np.abs(np.asarray(scene_years, float))[:, None]
+    return (np.asarray(scene_weight, float) * np.minimum(share, 1.0) * cycle / years).sum(axis=0)
 
 
 def unit_uncertainty(

@@ -26,7 +26,7 @@ from rasterio.io import DatasetWriter
 from mbcube.grid import Grid
 from mbcube.synth import scenes as sc
 from mbcube.synth.noise import normal, value_noise
-from mbcube.synth.world import World, make_glaciers, reference_noise_m
+from mbcube.synth.world import MARGIN_TAPER_M, World, make_glaciers, reference_noise_m
 
 __all__ = ["PRESETS", "SynthSpec", "generate_study"]
 
@@ -51,6 +51,9 @@ class SynthSpec:
     other_crs: str | None = "EPSG:32644"  # the last scene is delivered in this CRS
     reference_sigma_m: float = 1.0
     xband_coverage: float = 0.75  # SRTM-X covers this western fraction of the grid
+    margin_taper_m: float = MARGIN_TAPER_M  # 0: tongues meet the ground with a step (unwrapping)
+    surge_fraction: float = 0.06  # of glaciers above 2 km2
+    gradient_scale: float = 1.0  # multiplies the glaciers' d(rate)/dz
 
     @property
     def grid(self) -> Grid:
@@ -62,6 +65,16 @@ class SynthSpec:
 PRESETS: dict[str, SynthSpec] = {
     "tiny": SynthSpec(),
     "demo": SynthSpec(size_px=1024, tile_px=512, n_glaciers=60, n_scenes=5),
+    # tongues and surge fronts meeting the ground with steps beyond h_amb / 2 (issue 14)
+    "tongues": SynthSpec(
+        size_px=512,
+        tile_px=256,
+        n_glaciers=10,
+        margin_taper_m=0.0,
+        surge_fraction=0.3,
+        gradient_scale=2.5,
+        other_crs=None,
+    ),
     "large": SynthSpec(size_px=8000, tile_px=1024, n_glaciers=1500, n_scenes=20, other_crs=None),
 }
 
@@ -77,7 +90,14 @@ def generate_study(out: Path | str, spec: SynthSpec | str = "tiny", **overrides:
     grid = spec.grid
     rng = np.random.default_rng(spec.seed)
     span = grid.nx * grid.res
-    glaciers = make_glaciers(rng, grid.bounds, spec.n_glaciers)
+    glaciers = make_glaciers(
+        rng,
+        grid.bounds,
+        spec.n_glaciers,
+        surge_fraction=spec.surge_fraction,
+        margin_taper_m=spec.margin_taper_m,
+        gradient_scale=spec.gradient_scale,
+    )
     world = World(glaciers, seed=spec.seed)
     scene_defs = sc.make_scenes(rng, spec.n_scenes, spec.kind, span, spec.seed, spec.other_crs)
     centre = ((grid.bounds[0] + grid.bounds[2]) / 2, (grid.bounds[1] + grid.bounds[3]) / 2)

@@ -41,6 +41,9 @@ class Glacier:
     rate_gradient_per_m: float  # d(rate)/dz (1/yr)
     surge: bool
     penetration_factor: float  # this glacier's penetration relative to the regional law
+    #: elevation change fades to 0 over this width inside the outline (m); 0: it does not, and
+    #: a tongue's change meets the stable ground as a step (real tongues: the unwrapping trap)
+    margin_taper_m: float = MARGIN_TAPER_M
 
     @property
     def z_mid_m(self) -> float:
@@ -87,13 +90,16 @@ class Glacier:
         )
 
     def margin_taper(self, along: np.ndarray, across: np.ndarray) -> np.ndarray:
-        """0 at the outline rising to 1 at MARGIN_TAPER_M inside: ice thins to nothing at its
-        margin, so elevation change fades out there (no step into the stable ground, which
-        would exceed half a height of ambiguity and be unrecoverable by any unwrapper)."""
+        """0 at the outline rising to 1 at margin_taper_m inside (all 1 when it is 0): thin ice
+        at the margin changes little. Without it a tongue's change is a step of tens of metres
+        into the stable ground, more than half a height of ambiguity (what real tongues do, and
+        what `mbcube.unwrap.profiles` is for)."""
+        if self.margin_taper_m <= 0:
+            return np.ones(np.shape(along))
         inside_m = np.minimum(
             self.half_width_m(along) - across, np.minimum(along, self.length_m - along)
         )
-        return np.clip(inside_m / MARGIN_TAPER_M, 0.0, 1.0)
+        return np.clip(inside_m / self.margin_taper_m, 0.0, 1.0)
 
     def rate_m_yr(self, z: np.ndarray) -> np.ndarray:
         """True elevation-change rate (m/yr) at true elevation z (m)."""
@@ -235,8 +241,11 @@ def make_glaciers(
     area_km2_range: tuple[float, float] = (0.3, 50.0),
     surge_fraction: float = 0.06,
     margin_m: float = 600.0,
+    margin_taper_m: float = MARGIN_TAPER_M,
+    gradient_scale: float = 1.0,
 ) -> list[Glacier]:
-    """Place up to n_target non-overlapping glaciers inside bounds (grid CRS, m)."""
+    """Place up to n_target non-overlapping glaciers inside bounds (grid CRS, m);
+    gradient_scale multiplies every glacier's d(rate)/dz (steeper balance gradients)."""
     left, bottom, right, top = bounds
     span = min(right - left, top - bottom)
     max_area = min(area_km2_range[1], (span / 1000.0) ** 2 / 12.0)
@@ -271,11 +280,11 @@ def make_glaciers(
             z_term_m=max(z_head - drop, 3300.0),
             debris_from=rng.uniform(0.55, 0.85) if area_km2 > 1.5 else 2.0,
             rate_mean_m_yr=rng.normal(-0.25, 0.25) if not surge else rng.normal(0.2, 0.2),
-            rate_gradient_per_m=rng.uniform(0.002, 0.005)
-            if not surge
-            else rng.uniform(0.004, 0.007),
+            rate_gradient_per_m=gradient_scale
+            * (rng.uniform(0.002, 0.005) if not surge else rng.uniform(0.004, 0.007)),
             surge=surge,
             penetration_factor=float(np.clip(rng.normal(1.0, 0.15), 0.5, 1.5)),
+            margin_taper_m=margin_taper_m,
         )
         shape = g.outline()
         if not inner.contains(shape):

@@ -44,6 +44,7 @@ GLACIER_VARIABLES: dict[str, tuple[str, str]] = {
     "unwrap_glacier_px": ("int64", "glacier pixels unwrapped and tied"),
     "unwrap_repaired_px": ("int64", "glacier pixels whose cycle a prior repaired"),
     "unwrap_doubt_px": ("int64", "glacier pixels whose cycle is in doubt"),
+    "unwrap_h_amb_m": ("float32", "mean height of ambiguity over the glacier's pixels (m)"),
 }
 
 
@@ -175,6 +176,7 @@ def glacier_flags(
     out = {
         name: np.zeros(n_glaciers, dtype=np.dtype(dtype))
         for name, (dtype, _) in GLACIER_VARIABLES.items()
+        if name != "unwrap_h_amb_m"
     }
     fin = final.profiles
     index = fin.glacier - 1

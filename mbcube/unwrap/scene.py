@@ -455,7 +455,9 @@ def unwrap_scene(
                 dtype=np.dtype(dtype),
             )
             for name, (dtype, _) in GLACIER_VARIABLES.items()
+            if name != "unwrap_h_amb_m"
         }
+        flags["unwrap_h_amb_m"] = _glacier_means(gid, h_amb, n_glaciers)
     blocks: list[list[list[Any]]] = [[[None] * len(grid[0]) for _ in grid] for _ in range(3)]
     for t, tile in enumerate(tiles):
         core = slice(*tile.core_rows), slice(*tile.core_cols)
@@ -474,6 +476,16 @@ def unwrap_scene(
         for name, (dtype, _) in QUALITY_VARIABLES.items()
     }
     return UnwrappedScene(arrays[0], arrays[1], arrays[2], quality, flags)
+
+
+def _glacier_means(gid: da.Array, values: da.Array, n_glaciers: int) -> da.Array:
+    """(G,) mean of `values` over each glacier's pixels where finite (NaN: none), float32."""
+    ids = gid.ravel().astype(np.int64)
+    v = values.ravel().astype(np.float64)
+    finite = da.isfinite(v)
+    total = da.bincount(ids, weights=da.where(finite, v, 0.0), minlength=n_glaciers + 1)
+    count = da.bincount(ids, weights=finite.astype(np.float64), minlength=n_glaciers + 1)
+    return (total[1:] / da.where(count[1:] > 0, count[1:], np.nan)).astype(np.float32)
 
 
 def _tile_histogram(
