@@ -218,7 +218,7 @@ def cross_scene_doubt(
     cycle = np.abs(np.asarray(h_amb_m, dtype=float) / years[:, :, 0, 0])  # (S, G)
     for s in range(n_scenes):
         others = np.delete(rate, s, axis=0)
-        seen = np.isfinite(others).any(axis=0)
+        seen = np.asarray(np.isfinite(others).any(axis=0))
         with np.errstate(invalid="ignore"):
             median = np.nanmedian(np.where(seen[None], others, 0.0), axis=0)
             bad = seen & (np.abs(rate[s] - median) > CROSS_SCENE_CYCLES * cycle[s][:, None, None])

@@ -114,11 +114,19 @@ def _steps_table(ds: xr.Dataset, store: Path, records: dict[str, dict[str, Any]]
     changed size is marked '!damaged'), with the unwrap quality and the datum offset."""
     steps = [s for s in SCENE_STEPS[1:] if records[s]]
     quality = [(v, h, f) for v, h, f in _QUALITY if v in ds]
+    values = {v: ds[v].values for v, _, _ in quality}
+    if "unwrap_flag" in ds:  # glaciers whose tongue slipped a cycle: repaired, or in doubt
+        flags = ds["unwrap_flag"].values
+        for code, name, heading in (
+            (1, "unwrap_repaired", "glac fixed"),
+            (2, "unwrap_doubt", "in doubt"),
+        ):
+            values[name] = (flags == code).sum(axis=1)
+            quality.append((name, heading, "int"))
     if not steps and not quality:
         return ""
     header = f"{'scene':<24} {'steps':<28}" + "".join(f" {h:>10}" for _, h, _ in quality)
     rows = [header, "-" * len(header)]
-    values = {v: ds[v].values for v, _, _ in quality}
     n_damaged = 0
     for i, scene in enumerate(ds["scene"].values):
         sid = str(scene)

@@ -422,6 +422,8 @@ def test_results_are_the_error_model_on_the_dense_combination(
     pen = np.zeros(len(data.glacier))  # no penetration table in this cube
     want = unit_results(combined, *inputs, pen, None, config)
     table = glacier_table(data)
+    # no unwrap step wrote this cube: its term is 0 (tests/test_unwrap_tongues.py has it)
+    assert np.nan_to_num(table.pop("sigma_unwrap_mwe_yr").to_numpy()).max() == 0.0
     terms = [c for c in table.columns if c.startswith("sigma_")]
     assert "sigma_unmeasured_mwe_yr" in terms
     for column in ["dhdt_m_yr", "filled_frac", "mb_sigma_mwe_yr", *terms]:

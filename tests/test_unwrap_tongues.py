@@ -5,6 +5,7 @@ an error term that covers what is left. Truth: the change each scene was made fr
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ from mbcube.config import UnwrapConfig
 from mbcube.errors import MbcubeWarning
 from mbcube.massbalance import cross_scene_doubt
 from mbcube.pipeline import Pipeline, run
+from mbcube.summary import cube_summary
 from mbcube.synth import generate_study
 from mbcube.uncertainty import unwrap_sigma_m_yr
 from mbcube.unwrap import unwrap_numpy
@@ -95,7 +97,7 @@ def test_a_tongue_cut_off_by_layover_cannot_be_repaired_and_is_flagged_in_doubt(
 
 
 def test_a_glacier_without_slips_is_left_as_it_was() -> None:
-    err_plain, on, plain = unwrapped("none", taper=True)
+    err_plain, _, plain = unwrapped("none", taper=True)
     err_data, _, data = unwrapped("data", taper=True)
     assert plain["unwrap_flag"][0] == data["unwrap_flag"][0] == FLAG_OK
     assert data["unwrap_repaired_px"][0] == data["unwrap_doubt_px"][0] == 0
@@ -124,7 +126,7 @@ def test_the_unwrap_term_counts_a_whole_cycle_on_the_area_in_doubt() -> None:
 
 
 @pytest.fixture(scope="module")
-def tongues(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pd.DataFrame]:
+def tongues(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The `tongues` study (10 glaciers, steps at the outline, steep balance gradients, 30 %
     surge-type) run with and without the data prior; glacier tables joined with the truth."""
     root = tmp_path_factory.mktemp("tongues")
@@ -148,17 +150,19 @@ def tongues(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pd.DataFrame]
         )
         table["error"] = table["mb_mwe_yr"] - table["mb_mwe_yr_true"]
         tables[repair] = table
+        tables[f"{repair}_info"] = cube_summary(folder / "cube.zarr")
     return tables
 
 
-def test_the_tongues_study_is_never_silently_wrong(tongues: dict[str, pd.DataFrame]) -> None:
-    for repair, table in tongues.items():
+def test_the_tongues_study_is_never_silently_wrong(tongues: dict[str, Any]) -> None:
+    for repair in ("none", "data"):
+        table = tongues[repair]
         z = table["error"].abs() / table["mb_sigma_mwe_yr"]
         silent = table[(z > 3) & (table["unwrap_flag"] == FLAG_OK)]
         assert silent.empty, (repair, silent)
 
 
-def test_the_data_prior_repairs_the_tongues_study(tongues: dict[str, pd.DataFrame]) -> None:
+def test_the_data_prior_repairs_the_tongues_study(tongues: dict[str, Any]) -> None:
     plain, data = tongues["none"], tongues["data"]
     slipped = plain["unwrap_flag"] == FLAG_DOUBT
     assert slipped.sum() >= 3
@@ -173,3 +177,13 @@ def test_the_data_prior_repairs_the_tongues_study(tongues: dict[str, pd.DataFram
     np.testing.assert_allclose(
         data.loc[same, "mb_mwe_yr"], plain.loc[same, "mb_mwe_yr"], atol=0.002
     )
+
+
+def test_info_counts_the_glaciers_repaired_and_in_doubt_per_scene(tongues: dict[str, Any]) -> None:
+    """The last two columns of `mbcube info`'s step table: glaciers repaired, in doubt."""
+    for repair, column in (("none", -1), ("data", -2)):
+        lines = tongues[f"{repair}_info"].splitlines()
+        start = next(i for i, line in enumerate(lines) if line.endswith("in doubt"))
+        rows = [line.split() for line in lines[start + 2 :] if line[:1] == "S"]
+        assert len(rows) == 3
+        assert sum(int(r[column]) for r in rows) >= 2, (repair, lines[start:])
