@@ -129,9 +129,11 @@ def repair_tile(
             changed=False,
         )
     data = prior_phase(plan.profiles, plan.repair, glacier_id, elevation_m, bin_m)
-    prior = data if user_prior_rad is None else user_prior_rad
-    if user_prior_rad is not None:
-        prior = np.where(np.isin(glacier_id, plan.repair), data, user_prior_rad)
+    prior = (
+        data
+        if user_prior_rad is None
+        else np.where(np.isin(glacier_id, plan.repair), data, user_prior_rad)
+    )
     return unwrap_tile(
         tile,
         phase_rad,
