@@ -124,6 +124,28 @@ def test_results_never_replace_files_mbcube_did_not_write(
     assert report.recomputed["aggregate"] and (pipeline.out / "glaciers.parquet").exists()
 
 
+def test_results_beside_the_store_in_one_folder(small_run: Pipeline, tmp_path: Path) -> None:
+    """--store OUT/cube.zarr --out OUT (the SLURM test's layout): the cube is mbcube's, so the
+    results go beside it, on the first run and the next."""
+    out = tmp_path / "results"
+    out.mkdir()
+    shutil.copytree(small_run.store, out / "cube.zarr")
+    for _ in range(2):
+        code, output = _cli(
+            "run",
+            str(small_run.study),
+            "--store",
+            str(out / "cube.zarr"),
+            "--out",
+            str(out),
+            "--cluster",
+            "threads",
+            "--quiet",
+        )
+        assert code == 0, output
+    same_tables(out, small_run.out)
+
+
 def test_a_store_inside_another_cube_is_refused(small_run: Pipeline, tmp_path: Path) -> None:
     outer = Path(shutil.copytree(small_run.store, tmp_path / "cube.zarr"))
     code, output = _cli("ingest", str(small_run.study), "--store", str(outer / "inner.zarr"))

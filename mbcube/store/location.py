@@ -57,13 +57,18 @@ def store_problems(store: Path, study_root: Path | None, inputs: Iterable[Path])
 def out_problems(
     out: Path, store: Path, study_root: Path | None, inputs: Iterable[Path]
 ) -> list[str]:
-    """Why the results may not be written into `out`: the study folder or an input's folder
+    """Why the results may not be written into `out`: a folder holding files mbcube did not
+    write (a cube, e.g. the run's own store, is mbcube's), the study folder or an input's folder
     (a result named like an input, e.g. glaciers.gpkg, would replace it), inside the store, or
     not writable."""
     out = Path(out).resolve()
+    store = Path(store).resolve()
     problems = []
     if out.is_dir() and not (out / RESULTS_MARKER).is_file():
-        others = sorted(p.name for p in out.iterdir())
+        # a cube (this run's store among them) is mbcube's: results may sit beside it
+        others = sorted(
+            p.name for p in out.iterdir() if p != store and not (p.is_dir() and is_cube(p))
+        )
         if others:
             shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
             problems.append(
@@ -76,7 +81,6 @@ def out_problems(
             "...) could replace the study's files. Give a folder of its own, e.g. --out "
             f"{out.parent / 'results'}."
         )
-    store = Path(store).resolve()
     if out == store or out.is_relative_to(store):
         problems.append(f"{out}: --out is inside the cube store {store}. Give another folder.")
     writable = writable_problem(out, "--out")

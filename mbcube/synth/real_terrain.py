@@ -89,6 +89,11 @@ class RealTerrainSpec:
     rate_gradient_per_m: float = 0.002  # d(rate)/dz (1/yr)
     rate_variability_m_yr: float = 0.15  # smooth (2 km) spatial variability of the rate (m/yr)
     margin_taper_m: float = 450.0  # the rate goes to 0 at the outline over this distance (m)
+    #: a WGMS elevation-band mass-balance profile (CSV: rows years, columns band elevations, mm
+    #: w.e.; path relative to data_dir), mapped onto each glacier by normalised elevation, in
+    #: place of the linear rate; None: the linear rate
+    rate_profile: str | None = None
+    h_amb_m: float | None = None  # every scene's height of ambiguity (m); None: drawn at random
 
 
 def generate_real_terrain_study(
@@ -136,14 +141,21 @@ def generate_real_terrain_study(
         dtype="int32",
     )
     x, y = np.meshgrid(grid.x_coords(), grid.y_coords())
-    rate = _rate_field(glacier, surface, x, y, spec, grid.res)
+    profile = None if spec.rate_profile is None else band_profile(data_dir / spec.rate_profile)
+    rate = _rate_field(glacier, surface, x, y, spec, grid.res, profile)
     _write_grid(out / "truth" / "dhdt_m_yr.tif", grid, rate.astype(np.float32), np.nan)
 
     rng = np.random.default_rng(spec.seed)
     span = grid.nx * grid.res
     centre = ((grid.bounds[0] + grid.bounds[2]) / 2, (grid.bounds[1] + grid.bounds[3]) / 2)
     scene_defs = [
-        replace(s, swath_half_width_m=10.0 * span, swath_offset_m=0.0)  # each covers the grid
+        replace(  # each covers the grid
+            s,
+            swath_half_width_m=10.0 * span,
+            swath_offset_m=0.0,
+            h_amb_m=s.h_amb_m if spec.h_amb_m is None else spec.h_amb_m,
+            h_amb_varies=s.h_amb_varies and spec.h_amb_m is None,
+        )
         for s in sc.make_scenes(rng, spec.n_scenes, "insar", span, spec.seed, None)
     ]
     dz_dx = np.gradient(surface, grid.res, axis=1)
@@ -244,6 +256,18 @@ def _write_reference_with_voids(src_path: Path, dst: Path, seed: int, spec: Real
     return int((z == nodata).sum())
 
 
+def band_profile(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A WGMS elevation-band profile: (band elevations (m), mean mass balance over its years (m
+    w.e./yr)), bands without a value left out, by elevation."""
+    table = pd.read_csv(path, index_col=0)
+    mean = table.mean(axis=0, skipna=True)
+    z = np.array([float(c) for c in mean.index])
+    mb = mean.to_numpy(dtype=float) / 1000.0
+    keep = np.isfinite(mb)
+    order = np.argsort(z[keep])
+    return z[keep][order], mb[keep][order]
+
+
 def _rate_field(
     glacier: np.ndarray,
     surface: np.ndarray,
@@ -251,11 +275,13 @@ def _rate_field(
     y: np.ndarray,
     spec: RealTerrainSpec,
     res_m: float,
+    profile: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """True dh/dt (m/yr): linear in elevation about each glacier's median, plus smooth variability,
-    tapered to 0 at the outline over margin_taper_m (thin ice at the margins changes little, and a
-    step of tens of metres at the outline would exceed half a height of ambiguity, which no
-    unwrapper can resolve); 0 off-glacier."""
+    """True dh/dt (m/yr), plus smooth variability, 0 off-glacier: linear in elevation about each
+    glacier's median, or the band `profile` (elevations m, m w.e./yr) mapped onto the glacier's
+    elevation range (normalised elevation) and converted to ice at DENSITY_KG_M3. Tapered to 0
+    at the outline over margin_taper_m when > 0 (thin ice at the margins changes little; without
+    it a tongue meets the ground with a step that can exceed half a height of ambiguity)."""
     from scipy.ndimage import distance_transform_edt
 
     rate = np.zeros(glacier.shape)
@@ -268,6 +294,13 @@ def _rate_field(
     for index in np.unique(glacier[glacier > 0]):
         on = glacier == index
         z = surface[on]
+        if profile is not None:
+            z_lo, z_hi = float(np.nanmin(z)), float(np.nanmax(z))
+            bands, mb = profile
+            where = bands[0] + (z - z_lo) / max(z_hi - z_lo, 1.0) * (bands[-1] - bands[0])
+            r = np.interp(where, bands, mb) * 1000.0 / DENSITY_KG_M3 + wiggle[on]
+            rate[on] = np.nan_to_num(r, nan=0.0)
+            continue
         z_mid = float(np.nanmedian(z))
         r = spec.rate_mid_m_yr + spec.rate_gradient_per_m * (z - z_mid) + wiggle[on]
         rate[on] = np.clip(np.nan_to_num(r, nan=spec.rate_mid_m_yr), -4.0, 1.5)
