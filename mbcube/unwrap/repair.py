@@ -134,7 +134,7 @@ def repair_tile(
         if user_prior_rad is None
         else np.where(np.isin(glacier_id, plan.repair), data, user_prior_rad)
     )
-    return unwrap_tile(
+    again = unwrap_tile(
         tile,
         phase_rad,
         coherence,
@@ -145,6 +145,42 @@ def repair_tile(
         coherence_min=coherence_min,
         engine=engine,
         prior_rad=prior,
+    )
+    return _only_on(previous, again, np.isin(glacier_id, plan.repair))
+
+
+def _only_on(previous: TileResult, again: TileResult, inside: np.ndarray) -> TileResult:
+    """`again` on the `inside` pixels (the repaired glaciers'), `previous` everywhere else: the
+    engine solves the whole window, and where no prior changed anything its new solution may
+    still differ (cycle choices elsewhere in the window); those pixels keep what they had. Per
+    connected region, `again` is shifted by the whole cycles that make it agree with `previous`
+    on the region's other pixels (the engine's constant of integration is arbitrary)."""
+    labels = previous.labels  # same inputs, same valid mask, same regions
+    both = (labels > 0) & np.isfinite(previous.phase_rad) & np.isfinite(again.phase_rad)
+    outside = both & ~inside
+    shift = np.zeros(previous.n_regions + 1, np.int64)
+    if outside.any():
+        d = np.rint((previous.phase_rad[outside] - again.phase_rad[outside]) / (2 * np.pi))
+        region = labels[outside].astype(np.int64)
+        d = d.astype(np.int64)
+        lo = int(d.min())
+        width = int(d.max()) - lo + 1
+        keys, counts = np.unique(region * width + (d - lo), return_counts=True)
+        order = np.lexsort((-counts, keys // width))  # per region, the most frequent first
+        first = np.unique(keys[order] // width, return_index=True)[1]
+        best = keys[order][first]
+        shift[best // width] = best % width + lo
+    phase = previous.phase_rad.copy()
+    take = both & inside
+    phase[take] = again.phase_rad[take] + 2 * np.pi * shift[labels[take]]
+    return TileResult(
+        previous.tile,
+        phase,
+        labels,
+        previous.n_regions,
+        previous.n_in_scene,
+        again.engine_called,
+        changed=True,
     )
 
 
