@@ -28,11 +28,13 @@ from mbcube.unwrap.profiles import (
     PRIOR_USER,
     GlacierProfiles,
     ProfileHistogram,
+    cut_pairs,
     glacier_profiles,
     merge_histograms,
     needs_repair,
     prior_phase,
     profile_histogram,
+    slipped,
 )
 from mbcube.unwrap.stitch import EdgeStats, edge_stats
 from mbcube.unwrap.tiles import Tile, TileResult, TileSummary, summarize, unwrap_tile
@@ -146,15 +148,19 @@ def repair_tile(
         engine=engine,
         prior_rad=prior,
     )
-    return _only_on(previous, again, np.isin(glacier_id, plan.repair))
+    before = cut_pairs(previous.phase_rad, glacier_id)
+    after = cut_pairs(again.phase_rad, glacier_id)
+    better = [g for g in plan.repair.tolist() if after.get(g, 0) < before.get(g, 0)]
+    return _only_on(previous, again, np.isin(glacier_id, better))
 
 
 def _only_on(previous: TileResult, again: TileResult, inside: np.ndarray) -> TileResult:
-    """`again` on the `inside` pixels (the repaired glaciers'), `previous` everywhere else: the
-    engine solves the whole window, and where no prior changed anything its new solution may
-    still differ (cycle choices elsewhere in the window); those pixels keep what they had. Per
-    connected region, `again` is shifted by the whole cycles that make it agree with `previous`
-    on the region's other pixels (the engine's constant of integration is arbitrary)."""
+    """`again` on the `inside` pixels (the repaired glaciers whose cuts inside the ice the prior
+    reduced: a prior that cut the ice where it was whole is not taken), `previous` everywhere
+    else: the engine solves the whole window, and where no prior changed anything its new
+    solution may still differ (cycle choices elsewhere in the window); those pixels keep what
+    they had. Per connected region, `again` is shifted by the whole cycles that make it agree
+    with `previous` on the region's other pixels (the engine's constant is arbitrary)."""
     labels = previous.labels  # same inputs, same valid mask, same regions
     both = (labels > 0) & np.isfinite(previous.phase_rad) & np.isfinite(again.phase_rad)
     outside = both & ~inside
@@ -220,8 +226,9 @@ def glacier_flags(
     index = fin.glacier - 1
     out["unwrap_glacier_px"][index] = fin.n_px
     limit = np.maximum(min_px, min_frac * fin.n_px)
-    left = fin.slipped_px >= limit
+    left = slipped(fin, min_px, min_frac)
     doubt = np.where(left, fin.slipped_px, 0) + np.where(fin.doubt_px >= limit, fin.doubt_px, 0)
+    doubt = np.minimum(doubt, fin.n_px)
     out["unwrap_doubt_px"][index] = doubt
     repaired = final.repaired_before
     found = first.profiles
