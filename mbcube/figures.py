@@ -9,6 +9,10 @@
 - `transect`: dh/dt of the accumulation area, the ablation area and the whole glacier along
   longitude (Fig 8).
 
+Glaciers whose phase cycle is in doubt (glaciers.csv `unwrap_flag` 2, `mbcube.unwrap.profiles`)
+are drawn in DOUBT_COLOUR: outlined on the dh/dt maps, ringed on the mass balance map and the
+transect, and counted on the profiles of their region.
+
 Every figure function takes a store path (or a `FigureInputs`, which caches what several figures
 share) and returns a matplotlib Figure; `make_figures` writes them all. Maps are coarsened lazily
 (block means) to at most `max_px` pixels before anything is read, so a large cube costs one pass
@@ -35,11 +39,13 @@ from matplotlib.axes import Axes
 from matplotlib.colors import LightSource, ListedColormap, Normalize
 from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from mbcube.config import MassBalanceConfig, StudyConfig
 from mbcube.errors import StoreError, is_damage
 from mbcube.store import open_cube, read_state
+from mbcube.unwrap.profiles import FLAG_DOUBT
 
 __all__ = [
     "FigureInputs",
@@ -57,6 +63,8 @@ DPI = 150
 #: Diverging colour map: red = thinning / mass loss, blue = thickening / mass gain.
 CMAP = "RdBu"
 VOID_COLOUR = "#e9dcc0"  # map background where the reference DEM has no data
+DOUBT_COLOUR = "#f0a000"  # glaciers whose phase cycle is in doubt (the report's notes too)
+DOUBT_LABEL = "phase cycle in doubt"
 SURFACE_STYLE = {1: ("clean ice", "tab:blue"), 2: ("debris-covered", "tab:brown")}
 ALL_GLACIERS = "all glaciers"
 #: The files make_figures writes (and removes when a later run does not make them again).
@@ -164,6 +172,14 @@ class FigureInputs:
             out["region"] = self._region_at_centroids(out)
         out["region"] = out["region"].astype(object).where(out["region"].notna(), None)
         return out
+
+    @functools.cached_property
+    def in_doubt(self) -> list[int]:
+        """Numbers of the glaciers whose phase cycle is in doubt (glaciers.csv unwrap_flag;
+        none without that column)."""
+        if "unwrap_flag" not in self.glaciers.columns:
+            return []
+        return self.glaciers.index[self.glaciers["unwrap_flag"] == FLAG_DOUBT].tolist()
 
     def _id_column(self, table: pd.DataFrame | None) -> str | None:
         """The id column of glaciers.csv: the study's glacier_id_column, else RGIId."""
@@ -458,6 +474,12 @@ def dhdt_map(
         handles.append(
             Patch(facecolor="0.8", hatch="////", edgecolor="0.3", label="glacier, no data")
         )
+    doubt = np.isin(gid, inp.in_doubt)
+    if doubt.any():
+        ax.contour(
+            x / 1e3, y / 1e3, doubt.astype(float), levels=[0.5], colors=DOUBT_COLOUR, linewidths=2
+        ).set_gid("outlines_in_doubt")
+        handles.append(Patch(facecolor="none", edgecolor=DOUBT_COLOUR, lw=2, label=DOUBT_LABEL))
     ax.set_facecolor(VOID_COLOUR)
     if not np.isfinite(dem).all():
         handles.append(Patch(facecolor=VOID_COLOUR, edgecolor="0.3", label="no reference DEM"))
@@ -628,6 +650,22 @@ def mass_balance_map(
         zorder=3,
     )
     points.set_gid("glaciers")
+    doubt = shown.index.isin(inp.in_doubt)
+    if doubt.any():
+        rings = ax.scatter(
+            shown.loc[doubt, "x_m"] / 1e3,
+            shown.loc[doubt, "y_m"] / 1e3,
+            s=size[doubt] * 1.6 + 60,
+            facecolors="none",
+            edgecolors=DOUBT_COLOUR,
+            linewidths=2.2,
+            zorder=3,
+        )
+        rings.set_gid("glaciers_in_doubt")
+        ring = Line2D([], [], ls="none", marker="o", ms=10, mfc="none", mec=DOUBT_COLOUR, mew=2)
+        ax.add_artist(
+            ax.legend([ring], [DOUBT_LABEL], loc="lower left", fontsize=8, framealpha=0.85)
+        )
     bar = fig.colorbar(points, ax=ax, extend="both", shrink=0.8)
     bar.set_label("glacier mass balance (m w.e./yr)")
     ax.set_xlim(extent[0], extent[1])
@@ -832,6 +870,16 @@ def elevation_profile(
     handles, labels = ax.get_legend_handles_labels()
     h2, l2 = twin.get_legend_handles_labels()
     ax.legend(handles + h2, labels + l2, fontsize=8, loc="best", framealpha=0.85)
+    n_doubt = len(set(glaciers) & set(inp.in_doubt))
+    if n_doubt:
+        ax.text(
+            0.01,
+            0.01,
+            f"includes {_plural(n_doubt, 'glacier')} whose phase cycle is in doubt",
+            transform=ax.transAxes,
+            fontsize=8,
+            bbox={"facecolor": "white", "edgecolor": DOUBT_COLOUR, "lw": 1.5, "pad": 2},
+        ).set_gid("in_doubt")
     n_px = int(profiles["all"].n.sum())
     ax.set_title(
         f"{name}: elevation change rate by altitude ({_plural(len(glaciers), 'glacier')}, "
@@ -948,6 +996,17 @@ def transect(
     fig = Figure(figsize=(9, 4.8), dpi=DPI, layout="constrained")
     ax = fig.subplots()
     ax.scatter(parts["lon"], parts["total"], s=8, color="0.6", alpha=0.6, label="single glaciers")
+    doubt = parts.index.isin(inp.in_doubt)
+    if doubt.any():
+        ax.scatter(
+            parts.loc[doubt, "lon"],
+            parts.loc[doubt, "total"],
+            s=60,
+            facecolors="none",
+            edgecolors=DOUBT_COLOUR,
+            linewidths=1.8,
+            label=DOUBT_LABEL,
+        ).set_gid("glaciers_in_doubt")
     styles = {
         "accumulation": ("tab:blue", "^-", "accumulation area"),
         "ablation": ("tab:red", "v-", "ablation area"),

@@ -2,10 +2,12 @@
 
 It summarises what the store records: the grid and study parameters, the scenes (date, kind,
 coverage), the corrections applied to each scene (datum offset, ramp, co-registration shift,
-seasonal offset), the unwrapping quality of InSAR scenes, the penetration table, and the glacier
-and region tables with their uncertainties; the figures are linked by relative path
-(figures/*.png). A part whose input is absent (a step not run yet, a missing table) is replaced
-by a note; the report never fails for that.
+seasonal offset), the unwrapping quality of InSAR scenes and the glaciers whose phase cycle was
+repaired or is in doubt, the penetration table, and the glacier and region tables with their
+uncertainties; the figures are linked by relative path (figures/*.png). Glaciers whose phase
+cycle is in doubt are named under the headline and marked wherever glaciers are listed or drawn.
+A part whose input is absent (a step not run yet, a missing table) is replaced by a note; the
+report never fails for that.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import xarray as xr
 import mbcube
 from mbcube.errors import StoreError
 from mbcube.store import open_cube, read_state, step_records
+from mbcube.unwrap.profiles import FLAG_DOUBT, FLAG_NAMES, FLAG_REPAIRED
 
 __all__ = ["format_value", "write_report"]
 
@@ -50,6 +53,7 @@ table { border-collapse: collapse; font-size: 0.85em; margin: 0.6em 0; }
 th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: right; white-space: nowrap; }
 th { background: #f0f3f6; } td.text, th.text { text-align: left; }
 tr:nth-child(even) td { background: #fafbfc; }
+tr.doubt td { background: #fff7e6; } tr.doubt td:first-child { border-left: 3px solid #f0a000; }
 .note { color: #8a5a00; background: #fff7e6; border-left: 3px solid #f0a000; padding: 4px 8px; }
 .meta { color: #555; font-size: 0.9em; }
 figure { display: inline-block; margin: 0.5em; vertical-align: top; }
@@ -98,8 +102,10 @@ def html_table(
     *,
     formatters: dict[str, Callable[[Any], str]] | None = None,
     headers: dict[str, str] | None = None,
+    row_classes: Sequence[str] | None = None,
 ) -> str:
-    """A DataFrame as an HTML table, cells formatted by `format_value` (or `formatters`)."""
+    """A DataFrame as an HTML table, cells formatted by `format_value` (or `formatters`);
+    row_classes: a CSS class per row ('' for none)."""
     formatters = formatters or {}
     headers = headers or {}
     text_cols = {str(c) for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])}
@@ -108,14 +114,16 @@ def html_table(
         for c in frame.columns
     )
     rows = []
-    for record in frame.itertuples(index=False, name=None):
+    classes = row_classes if row_classes is not None else [""] * len(frame)
+    for record, row_class in zip(frame.itertuples(index=False, name=None), classes, strict=True):
         cells = []
         for column, value in zip(frame.columns, record, strict=True):
             name = str(column)
             shown = formatters[name](value) if name in formatters else format_value(name, value)
             cls = "text" if name in text_cols else "num"
             cells.append(f'<td class="{cls}">{_esc(shown)}</td>')
-        rows.append("<tr>" + "".join(cells) + "</tr>")
+        attr = f' class="{_esc(row_class)}"' if row_class else ""
+        rows.append(f"<tr{attr}>" + "".join(cells) + "</tr>")
     return (
         f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table></div>"
@@ -179,16 +187,26 @@ def _header(ds: xr.Dataset | None, state: dict[str, Any], store: Path) -> str:
     return "\n".join(lines)
 
 
-def _headline(regions: pd.DataFrame | None) -> str:
-    """The study-wide result (regions.csv row 'all', all glaciers) in one sentence."""
+def _study_row(regions: pd.DataFrame | None) -> pd.Series | None:
+    """The study-wide row of regions.csv (name 'all', all glaciers), or None."""
     if regions is None or not {"name", "mb_mwe_yr"} <= set(regions.columns):
-        return ""
+        return None
     rows = regions[regions["name"].astype(str) == "all"]
     if "glaciers" in rows.columns:
         rows = rows[rows["glaciers"].astype(str) == "all"]
-    if rows.empty:
+    return None if rows.empty else rows.iloc[0]
+
+
+def _plus_minus(mb: Any, sigma: Any) -> str:
+    """A mass balance and its 1 sigma (m w.e./yr) as 'mb ± sigma'."""
+    return f"{format_value('mb_mwe_yr', mb)} ± {format_value('mb_sigma_mwe_yr', sigma)}"
+
+
+def _headline(regions: pd.DataFrame | None) -> str:
+    """The study-wide result (regions.csv row 'all', all glaciers) in one sentence."""
+    row = _study_row(regions)
+    if row is None:
         return ""
-    row = rows.iloc[0]
     text = f"Study-wide mass balance: <b>{_esc(format_value('mb_mwe_yr', row['mb_mwe_yr']))}"
     if "mb_sigma_mwe_yr" in row:
         text += f" ± {_esc(format_value('mb_sigma_mwe_yr', row['mb_sigma_mwe_yr']))}"
@@ -212,7 +230,7 @@ def _regions_part(regions: pd.DataFrame | None) -> str:
             list(frame.columns).index("mb_mwe_yr"),
             "mass balance (m w.e./yr)",
             [
-                f"{format_value('mb_mwe_yr', m)} ± {format_value('mb_sigma_mwe_yr', s)}"
+                _plus_minus(m, s)
                 for m, s in zip(frame["mb_mwe_yr"], frame["mb_sigma_mwe_yr"], strict=True)
             ],
         )
@@ -228,12 +246,191 @@ def _glaciers_part(glaciers: pd.DataFrame | None) -> str:
     if glaciers is None:
         return _note("No glaciers.csv in the tables folder: run `mbcube aggregate` first.")
     measured = glaciers["mb_mwe_yr"].notna().sum() if "mb_mwe_yr" in glaciers.columns else 0
-    summary = f"<p>{len(glaciers)} glaciers, {measured} with a mass balance.</p>"
+    summary = f"<p>{len(glaciers)} glaciers, {measured} with a mass balance"
+    n_doubt = len(_in_doubt(glaciers))
+    if n_doubt:
+        summary += (
+            f"; {n_doubt} with a phase cycle in doubt (highlighted; "
+            '<a href="#cycles">Phase cycles</a>)'
+        )
+    flagged = "unwrap_flag" in glaciers.columns
+    table = html_table(
+        glaciers,
+        formatters={"unwrap_flag": _flag_words} if flagged else None,
+        row_classes=[_row_class(f) for f in glaciers["unwrap_flag"]] if flagged else None,
+    )
     return (
         summary
+        + ".</p>"
         + f"<details><summary>Glacier table ({len(glaciers)} rows)</summary>"
-        + html_table(glaciers)
+        + table
         + "</details>"
+    )
+
+
+# ---------------------------------------------------------------- phase cycles (issue 14)
+
+#: glaciers.csv columns the section reads: the cycle check (`mbcube.aggregate.UNWRAP_COLUMNS`),
+#: its error term and the mass balance.
+CYCLE_COLUMNS = (
+    "unwrap_flag",
+    "unwrap_prior",
+    "unwrap_repaired_area_km2",
+    "unwrap_doubt_area_km2",
+    "sigma_unwrap_mwe_yr",
+    "area_km2",
+    "mb_mwe_yr",
+    "mb_sigma_mwe_yr",
+)
+#: Ids of glaciers in doubt named in one sentence (the rest counted).
+MAX_NAMED = 10
+
+
+def _flag_words(flag: Any) -> str:
+    """A glaciers.csv unwrap_flag (0, 1, 2) as words (`FLAG_NAMES`)."""
+    try:
+        return FLAG_NAMES.get(int(flag), str(flag))
+    except (TypeError, ValueError):
+        return "–"
+
+
+def _row_class(flag: Any) -> str:
+    return "doubt" if flag == FLAG_DOUBT else ""
+
+
+def _in_doubt(glaciers: pd.DataFrame | None) -> pd.DataFrame:
+    """The rows of glaciers.csv whose phase cycle is in doubt (none without unwrap_flag)."""
+    if glaciers is None or "unwrap_flag" not in glaciers.columns:
+        return pd.DataFrame()
+    return glaciers[glaciers["unwrap_flag"] == FLAG_DOUBT]
+
+
+def _doubt_note(glaciers: pd.DataFrame | None) -> str:
+    """A warning under the headline naming the glaciers whose phase cycle is in doubt."""
+    doubt = _in_doubt(glaciers)
+    if doubt.empty:
+        return ""
+    ids = [str(i) for i in doubt.iloc[:, 0]]
+    named = ", ".join(ids[:MAX_NAMED]) + (
+        f" and {len(ids) - MAX_NAMED} more" if len(ids) > MAX_NAMED else ""
+    )
+    text = (
+        f"{len(ids)} glacier{'s' if len(ids) != 1 else ''} with a phase cycle in doubt "
+        f"({named}): part of {'their' if len(ids) != 1 else 'its'} area may sit a whole "
+        "cycle off; the unwrapping error term covers it."
+    )
+    return f'<p class="note">{_esc(text)} See <a href="#cycles">Phase cycles</a>.</p>'
+
+
+def _share(area_km2: float, total_km2: float) -> str:
+    return format_value("_frac", area_km2 / total_km2) if total_km2 > 0 else "–"
+
+
+def _cycles_part(
+    ds: xr.Dataset | None, glaciers: pd.DataFrame | None, regions: pd.DataFrame | None
+) -> str:
+    """The glaciers whose phase cycle the unwrap step repaired or left in doubt: how many, their
+    area, the study's unwrapping term and a table of them (`_cycle_table`); one sentence when
+    there are none; nothing to say without InSAR scenes."""
+    kinds = (
+        [str(k) for k in ds["scene_kind"].values] if ds is not None and "scene_kind" in ds else []
+    )
+    if kinds and "insar" not in kinds:
+        return "<p>No InSAR scenes: no phase was unwrapped, so no cycle can slip.</p>"
+    if glaciers is None:
+        return _note("No glaciers.csv in the tables folder: run `mbcube aggregate` first.")
+    missing = [c for c in CYCLE_COLUMNS if c not in glaciers.columns]
+    if missing:
+        return _note(
+            f"glaciers.csv has no {', '.join(missing)} (written by an earlier mbcube): run "
+            "`mbcube aggregate` again."
+        )
+    if ds is not None and "unwrap_flag" not in ds:
+        return _note(
+            "The store records no cycle check per glacier (unwrapped by an earlier mbcube): the "
+            "unwrap columns of glaciers.csv are zeros, not a finding. `mbcube unwrap --force` "
+            "checks them."
+        )
+    flag = glaciers["unwrap_flag"]
+    if not flag.isin([FLAG_REPAIRED, FLAG_DOUBT]).any():
+        return (
+            f"<p>No cycle slips were found: the glacier profiles of every InSAR scene, and the "
+            f"scenes compared with each other, put all {len(glaciers)} glaciers on one phase "
+            "cycle.</p>"
+        )
+    total = float(np.nansum(glaciers["area_km2"]))
+    items = []
+    for code, what, column, done in (
+        (FLAG_REPAIRED, "repaired by a prior", "unwrap_repaired_area_km2", "repaired"),
+        (FLAG_DOUBT, "in doubt", "unwrap_doubt_area_km2", "in doubt"),
+    ):
+        part = glaciers[flag == code]
+        head = f"<li><b>{len(part)} {'glacier' if len(part) == 1 else 'glaciers'} {what}</b>"
+        if part.empty:
+            items.append(f"{head}.</li>")
+            continue
+        glacier_km2 = float(np.nansum(part["area_km2"]))
+        flagged_km2 = float(np.nansum(part[column]))
+        items.append(
+            f"{head}: {format_value('area_km2', glacier_km2)} km² "
+            f"({_share(glacier_km2, total)} of the {format_value('area_km2', total)} km² of "
+            f"glaciers), {format_value('area_km2', flagged_km2)} km² of it {done} "
+            f"({_share(flagged_km2, total)}).</li>"
+        )
+    text = (
+        "<p>Where a glacier tongue thinned (or a surge front thickened) by more than half a "
+        "height of ambiguity, the unwrapped phase can land a whole cycle off. Each glacier's "
+        "elevation profile of the wrapped phase finds such slips in each InSAR scene: "
+        "<i>repaired</i> glaciers were unwrapped again with a prior, <i>in doubt</i> are slips "
+        "no prior repaired, parts of a profile whose cycle does not follow from above, or "
+        "scenes that disagree by a cycle. The term σ unwrap (a whole cycle on the area in "
+        "doubt) is part of each glacier's uncertainty.</p>"
+        f"<ul>{''.join(items)}</ul>"
+    )
+    row = _study_row(regions)
+    if row is not None and {"sigma_unwrap_mwe_yr", "mb_sigma_mwe_yr"} <= set(row.index):
+        text += (
+            f"<p>Study-wide, σ unwrap is "
+            f"{_esc(format_value('sigma_unwrap_mwe_yr', row['sigma_unwrap_mwe_yr']))} of the "
+            f"{_esc(format_value('mb_sigma_mwe_yr', row['mb_sigma_mwe_yr']))} m w.e./yr "
+            "uncertainty.</p>"
+        )
+    return text + _cycle_table(glaciers[flag.isin([FLAG_REPAIRED, FLAG_DOUBT])])
+
+
+def _cycle_table(flagged: pd.DataFrame) -> str:
+    """The flagged rows of glaciers.csv (id column first) as a table: in doubt first, then
+    repaired, each by its area in doubt / repaired (km2, largest first)."""
+    in_doubt = flagged["unwrap_flag"] == FLAG_DOUBT
+    area = flagged["unwrap_doubt_area_km2"].where(in_doubt, flagged["unwrap_repaired_area_km2"])
+    order = flagged.assign(_area=area).sort_values(
+        ["unwrap_flag", "_area"], ascending=False, kind="stable"
+    )
+    id_column = str(flagged.columns[0])
+    table = pd.DataFrame(
+        {
+            id_column: order[id_column].astype(str),
+            "region": order["region"].fillna("") if "region" in order.columns else "",
+            "phase cycle": [_flag_words(f) for f in order["unwrap_flag"]],
+            "prior": order["unwrap_prior"].astype(str),
+            "unwrap_repaired_area_km2": order["unwrap_repaired_area_km2"],
+            "unwrap_doubt_area_km2": order["unwrap_doubt_area_km2"],
+            "mass balance (m w.e./yr)": [
+                _plus_minus(m, s)
+                for m, s in zip(order["mb_mwe_yr"], order["mb_sigma_mwe_yr"], strict=True)
+            ],
+            "sigma_unwrap_mwe_yr": order["sigma_unwrap_mwe_yr"],
+        }
+    )
+    headers = {
+        "unwrap_repaired_area_km2": "repaired (km²)",
+        "unwrap_doubt_area_km2": "in doubt (km²)",
+        "sigma_unwrap_mwe_yr": "σ unwrap (m w.e./yr)",
+    }
+    rows = [_row_class(f) for f in order["unwrap_flag"]]
+    return html_table(table, headers=headers, row_classes=rows) + (
+        '<p class="meta">Areas: the largest in one scene. <i>prior</i>: what was removed '
+        "before unwrapping again (data: the glacier's own profile; user: a prior rate).</p>"
     )
 
 
@@ -279,6 +476,8 @@ def _per_scene_variables(ds: xr.Dataset, keep: Callable[[str], bool]) -> dict[st
     for name, var in ds.data_vars.items():
         key = str(name)
         if var.dims[:1] == ("scene",) and len(var.dims) <= 2 and keep(key):
+            if "glacier" in var.dims:  # per scene and glacier: summarised where they are shown
+                continue
             if key in ("scene_state",) or not np.issubdtype(var.dtype, np.number):
                 continue
             out[key] = var
@@ -373,7 +572,18 @@ def _unwrap_part(ds: xr.Dataset | None) -> str:
         else:
             for j, label in enumerate(_column_labels(name, variables[name])):
                 frame[f"{name}[{label}]"] = arr[rows, j]
-    return html_table(frame) + _legend(variables, ordered)
+    counts = ""
+    if "unwrap_flag" in ds:  # glaciers whose tongue slipped a cycle in the scene
+        flags = np.asarray(ds["unwrap_flag"].values)[rows]
+        frame.insert(1, "glaciers_repaired", (flags == FLAG_REPAIRED).sum(axis=1))
+        frame.insert(2, "glaciers_in_doubt", (flags == FLAG_DOUBT).sum(axis=1))
+        counts = (
+            '<p class="meta"><code>glaciers_repaired</code>, <code>glaciers_in_doubt</code>: '
+            "glaciers whose phase cycle the scene's profiles found repaired by a prior, or in "
+            'doubt (<a href="#cycles">Phase cycles</a> adds those whose scenes disagree by a '
+            "cycle).</p>"
+        )
+    return html_table(frame) + _legend(variables, ordered) + counts
 
 
 def _penetration_part(store: Path, ds: xr.Dataset | None) -> str:
@@ -470,7 +680,8 @@ def _parameters_part(state: dict[str, Any]) -> str:
     )
 
 
-def _figures_part(paths: Sequence[Path], out: Path) -> str:
+def _figures_part(paths: Sequence[Path], out: Path, n_doubt: int = 0) -> str:
+    """The figures with captions; n_doubt: glaciers whose phase cycle is in doubt (marked)."""
     if not paths:
         return _note("No figures were made (their inputs are missing).")
     captions = {
@@ -484,6 +695,15 @@ def _figures_part(paths: Sequence[Path], out: Path) -> str:
         "longitude (Fig 8 style).",
     }
     order = ["dhdt_map", "mass_balance_map", "profile", "transect"]
+    if n_doubt:
+        marks = {
+            "dhdt_map": "Outlined in orange",
+            "mass_balance_map": "Ringed in orange",
+            "transect": "Ringed in orange",
+        }
+        for key, mark in marks.items():
+            captions[key] += f" {mark}: glaciers whose phase cycle is in doubt."
+        captions["profile"] += " Counted in the corner: the glaciers in doubt it includes."
 
     def rank(path: Path) -> tuple[int, str]:
         hits = [i for i, key in enumerate(order) if path.stem.startswith(key)]
@@ -530,11 +750,12 @@ def write_report(
     glaciers = _read_csv(tables / "glaciers.csv")
     parts = [
         ("Regions", "regions", _regions_part(regions)),
-        ("Figures", "figures", _figures_part(list(figures), out)),
+        ("Figures", "figures", _figures_part(list(figures), out, len(_in_doubt(glaciers)))),
         ("Scenes", "scenes", _scenes_part(ds, store)),
         ("Corrections applied per scene", "corrections", _corrections_part(ds)),
         ("Penetration", "penetration", _penetration_part(store, ds)),
         ("Unwrapping quality", "unwrap", _unwrap_part(ds)),
+        ("Phase cycles (unwrapping)", "cycles", _cycles_part(ds, glaciers, regions)),
         ("Glaciers", "glaciers", _glaciers_part(glaciers)),
         ("Study parameters", "parameters", _parameters_part(state)),
     ]
@@ -543,7 +764,8 @@ def write_report(
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>mbcube report</title><style>{CSS}</style></head><body>\n"
-        f"{_header(ds, state, store)}\n{_headline(regions)}\n<p>{contents}</p>\n{body}"
+        f"{_header(ds, state, store)}\n{_headline(regions)}{_doubt_note(glaciers)}\n"
+        f"<p>{contents}</p>\n{body}"
         "</body></html>\n"
     )
     path = out / "report.html"

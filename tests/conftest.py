@@ -58,6 +58,45 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     return pipeline
 
 
+@pytest.fixture(scope="session")
+def tongues_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `tongues` study (10 glaciers, tongues thinned beyond h_amb / 2 at the outline, 30 %
+    surge-type). Read-only."""
+    return generate_study(tmp_path_factory.mktemp("tongues") / "study", "tongues")
+
+
+def _run_tongues(study: Path, root: Path, repair: str) -> Pipeline:
+    import warnings
+
+    from mbcube.errors import MbcubeWarning
+    from mbcube.pipeline import run
+
+    pipeline = Pipeline(
+        study=study,
+        store=root / "cube.zarr",
+        out=root / "out",
+        cluster="threads",
+        overrides={"unwrap": {"repair": repair}},
+    )
+    with warnings.catch_warnings():  # small regions: the penetration table pools (a warning)
+        warnings.simplefilter("ignore", MbcubeWarning)
+        run(pipeline)
+    return pipeline
+
+
+@pytest.fixture(scope="session")
+def tongues_plain(tongues_study: Path, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    """The tongues study run to the end without repair (`unwrap.repair: none`): slipped
+    tongues stay in doubt. Read-only."""
+    return _run_tongues(tongues_study, tmp_path_factory.mktemp("tongues_none"), "none")
+
+
+@pytest.fixture(scope="session")
+def tongues_repaired(tongues_study: Path, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    """The tongues study run to the end with the data prior (the default). Read-only."""
+    return _run_tongues(tongues_study, tmp_path_factory.mktemp("tongues_data"), "data")
+
+
 @pytest.fixture
 def study_copy(tmp_path: Path) -> Callable[[Path], Path]:
     """A writable copy of a study folder, for tests that change it."""

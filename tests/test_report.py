@@ -70,6 +70,8 @@ def test_report_holds_tables_scenes_corrections_and_figures(
     # penetration summary: the constant table of build_results, per region and surface
     assert cells.count("1.250") >= 3 * 2 * 3
     assert "unwrap_unwrapped_frac" in page and "70.0 %" in cells
+    # DEM scenes only: no phase, no cycle slips to report
+    assert "<p>No InSAR scenes: no phase was unwrapped, so no cycle can slip.</p>" in page
     # parameters recorded in the store
     assert "massbalance.density_kg_m3" in cells and "850.0" in cells
     # the figures in out/figures, linked by relative path

@@ -4,7 +4,7 @@ an error term that covers what is left. Truth: the change each scene was made fr
 
 from __future__ import annotations
 
-import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,11 +12,9 @@ import pandas as pd
 import pytest
 
 from mbcube.config import UnwrapConfig
-from mbcube.errors import MbcubeWarning
 from mbcube.massbalance import cross_scene_doubt
-from mbcube.pipeline import Pipeline, run
+from mbcube.pipeline import Pipeline
 from mbcube.summary import cube_summary
-from mbcube.synth import generate_study
 from mbcube.uncertainty import unwrap_sigma_m_yr
 from mbcube.unwrap import unwrap_numpy
 from mbcube.unwrap.profiles import FLAG_DOUBT, FLAG_OK, FLAG_REPAIRED, PRIOR_DATA
@@ -126,31 +124,20 @@ def test_the_unwrap_term_counts_a_whole_cycle_on_the_area_in_doubt() -> None:
 
 
 @pytest.fixture(scope="module")
-def tongues(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def tongues(
+    tongues_study: Path, tongues_plain: Pipeline, tongues_repaired: Pipeline
+) -> dict[str, Any]:
     """The `tongues` study (10 glaciers, steps at the outline, steep balance gradients, 30 %
     surge-type) run with and without the data prior; glacier tables joined with the truth."""
-    root = tmp_path_factory.mktemp("tongues")
-    study = generate_study(root / "study", "tongues")
-    truth = pd.read_csv(study / "truth" / "glaciers.csv")
+    truth = pd.read_csv(tongues_study / "truth" / "glaciers.csv")
     tables = {}
-    for repair in ("none", "data"):
-        folder = root / repair
-        pipeline = Pipeline(
-            study=study,
-            store=folder / "cube.zarr",
-            out=folder / "out",
-            cluster="threads",
-            overrides={"unwrap": {"repair": repair}},
-        )
-        with warnings.catch_warnings():  # small regions: the penetration table pools (a warning)
-            warnings.simplefilter("ignore", MbcubeWarning)
-            run(pipeline)
-        table = pd.read_csv(folder / "out" / "glaciers.csv").merge(
+    for repair, pipeline in (("none", tongues_plain), ("data", tongues_repaired)):
+        table = pd.read_csv(pipeline.out / "glaciers.csv").merge(
             truth[["RGIId", "mb_mwe_yr"]], on="RGIId", suffixes=("", "_true")
         )
         table["error"] = table["mb_mwe_yr"] - table["mb_mwe_yr_true"]
         tables[repair] = table
-        tables[f"{repair}_info"] = cube_summary(folder / "cube.zarr")
+        tables[f"{repair}_info"] = cube_summary(pipeline.store)
     return tables
 
 
