@@ -55,9 +55,10 @@ MAX_GAP_BINS = 2
 MAX_STEP_CYCLES = 0.3
 #: A pixel this far (cycles) from its bin's profile sits on another cycle (a slip).
 SLIP_CYCLES = 0.6
-#: A break whose two ends differ by this much (cycles) beyond the carried slope puts the part
-#: below it in doubt.
-BREAK_MISFIT_CYCLES = 0.3
+#: A break whose two ends differ by more than this (cycles) beyond the carried slope puts the part
+#: below it in doubt: the other whole cycle would fit it better (0.3 flagged a glacier of the
+#: demo study whose cycles were right).
+BREAK_MISFIT_CYCLES = 0.5
 #: A glacier slips only where its unwrapped phase also jumps by more than pi between at least this
 #: many pairs of its own neighbouring pixels (a cut across the ice). Without it, a glacier whose
 #: change varies within an elevation bin by more than h_amb / 2 (margins, debris, tributaries)

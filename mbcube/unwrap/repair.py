@@ -88,7 +88,10 @@ def plan_round(
     min_px: int,
     min_frac: float,
 ) -> RoundPlan:
-    """The profiles of the scene as it stands and the glaciers to unwrap again."""
+    """The profiles of the scene as it stands and the glaciers to unwrap again (the previous
+    round's profiles when it repaired nothing: the scene has not changed)."""
+    if previous is not None and previous.repair.size == 0:
+        return RoundPlan(previous.profiles, previous.repair, previous.repaired_before)
     profiles = glacier_profiles(merge_histograms(hists))
     repair = needs_repair(profiles, min_px, min_frac)
     before = (

@@ -381,6 +381,7 @@ def unwrap_scene(
         def plan(solution: Any, previous: Any, name: str) -> Any:
             hists = [
                 dask.delayed(_tile_histogram, pure=True)(
+                    previous,
                     results[t],
                     solution,
                     t,
@@ -489,6 +490,7 @@ def _glacier_means(gid: da.Array, values: da.Array, n_glaciers: int) -> da.Array
 
 
 def _tile_histogram(
+    previous: RoundPlan | None,
     result: TileResult,
     solution: SceneSolution,
     index: int,
@@ -496,6 +498,10 @@ def _tile_histogram(
     elevation_m: np.ndarray,
     bin_m: float,
 ) -> ProfileHistogram:
+    """The tile's profile histogram; nothing when the previous round repaired nothing (the
+    scene is as it was: `plan_round` keeps the previous profiles)."""
+    if previous is not None and previous.repair.size == 0:
+        return ProfileHistogram.empty()
     return tile_histogram(
         result, solution.shift_cycles[index], solution.tied[index], glacier_id, elevation_m, bin_m
     )
