@@ -2,15 +2,16 @@
 
 After a scene is unwrapped, stitched and tied, each tile's glacier pixels are summed into
 profile histograms (`mbcube.unwrap.profiles`); glaciers with cycle slips get their profile as a
-prior, and the tiles holding them are unwrapped again with it (the others pass through); then
-the scene is stitched and tied again. Rounds stop changing anything once no glacier needs a
-repair (later rounds are pass-throughs). The last round's profiles give the flags:
+prior, and the tiles holding them are unwrapped again with it (the others pass through); the
+new solution is kept on those glaciers only, where it has fewer cuts inside the ice
+(`_only_on`); then the scene is stitched and tied again. Rounds stop changing anything once no
+glacier needs a repair (later rounds pass through). The last round's profiles give the flags:
 
 - FLAG_OK: no slip found;
 - FLAG_REPAIRED: slips found and gone after unwrapping with the prior (area: the pixels that
   had slipped);
 - FLAG_DOUBT: slips left after the last round, or segments of the profile whose cycle cannot be
-  confirmed (a gap or an ambiguous step between them; `profiles._break_doubt`): area in doubt.
+  confirmed (a gap or an ambiguous step between them; `profiles._break_misfits`): area in doubt.
 """
 
 from __future__ import annotations
