@@ -272,7 +272,8 @@ class MassBalanceConfig(_Strict):
 class FilesConfig(_Strict):
     """Where the study's files are, relative to the study folder. Unset: the contract's layout
     (reference/srtm_c.tif, reference/srtm_x.tif if present, glaciers.gpkg|shp|geojson, ndsi.tif or
-    clean_ice.tif, regions.gpkg|shp|geojson if present). Lets a study use files kept elsewhere."""
+    clean_ice.tif, regions.gpkg|shp|geojson if present). Lets a study use files kept elsewhere.
+    The prior (one of prior_dhdt, prior_dem) is only ever taken from here."""
 
     reference_dem: Path | None = None
     reference_dem_x: Path | None = None
@@ -280,6 +281,18 @@ class FilesConfig(_Strict):
     ndsi: Path | None = None
     clean_ice: Path | None = None
     regions: Path | None = None
+    prior_dhdt: Path | None = Field(
+        None,
+        description="Raster of a prior elevation-change rate (m/yr, any CRS, nodata = unknown): "
+        "its dh is removed from every insar scene's phase before unwrapping and added back "
+        "after (mbcube.unwrap), so glacier tongues thinning by more than h_amb / 2 land on "
+        "their cycle. Not with prior_dem.",
+    )
+    prior_dem: Path | None = Field(
+        None,
+        description="A DEM dated prior_dem_date, the prior instead of prior_dhdt: rate = "
+        "(prior_dem - reference DEM) / years from reference_date to prior_dem_date (m/yr).",
+    )
 
 
 class ChecksConfig(_Strict):
@@ -328,6 +341,11 @@ class StudyConfig(_Strict):
     ndsi_threshold: float = Field(0.4, description="Clean ice where NDSI > this.")
     grid: GridConfig = GridConfig()
     files: FilesConfig = FilesConfig()
+    prior_dem_date: dt.date | None = Field(
+        None,
+        description="Date of files.prior_dem (ISO 8601), required with it; at least "
+        "checks.min_scene_span_days before or after reference_date.",
+    )
     unwrap: UnwrapConfig = UnwrapConfig()
     corrections: CorrectionsConfig = CorrectionsConfig()
     massbalance: MassBalanceConfig = MassBalanceConfig()
@@ -349,6 +367,7 @@ STATIC_KEYS = (
     "ndsi_threshold",
     "grid",
     "files",
+    "prior_dem_date",
 )
 
 

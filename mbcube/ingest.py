@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import shutil
 import warnings
 from collections.abc import Callable
@@ -72,6 +73,10 @@ VAR_ATTRS: dict[str, dict[str, str]] = {
         "flag_values": "0 1",
     },
     "ref_void": {"long_name": "reference DEM void", "flag_values": "0 1"},
+    "prior_dhdt_m_yr": {
+        "long_name": "prior elevation-change rate (user), removed before unwrapping",
+        "units": "m/yr",
+    },
     "phase_rad": {"long_name": "wrapped differential phase", "units": "rad"},
     "coherence": {"long_name": "interferometric coherence", "units": "1"},
     "h_amb_m": {"long_name": "height of ambiguity", "units": "m"},
@@ -120,13 +125,7 @@ def read_tile(
         if _on_grid(src, grid):
             col_off = round((grid.x0 - src.transform.c) / grid.res) + cols.start
             row_off = round((src.transform.f - grid.y0) / grid.res) + rows.start
-            window = Window(col_off, row_off, shape[1], shape[0])
-            data = src.read(
-                1, window=window, boundless=True, masked=True, fill_value=src.nodata or 0
-            )
-            out = np.ma.filled(data.astype(np.float32), np.nan)
-            inside = _window_inside(src, window)
-            return np.where(inside, out, np.nan).astype(np.float32)
+            return _read_window(src, row_off, col_off, shape)
         with WarpedVRT(
             src,
             crs=grid.crs,
@@ -152,12 +151,20 @@ def _on_grid(src: rasterio.DatasetReader, grid: Grid) -> bool:
     return bool(np.isclose(dx, round(dx), atol=1e-6) and np.isclose(dy, round(dy), atol=1e-6))
 
 
-def _window_inside(src: rasterio.DatasetReader, window: Window) -> np.ndarray:
-    rows = np.arange(window.row_off, window.row_off + window.height)
-    cols = np.arange(window.col_off, window.col_off + window.width)
-    return ((rows >= 0) & (rows < src.height))[:, None] & ((cols >= 0) & (cols < src.width))[
-        None, :
-    ]
+def _read_window(
+    src: rasterio.DatasetReader, row_off: int, col_off: int, shape: tuple[int, int]
+) -> np.ndarray:
+    """Band 1 over the window at (`row_off`, `col_off`) of `shape` px as float32, NaN outside
+    the raster and where it has no data. Only the part inside is read: a boundless masked read
+    would also mask the values equal to its fill value (every 0 of a raster without nodata)."""
+    out = np.full(shape, np.nan, dtype=np.float32)
+    r0, c0 = max(row_off, 0), max(col_off, 0)
+    r1, c1 = min(row_off + shape[0], src.height), min(col_off + shape[1], src.width)
+    if r1 > r0 and c1 > c0:
+        data = src.read(1, window=Window(c0, r0, c1 - c0, r1 - r0), masked=True)
+        rows, cols = slice(r0 - row_off, r1 - row_off), slice(c0 - col_off, c1 - col_off)
+        out[rows, cols] = np.ma.filled(data.astype(np.float32), np.nan)
+    return out
 
 
 def _tile_array(
@@ -255,6 +262,9 @@ def static_dataset(study: Study) -> xr.Dataset:
         layers["ref_dem_x_m"] = raster_layer(
             study.ref_dem_x, grid, Resampling.bilinear, "ref_dem_x_m"
         )
+    prior = prior_rate(study, ref)
+    if prior is not None:
+        layers["prior_dhdt_m_yr"] = prior[0]
     if regions is not None:
         layers["region_id"] = vector_layer(
             regions.geometry, np.arange(1, len(regions) + 1), grid, "int16", "region_id"
@@ -262,6 +272,8 @@ def static_dataset(study: Study) -> xr.Dataset:
     else:
         layers["region_id"] = da.zeros(grid.shape, chunks=grid.chunks, dtype="int16")
     ds = xr.Dataset({k: (("y", "x"), v, VAR_ATTRS[k]) for k, v in layers.items()})
+    if prior is not None:
+        ds["prior_dhdt_m_yr"].attrs["source"] = prior[1]
     ds = ds.assign_coords(
         y=("y", grid.y_coords(), {"units": "m", "standard_name": "projection_y_coordinate"}),
         x=("x", grid.x_coords(), {"units": "m", "standard_name": "projection_x_coordinate"}),
@@ -270,6 +282,31 @@ def static_dataset(study: Study) -> xr.Dataset:
     if regions is not None:
         ds = ds.merge(_region_table(regions, cfg.region_name_column))
     return ds
+
+
+def prior_rate(study: Study, ref_dem_m: da.Array) -> tuple[da.Array, str] | None:
+    """The user's prior elevation-change rate on the grid (m/yr, float32, NaN = unknown) and
+    what it was made from (paths relative to the study folder): files.prior_dhdt, or
+    (files.prior_dem - reference DEM) / years from reference_date to prior_dem_date, bilinear.
+    None without a prior."""
+
+    def relative(path: Path) -> str:
+        return Path(os.path.relpath(path, study.root)).as_posix()
+
+    if study.prior_dhdt is not None:
+        rate = raster_layer(study.prior_dhdt, study.grid, Resampling.bilinear, "prior_dhdt_m_yr")
+        return rate, f"study.yaml files.prior_dhdt: {relative(study.prior_dhdt)}"
+    date = study.config.prior_dem_date
+    if study.prior_dem is None or date is None:
+        return None
+    dem = raster_layer(study.prior_dem, study.grid, Resampling.bilinear, "prior_dem_m")
+    years = years_since(study.config.reference_date, date)
+    rate = ((dem - ref_dem_m) / np.float32(years)).astype("float32")
+    source = (
+        f"(study.yaml files.prior_dem: {relative(study.prior_dem)}, dated {date}, minus the "
+        f"reference DEM) / {years:.3f} yr"
+    )
+    return rate, source
 
 
 def _glacier_table(
@@ -517,10 +554,7 @@ def _ingest(study: Study, store: Path, say: Callable[[str], None]) -> IngestRepo
             )
         changed = changed_roles(state["static_inputs"], identity(static_prints))
         if changed:
-            raise StoreError(
-                f"{store}: the static inputs {changed} changed since this cube was made. "
-                "Ingest into a new store (or restore the files)."
-            )
+            raise StoreError(_static_change(store, changed, state["static_inputs"], static_prints))
         moved_from = state.get("study", {}).get("root")
         if moved_from and Path(moved_from) != study.root and Path(moved_from).is_dir():
             log.warning(
@@ -726,6 +760,35 @@ def _wipe(store: Path) -> None:
             entry.unlink()
 
 
+def _static_change(
+    store: Path, changed: list[str], recorded: dict[str, Any], now: dict[str, Any]
+) -> str:
+    """The one-line refusal of a cube whose static input files (roles `changed`) were added,
+    removed or edited since it was made."""
+    how = {
+        "added": [r for r in changed if r not in recorded],
+        "removed": [r for r in changed if r not in now],
+        "edited": [r for r in changed if r in recorded and r in now],
+    }
+    said = "; ".join(f"{k}: {', '.join(v)}" for k, v in how.items() if v)
+    return (
+        f"{store}: the static inputs {changed} changed since this cube was made ({said}). The "
+        "static layers (reference DEMs, outlines, masks, prior) are made once: ingest into a "
+        "new store, or restore the files and study.yaml's `files`."
+    )
+
+
+def _static_params(config: dict[str, Any]) -> dict[str, Any]:
+    """The STATIC_KEYS of a study config (as recorded), unset (None) entries of a mapping left
+    out: a key mbcube gained since a cube was made (e.g. files.prior_dhdt) reads as unset."""
+    return {
+        key: {k: v for k, v in value.items() if v is not None}
+        if isinstance(value := config.get(key), dict)
+        else value
+        for key in STATIC_KEYS
+    }
+
+
 def _update_recorded_state(
     store: Path, state: dict[str, Any], study: Study, static_prints: dict[str, Any]
 ) -> None:
@@ -733,7 +796,8 @@ def _update_recorded_state(
     refuse changed parameters of the static layers."""
     new = study.config.model_dump(mode="json")
     old = state["study"]["config"]
-    static_changed = [k for k in STATIC_KEYS if new.get(k) != old.get(k)]
+    new_static, old_static = _static_params(new), _static_params(old)
+    static_changed = [k for k in STATIC_KEYS if new_static[k] != old_static[k]]
     if static_changed:
         raise StoreError(
             f"{store}: study parameters {static_changed} changed since this cube was made "

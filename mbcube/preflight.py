@@ -27,9 +27,9 @@ from mbcube.study import SceneSpec, Study, load_study
 #: dh_raw float32, component int32), correct (dh_m float32, valid uint8); dem: the scene DEM,
 #: dh_m and valid.
 SCENE_BYTES_PER_PX = {"insar": 4 + 4 + 4 + 1 + 4 + 4 + 4 + 4 + 1, "dem": 4 + 4 + 1}
-#: Bytes per grid pixel of the static layers (two reference DEMs, glacier id, surface, region,
-#: stable and void flags).
-STATIC_BYTES_PER_PX = 4 + 4 + 4 + 1 + 2 + 1 + 1
+#: Bytes per grid pixel of the static layers (two reference DEMs, the prior rate, glacier id,
+#: surface, region, stable and void flags).
+STATIC_BYTES_PER_PX = 4 + 4 + 4 + 4 + 1 + 2 + 1 + 1
 #: Bytes per glacier x bin x surface cell of a scene's statistics (count, sum, sum of squares).
 STATS_BYTES_PER_CELL = 3 * 8
 #: Allowances for what does not grow with pixels: the store's metadata documents, penetration

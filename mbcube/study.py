@@ -30,6 +30,9 @@ fix. The limits are study.yaml's `checks` (`mbcube.config.ChecksConfig`).
   'zarr.json', and unique even ignoring case (case-insensitive file systems).
 - Outlines and region polygons: `mbcube.outlines` (read once here; the validated frames in the
   grid CRS are `Study.outlines` and `Study.regions_frame`).
+- The prior (`prior_problems`): study.yaml `files.prior_dhdt` (a rate raster, m/yr) or
+  `files.prior_dem` with `prior_dem_date`, not both; the date at least
+  `checks.min_scene_span_days` before or after `reference_date`, and not after today.
 
 Each problem is one line: line breaks inside a message (from a library's error text or a value
 holding one) are replaced by a space.
@@ -132,6 +135,9 @@ class Study:
     outlines: gpd.GeoDataFrame = field(repr=False, compare=False)
     #: The region polygons, validated likewise (`mbcube.outlines.read_regions`), or None.
     regions_frame: gpd.GeoDataFrame | None = field(default=None, repr=False, compare=False)
+    #: The prior: a rate raster (m/yr), or a DEM dated `config.prior_dem_date` (at most one).
+    prior_dhdt: Path | None = None
+    prior_dem: Path | None = None
 
     def static_inputs(self) -> dict[str, Path]:
         """The files the static layers are made from, by role."""
@@ -142,6 +148,8 @@ class Study:
             "ndsi": self.ndsi,
             "clean_ice": self.clean_ice,
             "regions": self.regions,
+            "prior_dhdt": self.prior_dhdt,
+            "prior_dem": self.prior_dem,
         }
         return {k: v for k, v in files.items() if v is not None}
 
@@ -202,6 +210,9 @@ def load_study(root: Path | str, overrides: dict[str, Any] | None = None) -> Stu
     if ndsi is not None and clean_ice is not None:
         problems.add(f"{root}: both an NDSI raster and a clean-ice mask are given. Keep one.")
     regions = given(files.regions) or _first_existing(root, REGION_NAMES)
+    prior_dhdt, prior_dem = given(files.prior_dhdt), given(files.prior_dem)
+    for line in prior_problems(config, prior_dhdt is not None, prior_dem is not None):
+        problems.add(f"{root}/study.yaml, {line}")
     problems.raise_if_any(root)
 
     grid = _grid_for(ref_dem, config, ref_crs)
@@ -209,6 +220,8 @@ def load_study(root: Path | str, overrides: dict[str, Any] | None = None) -> Stu
         (ref_dem_x, "X-band reference DEM"),
         (ndsi, "NDSI"),
         (clean_ice, "clean-ice mask"),
+        (prior_dhdt, "prior rate (files.prior_dhdt)"),
+        (prior_dem, "prior DEM (files.prior_dem)"),
     ]:
         if path is not None:
             _check_raster(path, role, problems, grid)
@@ -242,7 +255,38 @@ def load_study(root: Path | str, overrides: dict[str, Any] | None = None) -> Stu
         grid,
         outlines,
         regions_frame,
+        prior_dhdt,
+        prior_dem,
     )
+
+
+def prior_problems(config: StudyConfig, rate_given: bool, dem_given: bool) -> list[str]:
+    """The problems of the study's prior (study.yaml `files.prior_dhdt`, or `files.prior_dem`
+    with `prior_dem_date`), each the rest of a one-line message starting with the key."""
+    date = config.prior_dem_date
+    if rate_given and dem_given:
+        return ["key files: both prior_dhdt and prior_dem are given. Keep one."]
+    if date is None:
+        if dem_given:
+            return [
+                "key prior_dem_date: missing, required with files.prior_dem. Add that DEM's "
+                "date (YYYY-MM-DD)."
+            ]
+        return []
+    if not dem_given:
+        return ["key prior_dem_date: set without files.prior_dem. Add the DEM or remove it."]
+    today = dt.date.today()
+    if date > today:
+        return [f"key prior_dem_date: {date} is after today ({today}). Correct the date."]
+    days, minimum = abs((date - config.reference_date).days), config.checks.min_scene_span_days
+    if days < minimum:
+        return [
+            f"key prior_dem_date: {date} is {days} day(s) from the reference date "
+            f"{config.reference_date}; the prior DEM must be at least {minimum} days before or "
+            "after it (checks.min_scene_span_days): its rate is dh / years. Correct the date, "
+            "or give a DEM farther in time."
+        ]
+    return []
 
 
 def _optional(path: Path) -> Path | None:
@@ -267,7 +311,10 @@ def _check_raster(
         with rasterio.open(path) as src:
             crs, bounds = src.crs, src.bounds
     except RasterioIOError as err:
-        problems.add(f"{label}: {role} is not a raster rasterio can read ({err}).")
+        problems.add(
+            f"{label}: {role} is not a raster rasterio can read ({err}). Give a raster GDAL "
+            "reads (e.g. a GeoTIFF)."
+        )
         return None
     if crs is None:
         problems.add(

@@ -21,7 +21,7 @@ from rasterio.windows import Window
 
 from mbcube.errors import StoreError, StudyError
 from mbcube.grid import Grid
-from mbcube.ingest import ingest, scene_layers, static_dataset
+from mbcube.ingest import ingest, read_tile, scene_layers, static_dataset
 from mbcube.store import SCENE_PENDING, open_cube, recorded_config, step_records
 from mbcube.study import load_study
 from mbcube.synth import generate_study
@@ -90,6 +90,28 @@ def test_scene_on_grid_is_copied_exactly(tiny_study: Path, tiny_cube: Path) -> N
     assert np.nanmin(scalar) == np.nanmax(scalar) and np.nanmean(scalar) == pytest.approx(
         float(ds["scene_h_amb_m"].values[0])
     )
+
+
+def test_on_grid_raster_keeps_its_zeros_and_honours_nodata(tmp_path: Path) -> None:
+    """A raster on the grid, offset by 2 px, read over a tile reaching past its edges: its
+    values (zeros too, with or without a nodata value) where it lies, NaN at its nodata and
+    outside."""
+    grid = Grid("EPSG:32643", 500000.0, 4000000.0, 30.0, 8, 8, 8)
+    values = np.zeros((8, 8), dtype=np.float32)
+    values[0, :] = np.arange(8)
+    values[1, 1] = -9999.0
+    for nodata in (None, -9999.0):
+        path = tmp_path / f"raster-{nodata}.tif"
+        origin = rasterio.transform.from_origin(500060.0, 3999940.0, 30.0, 30.0)
+        profile = {"width": 8, "height": 8, "count": 1, "dtype": "float32", "nodata": nodata}
+        with rasterio.open(path, "w", crs="EPSG:32643", transform=origin, **profile) as dst:
+            dst.write(values, 1)
+        tile = read_tile(path, grid, slice(0, 8), slice(0, 8), Resampling.nearest)
+        expected = np.full((8, 8), np.nan, dtype=np.float32)
+        expected[2:, 2:] = values[:6, :6]
+        if nodata is not None:
+            expected[3, 3] = np.nan
+        np.testing.assert_array_equal(tile, expected)
 
 
 def test_scene_in_other_crs_lands_where_rasterio_puts_it(tiny_study: Path, tiny_cube: Path) -> None:
