@@ -558,7 +558,11 @@ def unit_results(
         stats, bin_lower_m, c.bin_width_m, c.min_px_per_bin, c.density_kg_m3, profile=profile
     )
     unmeasured = unmeasured_sigma_m_yr(
-        stats.area_m2, profile.measured_frac, profile.rate_m_yr, stats.void_area
+        stats.area_m2,
+        profile.measured_frac,
+        profile.rate_m_yr,
+        stats.void_area,
+        np.asarray(bin_lower_m, dtype=float) + c.bin_width_m / 2,
     )
     errors = unit_uncertainty(
         out["dhdt_m_yr"],

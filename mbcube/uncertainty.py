@@ -76,7 +76,16 @@ n_su its pixels):
 
   f_c the measured fraction of cell c (its best-covering scene's pixels / its pixels; 0 for a
   filled cell). A void in one piece is thus counted whole (linearly); on the synthetic studies
-  its error is void share x (glacier mean - void's true mean), which this matches.
+  its error is void share x (glacier mean - void's true mean), which this matches. Cells
+  BEYOND the unit's measured elevation range take the nearest measured value: one
+  extrapolation, off by about the profile's change over the distance, so their errors add
+  linearly, each e_c = max(sigma_u, |g| dz_c) (g the measured profile's slope, dz_c the
+  distance to the nearest measured bin):
+
+      sigma_unmeasured = sqrt(sum_inside (A_c (1 - f_c) sigma_u)^2 + (sum_beyond A_c e_c)^2
+                              + (A_void sigma_u)^2) / (sum_c A_c + A_void)
+
+  (a tongue that no scene reached, below a steep profile: 0.096 before, error 0.76 m w.e./yr).
 - density: |dh/dt| x density_sigma / 1000 (60 kg/m3; fully correlated everywhere).
 - unwrapping (`unwrap_sigma_m_yr`): a glacier's pixels whose phase cycle is in doubt
   (`mbcube.unwrap.profiles`: slips no prior repaired, or a part of its profile whose cycle
@@ -374,10 +383,20 @@ def unmeasured_sigma_m_yr(
     measured_frac: np.ndarray,
     rate_m_yr: np.ndarray,
     void_area_m2: np.ndarray | None = None,
+    bin_centre_m: np.ndarray | None = None,
 ) -> np.ndarray:
     """The unmeasured-area term (m/yr) of U units (module docstring):
     sigma_u sqrt(sum_c (A_c (1 - f_c))^2 + A_void^2) / (sum_c A_c + A_void), with sigma_u the
     area-weighted standard deviation of the unit's cell rates about its mean (its spread).
+
+    With bin_centre_m (B,): cells beyond the unit's measured elevation range (filled with the
+    nearest measured value) are one extrapolation, whose errors add up linearly: each is off by
+    e_c = max(sigma_u, |g| dz_c), g the area-weighted slope of the measured cells' rates on
+    elevation (1/yr) and dz_c the cell's distance from the nearest measured bin (m); the term is
+    then sqrt(sum_inside (A_c (1 - f_c) sigma_u)^2 + (sum_beyond A_c e_c)^2 + (A_void sigma_u)^2)
+    / (sum_c A_c + A_void). (A tongue left unmeasured below a steep profile: the nearest value
+    is off by the profile's change over the distance; counted as independent bins this term
+    was 0.096 where the error was 0.76 m w.e./yr.)
 
     area_m2, measured_frac (0 = filled), rate_m_yr (the filled profile) (U, B, F); void_area_m2
     (U,) area without a reference DEM (m2). Units without a profile get 0."""
@@ -397,11 +416,49 @@ def unmeasured_sigma_m_yr(
         where=total_w > 0,
     )
     void = np.zeros(len(area)) if void_area_m2 is None else np.asarray(void_area_m2, dtype=float)
-    unmeasured = area * (1.0 - np.clip(np.asarray(measured_frac, dtype=float), 0.0, 1.0))
-    spread_area = np.sqrt((unmeasured**2).sum(axis=(1, 2)) + void**2)
+    frac = np.clip(np.asarray(measured_frac, dtype=float), 0.0, 1.0)
+    unmeasured = area * (1.0 - frac)
+    sigma_u = np.sqrt(var)
     total = area.sum(axis=(1, 2)) + void
-    share = np.divide(spread_area, total, out=np.zeros(len(area)), where=total > 0)
-    return share * np.sqrt(var)
+    if bin_centre_m is None:
+        spread_area = np.sqrt((unmeasured**2).sum(axis=(1, 2)) + void**2)
+        return np.divide(spread_area, total, out=np.zeros(len(area)), where=total > 0) * sigma_u
+    beyond, error = _extrapolated(area, frac, rate, known, np.asarray(bin_centre_m, float), sigma_u)
+    inside = np.where(beyond, 0.0, unmeasured) * sigma_u[:, None, None]
+    linear = (np.where(beyond, area, 0.0) * error).sum(axis=(1, 2))
+    spread = np.sqrt((inside**2).sum(axis=(1, 2)) + linear**2 + (void * sigma_u) ** 2)
+    return np.divide(spread, total, out=np.zeros(len(area)), where=total > 0)
+
+
+def _extrapolated(
+    area: np.ndarray,
+    frac: np.ndarray,
+    rate: np.ndarray,
+    known: np.ndarray,
+    z: np.ndarray,
+    sigma_u: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(U, B, F): cells beyond their unit's measured elevation range, and the error of each
+    (m/yr): max(sigma_u, |slope| x distance to the nearest measured bin)."""
+    measured = known & (frac > 0)
+    w = np.where(measured, area * frac, 0.0)
+    zz = np.broadcast_to(z[None, :, None], area.shape)
+    big = np.inf
+    lo = np.where(measured, zz, big).min(axis=(1, 2))
+    hi = np.where(measured, zz, -big).max(axis=(1, 2))
+    wsum = w.sum(axis=(1, 2))
+    safe = np.where(wsum > 0, wsum, 1.0)
+    zm = (w * zz).sum(axis=(1, 2)) / safe
+    rm = (w * np.where(measured, rate, 0.0)).sum(axis=(1, 2)) / safe
+    dz = zz - zm[:, None, None]
+    var_z = (w * dz**2).sum(axis=(1, 2))
+    cov = (w * dz * (np.where(measured, rate, 0.0) - rm[:, None, None])).sum(axis=(1, 2))
+    slope = np.divide(cov, var_z, out=np.zeros(len(area)), where=var_z > 0)
+    has = np.isfinite(lo)[:, None, None]
+    beyond = has & (area > 0) & ((zz < lo[:, None, None]) | (zz > hi[:, None, None]))
+    distance = np.where(zz < lo[:, None, None], lo[:, None, None] - zz, zz - hi[:, None, None])
+    error = np.maximum(sigma_u[:, None, None], np.abs(slope)[:, None, None] * distance)
+    return beyond, np.where(beyond, error, 0.0)
 
 
 def unwrap_sigma_m_yr(

@@ -759,3 +759,21 @@ def test_end_to_end_glacier_offsets_state_the_stored_error(
     assert np.median(np.abs(error)) < 0.03
     z = error / table["mb_sigma_mwe_yr"].to_numpy()[covered]
     assert 0.5 <= np.sqrt(np.mean(z**2)) <= 1.5
+
+
+def test_unmeasured_term_counts_an_unreached_tongue_as_one_extrapolation() -> None:
+    """One glacier, one surface, bins at 50 m: measured 5000-5150 m with a rate rising 0.5
+    m/yr per bin (slope 0.01 /yr), the two bins below (4900, 4950 m) unmeasured and filled with
+    the lowest measured value: each is off by slope x distance (1.0, 0.5 m/yr), added linearly."""
+    z = np.array([4925.0, 4975.0, 5025.0, 5075.0, 5125.0, 5175.0])
+    area = np.full((1, 6, 1), 1e6)
+    frac = np.array([0.0, 0.0, 1.0, 1.0, 1.0, 1.0]).reshape(1, 6, 1)
+    rate = np.array([-1.0, -1.0, -1.0, -0.5, 0.0, 0.5]).reshape(1, 6, 1)
+    got = unmeasured_sigma_m_yr(area, frac, rate, None, z)[0]
+    sigma_u = np.sqrt(np.mean((rate.ravel() - rate.mean()) ** 2))
+    errors = np.maximum(sigma_u, [0.01 * 100.0, 0.01 * 50.0])
+    assert got == pytest.approx(errors.sum() * 1e6 / 6e6, rel=1e-12)
+    # without elevations: the two filled bins as independent parts of the glacier
+    assert unmeasured_sigma_m_yr(area, frac, rate)[0] == pytest.approx(
+        sigma_u * np.sqrt(2) / 6, rel=1e-12
+    )
