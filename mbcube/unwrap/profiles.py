@@ -25,7 +25,7 @@ glacier and bin of the reference DEM's elevation (width `bin_m`):
    doubt; measured on the `tongues` benchmark: a surge glacier "repaired" 2.9 m w.e./yr off);
 4. a pixel DISAGREES when its unwrapped phase lies a cycle or more from its bin's profile
    (|phase / 2 pi - P_k - anchor| > SLIP_CYCLES); a glacier SLIPPED when enough pixels disagree
-   and its unwrapped phase also jumps by more than pi inside the ice (MIN_CUT_PAIRS: the cut
+   and its unwrapped phase also jumps by more than pi inside the ice (CUT_PER_WIDTH: the cut
    the unwrapper made across it), since disagreeing pixels alone may be real spread;
 5. at a break between two segments, the step between their anchored ends is compared with the
    profile's slope carried across the break; a misfit above BREAK_MISFIT_CYCLES means the part
@@ -62,11 +62,15 @@ SLIP_CYCLES = 0.6
 #: below it in doubt: the other whole cycle would fit it better (0.3 flagged a glacier of the
 #: demo study whose cycles were right).
 BREAK_MISFIT_CYCLES = 0.5
-#: A glacier slips only where its unwrapped phase also jumps by more than pi between at least this
-#: many pairs of its own neighbouring pixels (a cut across the ice). Without it, a glacier whose
-#: change varies within an elevation bin by more than h_amb / 2 (margins, debris, tributaries)
-#: would look slipped. Measured: a cut across a slipped tongue 13-30 pairs, noise <= 6.
-MIN_CUT_PAIRS = 8
+#: A glacier slips only where its unwrapped phase also jumps by more than pi between enough pairs
+#: of its own neighbouring pixels (a cut across the ice): CUT_PER_WIDTH x sqrt(its pixels) (a cut
+#: across it is about as long as it is wide), within [MIN_CUT_PAIRS, MAX_CUT_PAIRS]. Without it,
+#: a glacier whose change varies within an elevation bin by more than h_amb / 2 (margins,
+#: debris, tributaries) would look slipped. Measured at 30 m: a cut across a slipped tongue
+#: 13-30 pairs, noise <= 6 (1,400 px glacier); at 90 m a 200 px glacier's cut: ~5 pairs.
+CUT_PER_WIDTH = 0.3
+MIN_CUT_PAIRS = 3
+MAX_CUT_PAIRS = 8
 #: The top segment's whole cycle is the one the pixels of its highest bins holding this share of
 #: its pixels agree with.
 TOP_ANCHOR_FRAC = 0.25
@@ -293,9 +297,10 @@ def prior_phase(
 
 def slipped(profiles: GlacierProfiles, min_px: int, min_frac: float) -> np.ndarray:
     """(n,) bool: enough pixels a cycle off their profile (>= min_px and min_frac of the
-    glacier's) and a cut across the ice (>= MIN_CUT_PAIRS)."""
+    glacier's) and a cut across the ice (CUT_PER_WIDTH x sqrt(pixels), clipped)."""
     limit = np.maximum(min_px, min_frac * profiles.n_px)
-    return (profiles.slipped_px >= limit) & (profiles.cut_pairs >= MIN_CUT_PAIRS)
+    cuts = np.clip(CUT_PER_WIDTH * np.sqrt(profiles.n_px), MIN_CUT_PAIRS, MAX_CUT_PAIRS)
+    return (profiles.slipped_px >= limit) & (profiles.cut_pairs >= cuts)
 
 
 def thickening_downward(profiles: GlacierProfiles) -> np.ndarray:
