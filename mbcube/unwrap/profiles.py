@@ -20,6 +20,7 @@ glacier and bin of the reference DEM's elevation (width `bin_m`):
    agree with. The assumption: the top of a glacier (accumulation area, near its balance)
    changed by less than h_amb / 2, so the unwrapper tied it right to the ground around it;
    the tongue may have changed by any amount, and the profile carries the cycle down to it.
+   A top more than TOP_MAX_CYCLES from the ground's cycle puts the whole glacier in doubt.
    A surge-type glacier breaks the assumption (its reservoir may thin by tens of metres): a
    profile whose change grows toward the tongue is not used as a prior (its slips stay in
    doubt; measured on the `tongues` benchmark: a surge glacier "repaired" 2.9 m w.e./yr off);
@@ -74,6 +75,11 @@ MAX_CUT_PAIRS = 8
 #: The top segment's whole cycle is the one the pixels of its highest bins holding this share of
 #: its pixels agree with.
 TOP_ANCHOR_FRAC = 0.25
+#: A top that changed by more than this (cycles, after anchoring) may itself sit on the wrong
+#: cycle (a change of h_amb / 2 reads the same as - h_amb / 2): the whole glacier is in doubt.
+#: Measured on the tongues benchmark at 90 m: tops of +19 m with h_amb 38 m put whole glaciers
+#: one cycle off (0.6-1.4 m w.e./yr), consistently, "repaired".
+TOP_MAX_CYCLES = 0.4
 
 #: prior codes (per glacier and scene): which prior its unwrapping used
 PRIOR_NONE, PRIOR_DATA, PRIOR_USER = 0, 1, 2
@@ -238,6 +244,7 @@ def _one_glacier(
     offset = np.rint(x - profile[at]).astype(np.int64)
     n_segments = int(segment[-1]) + 1
     seg_px = np.zeros(n_segments, np.int64)
+    top = np.zeros(zk.size, bool)
     for k in range(n_segments):
         mine = seg_of == k
         seg_px[k] = int(n[mine].sum())
@@ -246,6 +253,7 @@ def _one_glacier(
             share = np.cumsum(wk[bins][::-1]) / wk[bins].sum()
             lowest_top_bin = zk[bins][::-1][int(np.searchsorted(share, TOP_ANCHOR_FRAC))]
             mine &= z >= lowest_top_bin
+            top = (segment == k) & (zk >= lowest_top_bin)
         values, inverse = np.unique(offset[mine], return_inverse=True)
         votes = np.bincount(inverse.ravel(), weights=n[mine])
         profile[segment == k] += values[int(np.argmax(votes))]
@@ -257,6 +265,8 @@ def _one_glacier(
         if _break_misfits(zk, profile, segment, k):
             doubt = int(seg_px[:k].sum())
             break
+    if abs(float(np.average(profile[top], weights=wk[top]))) > TOP_MAX_CYCLES:
+        doubt = int(n.sum())  # the top itself near half a cycle: the anchor is a toss-up
     return zk.astype(np.int64), profile, wk, slipped, doubt
 
 
