@@ -217,7 +217,7 @@ GLACIER_BLOCK = 4096
 #: The store group caching the glacier-level statistics and results.
 CACHE_GROUP = "massbalance_cache"
 #: Layout version of the cache (a cache of another layout is recomputed).
-CACHE_VERSION = 11
+CACHE_VERSION = 12
 #: Cells per chunk of the cache (8 bytes x 2^18 = 2 MiB per field and chunk).
 CELL_CHUNK = 1 << 18
 #: The output folder's record of the glacier tables it holds.
@@ -982,8 +982,9 @@ def _with_unwrap(data: StoredStats, results: dict[str, np.ndarray]) -> dict[str,
     """`results` with the unwrapping columns (UNWRAP_COLUMNS, sigma_unwrap_mwe_yr, added to
     mb_sigma_mwe_yr in quadrature). Per glacier over its used scenes (weight > 0): the worst
     flag, the prior of the highest code, the largest areas; the term of
-    `mbcube.uncertainty.unwrap_sigma_m_yr`. Pixels in doubt are the unwrap step's and those of
-    cells where a scene disagrees with the others by a cycle (flag 2, in doubt)."""
+    `mbcube.uncertainty.unwrap_sigma_m_yr`. Pixels in doubt are the unwrap step's, those of
+    cells where a scene disagrees with the others by a cycle, and a whole glacier in scenes
+    whose top was a toss-up that no other scene settled (`_unsettled_toss_ups`)."""
     n = len(data.glacier)
     u = data.unwrap
     zeros = np.zeros(n)
@@ -993,7 +994,9 @@ def _with_unwrap(data: StoredStats, results: dict[str, np.ndarray]) -> dict[str,
         used = data.cells.scene_weight > 0
         across = data.cells.scene_doubt_px
         in_doubt = u["unwrap_doubt_px"] + (0 if across is None else across)
-        in_doubt = np.minimum(in_doubt, u["unwrap_glacier_px"])
+        in_doubt = np.minimum(
+            in_doubt + _unsettled_toss_ups(u, used, across), u["unwrap_glacier_px"]
+        )
         sigma = unwrap_sigma_m_yr(
             data.cells.scene_weight,
             in_doubt,
@@ -1006,7 +1009,7 @@ def _with_unwrap(data: StoredStats, results: dict[str, np.ndarray]) -> dict[str,
         def worst(values: np.ndarray) -> np.ndarray:
             return np.where(used, values, 0).max(axis=0).astype(float) if len(used) else zeros
 
-        flag = worst(np.where(in_doubt > 0, FLAG_DOUBT, u["unwrap_flag"]))
+        flag = worst(np.where(in_doubt > 0, FLAG_DOUBT, (u["unwrap_repaired_px"] > 0).astype(int)))
         prior = worst(u["unwrap_prior"])
         repaired = worst(u["unwrap_repaired_px"]) * km2
         doubt = worst(in_doubt) * km2
@@ -1021,6 +1024,20 @@ def _with_unwrap(data: StoredStats, results: dict[str, np.ndarray]) -> dict[str,
         unwrap_doubt_area_km2=doubt,
     )
     return out
+
+
+def _unsettled_toss_ups(
+    u: dict[str, np.ndarray], used: np.ndarray, across: np.ndarray | None
+) -> np.ndarray:
+    """(S, G) pixels in doubt because a scene's glacier top sat near half a cycle
+    (`unwrap_toss_up`): all of the glacier's in that scene, unless another used scene whose top
+    was clear measured the glacier and no scene disagreed with the others on it by a cycle
+    (`mbcube.massbalance.cross_scene_doubt`): then that scene settles the cycle."""
+    toss = (u["unwrap_toss_up"] > 0) & used
+    clear = ~toss & used & (u["unwrap_glacier_px"] > 0)
+    agree = np.ones(toss.shape[1], bool) if across is None else (across * used).sum(axis=0) == 0
+    settled = clear.any(axis=0) & agree
+    return np.where(toss & ~settled[None, :], u["unwrap_glacier_px"], 0)
 
 
 def _white_sigma(

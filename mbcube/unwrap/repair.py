@@ -11,7 +11,8 @@ glacier needs a repair (later rounds pass through). The last round's profiles gi
 - FLAG_REPAIRED: slips found and gone after unwrapping with the prior (area: the pixels that
   had slipped);
 - FLAG_DOUBT: slips left after the last round, or segments of the profile whose cycle cannot be
-  confirmed (a gap or an ambiguous step between them; `profiles._break_misfits`): area in doubt.
+  confirmed (a gap or an ambiguous step between them; `profiles._break_misfits`), or a top near
+  half a cycle (`profiles.TOP_MAX_CYCLES`; the whole glacier): area in doubt.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from mbcube.unwrap.profiles import (
     PRIOR_DATA,
     PRIOR_NONE,
     PRIOR_USER,
+    TOP_MAX_CYCLES,
     GlacierProfiles,
     ProfileHistogram,
     cut_pairs,
@@ -48,6 +50,11 @@ GLACIER_VARIABLES: dict[str, tuple[str, str]] = {
     "unwrap_repaired_px": ("int64", "glacier pixels whose cycle a prior repaired"),
     "unwrap_doubt_px": ("int64", "glacier pixels whose cycle is in doubt"),
     "unwrap_h_amb_m": ("float32", "mean height of ambiguity over the glacier's pixels (m)"),
+    "unwrap_toss_up": (
+        "int8",
+        "1: the glacier's top changed by near half a cycle (its whole cycle is a toss-up unless "
+        "another scene settles it at aggregate; not counted in unwrap_doubt_px)",
+    ),
 }
 
 
@@ -233,6 +240,10 @@ def glacier_flags(
     left = slipped(fin, min_px, min_frac)
     doubt = np.where(left, fin.slipped_px, 0) + np.where(fin.doubt_px >= limit, fin.doubt_px, 0)
     doubt = np.minimum(doubt, fin.n_px)
+    # a top near half a cycle: the whole glacier's cycle is a toss-up (a user prior settles it;
+    # another scene may, at aggregate)
+    toss_up = (np.abs(fin.top_cycles) > TOP_MAX_CYCLES) & ~np.isin(fin.glacier, user_prior_glaciers)
+    out["unwrap_toss_up"][index] = toss_up
     out["unwrap_doubt_px"][index] = doubt
     repaired = final.repaired_before
     found = first.profiles
@@ -240,7 +251,7 @@ def glacier_flags(
     out["unwrap_repaired_px"][found.glacier[in_first] - 1] = found.slipped_px[in_first]
     flag = np.full(n_glaciers, FLAG_OK, np.int8)
     flag[repaired - 1] = FLAG_REPAIRED
-    flag[index[doubt > 0]] = FLAG_DOUBT
+    flag[index[(doubt > 0) | toss_up]] = FLAG_DOUBT
     out["unwrap_flag"] = flag
     prior = np.full(n_glaciers, PRIOR_NONE, np.int8)
     prior[user_prior_glaciers - 1] = PRIOR_USER
