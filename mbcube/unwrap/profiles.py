@@ -20,7 +20,8 @@ glacier and bin of the reference DEM's elevation (width `bin_m`):
    agree with. The assumption: the top of a glacier (accumulation area, near its balance)
    changed by less than h_amb / 2, so the unwrapper tied it right to the ground around it;
    the tongue may have changed by any amount, and the profile carries the cycle down to it.
-   A top more than TOP_MAX_CYCLES from the ground's cycle puts the whole glacier in doubt.
+   A top more than TOP_MAX_CYCLES from the ground's cycle puts the whole glacier in doubt
+   (unless a user prior took the top's change out of what the unwrapper saw);
    A surge-type glacier breaks the assumption (its reservoir may thin by tens of metres): a
    profile whose change grows toward the tongue is not used as a prior (its slips stay in
    doubt; measured on the `tongues` benchmark: a surge glacier "repaired" 2.9 m w.e./yr off);
@@ -68,8 +69,9 @@ BREAK_MISFIT_CYCLES = 0.5
 #: across it is about as long as it is wide), within [MIN_CUT_PAIRS, MAX_CUT_PAIRS]. Without it,
 #: a glacier whose change varies within an elevation bin by more than h_amb / 2 (margins,
 #: debris, tributaries) would look slipped. Measured at 30 m: a cut across a slipped tongue
-#: 13-30 pairs, noise <= 6 (1,400 px glacier); at 90 m a 200 px glacier's cut: ~5 pairs.
-CUT_PER_WIDTH = 0.3
+#: 13-30 pairs, noise <= 6 (1,400 px glacier; the slipped-pixel test must hold too); at 94 m a
+#: narrow real tongue (900 px glacier): 6-7 pairs, a 200 px glacier's: ~5.
+CUT_PER_WIDTH = 0.15
 MIN_CUT_PAIRS = 3
 MAX_CUT_PAIRS = 8
 #: The top segment's whole cycle is the one the pixels of its highest bins holding this share of
@@ -181,6 +183,7 @@ class GlacierProfiles:
     slipped_px: np.ndarray  # (n,) int64 pixels a cycle or more off their bin's profile
     doubt_px: np.ndarray  # (n,) int64 pixels of segments whose cycle the profile cannot confirm
     cut_pairs: np.ndarray  # (n,) int64 neighbouring pixel pairs with a phase jump > pi
+    top_cycles: np.ndarray  # (n,) the anchored profile at the glacier's top (cycles)
     profile_zbin: dict[int, np.ndarray] = field(default_factory=dict)
     profile_cycles: dict[int, np.ndarray] = field(default_factory=dict)
     profile_px: dict[int, np.ndarray] = field(default_factory=dict)  # pixels per profile bin
@@ -208,11 +211,12 @@ def glacier_profiles(hist: ProfileHistogram) -> GlacierProfiles:
     n_px = np.zeros(glaciers.size, np.int64)
     slipped = np.zeros(glaciers.size, np.int64)
     doubt = np.zeros(glaciers.size, np.int64)
+    top = np.zeros(glaciers.size)
     cuts = np.array([hist.cuts.get(int(g), 0) for g in glaciers], np.int64)
-    out = GlacierProfiles(glaciers.astype(np.int64), n_px, slipped, doubt, cuts)
+    out = GlacierProfiles(glaciers.astype(np.int64), n_px, slipped, doubt, cuts, top)
     for i, (s, e) in enumerate(zip(starts, ends, strict=True)):
         n_px[i] = int(n[s:e].sum())
-        zbins, p, px, slipped[i], doubt[i] = _one_glacier(z[s:e], x[s:e], n[s:e])
+        zbins, p, px, slipped[i], doubt[i], top[i] = _one_glacier(z[s:e], x[s:e], n[s:e])
         out.profile_zbin[int(glaciers[i])] = zbins
         out.profile_cycles[int(glaciers[i])] = p
         out.profile_px[int(glaciers[i])] = px
@@ -221,16 +225,16 @@ def glacier_profiles(hist: ProfileHistogram) -> GlacierProfiles:
 
 def _one_glacier(
     z: np.ndarray, x: np.ndarray, n: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int, float]:
     """One glacier's entries (sorted by z): its profile bins, cycles and pixels per bin,
-    slipped and doubtful pixel counts."""
+    slipped and doubtful pixel counts, the anchored top's cycles."""
     zb, first = np.unique(z, return_index=True)
     weight = np.add.reduceat(n, first).astype(float)
     phasor = np.add.reduceat(n * np.exp(2j * np.pi * x), first)
     resultant = np.abs(phasor) / weight
     good = (weight >= MIN_BIN_PX) & (resultant >= MIN_RESULTANT)
     if not good.any():
-        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0), 0, 0
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0), 0, 0, 0.0
     zk, ck, wk = zb[good], np.angle(phasor[good]) / (2 * np.pi), weight[good]
     step = _wrap(np.diff(ck))
     breaks = (np.diff(zk) > MAX_GAP_BINS + 1) | (np.abs(step) > MAX_STEP_CYCLES)
@@ -265,9 +269,8 @@ def _one_glacier(
         if _break_misfits(zk, profile, segment, k):
             doubt = int(seg_px[:k].sum())
             break
-    if abs(float(np.average(profile[top], weights=wk[top]))) > TOP_MAX_CYCLES:
-        doubt = int(n.sum())  # the top itself near half a cycle: the anchor is a toss-up
-    return zk.astype(np.int64), profile, wk, slipped, doubt
+    top_cycles = float(np.average(profile[top], weights=wk[top]))
+    return zk.astype(np.int64), profile, wk, slipped, doubt, top_cycles
 
 
 def _break_misfits(zk: np.ndarray, profile: np.ndarray, segment: np.ndarray, k: int) -> bool:
