@@ -90,6 +90,7 @@ from mbcube.fingerprints import fingerprint, same_input
 from mbcube.massbalance import (
     GlacierStats,
     combine_scenes,
+    confirmed_cycles,
     cross_scene_doubt,
     select_scenes,
     unit_results,
@@ -217,7 +218,7 @@ GLACIER_BLOCK = 4096
 #: The store group caching the glacier-level statistics and results.
 CACHE_GROUP = "massbalance_cache"
 #: Layout version of the cache (a cache of another layout is recomputed).
-CACHE_VERSION = 12
+CACHE_VERSION = 13
 #: Cells per chunk of the cache (8 bytes x 2^18 = 2 MiB per field and chunk).
 CELL_CHUNK = 1 << 18
 #: The output folder's record of the glacier tables it holds.
@@ -252,6 +253,9 @@ class CellStats:
     #: (S, G) pixels of each scene in cells where it disagrees with the other scenes by a
     #: cycle (`mbcube.massbalance.cross_scene_doubt`); None: not compared
     scene_doubt_px: np.ndarray | None = None
+    #: (S, G) 1 where another scene confirms the scene's whole cycle on the glacier
+    #: (`mbcube.massbalance.confirmed_cycles`); None: not compared
+    scene_confirmed: np.ndarray | None = None
 
     @property
     def n_glaciers(self) -> int:
@@ -305,6 +309,9 @@ class CellStats:
             n_surfaces=n_surf,
             scene_doubt_px=np.concatenate([p.scene_doubt_px for p in parts], axis=1)
             if parts and all(p.scene_doubt_px is not None for p in parts)
+            else None,
+            scene_confirmed=np.concatenate([p.scene_confirmed for p in parts], axis=1)
+            if parts and all(p.scene_confirmed is not None for p in parts)
             else None,
         )
 
@@ -994,9 +1001,8 @@ def _with_unwrap(data: StoredStats, results: dict[str, np.ndarray]) -> dict[str,
         used = data.cells.scene_weight > 0
         across = data.cells.scene_doubt_px
         in_doubt = u["unwrap_doubt_px"] + (0 if across is None else across)
-        in_doubt = np.minimum(
-            in_doubt + _unsettled_toss_ups(u, used, across), u["unwrap_glacier_px"]
-        )
+        unsettled = _unsettled_toss_ups(u, used, across, data.cells.scene_confirmed)
+        in_doubt = np.minimum(in_doubt + unsettled, u["unwrap_glacier_px"])
         sigma = unwrap_sigma_m_yr(
             data.cells.scene_weight,
             in_doubt,
@@ -1027,17 +1033,23 @@ def _with_unwrap(data: StoredStats, results: dict[str, np.ndarray]) -> dict[str,
 
 
 def _unsettled_toss_ups(
-    u: dict[str, np.ndarray], used: np.ndarray, across: np.ndarray | None
+    u: dict[str, np.ndarray],
+    used: np.ndarray,
+    across: np.ndarray | None,
+    confirmed: np.ndarray | None,
 ) -> np.ndarray:
     """(S, G) pixels in doubt because a scene's glacier top sat near half a cycle
-    (`unwrap_toss_up`): all of the glacier's in that scene, unless another used scene whose top
-    was clear measured the glacier and no scene disagreed with the others on it by a cycle
-    (`mbcube.massbalance.cross_scene_doubt`): then that scene settles the cycle."""
+    (`unwrap_toss_up`): all of the glacier's in that scene, unless another scene settles it:
+    one whose top was clear measured the glacier and no scene disagreed with the others on it
+    by a cycle (`mbcube.massbalance.cross_scene_doubt`), or another scene of another height of
+    ambiguity confirms its cycle (`mbcube.massbalance.confirmed_cycles`)."""
     toss = (u["unwrap_toss_up"] > 0) & used
     clear = ~toss & used & (u["unwrap_glacier_px"] > 0)
     agree = np.ones(toss.shape[1], bool) if across is None else (across * used).sum(axis=0) == 0
-    settled = clear.any(axis=0) & agree
-    return np.where(toss & ~settled[None, :], u["unwrap_glacier_px"], 0)
+    settled = (clear.any(axis=0) & agree)[None, :]
+    if confirmed is not None:
+        settled = settled | (confirmed > 0)
+    return np.where(toss & ~settled, u["unwrap_glacier_px"], 0)
 
 
 def _white_sigma(
@@ -1147,14 +1159,14 @@ def _combine(
             min_frac=config.min_measured_frac_per_bin,
             **void,
         )
-        doubt = (
-            None
-            if h_amb_m is None
-            else cross_scene_doubt(
-                count_b, sum_b, years, use, h_amb_m[:, part], config.min_px_per_bin
-            )
+        doubt, confirmed = None, None
+        if h_amb_m is not None:
+            compared = (count_b, sum_b, years, use, h_amb_m[:, part], config.min_px_per_bin)
+            doubt = cross_scene_doubt(*compared)
+            confirmed = confirmed_cycles(*compared).astype(float)
+        parts.append(
+            replace(CellStats.from_dense(combined), scene_doubt_px=doubt, scene_confirmed=confirmed)
         )
-        parts.append(replace(CellStats.from_dense(combined), scene_doubt_px=doubt))
     return CellStats.concat(parts, len(scenes), n_b, n_f)
 
 
@@ -1217,6 +1229,7 @@ def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
         *c.scene_px,
         *c.scene_weight,
         *(np.zeros_like(c.scene_px) if c.scene_doubt_px is None else c.scene_doubt_px),
+        *(np.zeros_like(c.scene_px) if c.scene_confirmed is None else c.scene_confirmed),
     ]
     dates = np.asarray(data.scene_dates, dtype="datetime64[ns]").astype("datetime64[D]")
     per_scene = [
@@ -1263,7 +1276,7 @@ def _write_cache(store: Path, data: StoredStats, keys: _Keys) -> None:
             ],
             "about": "mbcube aggregate: glacier statistics (scenes combined, per non-empty "
             "glacier x bin x surface cell) and glacier results; glacier_values ends with "
-            "scene_px, scene_weight then scene_doubt_px of each scene; text: UTF-8 JSON of the ids, outline "
+            "scene_px, scene_weight, scene_doubt_px then scene_confirmed of each scene; text: UTF-8 JSON of the ids, outline "
             "attributes and per-scene values",
         },
     )
@@ -1335,6 +1348,7 @@ def _read_cache(
         scene_px=scene_glacier[:n_scenes],
         scene_weight=scene_glacier[n_scenes : 2 * n_scenes],
         scene_doubt_px=scene_glacier[2 * n_scenes : 3 * n_scenes],
+        scene_confirmed=scene_glacier[3 * n_scenes : 4 * n_scenes],
         n_bins=len(bins),
         n_surfaces=int(attrs.get("n_surfaces", 2)),
     )

@@ -226,6 +226,50 @@ def cross_scene_doubt(
     return out
 
 
+#: Two scenes confirm each other's cycle only when one cycle more in both would change their
+#: difference by at least this much (m/yr): |h_s / T_s - h_t / T_t|, well above the few cm/yr
+#: scenes differ by otherwise (seasonal, datum, noise).
+CONFIRM_MIN_M_YR = 0.5
+
+
+def confirmed_cycles(
+    count: np.ndarray,
+    sum_dh_m: np.ndarray,
+    scene_years: np.ndarray,
+    use: np.ndarray,
+    h_amb_m: np.ndarray,
+    min_px_per_bin: int,
+) -> np.ndarray:
+    """(S, G) bool: scene s's whole cycle on glacier g is confirmed by another used insar scene t:
+    on the cells both measured (>= min_px_per_bin pixels each), their mean rates differ by less
+    than half of d = |h_s / T_s - h_t / T_t| (m/yr), with d >= CONFIRM_MIN_M_YR. A whole-cycle
+    error in one or both (each of its own h_amb) would make them differ by d or more. Arrays as
+    in `cross_scene_doubt`."""
+    n_scenes = count.shape[0]
+    out = np.zeros(count.shape[:2], bool)
+    ok = use[:, :, None, None] & (count >= min_px_per_bin)
+    years = np.asarray(scene_years, dtype=float)
+    rate = sum_dh_m / np.where(count > 0, count, 1.0) / years[:, None, None, None]
+    cycle = np.asarray(h_amb_m, dtype=float) / years[:, None]  # (S, G) m/yr
+    for s in range(n_scenes):
+        for t in range(s + 1, n_scenes):
+            both = ok[s] & ok[t]
+            w = np.where(both, np.minimum(count[s], count[t]), 0.0)
+            total = w.sum(axis=(1, 2))
+            diff = np.divide(
+                (w * (rate[s] - rate[t])).sum(axis=(1, 2)),
+                total,
+                out=np.full(total.shape, np.inf),
+                where=total > 0,
+            )
+            d = np.abs(cycle[s] - cycle[t])  # NaN for DEM scenes: never confirms
+            with np.errstate(invalid="ignore"):
+                agree = (d >= CONFIRM_MIN_M_YR) & (np.abs(diff) < 0.5 * d)
+            out[s] |= agree
+            out[t] |= agree
+    return out
+
+
 def combine_scenes(
     count: np.ndarray,
     sum_dh_m: np.ndarray,
