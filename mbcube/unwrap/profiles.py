@@ -74,6 +74,9 @@ BREAK_MISFIT_CYCLES = 0.5
 CUT_PER_WIDTH = 0.15
 MIN_CUT_PAIRS = 3
 MAX_CUT_PAIRS = 8
+#: On a glacier smaller than alias_min_px / SMALL_GLACIER_FRAC pixels, this share of it slipped
+#: is enough (`slip_limit`).
+SMALL_GLACIER_FRAC = 0.1
 #: The top segment's whole cycle is the one the pixels of its highest bins holding this share of
 #: its pixels agree with.
 TOP_ANCHOR_FRAC = 0.25
@@ -308,10 +311,18 @@ def prior_phase(
     return out
 
 
+def slip_limit(n_px: np.ndarray, min_px: int, min_frac: float) -> np.ndarray:
+    """Pixels a cycle off (or in doubt) that count on glaciers of n_px unwrapped pixels:
+    min_px and min_frac of the glacier, but on a small glacier SMALL_GLACIER_FRAC of it is
+    enough (a 85 px glacier at 90 m hid a 17 px slipped tongue below 20 px), at least 3."""
+    n = np.asarray(n_px, dtype=float)
+    return np.maximum(np.maximum(np.minimum(min_px, SMALL_GLACIER_FRAC * n), min_frac * n), 3)
+
+
 def slipped(profiles: GlacierProfiles, min_px: int, min_frac: float) -> np.ndarray:
-    """(n,) bool: enough pixels a cycle off their profile (>= min_px and min_frac of the
-    glacier's) and a cut across the ice (CUT_PER_WIDTH x sqrt(pixels), clipped)."""
-    limit = np.maximum(min_px, min_frac * profiles.n_px)
+    """(n,) bool: enough pixels a cycle off their profile (`slip_limit`) and a cut across the
+    ice (CUT_PER_WIDTH x sqrt(pixels), clipped)."""
+    limit = slip_limit(profiles.n_px, min_px, min_frac)
     cuts = np.clip(CUT_PER_WIDTH * np.sqrt(profiles.n_px), MIN_CUT_PAIRS, MAX_CUT_PAIRS)
     return (profiles.slipped_px >= limit) & (profiles.cut_pairs >= cuts)
 

@@ -37,6 +37,7 @@ from mbcube.unwrap.profiles import (
     needs_repair,
     prior_phase,
     profile_histogram,
+    slip_limit,
     slipped,
 )
 from mbcube.unwrap.stitch import EdgeStats, edge_stats
@@ -236,7 +237,7 @@ def glacier_flags(
     fin = final.profiles
     index = fin.glacier - 1
     out["unwrap_glacier_px"][index] = fin.n_px
-    limit = np.maximum(min_px, min_frac * fin.n_px)
+    limit = slip_limit(fin.n_px, min_px, min_frac)
     left = slipped(fin, min_px, min_frac)
     doubt = np.where(left, fin.slipped_px, 0) + np.where(fin.doubt_px >= limit, fin.doubt_px, 0)
     doubt = np.minimum(doubt, fin.n_px)
