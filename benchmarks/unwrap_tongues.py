@@ -112,6 +112,7 @@ def cost(work: Path, repeats: int) -> str:
             cpu[variant].append(_unwrap_cpu(code, store, variant))
             stores[variant] = store
             print(f"cost: {variant} {cpu[variant][-1]:.1f} CPU s", flush=True)
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_root)])
     old = xr.open_zarr(stores["old"])["dh_raw_m"].values
     lines = [
         f"## {_now()} cost: unwrap step on the `demo` study (1024^2 px, 60 glaciers, 5 scenes)",
