@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mbcube.errors import StudyError
 
-#: Surface offset of a scene relative to February (m), by acquisition month (Lin et al. 2017).
+#: Surface height of a scene relative to February (m), by acquisition month (Lin et al. 2017's
+#: table; its sign: `mbcube.corrections.seasonal`).
 SEASONAL_OFFSET_M: dict[int, float] = {
     10: -0.28,
     11: -0.21,
@@ -151,6 +152,13 @@ class CorrectionsConfig(_Strict):
     seasonal_offset_m: dict[int, float] = Field(
         default_factory=lambda: dict(SEASONAL_OFFSET_M),
         description="Surface offset relative to February (m), by month 1-12.",
+    )
+    seasonal_sign: Literal["surface_offset", "correction"] = Field(
+        "surface_offset",
+        description="'surface_offset': the table is the surface's height relative to February "
+        "and is removed from dh (October +0.28 m: snow accumulates October to April); "
+        "'correction': the table is added to dh as the paper's wording reads (October "
+        "-0.28 m). Reasoning: mbcube.corrections.seasonal.",
     )
     outlier_nmad: float = Field(
         3.0, gt=0, description="Reject dh beyond this many NMAD of the bin."

@@ -455,8 +455,10 @@ def _extrapolated(
     cov = (w * dz * (np.where(measured, rate, 0.0) - rm[:, None, None])).sum(axis=(1, 2))
     slope = np.divide(cov, var_z, out=np.zeros(len(area)), where=var_z > 0)
     has = np.isfinite(lo)[:, None, None]
+    lo, hi = np.where(np.isfinite(lo), lo, 0.0), np.where(np.isfinite(hi), hi, 0.0)
     beyond = has & (area > 0) & ((zz < lo[:, None, None]) | (zz > hi[:, None, None]))
     distance = np.where(zz < lo[:, None, None], lo[:, None, None] - zz, zz - hi[:, None, None])
+    distance = np.where(beyond, distance, 0.0)
     error = np.maximum(sigma_u[:, None, None], np.abs(slope)[:, None, None] * distance)
     return beyond, np.where(beyond, error, 0.0)
 

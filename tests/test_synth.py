@@ -11,8 +11,8 @@ import rasterio
 from typer.testing import CliRunner
 
 from mbcube.cli import app
-from mbcube.config import SEASONAL_OFFSET_M
 from mbcube.synth import generate_study
+from mbcube.synth.scenes import snow_surface_m
 
 
 def _read(path: Path) -> np.ndarray:
@@ -95,7 +95,7 @@ def test_dem_scenes_follow_the_stated_physics(tmp_path: Path) -> None:
         assert abs(residual.mean()) < 0.15, row.scene_id  # scene noise 1 m, ~0.04 m on the mean
         assert 0.7 < residual.std() < 1.3, row.scene_id
         month = pd.Timestamp(row.date).month
-        assert abs(t.seasonal_offset_m - SEASONAL_OFFSET_M[month]) < 0.03 * 4 * 4  # within 4 sigma
+        assert abs(t.seasonal_offset_m - snow_surface_m(month)) < 0.03 * 4 * 4  # within 4 sigma
 
 
 def test_insar_phase_follows_the_stated_physics(tiny_study: Path) -> None:

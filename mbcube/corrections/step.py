@@ -598,7 +598,7 @@ def _scene_tasks(
 ) -> _SceneTasks:
     """The scene's graph up to its outlier thresholds (see scene_graphs). Nothing is computed."""
     sid = scene.scene_id
-    seasonal_m = seasonal_offset_m(scene.month, config.seasonal_offset_m, sid)
+    seasonal_m = seasonal_offset_m(scene.month, config.seasonal_offset_m, sid, config.seasonal_sign)
     res = float(abs(ds.x.values[1] - ds.x.values[0]))
     xs, ys = np.asarray(ds.x.values), np.asarray(ds.y.values)
     x0, y0 = _grid_centre(ds)

@@ -39,7 +39,6 @@ from rasterio.enums import Resampling
 from rasterio.features import rasterize
 from rasterio.warp import reproject, transform_bounds
 
-from mbcube.config import SEASONAL_OFFSET_M
 from mbcube.errors import StudyError
 from mbcube.grid import Grid, utm_crs_for
 from mbcube.synth import DENSITY_KG_M3, REFERENCE_DATE, _open, _region_truth
@@ -433,7 +432,7 @@ def _write_truth(
                 "ramp_c_m_per_km": s.ramp_m_per_km[1],
                 "ramp_d_m_per_km2": s.ramp_m_per_km[2],
                 "seasonal_offset_m": s.seasonal_offset_m(),
-                "seasonal_table_m": SEASONAL_OFFSET_M.get(s.month, 0.0),
+                "seasonal_table_m": sc.snow_surface_m(s.month),
                 "h_amb_m": s.h_amb_m,
             }
             for s in scene_defs

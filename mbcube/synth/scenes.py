@@ -8,7 +8,6 @@ from typing import Literal
 
 import numpy as np
 
-from mbcube.config import SEASONAL_OFFSET_M
 from mbcube.synth.noise import normal, value_noise
 from mbcube.synth.world import SURFACE_CLEAN, SURFACE_OFF, WorldFields
 
@@ -42,7 +41,22 @@ class SceneDef:
         return self.date.month
 
     def seasonal_offset_m(self) -> float:
-        return SEASONAL_OFFSET_M.get(self.month, 0.0) + self.seasonal_deviation_m
+        """The glacier surface's true height relative to February (m) on the scene's date."""
+        return snow_surface_m(self.month) + self.seasonal_deviation_m
+
+
+#: The synthetic world's snow: the glacier surface rises by this much per month from October
+#: to April (m), February being the reference DEM's month. The generator's own truth, written
+#: here and never imported from the pipeline's configuration (`mbcube.corrections.seasonal`).
+SNOW_RISE_M_PER_MONTH = 0.07
+
+
+def snow_surface_m(month: int) -> float:
+    """Height of the snow surface relative to February in the synthetic world (m): lower before
+    February, higher after (0 outside October-April)."""
+    if month not in (10, 11, 12, 1, 2, 3, 4):
+        return 0.0
+    return SNOW_RISE_M_PER_MONTH * _months_from_february(month)
 
 
 def years_between(start: dt.date, end: dt.date) -> float:
