@@ -863,8 +863,8 @@ def _from_statistics(
     years = cube_scenes["scene_years"].values.astype(float)
     months = cube_scenes["scene_month"].values.astype(int)
     bins = stats["bin"].values.astype(float)
+    unwrap = _unwrap_arrays(cube, scenes)
     if cells is None:
-        h_amb = _unwrap_arrays(cube, scenes)
         cells = _combine(
             store,
             stats,
@@ -873,7 +873,7 @@ def _from_statistics(
             years,
             months,
             config,
-            None if h_amb is None else h_amb["unwrap_h_amb_m"],
+            None if unwrap is None else unwrap["unwrap_h_amb_m"],
         )
     scene_stats = stats[[v for v in stats.data_vars if stats[v].dims[:1] == ("scene",)]]
     scene_stats = scene_stats[[v for v in scene_stats.data_vars if "glacier" not in stats[v].dims]]
@@ -971,7 +971,7 @@ def _from_statistics(
         stable_white_sigma_m=white,
         reference_sigma_m=keys.facts["reference_sigma_m"],
         adjusted_sigma_m=adjusted,
-        unwrap=_unwrap_arrays(cube, scenes),
+        unwrap=unwrap,
     )
 
 

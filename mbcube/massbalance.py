@@ -189,6 +189,23 @@ def select_scenes(
     return np.where(enough[None, :], only_preferred, covers)
 
 
+def _cell_rates(
+    count: np.ndarray,
+    sum_dh_m: np.ndarray,
+    scene_years: np.ndarray,
+    use: np.ndarray,
+    h_amb_m: np.ndarray,
+    min_px_per_bin: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per scene and cell: measured enough (used, >= min_px_per_bin pixels), the mean rate
+    (m/yr; (S, G, B, F)), and per scene and glacier one cycle as a rate, h_amb / T (m/yr, (S, G);
+    NaN for DEM scenes)."""
+    ok = use[:, :, None, None] & (count >= min_px_per_bin)
+    years = np.asarray(scene_years, dtype=float)
+    rate = sum_dh_m / np.where(count > 0, count, 1.0) / years[:, None, None, None]
+    return ok, rate, np.asarray(h_amb_m, dtype=float) / years[:, None]
+
+
 #: A scene's rate in a cell this far from the other scenes' median (in its own cycle h_amb / T)
 #: means a cycle slip in one of them.
 CROSS_SCENE_CYCLES = 0.6
@@ -212,10 +229,8 @@ def cross_scene_doubt(
     out = np.zeros(count.shape[:2])
     if n_scenes < 2:
         return out
-    ok = use[:, :, None, None] & (count >= min_px_per_bin)
-    years = np.asarray(scene_years, dtype=float)[:, None, None, None]
-    rate = np.where(ok, sum_dh_m / np.where(count > 0, count, 1.0) / years, np.nan)
-    cycle = np.abs(np.asarray(h_amb_m, dtype=float) / years[:, :, 0, 0])  # (S, G)
+    ok, rate, cycle = _cell_rates(count, sum_dh_m, scene_years, use, h_amb_m, min_px_per_bin)
+    rate, cycle = np.where(ok, rate, np.nan), np.abs(cycle)
     for s in range(n_scenes):
         others = np.delete(rate, s, axis=0)
         seen = np.asarray(np.isfinite(others).any(axis=0))
@@ -247,10 +262,7 @@ def confirmed_cycles(
     in `cross_scene_doubt`."""
     n_scenes = count.shape[0]
     out = np.zeros(count.shape[:2], bool)
-    ok = use[:, :, None, None] & (count >= min_px_per_bin)
-    years = np.asarray(scene_years, dtype=float)
-    rate = sum_dh_m / np.where(count > 0, count, 1.0) / years[:, None, None, None]
-    cycle = np.asarray(h_amb_m, dtype=float) / years[:, None]  # (S, G) m/yr
+    ok, rate, cycle = _cell_rates(count, sum_dh_m, scene_years, use, h_amb_m, min_px_per_bin)
     for s in range(n_scenes):
         for t in range(s + 1, n_scenes):
             both = ok[s] & ok[t]
